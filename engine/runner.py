@@ -1,0 +1,132 @@
+"""EngineRunner: the asyncio face of a blocking engine, with a bounded queue per model.
+
+Generation runs on the runner's own worker threads; chunks hop back onto the event loop through
+`call_soon_threadsafe`. Admission is decided up front (active + queued < capacity, else QueueFull),
+so an overloaded node answers 429 at once instead of letting requests pile up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from engine.base import Engine
+from engine.types import Chunk, GenerationRequest
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after_s: int) -> None:
+        super().__init__(f"queue full; retry after {retry_after_s} s")
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(frozen=True, slots=True)
+class LoadFigures:
+    active: int
+    queued: int
+    capacity: int
+
+
+_END = object()
+
+
+class EngineRunner:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        parallel: int = 1,
+        max_queue: int = 16,
+        on_load_change: Callable[[], None] | None = None,
+    ) -> None:
+        if parallel < 1 or max_queue < 0:
+            raise ValueError("parallel must be >= 1 and max_queue >= 0")
+        self.engine = engine
+        self.parallel = parallel
+        self.capacity = parallel + max_queue
+        self._slots = asyncio.Semaphore(parallel)
+        self._executor = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="engine")
+        self._active = 0
+        self._queued = 0
+        self._on_load_change = on_load_change or (lambda: None)
+        self._tokens_per_s_ema = 0.0
+
+    @property
+    def load(self) -> LoadFigures:
+        return LoadFigures(self._active, self._queued, self.capacity)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Smoothed decode speed observed on real requests (0 until the first one)."""
+        return self._tokens_per_s_ema
+
+    @contextlib.asynccontextmanager
+    async def _slot(self) -> AsyncIterator[None]:
+        if self._active + self._queued >= self.capacity:
+            raise QueueFull(retry_after_s=max(1, self._queued // self.parallel))
+        self._queued += 1
+        self._on_load_change()
+        try:
+            await self._slots.acquire()
+        finally:
+            self._queued -= 1
+        self._active += 1
+        self._on_load_change()
+        try:
+            yield
+        finally:
+            self._active -= 1
+            self._slots.release()
+            self._on_load_change()
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        """Yields the engine's chunks. Closing the iterator early (client gone) cancels generation."""
+        loop = asyncio.get_running_loop()
+        async with self._slot():
+            cancel = threading.Event()
+            queue: asyncio.Queue[Any] = asyncio.Queue()
+
+            def produce() -> None:
+                try:
+                    for chunk in self.engine.generate(request, cancel):
+                        loop.call_soon_threadsafe(queue.put_nowait, chunk)
+                        if cancel.is_set():
+                            break
+                except BaseException as e:  # noqa: BLE001 - handed to the consumer, re-raised there
+                    loop.call_soon_threadsafe(queue.put_nowait, e)
+                finally:
+                    loop.call_soon_threadsafe(queue.put_nowait, _END)
+
+            started = loop.time()
+            n_tokens = 0
+            future = loop.run_in_executor(self._executor, produce)
+            try:
+                while (item := await queue.get()) is not _END:
+                    if isinstance(item, BaseException):
+                        raise item
+                    n_tokens += len(item.token_ids)
+                    yield item
+            finally:
+                cancel.set()
+                # The slot is released only once the worker thread has really stopped.
+                await asyncio.shield(future)
+                elapsed = loop.time() - started
+                if n_tokens >= 8 and elapsed > 0:
+                    rate = n_tokens / elapsed
+                    ema = self._tokens_per_s_ema
+                    self._tokens_per_s_ema = rate if ema == 0 else 0.8 * ema + 0.2 * rate
+
+    async def run(self, fn: Callable[[], Any]) -> Any:
+        """Runs a blocking engine call (embeddings, token counts) in a slot."""
+        loop = asyncio.get_running_loop()
+        async with self._slot():
+            return await loop.run_in_executor(self._executor, fn)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        self.engine.close()

@@ -1,0 +1,190 @@
+"""The OpenAI-compatible HTTP API (aiohttp). Any node serves it for any model its backend can reach."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from engine.types import Chunk, GenerationRequest
+from gateway import openai_responses as out
+from gateway.backend import Backend, Generation
+from gateway.errors import ApiError, bad_request
+from gateway.openai_requests import ParsedGeneration, parse_chat, parse_completion, parse_embeddings
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 4 << 20
+NODE_HEADER = "X-Meshllm-Node"
+BACKEND_KEY = web.AppKey("backend", Backend)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure leaves as an OpenAI error object; nothing leaks a traceback to the client."""
+    try:
+        return await handler(request)
+    except ApiError as e:
+        return e.response()
+    except web.HTTPRequestEntityTooLarge:
+        return ApiError(413, f"Request body too large (limit {MAX_BODY_BYTES} bytes).", code="body_too_large").response()
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        return ApiError(e.status, e.reason, type="invalid_request_error").response()
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return ApiError(500, "Internal server error.", type="server_error").response()
+
+
+async def _json_body(request: web.Request) -> Any:
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY_BYTES, actual_size=request.content_length)
+    raw = await request.read()
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise bad_request(f"Malformed JSON body: {e}") from None
+
+
+def _request_of(parsed: ParsedGeneration, request_id: str) -> GenerationRequest:
+    return GenerationRequest(request_id, parsed.params, prompt=parsed.prompt, messages=parsed.messages)
+
+
+async def _start_stream(request: web.Request, generation: Generation) -> web.StreamResponse:
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            NODE_HEADER: generation.served_by,
+            **generation.extra_headers,
+        }
+    )
+    await response.prepare(request)
+    return response
+
+
+async def _generate(request: web.Request, parsed: ParsedGeneration, chat: bool) -> web.StreamResponse:
+    backend = request.app[BACKEND_KEY]
+    cid = out.new_id("chatcmpl" if chat else "cmpl")
+    created = int(time.time())
+    generation = await backend.open_generation(parsed.model, _request_of(parsed, cid))
+    model = generation.model or parsed.model
+    try:
+        if not parsed.stream:
+            texts: list[str] = []
+            last = Chunk()
+            async for chunk in generation.chunks():
+                texts.append(chunk.text)
+                last = chunk
+            finish = str(last.finish_reason or "stop")
+            body = (
+                out.chat_completion(cid, model, "".join(texts), finish, last.usage)
+                if chat
+                else out.text_completion(cid, model, created, "".join(texts), finish, last.usage)
+            )
+            return web.json_response(body, headers={NODE_HEADER: generation.served_by, **generation.extra_headers})
+
+        response = await _start_stream(request, generation)
+        if chat:
+            await response.write(out.sse(out.chat_chunk(cid, model, created, {"role": "assistant", "content": ""}, None)))
+        last = Chunk()
+        try:
+            async for chunk in generation.chunks():
+                last = chunk
+                if chunk.text:
+                    payload = (
+                        out.chat_chunk(cid, model, created, {"content": chunk.text}, None)
+                        if chat
+                        else out.text_completion(cid, model, created, chunk.text, None, None)
+                    )
+                    await response.write(out.sse(payload))
+        except ApiError as e:
+            # Headers are gone already: the error travels as a stream event, then the stream ends.
+            await response.write(out.sse(e.body()))
+            await response.write(out.sse("[DONE]"))
+            return response
+        finish = str(last.finish_reason or "stop")
+        final = (
+            out.chat_chunk(cid, model, created, {}, finish)
+            if chat
+            else out.text_completion(cid, model, created, "", finish, None)
+        )
+        await response.write(out.sse(final))
+        if parsed.include_usage:
+            usage_chunk = (
+                out.chat_chunk(cid, model, created, {}, None, last.usage)
+                if chat
+                else {**out.text_completion(cid, model, created, "", None, last.usage), "choices": []}
+            )
+            await response.write(out.sse(usage_chunk))
+        await response.write(out.sse("[DONE]"))
+        await response.write_eof()
+        return response
+    finally:
+        await generation.aclose()
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, parse_chat(await _json_body(request)), chat=True)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, parse_completion(await _json_body(request)), chat=False)
+
+
+async def embeddings(request: web.Request) -> web.StreamResponse:
+    parsed = parse_embeddings(await _json_body(request))
+    result = await request.app[BACKEND_KEY].embed(parsed.model, list(parsed.inputs))
+    body = out.embeddings(parsed.model, result.vectors, parsed.encoding_format, result.prompt_tokens)
+    return web.json_response(body, headers={NODE_HEADER: result.served_by})
+
+
+async def models(request: web.Request) -> web.StreamResponse:
+    listings = request.app[BACKEND_KEY].list_models()
+    data = [
+        {
+            "id": m.alias,
+            "object": "model",
+            "created": 0,
+            "owned_by": "meshllm",
+            "meshllm": {
+                "digest": m.digest,
+                "n_layers": m.n_layers,
+                "context_length": m.context_length,
+                "nodes": list(m.nodes),
+            },
+        }
+        for m in listings
+    ]
+    return web.json_response({"object": "list", "data": data})
+
+
+async def health(request: web.Request) -> web.StreamResponse:
+    return web.json_response({"status": "ok"})
+
+
+async def mesh_self(request: web.Request) -> web.StreamResponse:
+    return web.json_response(request.app[BACKEND_KEY].describe_self())
+
+
+async def _add_node_header(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers.setdefault(NODE_HEADER, request.app[BACKEND_KEY].node_name)
+
+
+def build_app(backend: Backend) -> web.Application:
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[error_middleware])
+    app[BACKEND_KEY] = backend
+    app.on_response_prepare.append(_add_node_header)
+    app.router.add_get("/health", health)
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_get("/mesh/self", mesh_self)
+    return app

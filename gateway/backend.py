@@ -1,0 +1,64 @@
+"""What the gateway needs from the node: model listing, generations and embeddings.
+
+The gateway speaks HTTP and OpenAI; a backend decides where a request runs (this node's engine now,
+another node over gRPC in the mesh) and says which node served it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from engine.types import Chunk, GenerationRequest
+
+
+@dataclass(frozen=True, slots=True)
+class ModelListing:
+    alias: str
+    digest: str
+    n_layers: int
+    context_length: int
+    nodes: tuple[str, ...]  # names of the nodes holding it (whole or as a complete pipeline)
+
+
+@dataclass(slots=True)
+class Generation:
+    """An admitted generation whose first chunk has been produced (so errors surface before HTTP 200)."""
+
+    served_by: str
+    first: Chunk
+    rest: AsyncIterator[Chunk]
+    model: str = ""
+    extra_headers: dict[str, str] = field(default_factory=dict)
+
+    async def chunks(self) -> AsyncIterator[Chunk]:
+        yield self.first
+        async for chunk in self.rest:
+            yield chunk
+
+    async def aclose(self) -> None:
+        close = getattr(self.rest, "aclose", None)
+        if close is not None:
+            await close()
+
+
+@dataclass(frozen=True, slots=True)
+class Embeddings:
+    served_by: str
+    vectors: list[list[float]]
+    prompt_tokens: int
+
+
+class Backend(Protocol):
+    node_name: str
+
+    def list_models(self) -> list[ModelListing]: ...
+
+    async def open_generation(self, model: str, request: GenerationRequest) -> Generation:
+        """Raises gateway.errors.ApiError (404 unknown model, 429 busy, 400 too long)."""
+        ...
+
+    async def embed(self, model: str, texts: list[str]) -> Embeddings: ...
+
+    def describe_self(self) -> dict: ...

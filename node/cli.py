@@ -1,0 +1,104 @@
+"""The `meshllm` command line: `meshllm node join ...`, `meshllm peers ...`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from engine.llama_cpp_engine import EngineLoadError
+from engine.model_file import DEFAULT_ALIAS, ModelFileError
+from node.config import NodeConfig, default_data_dir
+
+log = logging.getLogger("meshllm")
+
+
+def _join_parser(sub: argparse._SubParsersAction) -> None:
+    join = sub.add_parser("join", help="start a node and join the mesh")
+    join.add_argument(
+        "--model",
+        action="append",
+        metavar="ALIAS_OR_PATH",
+        help=f"a model to serve (repeatable); default: {DEFAULT_ALIAS}",
+    )
+    join.add_argument("--no-model", action="store_true", help="serve no model (a gateway-only node)")
+    join.add_argument("--http-host", default="127.0.0.1")
+    join.add_argument("--http-port", type=int, default=8600)
+    join.add_argument("--grpc-port", type=int, default=0, help="0: any free port")
+    join.add_argument("--data-dir", type=Path, default=None, help=f"default: {default_data_dir()}")
+    join.add_argument("--name", default="", help="default: hostname and a piece of the node id")
+    join.add_argument("--threads", type=int, default=None, help="CPU threads per engine")
+    join.add_argument("--ctx-size", type=int, default=None, help="context window (default: the model's)")
+    join.add_argument("--max-queue", type=int, default=16, help="requests waiting per model before 429")
+    join.add_argument("--log-level", default="INFO")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meshllm", description="A peer-to-peer LLM inference mesh.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    node = commands.add_parser("node", help="run a node")
+    node_sub = node.add_subparsers(dest="node_command", required=True)
+    _join_parser(node_sub)
+    return parser
+
+
+def _config(args: argparse.Namespace) -> NodeConfig:
+    models: tuple[str, ...] = () if args.no_model else tuple(args.model or (DEFAULT_ALIAS,))
+    return NodeConfig(
+        models=models,
+        http_host=args.http_host,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        data_dir=args.data_dir or default_data_dir(),
+        name=args.name,
+        threads=args.threads,
+        ctx_size=args.ctx_size,
+        max_queue=args.max_queue,
+    )
+
+
+async def _run_node(config: NodeConfig) -> None:
+    from node.daemon import Node  # heavy imports (llama.cpp) only for the commands that need them
+
+    node = Node(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await node.start()
+        models = ", ".join(lm.model.alias for lm in node.local.all()) or "no model"
+        # Tests and scripts wait for this line.
+        print(f"meshllm node {node.name} ({node.node_id}) ready at {node.http_url} serving {models}", flush=True)
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        await node.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(args, "log_level", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        if args.command == "node" and args.node_command == "join":
+            asyncio.run(_run_node(_config(args)))
+    except (ModelFileError, EngineLoadError, ValueError) as e:
+        print(f"meshllm: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"meshllm: error: {e.strerror or e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

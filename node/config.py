@@ -1,0 +1,37 @@
+"""Node configuration: one frozen dataclass built from the command line."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "meshllm"
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    models: tuple[str, ...] = ("smollm2-135m-instruct",)
+    http_host: str = "127.0.0.1"
+    http_port: int = 8600
+    grpc_port: int = 0  # 0: an ephemeral port
+    data_dir: Path = field(default_factory=default_data_dir)
+    name: str = ""
+    threads: int | None = None
+    ctx_size: int | None = None
+    max_queue: int = 16
+
+    def __post_init__(self) -> None:
+        for port_name in ("http_port", "grpc_port"):
+            port = getattr(self, port_name)
+            if not 0 <= port <= 65535:
+                raise ValueError(f"{port_name} must be between 0 and 65535")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError("threads must be >= 1")
+        if self.ctx_size is not None and self.ctx_size < 64:
+            raise ValueError("ctx-size must be >= 64")
+        if self.max_queue < 0:
+            raise ValueError("max-queue must be >= 0")

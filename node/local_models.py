@@ -1,0 +1,52 @@
+"""The models this node holds, each behind its own EngineRunner, found by alias or digest."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.model_file import ModelFile
+from engine.runner import EngineRunner
+
+
+@dataclass(frozen=True, slots=True)
+class LocalModel:
+    model: ModelFile
+    runner: EngineRunner
+    engine: str  # "llama.cpp" | "torch"
+    start: int = 0
+    end: int = -1  # -1: the whole model
+
+    @property
+    def layer_range(self) -> tuple[int, int]:
+        return self.start, self.model.n_layers if self.end < 0 else self.end
+
+    @property
+    def whole(self) -> bool:
+        return self.layer_range == (0, self.model.n_layers)
+
+
+class LocalModels:
+    def __init__(self) -> None:
+        self._by_digest: dict[str, LocalModel] = {}
+
+    def add(self, local: LocalModel) -> None:
+        if local.model.digest in self._by_digest:
+            raise ValueError(f"model {local.model.alias} ({local.model.short_digest}) is loaded twice")
+        self._by_digest[local.model.digest] = local
+
+    def all(self) -> list[LocalModel]:
+        return list(self._by_digest.values())
+
+    def resolve(self, name: str) -> LocalModel | None:
+        """By alias, full digest, or a digest prefix of at least 12 hex characters."""
+        if name in self._by_digest:
+            return self._by_digest[name]
+        for local in self._by_digest.values():
+            if local.model.alias == name or (len(name) >= 12 and local.model.digest.startswith(name)):
+                return local
+        return None
+
+    def close(self) -> None:
+        for local in self._by_digest.values():
+            local.runner.close()
+        self._by_digest.clear()

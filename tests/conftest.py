@@ -1,0 +1,102 @@
+"""Shared fixtures: real node processes on loopback, and a leak check on child processes."""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class NodeProc:
+    proc: subprocess.Popen
+    name: str
+    http_port: int
+    data_dir: Path
+    output: list[str] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 20) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def spawn_node(data_dir: Path, name: str, *args: str, ready_timeout_s: float = 90) -> NodeProc:
+    """Starts `meshllm node join` and waits for its ready line."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "node.cli", "node", "join", "--http-port", str(port),
+           "--data-dir", str(data_dir), "--name", name, "--log-level", "WARNING", *args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    node = NodeProc(proc, name, port, data_dir)
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + ready_timeout_s
+    while time.monotonic() < deadline:
+        if not sel.select(timeout=0.5):
+            if proc.poll() is not None:
+                break
+            continue
+        line = proc.stdout.readline()
+        if not line:
+            break
+        node.output.append(line)
+        if " ready at " in line:
+            os.set_blocking(proc.stdout.fileno(), False)
+            return node
+    node.stop(signal.SIGKILL)
+    raise RuntimeError(f"node {name} did not start:\n{''.join(node.output)}{proc.stdout.read() or ''}")
+
+
+@pytest.fixture
+def node_factory(tmp_path: Path) -> Iterator[Callable[..., NodeProc]]:
+    started: list[NodeProc] = []
+
+    def make(name: str, *args: str, data_dir: Path | None = None) -> NodeProc:
+        node = spawn_node(data_dir or tmp_path / name, name, *args)
+        started.append(node)
+        return node
+
+    yield make
+    for node in started:
+        node.stop()
+
+
+@pytest.fixture(scope="module")
+def module_node_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., NodeProc]]:
+    started: list[NodeProc] = []
+
+    def make(name: str, *args: str) -> NodeProc:
+        node = spawn_node(tmp_path_factory.mktemp(name), name, *args)
+        started.append(node)
+        return node
+
+    yield make
+    for node in started:
+        node.stop()
