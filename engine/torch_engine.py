@@ -1,0 +1,243 @@
+"""TorchShardEngine: a layer range of a GGUF model in torch, with sessions for pipeline stages.
+
+On a whole model it implements the `Engine` protocol (generate, embed, count_tokens). On any shard it
+offers the stage API the pipeline drives: open_session, forward_stage / prefill_stage / decode_stage,
+sample (last stage) and close_session. Concurrent callers' steps are batched by a StepCombiner.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from engine.model_file import ModelFile
+from engine.sampling import SamplerState, sample
+from engine.tokenizer import GGUFTokenizer
+from engine.torch_batcher import Step, StepCombiner
+from engine.torch_generate import generate_whole
+from engine.torch_model import ShardModel
+from engine.types import Chunk, GenerationRequest, SamplingParams
+from shard.config import ModelConfig
+from shard.loader import load_shard
+from shard.spec import ShardSpec
+
+
+class SessionError(Exception):
+    """Unknown, duplicate or busy session, or a position that does not follow the session's cache."""
+
+
+class SessionLimitError(SessionError):
+    """Every KV slot is taken."""
+
+
+@dataclass(slots=True)
+class _Session:
+    slot: int
+    n_past: int = 0  # positions [0, n_past) are in the KV cache
+    sampler: SamplerState | None = None
+    busy: bool = False
+
+
+class TorchShardEngine:
+    def __init__(
+        self,
+        model_file: ModelFile,
+        *,
+        spec: ShardSpec | None = None,
+        device: str = "cpu",
+        dtype: torch.dtype | None = None,
+        threads: int | None = None,
+        max_sessions: int = 8,
+        max_context: int = 2048,
+    ) -> None:
+        if threads is not None:
+            torch.set_num_threads(threads)  # process-wide: torch has no per-module thread pool
+        self.model = model_file
+        self.spec = spec or ShardSpec.whole_model(model_file.digest, model_file.n_layers)
+        if self.spec.model_digest != model_file.digest:
+            raise ValueError(f"shard {self.spec} is not of model {model_file.short_digest}")
+        weights = load_shard(model_file.path, self.spec, device=device, dtype=dtype)
+        self.config: ModelConfig = weights.config
+        self.shard = ShardModel(
+            weights, max_sessions=max_sessions, max_context=min(max_context, self.config.context_length)
+        )
+        del weights
+        self.device = self.shard.device
+        self.tokenizer = GGUFTokenizer(model_file.path)
+        self._lock = threading.Lock()  # guards _sessions and _free
+        self._slot_freed = threading.Condition(self._lock)
+        self._sessions: dict[str, _Session] = {}
+        self._free = list(range(max_sessions - 1, -1, -1))
+        self._combiner = StepCombiner(self._run_batch)
+        self._closed = False
+
+    # -- sessions -------------------------------------------------------------------------------
+
+    @property
+    def max_sessions(self) -> int:
+        return self.shard.max_sessions
+
+    @property
+    def max_context(self) -> int:
+        return self.shard.max_context
+
+    @property
+    def n_sessions(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
+    def open_session(
+        self, session_id: str, params: SamplingParams | None = None, *, wait_s: float = 0.0
+    ) -> None:
+        """Takes a KV slot for `session_id`; `params` sets up its sampler (needed on the last stage).
+
+        Waits up to `wait_s` for a free slot, then raises SessionError.
+        """
+        sampler = SamplerState(params, self.device) if params is not None else None
+        with self._lock:
+            if self._closed:
+                raise SessionError("engine closed")
+            if session_id in self._sessions:
+                raise SessionError(f"session {session_id!r} already open")
+            if not self._slot_freed.wait_for(lambda: bool(self._free), timeout=wait_s):
+                raise SessionLimitError(f"all {self.max_sessions} sessions busy")
+            self._sessions[session_id] = _Session(slot=self._free.pop(), sampler=sampler)
+
+    def close_session(self, session_id: str) -> bool:
+        """Frees the session's KV slot; returns False when it was not open (closing twice is fine)."""
+        with self._lock:
+            session = self._sessions.pop(session_id, None)
+            if session is None:
+                return False
+            self._free.append(session.slot)
+            self._slot_freed.notify()
+            return True
+
+    def session_length(self, session_id: str) -> int:
+        """Positions of the session already in the KV cache (the next input starts there)."""
+        with self._lock:
+            return self._get(session_id).n_past
+
+    # -- stage steps ----------------------------------------------------------------------------
+
+    def forward_stage(
+        self, session_ids: Sequence[str], inputs: Sequence[torch.Tensor], positions: Sequence[int]
+    ) -> list[torch.Tensor]:
+        """Runs new positions of several sessions; they are batched with other threads' steps.
+
+        inputs[i]: token ids [T_i] (first stage) or hidden states [T_i, hidden] for session_ids[i],
+        starting at positions[i] (<= the session's length; smaller rewinds it). Returns per session
+        hidden states [T_i, hidden], or on the last stage float32 logits of its last position [1, vocab].
+        """
+        if not len(session_ids) == len(inputs) == len(positions):
+            raise ValueError("session_ids, inputs and positions must have the same length")
+        if len(set(session_ids)) != len(session_ids):
+            raise SessionError("a session may appear once per call")
+        steps = []
+        with self._lock:
+            for sid, x, pos in zip(session_ids, inputs, positions, strict=True):
+                s = self._get(sid)
+                if s.busy:
+                    raise SessionError(f"session {sid!r} already has a step in flight")
+                if not 0 <= pos <= s.n_past or pos + x.shape[0] > self.max_context:
+                    raise SessionError(
+                        f"session {sid!r}: positions [{pos}, {pos + x.shape[0]}) do not follow its "
+                        f"{s.n_past} cached positions within the context of {self.max_context}"
+                    )
+                steps.append(Step(slot=s.slot, x=x, start_pos=pos))
+            for sid in session_ids:
+                self._sessions[sid].busy = True
+        outputs = None
+        try:
+            outputs = self._combiner.submit(steps)
+        finally:
+            with self._lock:
+                for sid, x, pos in zip(session_ids, inputs, positions, strict=True):
+                    s = self._sessions.get(sid)
+                    if s is not None:  # else closed meanwhile (cancel): nothing to update
+                        s.busy = False
+                        if outputs is not None:
+                            s.n_past = pos + x.shape[0]
+        return outputs
+
+    def prefill_stage(self, session_id: str, x: torch.Tensor, start_pos: int) -> torch.Tensor:
+        return self.forward_stage([session_id], [x], [start_pos])[0]
+
+    def decode_stage(
+        self, session_ids: Sequence[str], x: torch.Tensor, positions: Sequence[int]
+    ) -> torch.Tensor:
+        """One token per session: x is [B] token ids or [B, hidden]; returns [B, hidden] or [B, vocab]."""
+        return torch.cat(self.forward_stage(session_ids, list(x.unsqueeze(1)), positions))
+
+    def sample(self, session_ids: Sequence[str], logits: torch.Tensor) -> list[int]:
+        """Last stage: one token per session from logits [B, vocab], with each session's sampler."""
+        with self._lock:
+            states = [self._get(sid).sampler for sid in session_ids]
+        if any(s is None for s in states):
+            raise SessionError("sample() needs sessions opened with sampling params")
+        return sample(states, logits)  # type: ignore[arg-type]
+
+    # -- Engine protocol (whole model) --------------------------------------------------------------
+
+    def generate(self, request: GenerationRequest, cancel: threading.Event) -> Iterator[Chunk]:
+        self._require_whole("generate")
+        return generate_whole(self, request, cancel)
+
+    @torch.inference_mode()
+    def embed(self, texts: list[str]) -> list[list[float]]:
+        """Mean-pooled final hidden state (after the output norm), L2-normalised; hidden_size floats."""
+        self._require_whole("embed")
+        out = []
+        for i, text in enumerate(texts):
+            ids = self.tokenizer.encode(text)[: self.max_context] or [self.tokenizer.bos_id]
+            sid = f"_embed-{threading.get_ident()}-{i}"
+            self.open_session(sid, wait_s=60.0)
+            try:
+                with self._lock:
+                    slot = self._sessions[sid].slot
+                h = self.shard.prefill(slot, torch.tensor(ids), 0, last="hidden")  # [T, hidden]
+            finally:
+                self.close_session(sid)
+            v = torch.nn.functional.normalize(h.float().mean(dim=0), dim=0)
+            out.append(v.tolist())
+        return out
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer.encode(text))
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._sessions.clear()
+        self.tokenizer.close()
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _get(self, session_id: str) -> _Session:
+        s = self._sessions.get(session_id)
+        if s is None:
+            raise SessionError(f"no open session {session_id!r}")
+        return s
+
+    def _require_whole(self, what: str) -> None:
+        if not self.spec.whole:
+            raise RuntimeError(f"{what} needs the whole model; this engine holds {self.spec}")
+
+    def _run_batch(self, batch: list[Step]) -> None:
+        """Prompts run one by one; single-token steps of distinct sessions run as one decode."""
+        singles = [s for s in batch if s.x.shape[0] == 1]
+        for s in batch:
+            if s.x.shape[0] > 1:
+                s.result = self.shard.prefill(s.slot, s.x, s.start_pos)
+        if len(singles) == 1:
+            s = singles[0]
+            s.result = self.shard.prefill(s.slot, s.x, s.start_pos)
+        elif singles:
+            out = self.shard.decode(
+                [s.slot for s in singles], torch.cat([s.x for s in singles]), [s.start_pos for s in singles]
+            )
+            for i, s in enumerate(singles):
+                s.result = out[i : i + 1]

@@ -1,0 +1,96 @@
+"""The whole-model token loop behind TorchShardEngine.generate: prompt, prefill, decode, stream text."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import torch
+
+from engine.chat_template import render_chat
+from engine.sampling import StopMatcher
+from engine.types import Chunk, FinishReason, GenerationRequest, Usage
+
+if TYPE_CHECKING:
+    from engine.torch_engine import TorchShardEngine
+
+_SLOT_POLL_S = 0.1
+
+
+def prompt_tokens(engine: TorchShardEngine, request: GenerationRequest) -> list[int]:
+    tok = engine.tokenizer
+    if request.messages is not None:
+        text = render_chat(
+            engine.model.chat_template, request.messages, bos_token=tok.bos_text, eos_token=tok.eos_text
+        )
+    else:
+        text = request.prompt or ""
+    ids = tok.encode(text)
+    return ids or [tok.bos_id]
+
+
+def generate_whole(
+    engine: TorchShardEngine, request: GenerationRequest, cancel: threading.Event
+) -> Iterator[Chunk]:
+    """Streams one chunk per generated token (text may be empty while a character or a possible
+    stop string is incomplete), then a last chunk with the held-back text, finish_reason and usage."""
+    ids = prompt_tokens(engine, request)
+    if len(ids) >= engine.max_context:
+        raise ValueError(f"prompt of {len(ids)} tokens does not fit the context of {engine.max_context}")
+    params = request.params
+    from engine.torch_engine import SessionLimitError  # here: torch_engine imports this module
+
+    sid = f"gen-{request.request_id}-{uuid.uuid4().hex[:8]}"
+    while True:  # wait for a free KV slot, but not past a cancel
+        if cancel.is_set():
+            return
+        try:
+            engine.open_session(sid, params, wait_s=_SLOT_POLL_S)
+            break
+        except SessionLimitError:
+            pass
+    try:
+        yield from _loop(engine, sid, ids, request, cancel)
+    finally:
+        engine.close_session(sid)
+
+
+def _loop(
+    engine: TorchShardEngine, sid: str, ids: list[int], request: GenerationRequest, cancel: threading.Event
+) -> Iterator[Chunk]:
+    tok = engine.tokenizer
+    params = request.params
+    budget = engine.max_context - len(ids)
+    max_new = min(params.max_tokens, budget) if params.max_tokens is not None else budget
+    text_out = tok.stream()
+    stops = StopMatcher(params.stop)
+    finish = FinishReason.LENGTH
+    stopped = False
+    n_out = 0
+    x, pos = torch.tensor(ids), 0
+    while n_out < max_new:
+        if cancel.is_set():
+            return
+        logits = engine.prefill_stage(sid, x, pos)  # [1, vocab]
+        pos += x.shape[0]
+        token = engine.sample([sid], logits)[0]
+        if token in tok.eog_ids:
+            finish = FinishReason.STOP
+            break
+        n_out += 1
+        text, stopped = stops.feed(text_out.feed(token))
+        if stopped:
+            yield Chunk(text=text, token_ids=[token])
+            finish = FinishReason.STOP
+            break
+        yield Chunk(text=text, token_ids=[token])
+        x = torch.tensor([token])
+    tail = ""
+    if not stopped:  # EOS or length: the held-back text was no stop string after all
+        tail, _ = stops.feed(text_out.flush())
+        tail += stops.flush()
+    yield Chunk(
+        text=tail, finish_reason=finish, usage=Usage(prompt_tokens=len(ids), completion_tokens=n_out)
+    )
