@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import time
+from collections.abc import Callable, Sequence
+
+from aiohttp import web
 
 from discovery.advert import Addresses, Load, ModelAdvert, NodeAdvert, Resources
+from discovery.envelope import mesh_key_from_secret
+from discovery.peer_table import PeerTable
+from discovery.service import Discovery, PeerChange
 from node.identity import Identity
 
 DIGEST = "ab" * 32
@@ -27,3 +35,57 @@ def make_advert(identity: Identity | None = None, *, seq: int = 1, issued_at: fl
         ttl_s=ttl_s,
     )
     return dataclasses.replace(advert, **changes) if changes else advert
+
+
+class MeshNode:
+    """A Discovery plus the tiny aiohttp server a real node would run for GET /mesh/advert."""
+
+    def __init__(self, secret: str = "test-mesh", *, mdns: bool = True, libp2p_port: int | None = None,
+                 bootstrap: Sequence[str] = (), ttl_s: float = 10.0, refresh_s: float = 2.5) -> None:
+        self.identity = Identity.generate()
+        self.secret = secret
+        self.table = PeerTable(self.identity.node_id)
+        self.changes: list[PeerChange] = []
+        self._kw = dict(mdns=mdns, libp2p_port=libp2p_port, bootstrap=bootstrap, ttl_s=ttl_s,
+                        refresh_s=refresh_s)
+        self.discovery: Discovery | None = None
+        self.runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def __aenter__(self) -> MeshNode:
+        app = web.Application()
+        app.router.add_get("/mesh/advert", self._advert)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]
+        advert = make_advert(self.identity, addresses=Addresses(f"127.0.0.1:{self.port}", "127.0.0.1:0", ()))
+        self.discovery = Discovery(self.identity, mesh_key_from_secret(self.secret), lambda: advert,
+                                   self.table, **self._kw)
+        self.discovery.on_change(self.changes.append)
+        await self.discovery.start()
+        return self
+
+    async def _advert(self, request: web.Request) -> web.Response:
+        assert self.discovery is not None
+        return web.Response(body=self.discovery.signed_advert(), content_type="application/octet-stream")
+
+    def sees(self) -> set[str]:
+        return {p.advert.node_id for p in self.table.snapshot(time.time())}
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.discovery is not None:
+            await self.discovery.stop()
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+
+async def wait_until(pred: Callable[[], bool], timeout_s: float) -> float:
+    """Seconds it took for pred() to hold; raises TimeoutError after timeout_s."""
+    t0 = time.monotonic()
+    while not pred():
+        if time.monotonic() - t0 > timeout_s:
+            raise TimeoutError(f"condition not met within {timeout_s} s")
+        await asyncio.sleep(0.05)
+    return time.monotonic() - t0

@@ -1,0 +1,265 @@
+"""A py-libp2p host (TCP + Noise + yamux, Kademlia DHT, gossipsub) in its own trio thread.
+
+py-libp2p is trio-only and the node runs asyncio, so the host lives in a dedicated thread under
+`trio.run`. Crossing the boundary is explicit and one-way each time: asyncio -> trio through
+`TrioToken.run_sync_soon` (publish, connect, stop), trio -> asyncio through
+`loop.call_soon_threadsafe` (received messages, start-up). Nothing else is shared between threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable, Sequence
+
+import multiaddr
+import trio
+from libp2p import new_host
+from libp2p.crypto.ed25519 import Ed25519PrivateKey as P2PPrivateKey
+from libp2p.crypto.keys import KeyPair
+from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.tools.anyio_service import background_trio_service
+
+from node.identity import Identity
+
+log = logging.getLogger(__name__)
+
+ADVERT_TOPIC = "/meshllm/adverts/1"
+DHT_PROTOCOL_PREFIX = TProtocol("/meshllm")  # not /ipfs: our DHT never mixes with the public one
+MAX_CONNECTIONS = 64  # dial at most this many peers we learn about; gossipsub relays the rest
+CONNECT_TIMEOUT_S = 5.0
+START_TIMEOUT_S = 15.0
+STOP_TIMEOUT_S = 5.0
+MAINTAIN_INTERVAL_S = 2.0
+OUTBOX_SIZE = 64  # publishes queued toward the trio thread; a full outbox drops the newest
+
+
+class Libp2pError(Exception):
+    pass
+
+
+def libp2p_key_pair(identity: Identity) -> KeyPair:
+    """The node's own Ed25519 key, so its libp2p peer id is a function of the node id's key."""
+    private = P2PPrivateKey.from_bytes(identity.private_key_raw)
+    return KeyPair(private, private.get_public_key())
+
+
+def peer_id_of(identity: Identity) -> str:
+    return ID.from_pubkey(libp2p_key_pair(identity).public_key).to_base58()
+
+
+class Libp2pHost:
+    """Owns the trio thread. Public methods are called from the asyncio loop that called start()."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        on_message: Callable[[bytes], None],
+        *,
+        listen_ip: str = "127.0.0.1",
+        announce_ip: str | None = None,
+        port: int = 0,
+        bootstrap: Sequence[str] = (),
+        psk_hex: str | None = None,
+    ) -> None:
+        self._identity = identity
+        self._on_message = on_message  # runs on the asyncio loop
+        self._listen_ip = listen_ip
+        self._announce_ip = announce_ip or listen_ip
+        self._port = port
+        self._bootstrap = [multiaddr.Multiaddr(a) for a in bootstrap]  # bad addresses fail here, early
+        self._psk_hex = psk_hex
+        self.peer_id = peer_id_of(identity)
+        self._addrs: list[str] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._outbox: trio.MemorySendChannel[bytes] | None = None
+        self._dial: trio.MemorySendChannel[str] | None = None
+        self._cancel: trio.CancelScope | None = None
+        self._error: BaseException | None = None
+
+    @property
+    def addrs(self) -> list[str]:
+        """Full multiaddrs (ending in /p2p/<peer id>) that others can bootstrap from."""
+        return list(self._addrs)
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        started: asyncio.Future[None] = self._loop.create_future()
+        self._thread = threading.Thread(
+            target=self._thread_main, args=(started,), name=f"libp2p-{self.peer_id[-6:]}", daemon=True
+        )
+        self._thread.start()
+        try:
+            await asyncio.wait_for(started, START_TIMEOUT_S)
+        except TimeoutError:
+            await self.stop()
+            raise Libp2pError(f"libp2p host did not start within {START_TIMEOUT_S} s") from None
+
+    async def stop(self) -> None:
+        if self._token is not None and self._cancel is not None:
+            try:
+                self._token.run_sync_soon(self._cancel.cancel)
+            except trio.RunFinishedError:
+                pass
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, STOP_TIMEOUT_S)
+            if self._thread.is_alive():
+                log.warning("libp2p thread did not stop within %.0f s", STOP_TIMEOUT_S)
+            self._thread = None
+        self._token = None
+
+    def publish(self, data: bytes) -> None:
+        """Queues data for the advert topic; never blocks the asyncio loop."""
+        self._send_to_trio(self._outbox, data)
+
+    def connect(self, addr: str) -> None:
+        """Asks the host to dial a peer's multiaddr (learned from an advert) if not connected."""
+        self._send_to_trio(self._dial, addr)
+
+    def _send_to_trio(self, channel: trio.MemorySendChannel | None, item: object) -> None:
+        if self._token is None or channel is None:
+            return
+
+        def put() -> None:
+            try:
+                channel.send_nowait(item)
+            except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+                pass  # the periodic re-publish covers a dropped one
+
+        try:
+            self._token.run_sync_soon(put)
+        except trio.RunFinishedError:
+            pass
+
+    # --- everything below runs in the trio thread ----------------------------------------------------
+
+    def _thread_main(self, started: asyncio.Future[None]) -> None:
+        try:
+            trio.run(self._trio_main, started)
+        except BaseException as e:  # surfaced to start() or logged; the thread must not die silently
+            self._error = e
+            log.exception("libp2p host stopped with an error")
+            err = Libp2pError(repr(e))
+            self._call_loop(lambda: started.done() or started.set_exception(err))
+
+    def _call_loop(self, fn: Callable[[], object]) -> None:
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(fn)
+        except RuntimeError:
+            pass  # the asyncio loop is closed: the node is going away
+
+    async def _trio_main(self, started: asyncio.Future[None]) -> None:
+        key_pair = libp2p_key_pair(self._identity)
+        listen = multiaddr.Multiaddr(f"/ip4/{self._listen_ip}/tcp/{self._port}")
+        noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
+        host = new_host(
+            key_pair=key_pair,
+            sec_opt={NOISE_PROTOCOL_ID: noise},  # Noise only: the default list also accepts plaintext
+            muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
+            listen_addrs=[listen],
+            psk=self._psk_hex,
+        )
+        dht = KadDHT(host, DHTMode.SERVER, protocol_prefix=DHT_PROTOCOL_PREFIX, enable_random_walk=False)
+        router = GossipSub(
+            protocols=[PROTOCOL_ID_V11],
+            degree=6,
+            degree_low=4,
+            degree_high=12,
+            heartbeat_interval=1,
+        )
+        pubsub = Pubsub(host, router)
+        outbox_send, outbox_recv = trio.open_memory_channel[bytes](OUTBOX_SIZE)
+        dial_send, dial_recv = trio.open_memory_channel[str](OUTBOX_SIZE)
+        async with host.run(listen_addrs=[listen]), background_trio_service(dht):
+            # Pubsub must run before any peer connects, or the first messages are lost
+            async with background_trio_service(pubsub), background_trio_service(router):
+                await pubsub.wait_until_ready()
+                subscription = await pubsub.subscribe(ADVERT_TOPIC)
+                self._addrs = self._own_addrs(host)
+                with trio.CancelScope() as cancel:
+                    self._cancel = cancel
+                    self._token = trio.lowlevel.current_trio_token()
+                    self._outbox, self._dial = outbox_send, dial_send
+                    self._call_loop(lambda: started.done() or started.set_result(None))
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._read_loop, subscription)
+                        nursery.start_soon(self._publish_loop, pubsub, outbox_recv)
+                        nursery.start_soon(self._dial_loop, host, dht, dial_recv)
+                        nursery.start_soon(self._maintain_loop, host, dht)
+                self._outbox = self._dial = None
+
+    def _own_addrs(self, host: object) -> list[str]:
+        port = self._port
+        for addr in host.get_addrs():  # type: ignore[attr-defined]
+            tcp = addr.value_for_protocol("tcp")
+            if tcp:
+                port = int(tcp)
+                break
+        return [f"/ip4/{self._announce_ip}/tcp/{port}/p2p/{self.peer_id}"]
+
+    async def _read_loop(self, subscription: object) -> None:
+        while True:
+            msg = await subscription.get()  # type: ignore[attr-defined]
+            data = bytes(msg.data)
+            self._call_loop(lambda data=data: self._on_message(data))
+
+    async def _publish_loop(self, pubsub: Pubsub, outbox: trio.MemoryReceiveChannel[bytes]) -> None:
+        async for data in outbox:
+            try:
+                await pubsub.publish(ADVERT_TOPIC, data)
+            except Exception as e:  # a publish failure must not end the host; the next one retries
+                log.debug("gossipsub publish failed: %r", e)
+
+    async def _dial_loop(self, host: object, dht: KadDHT, dial: trio.MemoryReceiveChannel[str]) -> None:
+        async for addr in dial:
+            await self._connect(host, dht, addr)
+
+    async def _maintain_loop(self, host: object, dht: KadDHT) -> None:
+        """Keeps bootstrap peers and DHT-known peers connected, so gossip has a path everywhere."""
+        while True:
+            for addr in self._bootstrap:
+                await self._connect(host, dht, str(addr))
+            network = host.get_network()  # type: ignore[attr-defined]
+            for pid in dht.routing_table.get_peer_ids():
+                if len(network.connections) >= MAX_CONNECTIONS:
+                    break
+                if pid not in network.connections:
+                    info = dht.routing_table.get_peer_info(pid)
+                    if info is not None and info.addrs:
+                        await self._connect_info(host, dht, info)
+            await trio.sleep(MAINTAIN_INTERVAL_S)
+
+    async def _connect(self, host: object, dht: KadDHT, addr: str) -> None:
+        try:
+            info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+        except Exception as e:  # a peer-supplied address: malformed ones are dropped, not raised
+            log.debug("bad libp2p address %r: %r", addr, e)
+            return
+        if info.peer_id.to_base58() == self.peer_id:
+            return
+        await self._connect_info(host, dht, info)
+
+    async def _connect_info(self, host: object, dht: KadDHT, info: PeerInfo) -> None:
+        network = host.get_network()  # type: ignore[attr-defined]
+        if info.peer_id in network.connections or len(network.connections) >= MAX_CONNECTIONS:
+            return
+        with trio.move_on_after(CONNECT_TIMEOUT_S):
+            try:
+                await host.connect(info)  # type: ignore[attr-defined]
+                await dht.add_peer(info.peer_id)
+            except Exception as e:  # unreachable peers are normal; the next round retries
+                log.debug("libp2p connect to %s failed: %r", info.peer_id, e)

@@ -1,0 +1,336 @@
+"""Discovery: the node-owned service that signs our advert, runs the transports, feeds the PeerTable.
+
+Every advert from any source goes through `receive()`, the single validation path. The service owns
+seq, issued_at, ttl_s and our libp2p addresses; the node's `advert_source` supplies the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+from discovery.advert import AdvertError, NodeAdvert
+from discovery.envelope import decode_signed, derive_subkey, encode_signed
+from discovery.fetch import FetchAdvert, FetchError, HttpAdvertFetcher
+from discovery.libp2p_host import Libp2pHost
+from discovery.mdns import Mdns, MdnsPointer, mem_bucket
+from discovery.peer_table import ApplyResult, Peer, PeerTable, freshness_error
+from discovery.rejects import RejectCounter
+from node.identity import Identity
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TTL_S = 10.0
+DEFAULT_REFRESH_S = 2.5
+EXPIRE_INTERVAL_S = 0.5
+MAX_FETCH_FAILURES = 3  # consecutive failed fetches before an mDNS pointer is forgotten
+PUBLISH_DEBOUNCE_S = 0.2
+GOODBYE_FLUSH_S = 0.2  # lets the goodbye leave over gossipsub before the host stops
+
+
+class ChangeKind(Enum):
+    JOINED = "joined"
+    UPDATED = "updated"  # content changed (not just seq/issued_at)
+    LEFT = "left"  # goodbye or expiry
+
+
+@dataclass(frozen=True, slots=True)
+class PeerChange:
+    kind: ChangeKind
+    node_id: str
+    peer: Peer | None  # None when LEFT
+
+
+def _port(hostport: str) -> int:
+    try:
+        return int(hostport.rsplit(":", 1)[1])
+    except (IndexError, ValueError):
+        return 0
+
+
+def _same_content(a: NodeAdvert, b: NodeAdvert) -> bool:
+    return dataclasses.replace(a, seq=b.seq, issued_at=b.issued_at) == b
+
+
+class Discovery:
+    def __init__(
+        self,
+        identity: Identity,
+        mesh_key: bytes,
+        advert_source: Callable[[], NodeAdvert],
+        table: PeerTable,
+        *,
+        clock: Callable[[], float] = time.time,
+        mdns: bool = True,
+        libp2p_port: int | None = None,
+        bootstrap: Sequence[str] = (),
+        host_ip: str = "127.0.0.1",
+        fetch_advert: FetchAdvert | None = None,
+        ttl_s: float = DEFAULT_TTL_S,
+        refresh_s: float = DEFAULT_REFRESH_S,
+        max_skew_s: float = 300.0,
+    ) -> None:
+        if not 0 < refresh_s < ttl_s:
+            raise ValueError("need 0 < refresh_s < ttl_s so a live peer is refreshed before it expires")
+        self._identity = identity
+        self._mesh_key = mesh_key
+        self._advert_source = advert_source
+        self.table = table
+        self._clock = clock
+        self._use_mdns = mdns
+        self._libp2p_port = libp2p_port
+        self._bootstrap = list(bootstrap)
+        self._host_ip = host_ip
+        self._own_fetcher = HttpAdvertFetcher() if fetch_advert is None else None
+        self._fetch = fetch_advert or self._own_fetcher
+        self._ttl_s = ttl_s
+        self._refresh_s = refresh_s
+        self._max_skew_s = max_skew_s
+        self._rejects = RejectCounter(log)
+        self._listeners: list[Callable[[PeerChange], None]] = []
+        self._seq = 0
+        self._signed: bytes | None = None
+        self._signed_at = float("-inf")
+        self._goodbye: bytes | None = None
+        self._mdns: Mdns | None = None
+        self._libp2p: Libp2pHost | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._fetching: set[str] = set()
+        self._fetch_tasks: set[asyncio.Task[None]] = set()
+        self._publish_wake = asyncio.Event()
+        self.fetch_failures = 0
+        self._failures_by_node: dict[str, int] = {}
+
+    # --- public surface -----------------------------------------------------------------------------
+
+    @property
+    def libp2p_addrs(self) -> list[str]:
+        return self._libp2p.addrs if self._libp2p is not None else []
+
+    @property
+    def rejects(self) -> dict[str, int]:
+        return self._rejects.snapshot()
+
+    def on_change(self, callback: Callable[[PeerChange], None]) -> None:
+        """Registers a callback run on the event loop for every peer joined/updated/left."""
+        self._listeners.append(callback)
+
+    def signed_advert(self) -> bytes:
+        """Our current signed envelope: what GET /mesh/advert and gRPC GetAdvert return.
+
+        Re-signed (seq+1) at most every refresh_s/2 so issued_at stays fresh; after stop() it is
+        the signed goodbye, so a peer checking on a vanished mDNS record learns we left.
+        """
+        if self._goodbye is not None:
+            return self._goodbye
+        if self._signed is None or self._clock() - self._signed_at >= self._refresh_s / 2:
+            self._sign_current()
+        assert self._signed is not None
+        return self._signed
+
+    def publish_soon(self) -> None:
+        """Debounced push of a fresh advert (gossipsub, and mDNS TXT if the memory bucket moved)."""
+        self._signed = None
+        self._publish_wake.set()
+
+    async def start(self) -> None:
+        advert = self._advert_source()
+        if self._libp2p_port is not None:
+            psk = derive_subkey(self._mesh_key, "libp2p-pnet").hex()
+            self._libp2p = Libp2pHost(
+                self._identity,
+                lambda data: self.receive(data, "libp2p"),
+                listen_ip=self._host_ip,
+                port=self._libp2p_port,
+                bootstrap=self._bootstrap,
+                psk_hex=psk,
+            )
+            await self._libp2p.start()
+        self._sign_current()
+        if self._use_mdns:
+            self._mdns = Mdns(
+                self._identity.node_id,
+                self._host_ip,
+                _port(advert.addresses.http),
+                _port(advert.addresses.grpc),
+                self._bucket(advert),
+                on_found=self._on_mdns_found,
+                on_removed=self._on_mdns_removed,
+            )
+            await self._mdns.async_start()
+        self._tasks = [
+            asyncio.create_task(self._expire_loop(), name="discovery-expire"),
+            asyncio.create_task(self._publish_loop(), name="discovery-publish"),
+        ]
+        if self._mdns is not None:
+            self._tasks.append(asyncio.create_task(self._mdns_refresh_loop(), name="discovery-mdns"))
+
+    async def stop(self) -> None:
+        """Says goodbye (signed over gossipsub, unregister over mDNS), then stops every transport."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._fetch_tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, *self._fetch_tasks, return_exceptions=True)
+        self._tasks = []
+        self._goodbye = self._sign(ttl_s=0.0)
+        if self._libp2p is not None:
+            self._libp2p.publish(self._goodbye)
+            await asyncio.sleep(GOODBYE_FLUSH_S)
+            await self._libp2p.stop()
+            self._libp2p = None
+        if self._mdns is not None:
+            await self._mdns.async_stop()
+            self._mdns = None
+        if self._own_fetcher is not None:
+            await self._own_fetcher.close()
+
+    def receive(self, data: bytes, source: str) -> bool:
+        """Validates one advert from any source and applies it; True when the table accepted it."""
+        try:
+            advert = decode_signed(data, self._mesh_key)
+        except AdvertError as e:
+            self._rejects.reject(e.reason, source, e.detail)
+            return False
+        now = self._clock()
+        skew = freshness_error(advert, now, self._max_skew_s)
+        if skew is not None:
+            self._rejects.reject(skew, source, advert.node_id)
+            return False
+        if advert.ttl_s == 0:
+            return self._receive_goodbye(advert, source)
+        old = self.table.get(advert.node_id)
+        result = self.table.apply(advert, now, source)
+        if result is ApplyResult.STALE:
+            self._rejects.reject("replayed_seq", source, advert.node_id)
+        elif result is ApplyResult.FULL:
+            self._rejects.reject("table_full", source, advert.node_id)
+        elif result is ApplyResult.NEW:
+            self._emit(ChangeKind.JOINED, advert.node_id)
+            if self._libp2p is not None:
+                for addr in advert.addresses.libp2p:
+                    self._libp2p.connect(addr)
+        elif result is ApplyResult.UPDATED and old is not None and not _same_content(old.advert, advert):
+            self._emit(ChangeKind.UPDATED, advert.node_id)
+        return result.accepted
+
+    # --- internals ----------------------------------------------------------------------------------
+
+    def _receive_goodbye(self, advert: NodeAdvert, source: str) -> bool:
+        peer = self.table.get(advert.node_id)
+        if peer is None or advert.node_id == self._identity.node_id:
+            return False
+        if advert.seq <= peer.advert.seq:
+            self._rejects.reject("replayed_seq", source, advert.node_id)
+            return False
+        self.table.goodbye(advert.node_id)
+        self._emit(ChangeKind.LEFT, advert.node_id)
+        return True
+
+    def _emit(self, kind: ChangeKind, node_id: str) -> None:
+        change = PeerChange(kind, node_id, self.table.get(node_id))
+        for callback in self._listeners:
+            try:
+                callback(change)
+            except Exception:  # a listener's bug must not break membership
+                log.exception("discovery on_change listener failed")
+
+    def _sign(self, ttl_s: float) -> bytes:
+        now = self._clock()
+        # seq starts at wall-clock milliseconds so it keeps growing across restarts of the node
+        self._seq = max(self._seq + 1, int(now * 1000))
+        advert = dataclasses.replace(
+            self._advert_source(),
+            node_id=self._identity.node_id,
+            public_key=self._identity.public_key_raw,
+            seq=self._seq,
+            issued_at=now,
+            ttl_s=ttl_s,
+        )
+        if self._libp2p is not None:
+            advert = dataclasses.replace(
+                advert, addresses=dataclasses.replace(advert.addresses, libp2p=tuple(self._libp2p.addrs))
+            )
+        return encode_signed(advert, self._identity, self._mesh_key)
+
+    def _sign_current(self) -> None:
+        self._signed = self._sign(self._ttl_s)
+        self._signed_at = self._clock()
+
+    @staticmethod
+    def _bucket(advert: NodeAdvert) -> int:
+        r = advert.resources
+        return mem_bucket(r.vram_free_bytes if r.vram_total_bytes else r.ram_free_bytes)
+
+    async def _expire_loop(self) -> None:
+        while True:
+            await asyncio.sleep(EXPIRE_INTERVAL_S)
+            for node_id in self.table.expire(self._clock()):
+                self._emit(ChangeKind.LEFT, node_id)
+
+    async def _publish_loop(self) -> None:
+        """Re-publishes every refresh_s over gossipsub, sooner (debounced) after publish_soon()."""
+        while True:
+            try:
+                await asyncio.wait_for(self._publish_wake.wait(), self._refresh_s)
+                await asyncio.sleep(PUBLISH_DEBOUNCE_S)
+            except TimeoutError:
+                pass
+            self._publish_wake.clear()
+            self._sign_current()
+            if self._libp2p is not None and self._signed is not None:
+                self._libp2p.publish(self._signed)
+            if self._mdns is not None:
+                await self._mdns.async_update_bucket(self._bucket(self._advert_source()))
+
+    async def _mdns_refresh_loop(self) -> None:
+        assert self._mdns is not None
+        while True:
+            await asyncio.sleep(self._refresh_s)
+            now = self._clock()
+            for pointer in self._mdns.pointers:
+                peer = self.table.get(pointer.node_id)
+                # a peer refreshed recently by gossip needs no HTTP round trip
+                if peer is None or peer.last_seen_s(now) >= self._refresh_s * 0.8:
+                    self._spawn_fetch(pointer, removed=False)
+
+    def _on_mdns_found(self, pointer: MdnsPointer) -> None:
+        self._spawn_fetch(pointer, removed=False)
+
+    def _on_mdns_removed(self, pointer: MdnsPointer) -> None:
+        # mDNS is unauthenticated: confirm by asking the node; a dead or departed node cannot answer
+        # with a live advert, while a spoofed removal is answered and ignored
+        self._spawn_fetch(pointer, removed=True)
+
+    def _spawn_fetch(self, pointer: MdnsPointer, removed: bool) -> None:
+        key = f"{pointer.node_id}/{removed}"
+        if key in self._fetching:
+            return
+        self._fetching.add(key)
+        task = asyncio.create_task(self._fetch_one(pointer, removed))
+        self._fetch_tasks.add(task)
+        task.add_done_callback(lambda t: (self._fetching.discard(key), self._fetch_tasks.discard(t)))
+
+    async def _fetch_one(self, pointer: MdnsPointer, removed: bool) -> None:
+        assert self._fetch is not None
+        try:
+            data = await self._fetch(pointer.host, pointer.port_http, pointer.port_grpc)
+        except (FetchError, OSError, TimeoutError) as e:
+            self.fetch_failures += 1
+            log.debug("advert fetch from %s:%d failed: %r", pointer.host, pointer.port_http, e)
+            if removed and self.table.goodbye(pointer.node_id):
+                self._emit(ChangeKind.LEFT, pointer.node_id)
+            failures = self._failures_by_node.get(pointer.node_id, 0) + 1
+            if failures >= MAX_FETCH_FAILURES and self._mdns is not None:
+                self._mdns.forget(pointer.node_id)
+                failures = 0
+            if pointer.node_id in self._failures_by_node or len(self._failures_by_node) < 4096:
+                self._failures_by_node[pointer.node_id] = failures
+            return
+        self._failures_by_node.pop(pointer.node_id, None)
+        self.receive(data, "mdns")
