@@ -68,7 +68,7 @@ class Libp2pHost:
         on_message: Callable[[bytes], None],
         *,
         listen_ip: str = "127.0.0.1",
-        announce_ip: str | None = None,
+        announce_ips: Sequence[str] = (),
         port: int = 0,
         bootstrap: Sequence[str] = (),
         psk_hex: str | None = None,
@@ -76,7 +76,7 @@ class Libp2pHost:
         self._identity = identity
         self._on_message = on_message  # runs on the asyncio loop
         self._listen_ip = listen_ip
-        self._announce_ip = announce_ip or listen_ip
+        self._announce_ips = list(announce_ips) or [listen_ip]
         self._port = port
         self._bootstrap = [multiaddr.Multiaddr(a) for a in bootstrap]  # bad addresses fail here, early
         self._psk_hex = psk_hex
@@ -164,7 +164,8 @@ class Libp2pHost:
 
     async def _trio_main(self, started: asyncio.Future[None]) -> None:
         key_pair = libp2p_key_pair(self._identity)
-        listen = multiaddr.Multiaddr(f"/ip4/{self._listen_ip}/tcp/{self._port}")
+        listen_ip = self._listen_ip or "0.0.0.0"
+        listen = multiaddr.Multiaddr(f"/ip4/{listen_ip}/tcp/{self._port}")
         noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
         host = new_host(
             key_pair=key_pair,
@@ -209,7 +210,7 @@ class Libp2pHost:
             if tcp:
                 port = int(tcp)
                 break
-        return [f"/ip4/{self._announce_ip}/tcp/{port}/p2p/{self.peer_id}"]
+        return [f"/ip4/{ip}/tcp/{port}/p2p/{self.peer_id}" for ip in self._announce_ips]
 
     async def _read_loop(self, subscription: object) -> None:
         while True:

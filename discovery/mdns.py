@@ -8,10 +8,11 @@ from the node (see fetch.py); nothing in TXT is trusted beyond "who to ask".
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from zeroconf import IPVersion, ServiceStateChange
@@ -65,7 +66,7 @@ class Mdns:
     def __init__(
         self,
         node_id: str,
-        host_ip: str,
+        ips: list[str],
         port_http: int,
         port_grpc: int,
         bucket: int,
@@ -73,7 +74,7 @@ class Mdns:
         on_removed: Callable[[MdnsPointer], None],
     ) -> None:
         self._node_id = node_id
-        self._host_ip = host_ip
+        self._ips = ips
         self._ports = (port_http, port_grpc)
         self._bucket = bucket
         self._on_found = on_found
@@ -85,6 +86,7 @@ class Mdns:
         self._azc: AsyncZeroconf | None = None
         self._browser: AsyncServiceBrowser | None = None
         self._info: AsyncServiceInfo | None = None
+        self._announce: Awaitable[object] | None = None
 
     @property
     def pointers(self) -> list[MdnsPointer]:
@@ -97,15 +99,16 @@ class Mdns:
             port=self._ports[0],
             properties=txt_properties(self._node_id, *self._ports, self._bucket),
             server=f"meshllm-{self._node_id[:16]}.local.",
-            addresses=[socket.inet_aton(self._host_ip)],
+            addresses=[socket.inet_aton(ip) for ip in self._ips],
         )
 
     async def async_start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._azc = AsyncZeroconf(ip_version=IPVersion.V4Only)
         self._info = self._service_info()
-        # each async_* call returns a future for the multicast sends: await it too, or they never leave
-        await (await self._azc.async_register_service(self._info))
+        # The name embeds our node id, so it is unique: skip the ~1 s probing for conflicts. The
+        # announcements go out in the background (the returned future); waiting adds 0.5 s to start.
+        self._announce = await self._azc.async_register_service(self._info, cooperating_responders=True)
         self._browser = AsyncServiceBrowser(self._azc.zeroconf, SERVICE_TYPE, handlers=[self._on_change])
 
     def forget(self, node_id: str) -> None:
@@ -130,7 +133,11 @@ class Mdns:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._announce is not None:
+            with contextlib.suppress(Exception):
+                await self._announce
         if self._info is not None:
+            # unregister returns a future for the goodbye packets: await it, or they never leave
             await (await self._azc.async_unregister_service(self._info))
         await self._azc.async_close()
         self._azc = None

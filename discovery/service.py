@@ -19,6 +19,7 @@ from discovery.envelope import decode_signed, derive_subkey, encode_signed
 from discovery.fetch import FetchAdvert, FetchError, HttpAdvertFetcher
 from discovery.libp2p_host import Libp2pHost
 from discovery.mdns import Mdns, MdnsPointer, mem_bucket
+from discovery.netaddr import announce_ips
 from discovery.peer_table import ApplyResult, Peer, PeerTable, freshness_error
 from discovery.rejects import RejectCounter
 from node.identity import Identity
@@ -146,6 +147,7 @@ class Discovery:
                 self._identity,
                 lambda data: self.receive(data, "libp2p"),
                 listen_ip=self._host_ip,
+                announce_ips=announce_ips(self._host_ip),
                 port=self._libp2p_port,
                 bootstrap=self._bootstrap,
                 psk_hex=psk,
@@ -155,7 +157,7 @@ class Discovery:
         if self._use_mdns:
             self._mdns = Mdns(
                 self._identity.node_id,
-                self._host_ip,
+                announce_ips(self._host_ip),
                 _port(advert.addresses.http),
                 _port(advert.addresses.grpc),
                 self._bucket(advert),
@@ -169,6 +171,7 @@ class Discovery:
         ]
         if self._mdns is not None:
             self._tasks.append(asyncio.create_task(self._mdns_refresh_loop(), name="discovery-mdns"))
+        self.publish_soon()
 
     async def stop(self) -> None:
         """Says goodbye (signed over gossipsub, unregister over mDNS), then stops every transport."""
@@ -215,6 +218,8 @@ class Discovery:
             if self._libp2p is not None:
                 for addr in advert.addresses.libp2p:
                     self._libp2p.connect(addr)
+                if source == "libp2p":
+                    self.publish_soon()  # the newcomer learns about us now, not at the next period
         elif result is ApplyResult.UPDATED and old is not None and not _same_content(old.advert, advert):
             self._emit(ChangeKind.UPDATED, advert.node_id)
         return result.accepted

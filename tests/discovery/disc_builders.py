@@ -18,8 +18,14 @@ from node.identity import Identity
 DIGEST = "ab" * 32
 
 
-def make_advert(identity: Identity | None = None, *, seq: int = 1, issued_at: float = 1000.0,
-                ttl_s: float = 10.0, **changes: object) -> NodeAdvert:
+def make_advert(
+    identity: Identity | None = None,
+    *,
+    seq: int = 1,
+    issued_at: float = 1000.0,
+    ttl_s: float = 10.0,
+    **changes: object,
+) -> NodeAdvert:
     identity = identity or Identity.generate()
     advert = NodeAdvert(
         node_id=identity.node_id,
@@ -40,14 +46,23 @@ def make_advert(identity: Identity | None = None, *, seq: int = 1, issued_at: fl
 class MeshNode:
     """A Discovery plus the tiny aiohttp server a real node would run for GET /mesh/advert."""
 
-    def __init__(self, secret: str = "test-mesh", *, mdns: bool = True, libp2p_port: int | None = None,
-                 bootstrap: Sequence[str] = (), ttl_s: float = 10.0, refresh_s: float = 2.5) -> None:
+    def __init__(
+        self,
+        secret: str = "test-mesh",
+        *,
+        mdns: bool = True,
+        libp2p_port: int | None = None,
+        bootstrap: Sequence[str] = (),
+        ttl_s: float = 10.0,
+        refresh_s: float = 2.5,
+    ) -> None:
         self.identity = Identity.generate()
         self.secret = secret
         self.table = PeerTable(self.identity.node_id)
         self.changes: list[PeerChange] = []
-        self._kw = dict(mdns=mdns, libp2p_port=libp2p_port, bootstrap=bootstrap, ttl_s=ttl_s,
-                        refresh_s=refresh_s)
+        self._kw = dict(
+            mdns=mdns, libp2p_port=libp2p_port, bootstrap=bootstrap, ttl_s=ttl_s, refresh_s=refresh_s
+        )
         self.discovery: Discovery | None = None
         self.runner: web.AppRunner | None = None
         self.port = 0
@@ -61,8 +76,9 @@ class MeshNode:
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]
         advert = make_advert(self.identity, addresses=Addresses(f"127.0.0.1:{self.port}", "127.0.0.1:0", ()))
-        self.discovery = Discovery(self.identity, mesh_key_from_secret(self.secret), lambda: advert,
-                                   self.table, **self._kw)
+        self.discovery = Discovery(
+            self.identity, mesh_key_from_secret(self.secret), lambda: advert, self.table, **self._kw
+        )
         self.discovery.on_change(self.changes.append)
         await self.discovery.start()
         return self

@@ -30,7 +30,9 @@ def test_three_nodes_see_each_other_and_leave_on_goodbye() -> None:
 def test_other_mesh_is_never_admitted() -> None:
     async def main() -> None:
         async with MeshNode("mesh-a") as a, MeshNode("mesh-a") as b, MeshNode("mesh-b") as c:
-            await wait_until(lambda: a.sees() == {b.identity.node_id} and b.sees() == {a.identity.node_id}, 5.0)
+            await wait_until(
+                lambda: a.sees() == {b.identity.node_id} and b.sees() == {a.identity.node_id}, 5.0
+            )
             await wait_until(lambda: a.discovery.rejects.get("other_mesh", 0) > 0, 5.0)
             assert c.sees() == set()
             assert c.identity.node_id not in a.sees() | b.sees()
@@ -41,7 +43,11 @@ def test_other_mesh_is_never_admitted() -> None:
 def test_txt_pointer_round_trip_and_junk() -> None:
     props = {k.encode(): v.encode() for k, v in txt_properties("a" * 32, 8000, 9000, 3).items()}
     pointer = parse_txt(props, "127.0.0.1")
-    assert pointer is not None and (pointer.port_http, pointer.port_grpc, pointer.mem_bucket) == (8000, 9000, 3)
+    assert pointer is not None and (pointer.port_http, pointer.port_grpc, pointer.mem_bucket) == (
+        8000,
+        9000,
+        3,
+    )
     assert parse_txt({**props, b"h": b"99999"}, "h") is None
     assert parse_txt({**props, b"id": b"short"}, "h") is None
     assert parse_txt({b"\xff": None}, "h") is None

@@ -1,0 +1,111 @@
+"""Discovery.receive, the single validation path: forged input is counted, good input fires events."""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgpack
+from disc_builders import make_advert
+
+from discovery import envelope as e  # its private helpers forge a correctly MACed envelope
+from discovery.envelope import encode_signed, mesh_key_from_secret
+from discovery.peer_table import PeerTable
+from discovery.service import ChangeKind, Discovery, PeerChange
+from node.identity import Identity
+
+KEY = mesh_key_from_secret("svc-mesh")
+ME, PEER, OTHER = Identity.generate(), Identity.generate(), Identity.generate()
+
+
+class Clock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_discovery(clock: Clock) -> tuple[Discovery, list[PeerChange]]:
+    own = make_advert(ME)
+    d = Discovery(ME, KEY, lambda: own, PeerTable(ME.node_id), clock=clock, mdns=False)
+    changes: list[PeerChange] = []
+    d.on_change(changes.append)
+    return d, changes
+
+
+def signed(identity: Identity, seq: int, issued_at: float = 1000.0, key: bytes = KEY, **kw: object) -> bytes:
+    return encode_signed(make_advert(identity, seq=seq, issued_at=issued_at, **kw), identity, key)
+
+
+def test_forged_and_replayed_are_counted_by_reason() -> None:
+    clock = Clock()
+    d, changes = make_discovery(clock)
+    assert d.receive(signed(PEER, 5), "libp2p")
+    bad = [
+        (b"garbage", "malformed"),
+        (b"\x90" * 20000, "oversized"),
+        (signed(PEER, 6, key=mesh_key_from_secret("other")), "other_mesh"),
+        (signed(PEER, 4), "replayed_seq"),
+        (signed(PEER, 7, issued_at=0.0), "stale"),
+        (signed(PEER, 7, issued_at=10_000.0), "future"),
+    ]
+    for data, _ in bad:
+        assert not d.receive(data, "libp2p")
+    # someone else's node id with one's own key
+    env = msgpack.unpackb(signed(OTHER, 9))
+    fields = msgpack.unpackb(env[1])
+    fields["node_id"] = PEER.node_id
+    payload = msgpack.packb(fields)
+    forged = msgpack.packb([1, payload, OTHER.sign(e._SIGN_DOMAIN + payload), e._mac(KEY, payload)])
+    assert not d.receive(forged, "mdns")
+    expected = {reason: 1 for _, reason in bad} | {"id_mismatch": 1}
+    assert d.rejects == expected
+    assert [c.kind for c in changes] == [ChangeKind.JOINED]
+    assert d.table.get(PEER.node_id).advert.seq == 5  # still serving the genuine advert
+
+
+def test_events_updated_only_on_content_change_and_goodbye() -> None:
+    clock = Clock()
+    d, changes = make_discovery(clock)
+    assert d.receive(signed(PEER, 1), "mdns")
+    assert d.receive(signed(PEER, 2, issued_at=1001.0), "mdns")  # same content, newer seq: no event
+    assert d.receive(signed(PEER, 3, name="renamed"), "mdns")
+    assert not d.receive(signed(ME, 10), "mdns")  # our own echo: ignored, not a reject
+    assert d.receive(signed(PEER, 4, ttl_s=0.0), "libp2p")  # signed goodbye
+    assert not d.receive(signed(PEER, 3, name="renamed"), "mdns")  # cannot come back with an old seq
+    assert [c.kind for c in changes] == [ChangeKind.JOINED, ChangeKind.UPDATED, ChangeKind.LEFT]
+    assert changes[1].peer is not None and changes[1].peer.advert.name == "renamed"
+    assert d.rejects == {"replayed_seq": 1}
+
+
+def test_own_advert_seq_grows_and_goodbye_served_after_stop() -> None:
+    async def main() -> None:
+        clock = Clock()
+        d, _ = make_discovery(clock)
+        await d.start()
+        first = msgpack.unpackb(msgpack.unpackb(d.signed_advert())[1])
+        clock.now += 5.0
+        second = msgpack.unpackb(msgpack.unpackb(d.signed_advert())[1])
+        assert second["seq"] > first["seq"] >= 1000 * 1000  # seq starts at wall-clock milliseconds
+        await d.stop()
+        bye = msgpack.unpackb(msgpack.unpackb(d.signed_advert())[1])
+        assert bye["ttl_s"] == 0 and bye["seq"] > second["seq"]
+
+    asyncio.run(main())
+
+
+def test_expiry_loop_drops_silent_peer() -> None:
+    async def main() -> None:
+        clock = Clock()
+        d, changes = make_discovery(clock)
+        await d.start()
+        try:
+            assert d.receive(signed(PEER, 1), "mdns")
+            clock.now += 10.5  # past ttl_s=10 with no refresh: as if SIGKILLed
+            await asyncio.sleep(0.7)
+            assert d.table.get(PEER.node_id) is None
+            assert changes[-1] == PeerChange(ChangeKind.LEFT, PEER.node_id, None)
+        finally:
+            await d.stop()
+
+    asyncio.run(main())
