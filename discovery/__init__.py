@@ -1,4 +1,10 @@
-"""Discovery and membership: signed adverts, the pure PeerTable, mDNS and libp2p transports."""
+"""Discovery and membership: signed adverts, the pure PeerTable, mDNS and libp2p transports.
+
+`Discovery`, `PeerChange` and `ChangeKind` (discovery/service.py) load lazily: importing them pulls in
+py-libp2p (about 1.5 s), which the simulator, using only PeerTable and NodeAdvert, never needs.
+"""
+
+from typing import Any
 
 from discovery.advert import Addresses, AdvertError, Load, ModelAdvert, NodeAdvert, Resources
 from discovery.envelope import (
@@ -14,6 +20,9 @@ __all__ = [
     "DEFAULT_MESH_SECRET",
     "MAX_ENVELOPE_BYTES",
     "Addresses",
+    "ChangeKind",
+    "Discovery",
+    "PeerChange",
     "AdvertError",
     "ApplyResult",
     "Load",
@@ -27,3 +36,11 @@ __all__ = [
     "freshness_error",
     "mesh_key_from_secret",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("Discovery", "PeerChange", "ChangeKind"):
+        from discovery import service
+
+        return getattr(service, name)
+    raise AttributeError(f"module 'discovery' has no attribute {name!r}")

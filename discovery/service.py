@@ -16,9 +16,10 @@ from enum import Enum
 
 from discovery.advert import AdvertError, NodeAdvert
 from discovery.envelope import decode_signed, derive_subkey, encode_signed
-from discovery.fetch import FetchAdvert, FetchError, HttpAdvertFetcher
+from discovery.fetch import FetchAdvert, HttpAdvertFetcher
+from discovery.lan import LanPeers
 from discovery.libp2p_host import Libp2pHost
-from discovery.mdns import Mdns, MdnsPointer, mem_bucket
+from discovery.mdns import Mdns, mem_bucket
 from discovery.netaddr import announce_ips
 from discovery.peer_table import ApplyResult, Peer, PeerTable, freshness_error
 from discovery.rejects import RejectCounter
@@ -29,7 +30,6 @@ log = logging.getLogger(__name__)
 DEFAULT_TTL_S = 10.0
 DEFAULT_REFRESH_S = 2.5
 EXPIRE_INTERVAL_S = 0.5
-MAX_FETCH_FAILURES = 3  # consecutive failed fetches before an mDNS pointer is forgotten
 PUBLISH_DEBOUNCE_S = 0.2
 GOODBYE_FLUSH_S = 0.2  # lets the goodbye leave over gossipsub before the host stops
 
@@ -88,7 +88,6 @@ class Discovery:
         self._bootstrap = list(bootstrap)
         self._host_ip = host_ip
         self._own_fetcher = HttpAdvertFetcher() if fetch_advert is None else None
-        self._fetch = fetch_advert or self._own_fetcher
         self._ttl_s = ttl_s
         self._refresh_s = refresh_s
         self._max_skew_s = max_skew_s
@@ -101,17 +100,24 @@ class Discovery:
         self._mdns: Mdns | None = None
         self._libp2p: Libp2pHost | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._fetching: set[str] = set()
-        self._fetch_tasks: set[asyncio.Task[None]] = set()
         self._publish_wake = asyncio.Event()
-        self.fetch_failures = 0
-        self._failures_by_node: dict[str, int] = {}
+        self._lan = LanPeers(
+            fetch_advert or self._own_fetcher,  # type: ignore[arg-type]
+            receive=lambda data: self.receive(data, "mdns"),
+            goodbye=self._drop,
+            seen_s=self._seen_s,
+            refresh_s=refresh_s,
+        )
 
     # --- public surface -----------------------------------------------------------------------------
 
     @property
     def libp2p_addrs(self) -> list[str]:
         return self._libp2p.addrs if self._libp2p is not None else []
+
+    @property
+    def fetch_failures(self) -> int:
+        return self._lan.fetch_failures
 
     @property
     def rejects(self) -> dict[str, int]:
@@ -161,25 +167,25 @@ class Discovery:
                 _port(advert.addresses.http),
                 _port(advert.addresses.grpc),
                 self._bucket(advert),
-                on_found=self._on_mdns_found,
-                on_removed=self._on_mdns_removed,
+                on_found=self._lan.on_found,
+                on_removed=self._lan.on_removed,
             )
+            self._lan.mdns = self._mdns
             await self._mdns.async_start()
         self._tasks = [
             asyncio.create_task(self._expire_loop(), name="discovery-expire"),
             asyncio.create_task(self._publish_loop(), name="discovery-publish"),
         ]
         if self._mdns is not None:
-            self._tasks.append(asyncio.create_task(self._mdns_refresh_loop(), name="discovery-mdns"))
+            self._tasks.append(asyncio.create_task(self._lan.refresh_loop(), name="discovery-lan"))
         self.publish_soon()
 
     async def stop(self) -> None:
         """Says goodbye (signed over gossipsub, unregister over mDNS), then stops every transport."""
         for task in self._tasks:
             task.cancel()
-        for task in self._fetch_tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, *self._fetch_tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._lan.stop()
         self._tasks = []
         self._goodbye = self._sign(ttl_s=0.0)
         if self._libp2p is not None:
@@ -233,9 +239,16 @@ class Discovery:
         if advert.seq <= peer.advert.seq:
             self._rejects.reject("replayed_seq", source, advert.node_id)
             return False
-        self.table.goodbye(advert.node_id)
-        self._emit(ChangeKind.LEFT, advert.node_id)
+        self._drop(advert.node_id)
         return True
+
+    def _drop(self, node_id: str) -> None:
+        if self.table.goodbye(node_id):
+            self._emit(ChangeKind.LEFT, node_id)
+
+    def _seen_s(self, node_id: str) -> float | None:
+        peer = self.table.get(node_id)
+        return None if peer is None else peer.last_seen_s(self._clock())
 
     def _emit(self, kind: ChangeKind, node_id: str) -> None:
         change = PeerChange(kind, node_id, self.table.get(node_id))
@@ -292,50 +305,3 @@ class Discovery:
                 self._libp2p.publish(self._signed)
             if self._mdns is not None:
                 await self._mdns.async_update_bucket(self._bucket(self._advert_source()))
-
-    async def _mdns_refresh_loop(self) -> None:
-        assert self._mdns is not None
-        while True:
-            await asyncio.sleep(self._refresh_s)
-            now = self._clock()
-            for pointer in self._mdns.pointers:
-                peer = self.table.get(pointer.node_id)
-                # a peer refreshed recently by gossip needs no HTTP round trip
-                if peer is None or peer.last_seen_s(now) >= self._refresh_s * 0.8:
-                    self._spawn_fetch(pointer, removed=False)
-
-    def _on_mdns_found(self, pointer: MdnsPointer) -> None:
-        self._spawn_fetch(pointer, removed=False)
-
-    def _on_mdns_removed(self, pointer: MdnsPointer) -> None:
-        # mDNS is unauthenticated: confirm by asking the node; a dead or departed node cannot answer
-        # with a live advert, while a spoofed removal is answered and ignored
-        self._spawn_fetch(pointer, removed=True)
-
-    def _spawn_fetch(self, pointer: MdnsPointer, removed: bool) -> None:
-        key = f"{pointer.node_id}/{removed}"
-        if key in self._fetching:
-            return
-        self._fetching.add(key)
-        task = asyncio.create_task(self._fetch_one(pointer, removed))
-        self._fetch_tasks.add(task)
-        task.add_done_callback(lambda t: (self._fetching.discard(key), self._fetch_tasks.discard(t)))
-
-    async def _fetch_one(self, pointer: MdnsPointer, removed: bool) -> None:
-        assert self._fetch is not None
-        try:
-            data = await self._fetch(pointer.host, pointer.port_http, pointer.port_grpc)
-        except (FetchError, OSError, TimeoutError) as e:
-            self.fetch_failures += 1
-            log.debug("advert fetch from %s:%d failed: %r", pointer.host, pointer.port_http, e)
-            if removed and self.table.goodbye(pointer.node_id):
-                self._emit(ChangeKind.LEFT, pointer.node_id)
-            failures = self._failures_by_node.get(pointer.node_id, 0) + 1
-            if failures >= MAX_FETCH_FAILURES and self._mdns is not None:
-                self._mdns.forget(pointer.node_id)
-                failures = 0
-            if pointer.node_id in self._failures_by_node or len(self._failures_by_node) < 4096:
-                self._failures_by_node[pointer.node_id] = failures
-            return
-        self._failures_by_node.pop(pointer.node_id, None)
-        self.receive(data, "mdns")
