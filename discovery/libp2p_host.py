@@ -42,6 +42,7 @@ CONNECT_TIMEOUT_S = 5.0
 START_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 5.0
 MAINTAIN_INTERVAL_S = 2.0
+BOOTSTRAP_REDIAL_S = 30.0
 OUTBOX_SIZE = 64  # publishes queued toward the trio thread; a full outbox drops the newest
 
 
@@ -96,6 +97,12 @@ class Libp2pHost:
         return list(self._addrs)
 
     async def start(self) -> None:
+        # py-libp2p logs every failed dial at ERROR through Python's last-resort stderr handler (its
+        # import leaves "libp2p" handler-less, not propagating); unreachable peers are routine here.
+        # Quiet it unless LIBP2P_DEBUG configured handlers.
+        lib_log = logging.getLogger("libp2p")
+        if not lib_log.handlers and not lib_log.propagate:
+            lib_log.setLevel(logging.CRITICAL)
         self._loop = asyncio.get_running_loop()
         started: asyncio.Future[None] = self._loop.create_future()
         self._thread = threading.Thread(
@@ -231,10 +238,14 @@ class Libp2pHost:
 
     async def _maintain_loop(self, host: object, dht: KadDHT) -> None:
         """Keeps bootstrap peers and DHT-known peers connected, so gossip has a path everywhere."""
+        last_bootstrap = float("-inf")
+        network = host.get_network()  # type: ignore[attr-defined]
         while True:
-            for addr in self._bootstrap:
-                await self._connect(host, dht, str(addr))
-            network = host.get_network()  # type: ignore[attr-defined]
+            # redial bootstrap peers at once when alone, else rarely: a dead one must not spam dials
+            if not network.connections or trio.current_time() - last_bootstrap >= BOOTSTRAP_REDIAL_S:
+                last_bootstrap = trio.current_time()
+                for addr in self._bootstrap:
+                    await self._connect(host, dht, str(addr))
             for pid in dht.routing_table.get_peer_ids():
                 if len(network.connections) >= MAX_CONNECTIONS:
                     break
