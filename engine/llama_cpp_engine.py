@@ -90,11 +90,12 @@ class LlamaCppEngine:
 
     def render_prompt(self, request: GenerationRequest) -> str:
         if request.prompt is not None:
-            return request.prompt
+            return request.prompt + request.continuation
         assert request.messages is not None
-        return render_chat(
+        rendered = render_chat(
             self.model.chat_template, request.messages, bos_token=self.bos_token, eos_token=self.eos_token
         )
+        return rendered + request.continuation
 
     def tokenize(self, text: str) -> list[int]:
         # special=True: chat templates contain control tokens such as <|im_start|>.

@@ -5,13 +5,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
 
+from discovery.envelope import DEFAULT_MESH_SECRET
 from engine.llama_cpp_engine import EngineLoadError
 from engine.model_file import DEFAULT_ALIAS, ModelFileError
 from node.config import NodeConfig, default_data_dir
+from node.peers_command import print_peers
 
 log = logging.getLogger("meshllm")
 
@@ -33,7 +36,20 @@ def _join_parser(sub: argparse._SubParsersAction) -> None:
     join.add_argument("--threads", type=int, default=None, help="CPU threads per engine")
     join.add_argument("--ctx-size", type=int, default=None, help="context window (default: the model's)")
     join.add_argument("--max-queue", type=int, default=16, help="requests waiting per model before 429")
+    join.add_argument("--mesh-secret", default=None, help="shared by every node of one mesh (or MESHLLM_MESH_SECRET)")
+    join.add_argument("--mesh-secret-file", type=Path, default=None, help="read the mesh secret from a file")
+    join.add_argument("--no-mdns", action="store_true", help="do not discover peers on the LAN by mDNS")
+    join.add_argument("--libp2p-port", type=int, default=None, help="run the libp2p host (DHT + gossipsub) on this port")
+    join.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR",
+                      help="a libp2p peer to join through (repeatable; turns libp2p on)")
+    join.add_argument("--advertise-host", default="", help="the address peers should use to reach this node")
     join.add_argument("--log-level", default="INFO")
+
+
+def _peers_parser(commands: argparse._SubParsersAction) -> None:
+    peers = commands.add_parser("peers", help="list the peers a node sees")
+    peers.add_argument("--url", default="http://127.0.0.1:8600", help="the node to ask")
+    peers.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,11 +58,24 @@ def build_parser() -> argparse.ArgumentParser:
     node = commands.add_parser("node", help="run a node")
     node_sub = node.add_subparsers(dest="node_command", required=True)
     _join_parser(node_sub)
+    _peers_parser(commands)
     return parser
+
+
+def _mesh_secret(args: argparse.Namespace) -> str:
+    if args.mesh_secret_file is not None:
+        try:
+            return args.mesh_secret_file.read_text().strip()
+        except OSError as e:
+            raise ValueError(f"cannot read the mesh secret file {args.mesh_secret_file}: {e.strerror}") from None
+    return args.mesh_secret or os.environ.get("MESHLLM_MESH_SECRET") or DEFAULT_MESH_SECRET
 
 
 def _config(args: argparse.Namespace) -> NodeConfig:
     models: tuple[str, ...] = () if args.no_model else tuple(args.model or (DEFAULT_ALIAS,))
+    libp2p_port = args.libp2p_port
+    if libp2p_port is None and args.bootstrap:
+        libp2p_port = 0
     return NodeConfig(
         models=models,
         http_host=args.http_host,
@@ -57,6 +86,11 @@ def _config(args: argparse.Namespace) -> NodeConfig:
         threads=args.threads,
         ctx_size=args.ctx_size,
         max_queue=args.max_queue,
+        mesh_secret=_mesh_secret(args),
+        mdns=not args.no_mdns,
+        libp2p_port=libp2p_port,
+        bootstrap=tuple(args.bootstrap),
+        advertise_host=args.advertise_host,
     )
 
 
@@ -89,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "node" and args.node_command == "join":
             asyncio.run(_run_node(_config(args)))
+        elif args.command == "peers":
+            return print_peers(args.url, as_json=args.json)
     except (ModelFileError, EngineLoadError, ValueError) as e:
         print(f"meshllm: error: {e}", file=sys.stderr)
         return 2

@@ -23,6 +23,11 @@ class NodeConfig:
     threads: int | None = None
     ctx_size: int | None = None
     max_queue: int = 16
+    mesh_secret: str = "meshllm-default-lan-mesh"  # the documented default: a zero-config LAN mesh
+    mdns: bool = True
+    libp2p_port: int | None = None  # None: libp2p off
+    bootstrap: tuple[str, ...] = ()
+    advertise_host: str = ""  # "": http_host, or the first interface address for a wildcard bind
 
     def __post_init__(self) -> None:
         for port_name in ("http_port", "grpc_port"):
@@ -33,5 +38,9 @@ class NodeConfig:
             raise ValueError("threads must be >= 1")
         if self.ctx_size is not None and self.ctx_size < 64:
             raise ValueError("ctx-size must be >= 64")
+        if not self.mesh_secret:
+            raise ValueError("the mesh secret must not be empty")
+        if self.libp2p_port is not None and not 0 <= self.libp2p_port <= 65535:
+            raise ValueError("libp2p-port must be between 0 and 65535")
         if self.max_queue < 0:
             raise ValueError("max-queue must be >= 0")

@@ -1,25 +1,37 @@
-"""The node daemon: identity, engines, the HTTP gateway; started and stopped as one unit."""
+"""The node daemon: identity, engines, gRPC service, discovery and the HTTP gateway, as one unit."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import socket
+import time
 
+import grpc
 from aiohttp import web
 
+from discovery.advert import Addresses, Load, ModelAdvert, NodeAdvert, Resources
+from discovery.envelope import derive_subkey, mesh_key_from_secret
+from discovery.netaddr import WILDCARDS, announce_ips
+from discovery.peer_table import PeerTable
+from discovery.service import Discovery
 from engine.llama_cpp_engine import LlamaCppEngine
+from engine.local_models import LocalModel, LocalModels
 from engine.model_file import load_model_file
 from engine.runner import EngineRunner
 from gateway.app import build_app
-from node.backend import NodeBackend
+from gateway.remote import PeerChannels
+from gateway.router import MeshRouter
+from node import rpc
 from node.config import NodeConfig
 from node.identity import Identity
-from node.local_models import LocalModel, LocalModels
+from node.mesh_routes import add_mesh_routes
 from node.resources import probe_resources
+from node.rpc_service import NodeService
 from node.version import VERSION
 
 log = logging.getLogger(__name__)
+GRPC_GRACE_S = 1.0
 
 
 class Node:
@@ -28,11 +40,31 @@ class Node:
         self.identity = Identity.load_or_create(config.data_dir)
         self.node_id = self.identity.node_id
         self.name = config.name or f"{socket.gethostname()}-{self.node_id[:6]}"
+        self.mesh_key = mesh_key_from_secret(config.mesh_secret)
         self.local = LocalModels()
-        self.backend = NodeBackend(self.name, self.local, self.describe_self)
+        self.table = PeerTable(self.node_id)
         self.http_port = config.http_port
+        self.grpc_port = config.grpc_port
+        self._grpc: grpc.aio.Server | None = None
         self._runner: web.AppRunner | None = None
+        host = config.advertise_host or config.http_host
+        self.advertise_host = announce_ips(host)[0] if host in WILDCARDS else host
+        token = derive_subkey(self.mesh_key, "grpc-token").hex()
+        self.channels = PeerChannels(token)
+        self.discovery = Discovery(
+            self.identity,
+            self.mesh_key,
+            self.self_advert,
+            self.table,
+            mdns=config.mdns,
+            libp2p_port=config.libp2p_port,
+            bootstrap=config.bootstrap,
+            host_ip=config.http_host,
+        )
+        self.router = MeshRouter(self.name, self.local, self.self_advert, self.peer_adverts, self.channels, self.describe_self)
+        self.service = NodeService(self.local, self.discovery.signed_advert, token)
 
+    # --- lifecycle -----------------------------------------------------------------------------------
     def _load_models(self) -> None:
         """Blocking: hashes (or reads the cached digest of) each GGUF and loads it into llama.cpp."""
         for spec in self.config.models:
@@ -43,57 +75,95 @@ class Node:
             log.info("loaded %s (%s, %d layers)", model.alias, model.short_digest, model.n_layers)
 
     def _on_load_change(self) -> None:
-        """Hook for pushing fresh load figures to peers (the advertiser subscribes here)."""
+        # Routing elsewhere reads our load from adverts: push a fresh one (debounced by discovery).
+        if self._runner is not None:
+            self.discovery.publish_soon()
 
     async def start(self) -> None:
         await asyncio.to_thread(self._load_models)
-        self._runner = web.AppRunner(build_app(self.backend), handler_cancellation=True, access_log=None)
+        server = rpc.build_server(self.service.handlers())
+        self.grpc_port = server.add_insecure_port(f"{_grpc_bind_host(self.config.http_host)}:{self.config.grpc_port}")
+        await server.start()
+        self._grpc = server
+        app = build_app(self.router)
+        add_mesh_routes(app, self)
+        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.http_host, self.config.http_port)
         await site.start()
         self.http_port = self._runner.addresses[0][1]
+        await self.discovery.start()
 
     async def stop(self) -> None:
         if self._runner is not None:
+            await self.discovery.stop()  # goodbye first, so peers stop routing here at once
             await self._runner.cleanup()
             self._runner = None
+        if self._grpc is not None:
+            await self._grpc.stop(GRPC_GRACE_S)
+            self._grpc = None
+        await self.channels.close()
         await asyncio.to_thread(self.local.close)
 
     @property
     def http_url(self) -> str:
         return f"http://{self.config.http_host}:{self.http_port}"
 
-    def describe_self(self) -> dict:
+    # --- what we tell the mesh -----------------------------------------------------------------------
+    def self_advert(self) -> NodeAdvert:
+        """Our advert without seq/issued_at/ttl (discovery stamps those when it signs)."""
         resources = probe_resources()
-        speed = max((lm.runner.tokens_per_s for lm in self.local.all()), default=0.0)
-        active = sum(lm.runner.load.active for lm in self.local.all())
-        queued = sum(lm.runner.load.queued for lm in self.local.all())
-        capacity = sum(lm.runner.load.capacity for lm in self.local.all())
-        return {
-            "node_id": self.node_id,
-            "name": self.name,
-            "version": VERSION,
-            "models": [
-                {
-                    "digest": lm.model.digest,
-                    "alias": lm.model.alias,
-                    "n_layers": lm.model.n_layers,
-                    "start": lm.layer_range[0],
-                    "end": lm.layer_range[1],
-                    "whole": lm.whole,
-                    "engine": lm.engine,
-                    "ctx": lm.runner.engine.n_ctx,  # type: ignore[attr-defined]
-                }
+        runners = [lm.runner for lm in self.local.all()]
+        return NodeAdvert(
+            node_id=self.node_id,
+            name=self.name,
+            version=VERSION,
+            public_key=self.identity.public_key_raw,
+            addresses=Addresses(
+                http=f"{self.advertise_host}:{self.http_port}",
+                grpc=f"{self.advertise_host}:{self.grpc_port}" if self._grpc is not None else "",
+                libp2p=tuple(self.discovery.libp2p_addrs),
+            ),
+            models=tuple(
+                ModelAdvert(
+                    digest=lm.model.digest,
+                    alias=lm.model.alias,
+                    n_layers=lm.model.n_layers,
+                    start=lm.layer_range[0],
+                    end=lm.layer_range[1],
+                    engine=lm.engine,
+                    ctx=lm.runner.engine.n_ctx,  # type: ignore[attr-defined]
+                )
                 for lm in self.local.all()
-            ],
-            "resources": {
-                "device": resources.device,
-                "vram_total_bytes": resources.vram_total_bytes,
-                "vram_free_bytes": resources.vram_free_bytes,
-                "ram_total_bytes": resources.ram_total_bytes,
-                "ram_free_bytes": resources.ram_free_bytes,
-                "speed_tok_s": round(speed, 2),
-            },
-            "load": {"active": active, "queued": queued, "capacity": capacity},
-            "addresses": {"http": f"{self.config.http_host}:{self.http_port}", "grpc": "", "libp2p": []},
-        }
+            ),
+            resources=Resources(
+                device=resources.device,
+                vram_total_bytes=resources.vram_total_bytes,
+                vram_free_bytes=resources.vram_free_bytes,
+                ram_total_bytes=resources.ram_total_bytes,
+                ram_free_bytes=resources.ram_free_bytes,
+                speed_tok_s=round(max((r.tokens_per_s for r in runners), default=0.0), 2),
+            ),
+            load=Load(
+                active=sum(r.load.active for r in runners),
+                queued=sum(r.load.queued for r in runners),
+                capacity=sum(r.load.capacity for r in runners),
+            ),
+            seq=0,
+            issued_at=0.0,
+            ttl_s=0.0,
+        )
+
+    def peer_adverts(self) -> list[NodeAdvert]:
+        return [peer.advert for peer in self.table.snapshot(time.time())]
+
+    def describe_self(self) -> dict:
+        me = self.self_advert().to_dict()
+        for key in ("seq", "issued_at", "ttl_s"):
+            me.pop(key, None)
+        me["rejected_adverts"] = self.discovery.rejects
+        return me
+
+
+def _grpc_bind_host(http_host: str) -> str:
+    return "[::]" if http_host in ("::", "") else http_host

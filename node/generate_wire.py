@@ -1,0 +1,141 @@
+"""The Generate call's payloads: a request map in, chunk frames out (msgpack), validated both ways."""
+
+from __future__ import annotations
+
+import re
+from array import array
+from dataclasses import asdict
+from typing import Any
+
+from engine.chat_template import ROLES
+from engine.types import Chunk, FinishReason, GenerationRequest, SamplingParams, Usage
+from node.rpc import PayloadError
+
+DIGEST = re.compile(r"^[0-9a-f]{64}$")
+MAX_TEXT_CHARS = 4 << 20
+MAX_MESSAGES = 1024
+_PARAM_TYPES: dict[str, tuple[type, ...]] = {
+    "temperature": (float, int),
+    "top_p": (float, int),
+    "top_k": (int,),
+    "min_p": (float, int),
+    "seed": (int, type(None)),
+    "stop": (list,),
+    "max_tokens": (int, type(None)),
+    "presence_penalty": (float, int),
+    "frequency_penalty": (float, int),
+}
+
+
+def encode_request(digest: str, request: GenerationRequest) -> dict[str, Any]:
+    params = asdict(request.params)
+    params["stop"] = list(request.params.stop)
+    return {
+        "model": digest,
+        "rid": request.request_id,
+        "prompt": request.prompt,
+        "messages": [dict(m) for m in request.messages] if request.messages is not None else None,
+        "continuation": request.continuation,
+        "params": params,
+    }
+
+
+def _text(value: Any, what: str, max_chars: int = MAX_TEXT_CHARS) -> str:
+    if not isinstance(value, str) or len(value) > max_chars:
+        raise PayloadError(f"{what} must be a string of at most {max_chars} characters")
+    return value
+
+
+def decode_request(obj: dict[str, Any]) -> tuple[str, GenerationRequest]:
+    digest = obj.get("model")
+    if not isinstance(digest, str) or not DIGEST.match(digest):
+        raise PayloadError("model must be a sha256 hex digest")
+    params_in = obj.get("params")
+    if not isinstance(params_in, dict) or set(params_in) - set(_PARAM_TYPES):
+        raise PayloadError("params must be a map of known sampling parameters")
+    for key, value in params_in.items():
+        if isinstance(value, bool) or not isinstance(value, _PARAM_TYPES[key]):
+            raise PayloadError(f"params.{key} has the wrong type")
+    stop = params_in.get("stop", [])
+    if not all(isinstance(s, str) and len(s) <= 256 for s in stop):
+        raise PayloadError("params.stop must hold strings")
+    messages_in = obj.get("messages")
+    messages = None
+    if messages_in is not None:
+        if not isinstance(messages_in, list) or not 0 < len(messages_in) <= MAX_MESSAGES:
+            raise PayloadError("messages must be a non-empty list")
+        messages = []
+        for m in messages_in:
+            if not isinstance(m, dict) or m.get("role") not in ROLES:
+                raise PayloadError("each message needs a known role")
+            messages.append({"role": m["role"], "content": _text(m.get("content"), "content")})
+    prompt = obj.get("prompt")
+    try:
+        params = SamplingParams(**{**params_in, "stop": tuple(stop)})
+        request = GenerationRequest(
+            request_id=_text(obj.get("rid", ""), "rid", 128),
+            params=params,
+            prompt=_text(prompt, "prompt") if prompt is not None else None,
+            messages=tuple(messages) if messages is not None else None,
+            continuation=_text(obj.get("continuation", ""), "continuation"),
+        )
+    except ValueError as e:
+        raise PayloadError(str(e)) from None
+    return digest, request
+
+
+def encode_chunk(chunk: Chunk) -> dict[str, Any]:
+    frame: dict[str, Any] = {"t": chunk.text, "n": len(chunk.token_ids)}
+    if chunk.finish_reason is not None:
+        frame["f"] = str(chunk.finish_reason)
+    if chunk.usage is not None:
+        frame["u"] = [chunk.usage.prompt_tokens, chunk.usage.completion_tokens]
+    return frame
+
+
+def decode_chunk(obj: dict[str, Any]) -> Chunk:
+    text, n = obj.get("t", ""), obj.get("n", 0)
+    if not isinstance(text, str) or not isinstance(n, int) or not 0 <= n <= 1 << 16:
+        raise PayloadError("bad chunk frame")
+    chunk = Chunk(text=text, token_ids=[-1] * n)  # ids are not shipped; only their count matters here
+    if "f" in obj:
+        try:
+            chunk.finish_reason = FinishReason(obj["f"])
+        except ValueError:
+            raise PayloadError("bad finish reason") from None
+    if "u" in obj:
+        u = obj["u"]
+        if not (isinstance(u, list) and len(u) == 2 and all(isinstance(x, int) and x >= 0 for x in u)):
+            raise PayloadError("bad usage")
+        chunk.usage = Usage(u[0], u[1])
+    return chunk
+
+
+MAX_EMBED_INPUTS = 256
+MAX_EMBED_DIM = 1 << 16
+
+
+def encode_embeddings(vectors: list[list[float]], tokens: int) -> dict[str, Any]:
+    dim = len(vectors[0]) if vectors else 0
+    flat = array("f", (x for v in vectors for x in v))
+    return {"dim": dim, "n": len(vectors), "data": flat.tobytes(), "tokens": tokens}
+
+
+def decode_embeddings(obj: dict[str, Any]) -> tuple[list[list[float]], int]:
+    dim, n, data, tokens = obj.get("dim"), obj.get("n"), obj.get("data"), obj.get("tokens")
+    if not (isinstance(dim, int) and isinstance(n, int) and isinstance(data, bytes) and isinstance(tokens, int)):
+        raise PayloadError("bad embeddings payload")
+    if not (0 < dim <= MAX_EMBED_DIM and 0 < n <= MAX_EMBED_INPUTS and len(data) == 4 * dim * n):
+        raise PayloadError("embeddings payload has the wrong size")
+    flat = array("f")
+    flat.frombytes(data)
+    return [flat[i * dim : (i + 1) * dim].tolist() for i in range(n)], tokens
+
+
+def decode_embed_request(obj: dict[str, Any]) -> tuple[str, list[str]]:
+    digest, inputs = obj.get("model"), obj.get("input")
+    if not isinstance(digest, str) or not DIGEST.match(digest):
+        raise PayloadError("model must be a sha256 hex digest")
+    if not isinstance(inputs, list) or not 0 < len(inputs) <= MAX_EMBED_INPUTS:
+        raise PayloadError(f"input must be a list of 1 to {MAX_EMBED_INPUTS} strings")
+    return digest, [_text(t, "input") for t in inputs]

@@ -1,0 +1,80 @@
+"""The node's gRPC service: GetAdvert and Generate now; the pipeline stage calls join it later."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+
+from engine.chat_template import ChatTemplateError
+from engine.llama_cpp_engine import ContextLengthExceeded
+from engine.local_models import LocalModels
+from engine.runner import QueueFull
+from gateway.errors import ApiError
+from gateway.local import embed_local
+from node import rpc
+from node.generate_wire import decode_embed_request, decode_request, encode_chunk, encode_embeddings
+
+log = logging.getLogger(__name__)
+RETRY_AFTER_KEY = "retry-after"
+
+
+class NodeService:
+    def __init__(self, local: LocalModels, signed_advert: Callable[[], bytes], token: str) -> None:
+        self._local = local
+        self._signed_advert = signed_advert
+        self._token = token
+
+    def handlers(self) -> dict[str, grpc.RpcMethodHandler]:
+        return {
+            "GetAdvert": rpc.unary_unary(self.get_advert),
+            "Generate": rpc.unary_stream(self.generate),
+            "Embed": rpc.unary_unary(self.embed),
+        }
+
+    async def _authorise(self, context: grpc.aio.ServicerContext) -> None:
+        if not rpc.check_token(context, self._token):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "not a member of this mesh")
+
+    async def get_advert(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        # Adverts are signed and HMAC-bound to the mesh, so they need no token: the receiver checks.
+        return self._signed_advert()
+
+    async def generate(self, request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        await self._authorise(context)
+        try:
+            digest, generation = decode_request(rpc.unpack_map(request))
+        except rpc.PayloadError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        local = self._local.resolve(digest)
+        if local is None or not local.whole:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"model {digest[:12]} is not held here")
+        stream = local.runner.stream(generation)
+        try:
+            async for chunk in stream:
+                yield rpc.pack(encode_chunk(chunk))
+        except QueueFull as e:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, str(e), trailing_metadata=((RETRY_AFTER_KEY, str(e.retry_after_s)),)
+            )
+        except (ContextLengthExceeded, ChatTemplateError) as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        finally:
+            await stream.aclose()
+
+    async def embed(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        await self._authorise(context)
+        try:
+            digest, texts = decode_embed_request(rpc.unpack_map(request))
+        except rpc.PayloadError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        local = self._local.resolve(digest)
+        if local is None or not local.whole:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"model {digest[:12]} is not held here")
+        try:
+            result = await embed_local("", local, texts)
+        except ApiError as e:
+            code = grpc.StatusCode.RESOURCE_EXHAUSTED if e.status == 429 else grpc.StatusCode.INVALID_ARGUMENT
+            await context.abort(code, e.message)
+        return rpc.pack(encode_embeddings(result.vectors, result.prompt_tokens))
