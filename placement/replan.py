@@ -35,8 +35,23 @@ def replan(plan: Plan, cluster: Cluster, *, tolerance: float = DEFAULT_TOLERANCE
     budget = fresh.objective_ms * (1 + tolerance)
     old_range = {index[s.node]: (s.start, s.end) for s in plan.stages if s.node in index}
 
-    best: tuple[int, float, Sequence[int], list[int]] | None = None
+    # Branch and bound: the exact greedy split says whether an order can meet the budget at all,
+    # and each stage keeps at most min(old share, memory) layers, so the DP (the costly part) only
+    # runs on orders that could beat the best found so far.
+    viable = []
     for order in _candidate_orders(p, plan, fresh, index):
+        r = p.evaluate(order)
+        if r is None or r[0] > budget * (1 + 1e-9):
+            continue
+        caps = p.caps(order)
+        bound = sum(min(c, old_range[i][1] - old_range[i][0]) if i in old_range else 0
+                    for i, c in zip(order, caps, strict=True))
+        viable.append((-bound, r[0], order))
+    viable.sort()
+    best: tuple[int, float, Sequence[int], list[int]] | None = None
+    for neg_bound, _value, order in viable:
+        if best is not None and p.n_layers + neg_bound >= best[0]:
+            break  # even keeping every layer it could, this order moves as many as the best
         found = _keep_most(p, order, old_range, budget)
         if found is None:
             continue
@@ -93,11 +108,12 @@ def _keep_most(p: Problem, order: Sequence[int], old_range: dict[int, tuple[int,
         lo, hi = old_range.get(node, (0, 0))
         nxt: list[dict[int, tuple[float, tuple[int, int] | None]]] = [{} for _ in range(n + 1)]
         left = k - pos - 1  # later stages need at least one layer each
+        biggest = min(caps[pos], int((limit - o) / t) if limit > o else 0)  # larger stages bust the budget
         for j in range(n + 1 - left - 1):
             here = fronts[j]
             if not here:
                 continue
-            for size in range(1, min(caps[pos], n - left - j) + 1):
+            for size in range(1, min(biggest, n - left - j) + 1):
                 stage = o + t * size
                 end = j + size
                 gain = max(0, min(end, hi) - max(j, lo))
