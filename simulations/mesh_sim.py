@@ -291,8 +291,10 @@ class MeshSim:
         picks = [n for n in stage_nodes if n is not self.coordinator][:1]
         rest = [n for n in spare if n not in picks]
         picks += self.rng.sample(rest, max(0, min(len(rest), cfg.crashes - len(picks))))
+        lo = max(self.events.now + 1.0, cfg.duration_s * 0.35)
+        hi = max(lo + 1.0, cfg.duration_s * 0.5)
         for n in picks[: cfg.crashes]:
-            self.events.at(self.rng.uniform(cfg.duration_s * 0.35, cfg.duration_s * 0.5), self.crash, n)
+            self.events.at(self.rng.uniform(lo, hi), self.crash, n)
 
     def report(self) -> dict[str, Any]:
         cfg, m = self.cfg, self.m
