@@ -18,6 +18,10 @@ class FetchError(Exception):
     pass
 
 
+class AdvertTooLarge(FetchError):
+    """The peer served more than MAX_ENVELOPE_BYTES: hostile or broken, counted as `oversized`."""
+
+
 class HttpAdvertFetcher:
     """One pooled aiohttp session for all peers; call close() when discovery stops."""
 
@@ -33,18 +37,31 @@ class HttpAdvertFetcher:
             async with self._session.get(url) as resp:
                 if resp.status != 200:
                     raise FetchError(f"{url}: HTTP {resp.status}")
-                # read one byte past the cap, so an oversized body is refused without reading it all
-                data = await resp.content.read(MAX_ENVELOPE_BYTES + 1)
+                data = await _read_capped(resp.content, MAX_ENVELOPE_BYTES)
         except (aiohttp.ClientError, TimeoutError) as e:
             raise FetchError(f"{url}: {e!r}") from None
         if len(data) > MAX_ENVELOPE_BYTES:
-            raise FetchError(f"{url}: body over {MAX_ENVELOPE_BYTES} bytes")
+            raise AdvertTooLarge(f"{url}: body over {MAX_ENVELOPE_BYTES} bytes")
         return data
 
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+async def _read_capped(stream: aiohttp.StreamReader, cap: int) -> bytes:
+    """The body up to one byte past cap: an oversized body is refused without reading it all.
+
+    StreamReader.read(n) returns what is buffered (maybe one TCP segment), so loop to EOF or the cap.
+    """
+    buf = bytearray()
+    while len(buf) <= cap:
+        chunk = await stream.read(cap + 1 - len(buf))
+        if not chunk:
+            break
+        buf += chunk
+    return bytes(buf)
 
 
 def _host_for_url(host: str) -> str:

@@ -10,7 +10,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from discovery.fetch import FetchAdvert, FetchError
+from discovery.fetch import AdvertTooLarge, FetchAdvert, FetchError
 from discovery.mdns import Mdns, MdnsPointer
 
 log = logging.getLogger(__name__)
@@ -27,12 +27,14 @@ class LanPeers:
         goodbye: Callable[[str], None],
         seen_s: Callable[[str], float | None],
         refresh_s: float,
+        reject: Callable[[str, str], None],
     ) -> None:
         self._fetch = fetch
         self._receive = receive  # raw envelope -> Discovery.receive(data, "mdns")
         self._goodbye = goodbye  # node id -> drop it now (a removed record whose node cannot answer)
         self._seen_s = seen_s  # node id -> seconds since its last advert from any source, None if unknown
         self._refresh_s = refresh_s
+        self._reject = reject  # (reason, detail) -> counted like any refused advert
         self.mdns: Mdns | None = None  # set by the owner before start()
         self._in_flight: dict[str, asyncio.Task[None]] = {}
         self._failures: dict[str, int] = {}
@@ -73,6 +75,8 @@ class LanPeers:
         try:
             data = await self._fetch(pointer.host, pointer.port_http, pointer.port_grpc)
         except (FetchError, OSError, TimeoutError) as e:
+            if isinstance(e, AdvertTooLarge):
+                self._reject("oversized", f"{pointer.host}:{pointer.port_http}")
             self._failed(pointer, removed, e)
             return
         self._failures.pop(pointer.node_id, None)

@@ -13,17 +13,20 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from typing import TYPE_CHECKING
 
 from discovery.advert import AdvertError, NodeAdvert
 from discovery.envelope import decode_signed, derive_subkey, encode_signed
 from discovery.fetch import FetchAdvert, HttpAdvertFetcher
 from discovery.lan import LanPeers
-from discovery.libp2p_host import Libp2pHost
 from discovery.mdns import Mdns, mem_bucket
 from discovery.netaddr import announce_ips
 from discovery.peer_table import ApplyResult, Peer, PeerTable, freshness_error
 from discovery.rejects import RejectCounter
 from node.identity import Identity
+
+if TYPE_CHECKING:
+    from discovery.libp2p_host import Libp2pHost
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +110,7 @@ class Discovery:
             goodbye=self._drop,
             seen_s=self._seen_s,
             refresh_s=refresh_s,
+            reject=lambda reason, detail: self._rejects.reject(reason, "mdns", detail),
         )
 
     # --- public surface -----------------------------------------------------------------------------
@@ -148,6 +152,9 @@ class Discovery:
     async def start(self) -> None:
         advert = self._advert_source()
         if self._libp2p_port is not None:
+            # py-libp2p costs about 0.5 s to import: an mDNS-only node never pays it
+            from discovery.libp2p_host import Libp2pHost
+
             psk = derive_subkey(self._mesh_key, "libp2p-pnet").hex()
             self._libp2p = Libp2pHost(
                 self._identity,

@@ -11,7 +11,7 @@ from aiohttp import web
 
 import discovery
 from discovery.envelope import MAX_ENVELOPE_BYTES
-from discovery.fetch import FetchError, HttpAdvertFetcher
+from discovery.fetch import AdvertTooLarge, FetchError, HttpAdvertFetcher
 
 
 async def _serve(handler: object) -> tuple[web.AppRunner, int]:
@@ -38,6 +38,38 @@ def test_fetch_caps_and_status(body: bytes, status: int, expect_error: bool) -> 
         try:
             if expect_error:
                 with pytest.raises(FetchError):
+                    await fetch("127.0.0.1", port, 0)
+            else:
+                assert await fetch("127.0.0.1", port, 0) == body
+        finally:
+            await fetch.close()
+            await runner.cleanup()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    ("size", "too_large"), [(MAX_ENVELOPE_BYTES - 10, False), (MAX_ENVELOPE_BYTES + 1, True), (200_000, True)]
+)
+def test_fetch_reads_a_body_sent_in_pieces_whole_up_to_the_cap(size: int, too_large: bool) -> None:
+    # StreamReader.read(n) returns one buffered piece: a body sent in small writes must not be cut short
+    body = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+
+    async def main() -> None:
+        async def pieces(request: web.Request) -> web.StreamResponse:
+            resp = web.StreamResponse()
+            await resp.prepare(request)
+            for i in range(0, len(body), 1000):
+                await resp.write(body[i : i + 1000])
+                await asyncio.sleep(0)
+            await resp.write_eof()
+            return resp
+
+        runner, port = await _serve(pieces)
+        fetch = HttpAdvertFetcher(timeout_s=5.0)
+        try:
+            if too_large:
+                with pytest.raises(AdvertTooLarge):
                     await fetch("127.0.0.1", port, 0)
             else:
                 assert await fetch("127.0.0.1", port, 0) == body
