@@ -1,4 +1,4 @@
-"""Token sampling in torch with the llama.cpp engine's parameters, and stop strings on text.
+"""Token sampling in torch with the llama.cpp engine's parameters (stop strings: engine/stop.py).
 
 Order of the chain as in llama-cpp-python: penalties, top_k, top_p, min_p, temperature, draw.
 top_p and min_p therefore see the untempered distribution, as in llama.cpp. Temperature 0 is greedy.
@@ -88,37 +88,3 @@ def _draw(row: torch.Tensor, s: SamplerState) -> torch.Tensor:
         row[probs < p.min_p * probs.max()] = float("-inf")
     probs = (row / p.temperature).softmax(-1)
     return torch.multinomial(probs, 1, generator=s.generator)[0]
-
-
-class StopMatcher:
-    """Finds stop strings in streamed text; never emits a stop string or text that may start one."""
-
-    __slots__ = ("stops", "_pending")
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self.stops = tuple(s for s in stops if s)
-        self._pending = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        """Returns (text safe to emit now, whether a stop string was found)."""
-        if not self.stops:
-            return text, False
-        self._pending += text
-        cut = min((i for i in (self._pending.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            out, self._pending = self._pending[:cut], ""
-            return out, True
-        hold = 0  # longest suffix of pending that is a proper prefix of some stop string
-        for s in self.stops:
-            for n in range(min(len(s) - 1, len(self._pending)), hold, -1):
-                if self._pending.endswith(s[:n]):
-                    hold = n
-                    break
-        out = self._pending[: len(self._pending) - hold]
-        self._pending = self._pending[len(out) :]
-        return out, False
-
-    def flush(self) -> str:
-        """Text held back when generation ends for another reason (it was not a stop string)."""
-        out, self._pending = self._pending, ""
-        return out

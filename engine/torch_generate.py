@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from engine.chat_template import render_chat
-from engine.sampling import StopMatcher
+from engine.llama_cpp_engine import ContextLengthExceeded
+from engine.stop import StopMatcher
 from engine.types import Chunk, FinishReason, GenerationRequest, Usage
 
 if TYPE_CHECKING:
@@ -27,7 +28,7 @@ def prompt_tokens(engine: TorchShardEngine, request: GenerationRequest) -> list[
         )
     else:
         text = request.prompt or ""
-    ids = tok.encode(text)
+    ids = tok.encode(text + request.continuation)
     return ids or [tok.bos_id]
 
 
@@ -37,8 +38,12 @@ def generate_whole(
     """Streams one chunk per generated token (text may be empty while a character or a possible
     stop string is incomplete), then a last chunk with the held-back text, finish_reason and usage."""
     ids = prompt_tokens(engine, request)
-    if len(ids) >= engine.max_context:
-        raise ValueError(f"prompt of {len(ids)} tokens does not fit the context of {engine.max_context}")
+    room, wanted = engine.max_context - len(ids), request.params.max_tokens
+    if room <= 0 or (wanted is not None and wanted > room):  # as LlamaCppEngine.prepare
+        raise ContextLengthExceeded(
+            f"this model's context is {engine.max_context} tokens; the prompt has {len(ids)} and "
+            f"{wanted or 1} more were requested"
+        )
     params = request.params
     from engine.torch_engine import SessionLimitError  # here: torch_engine imports this module
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import gguf
+if TYPE_CHECKING:  # placement and simulations import this module; keep it free of numpy/gguf
+    import gguf
 
 # Architectures whose GGUF Q/K rows were permuted by llama.cpp's converter for its adjacent-pair
 # ("NORM") RoPE. Qwen2 uses NEOX RoPE, i.e. HF's rotate_half, so its weights are stored as in HF.

@@ -204,3 +204,11 @@ def test_embed_and_count_tokens(whole) -> None:
     a, b = whole.embed(["a cat sat on the mat", "a cat sat on the mat"])
     assert len(a) == 576 and a == b and abs(sum(v * v for v in a) - 1.0) < 1e-4
     assert whole.count_tokens("hello world") == len(whole.tokenizer.encode("hello world")) == 2
+
+
+def test_context_overflow_is_refused_like_llama_cpp(whole) -> None:
+    from engine.llama_cpp_engine import ContextLengthExceeded
+
+    with pytest.raises(ContextLengthExceeded):
+        _gen(whole, SamplingParams(temperature=0, max_tokens=CTX))
+    assert whole.n_sessions == 0

@@ -1,9 +1,9 @@
-"""Sampling chain and stop strings on synthetic logits (no model)."""
+"""The torch sampling chain on synthetic logits (no model)."""
 
 import pytest
 import torch
 
-from engine.sampling import SamplerState, StopMatcher, sample
+from engine.sampling import SamplerState, sample
 from engine.types import SamplingParams
 
 
@@ -54,31 +54,3 @@ def test_penalties_push_repeated_tokens_down() -> None:
     assert sample([s], logits) == [1]  # token 0 now costs 0.2
     p = SamplerState(SamplingParams(temperature=0, presence_penalty=2.0))
     assert [sample([p], logits)[0] for _ in range(3)] == [0, 1, 2]
-
-
-@pytest.mark.parametrize(
-    ("stops", "pieces", "emitted", "stopped"),
-    [
-        (("END",), ["hello ", "wor", "ld"], ["hello ", "wor", "ld"], False),
-        (("END",), ["abc E", "N", "D tail"], ["abc ", "", ""], True),
-        (("END",), ["abc E", "Nx"], ["abc ", "ENx"], False),  # held back, then released
-        (("\n\n", "###"), ["a\n", "\nb"], ["a", ""], True),
-        (("xyz",), ["..x", "yz"], ["..", ""], True),
-        ((), ["any", "thing"], ["any", "thing"], False),
-    ],
-)
-def test_stop_matcher(stops, pieces, emitted, stopped) -> None:
-    m = StopMatcher(stops)
-    out, hit = [], False
-    for piece in pieces:
-        text, hit = m.feed(piece)
-        out.append(text)
-        if hit:
-            break
-    assert out == emitted[: len(out)] and hit == stopped
-
-
-def test_stop_matcher_flush_releases_held_text() -> None:
-    m = StopMatcher(["STOP"])
-    assert m.feed("go ST") == ("go ", False)
-    assert m.flush() == "ST"
