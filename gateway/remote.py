@@ -80,12 +80,19 @@ def _map_rpc_error(e: grpc.aio.AioRpcError) -> Exception:
 
 
 async def remote_generate(
-    channels: PeerChannels, address: str, digest: str, request: GenerationRequest
+    channels: PeerChannels,
+    address: str,
+    digest: str,
+    request: GenerationRequest,
+    *,
+    method: str = "Generate",
+    extra: dict | None = None,
 ) -> AsyncIterator[Chunk]:
-    """Streams a holder's chunks. Raises HolderFailed (retry elsewhere) or HolderRefused."""
+    """Streams a holder's (or a pipeline's stage 0's) chunks. Raises HolderFailed or HolderRefused."""
+    payload = {**encode_request(digest, request), **(extra or {})}
     call = channels.channel(address).unary_stream(
-        rpc.method_path("Generate"), request_serializer=rpc.identity, response_deserializer=rpc.identity
-    )(rpc.pack(encode_request(digest, request)), metadata=channels.metadata, timeout=CALL_DEADLINE_S)
+        rpc.method_path(method), request_serializer=rpc.identity, response_deserializer=rpc.identity
+    )(rpc.pack(payload), metadata=channels.metadata, timeout=CALL_DEADLINE_S)
     timeout = FIRST_FRAME_TIMEOUT_S
     try:
         frames = call.__aiter__()

@@ -23,6 +23,7 @@ from gateway.errors import ApiError, bad_request, model_not_found, overloaded
 from gateway.local import embed_local, open_local_generation
 from gateway.remote import HolderFailed, HolderRefused, PeerChannels, remote_embed, remote_generate
 from placement.choose_holder import FailureRecord, holds_whole, rank_holders
+from placement.route_pipeline import route_pipeline
 
 log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 3
@@ -71,18 +72,23 @@ class MeshRouter:
         return [self._self_advert(), *self._peer_adverts()]
 
     def list_models(self) -> list[ModelListing]:
+        """Models held whole somewhere, and models whose layer ranges chain into a full pipeline."""
+        adverts = self._all_adverts()
         by_digest: dict[str, tuple[_Target, int, list[str]]] = {}
-        for advert in self._all_adverts():
+        for advert in adverts:
             for m in advert.models:
-                if not m.whole:
-                    continue
-                target, n_layers, nodes = by_digest.setdefault(m.digest, (_Target(m.digest, m.alias, m.ctx), m.n_layers, []))
-                if advert.name not in nodes:
-                    nodes.append(advert.name)
-        return [
-            ModelListing(t.alias, t.digest, n_layers, t.context_length, tuple(nodes))
-            for t, n_layers, nodes in sorted(by_digest.values(), key=lambda v: v[0].alias)
-        ]
+                _, _, whole = by_digest.setdefault(m.digest, (_Target(m.digest, m.alias, m.ctx), m.n_layers, []))
+                if m.whole:
+                    whole.append(advert.name)
+        listings = []
+        for target, n_layers, whole in sorted(by_digest.values(), key=lambda v: v[0].alias):
+            if whole:
+                listings.append(ModelListing(target.alias, target.digest, n_layers, target.context_length, tuple(whole)))
+            elif (route := route_pipeline(target.digest, adverts)) is not None:
+                names = {a.node_id: a.name for a in adverts}
+                chain = tuple(names[s.node_id] for s in route.stages)
+                listings.append(ModelListing(target.alias, target.digest, n_layers, target.context_length, chain))
+        return listings
 
     def _resolve(self, name: str) -> _Target:
         for listing in self.list_models():
@@ -146,6 +152,8 @@ class MeshRouter:
         attempts = 0
         while attempts < MAX_ATTEMPTS:
             ranked, saturated = self._ranked(target, request, exclude)
+            if not ranked and not saturated and not attempts:
+                return await self._open_pipeline(target, request)
             if not ranked:
                 if saturated or attempts:
                     raise overloaded(retry_after)
@@ -166,6 +174,32 @@ class MeshRouter:
                     raise
             exclude.add(node_id)
         raise overloaded(retry_after)
+
+    async def _open_pipeline(self, target: _Target, request: GenerationRequest) -> Generation:
+        """No node holds the model whole: drive the cheapest chain of layer ranges from its stage 0."""
+        adverts = {a.node_id: a for a in self._all_adverts()}
+        route = route_pipeline(target.digest, list(adverts.values()))
+        if route is None:
+            raise model_not_found(target.alias, sorted({m.alias for m in self.list_models()}))
+        chain = [[adverts[s.node_id].addresses.grpc, s.start, s.end] for s in route.stages]
+        first = adverts[route.stages[0].node_id]
+        names = "+".join(adverts[s.node_id].name for s in route.stages)
+        stream = remote_generate(
+            self._channels, first.addresses.grpc, target.digest, request, method="PipelineGenerate", extra={"chain": chain}
+        )
+        try:
+            head = await anext(stream)
+        except StopAsyncIteration:
+            head = Chunk()
+        except HolderRefused as e:
+            await _close(stream)
+            if e.code.name == "INVALID_ARGUMENT":
+                raise bad_request(str(e), code="context_length_exceeded") from None
+            raise overloaded(e.retry_after_s) from None
+        except HolderFailed as e:
+            await _close(stream)
+            raise ApiError(502, f"pipeline {names} failed: {e}", type="server_error", code="pipeline_failed") from None
+        return Generation(served_by=names, first=head, rest=stream, model=target.alias)
 
     async def open_generation(self, model: str, request: GenerationRequest) -> Generation:
         target = self._resolve(model)

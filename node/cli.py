@@ -43,6 +43,13 @@ def _join_parser(sub: argparse._SubParsersAction) -> None:
     join.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR",
                       help="a libp2p peer to join through (repeatable; turns libp2p on)")
     join.add_argument("--advertise-host", default="", help="the address peers should use to reach this node")
+    join.add_argument("--engine", choices=("llama.cpp", "torch"), default="llama.cpp",
+                      help="engine for whole models (torch: the reference engine, also used for shards)")
+    join.add_argument("--shard", action="append", default=[], metavar="ALIAS_OR_PATH:START-END",
+                      help="run layers [START, END) of a model with the torch engine (repeatable)")
+    join.add_argument("--memory-budget", type=int, default=None, metavar="BYTES",
+                      help="most memory this node may use for model weights and KV cache")
+    join.add_argument("--device", default="cpu", help="torch device for the torch engine (cpu, cuda)")
     join.add_argument("--log-level", default="INFO")
 
 
@@ -72,7 +79,7 @@ def _mesh_secret(args: argparse.Namespace) -> str:
 
 
 def _config(args: argparse.Namespace) -> NodeConfig:
-    models: tuple[str, ...] = () if args.no_model else tuple(args.model or (DEFAULT_ALIAS,))
+    models: tuple[str, ...] = () if args.no_model or (args.shard and not args.model) else tuple(args.model or (DEFAULT_ALIAS,))
     libp2p_port = args.libp2p_port
     if libp2p_port is None and args.bootstrap:
         libp2p_port = 0
@@ -91,6 +98,10 @@ def _config(args: argparse.Namespace) -> NodeConfig:
         libp2p_port=libp2p_port,
         bootstrap=tuple(args.bootstrap),
         advertise_host=args.advertise_host,
+        engine=args.engine,
+        shards=tuple(args.shard),
+        memory_budget_bytes=args.memory_budget,
+        device=args.device,
     )
 
 

@@ -27,7 +27,11 @@ class NodeConfig:
     mdns: bool = True
     libp2p_port: int | None = None  # None: libp2p off
     bootstrap: tuple[str, ...] = ()
-    advertise_host: str = ""  # "": http_host, or the first interface address for a wildcard bind
+    advertise_host: str = ""
+    engine: str = "llama.cpp"  # engine for whole models: "llama.cpp" or "torch"
+    shards: tuple[str, ...] = ()  # "ALIAS_OR_PATH:START-END" layer ranges run by the torch engine
+    memory_budget_bytes: int | None = None
+    device: str = "cpu"  # "": http_host, or the first interface address for a wildcard bind
 
     def __post_init__(self) -> None:
         for port_name in ("http_port", "grpc_port"):
@@ -38,9 +42,22 @@ class NodeConfig:
             raise ValueError("threads must be >= 1")
         if self.ctx_size is not None and self.ctx_size < 64:
             raise ValueError("ctx-size must be >= 64")
+        if self.engine not in ("llama.cpp", "torch"):
+            raise ValueError("engine must be llama.cpp or torch")
+        for shard in self.shards:
+            parse_shard_arg(shard)
         if not self.mesh_secret:
             raise ValueError("the mesh secret must not be empty")
         if self.libp2p_port is not None and not 0 <= self.libp2p_port <= 65535:
             raise ValueError("libp2p-port must be between 0 and 65535")
         if self.max_queue < 0:
             raise ValueError("max-queue must be >= 0")
+
+
+def parse_shard_arg(value: str) -> tuple[str, int, int]:
+    """"ALIAS_OR_PATH:START-END" -> (model, start, end); the range is checked against the model later."""
+    model, sep, span = value.rpartition(":")
+    start, dash, end = span.partition("-")
+    if not sep or not dash or not start.isdigit() or not end.isdigit() or int(start) >= int(end):
+        raise ValueError(f"--shard wants ALIAS_OR_PATH:START-END with START < END, got {value!r}")
+    return model, int(start), int(end)

@@ -15,10 +15,7 @@ from discovery.envelope import derive_subkey, mesh_key_from_secret
 from discovery.netaddr import WILDCARDS, announce_ips
 from discovery.peer_table import PeerTable
 from discovery.service import Discovery
-from engine.llama_cpp_engine import LlamaCppEngine
-from engine.local_models import LocalModel, LocalModels
-from engine.model_file import load_model_file
-from engine.runner import EngineRunner
+from engine.local_models import LocalModels
 from gateway.app import build_app
 from gateway.remote import PeerChannels
 from gateway.router import MeshRouter
@@ -26,6 +23,8 @@ from node import rpc
 from node.config import NodeConfig
 from node.identity import Identity
 from node.mesh_routes import add_mesh_routes
+from node.model_loader import load_local_models
+from node.pipeline_stage import PipelineService
 from node.resources import probe_resources
 from node.rpc_service import NodeService
 from node.version import VERSION
@@ -63,16 +62,19 @@ class Node:
         )
         self.router = MeshRouter(self.name, self.local, self.self_advert, self.peer_adverts, self.channels, self.describe_self)
         self.service = NodeService(self.local, self.discovery.signed_advert, token)
+        self.pipeline = PipelineService(self.local, self.channels, token, on_step=self._on_stage_step)
+        self._stage_rate = 0.0
 
     # --- lifecycle -----------------------------------------------------------------------------------
     def _load_models(self) -> None:
-        """Blocking: hashes (or reads the cached digest of) each GGUF and loads it into llama.cpp."""
-        for spec in self.config.models:
-            model = load_model_file(spec, self.config.data_dir)
-            engine = LlamaCppEngine(model, n_ctx=self.config.ctx_size, threads=self.config.threads)
-            runner = EngineRunner(engine, max_queue=self.config.max_queue, on_load_change=self._on_load_change)
-            self.local.add(LocalModel(model, runner, engine.engine_name))
-            log.info("loaded %s (%s, %d layers)", model.alias, model.short_digest, model.n_layers)
+        for local in load_local_models(self.config, self._on_load_change):
+            self.local.add(local)
+
+    def _on_stage_step(self, digest: str, micros: int) -> None:
+        """Pipeline stage steps per second (smoothed): the speed figure a shard-only node advertises."""
+        if micros > 0:
+            rate = 1e6 / micros
+            self._stage_rate = rate if self._stage_rate == 0 else 0.9 * self._stage_rate + 0.1 * rate
 
     def _on_load_change(self) -> None:
         # Routing elsewhere reads our load from adverts: push a fresh one (debounced by discovery).
@@ -81,7 +83,7 @@ class Node:
 
     async def start(self) -> None:
         await asyncio.to_thread(self._load_models)
-        server = rpc.build_server(self.service.handlers())
+        server = rpc.build_server({**self.service.handlers(), **self.pipeline.handlers()})
         self.grpc_port = server.add_insecure_port(f"{_grpc_bind_host(self.config.http_host)}:{self.config.grpc_port}")
         await server.start()
         self._grpc = server
@@ -132,7 +134,7 @@ class Node:
                     start=lm.layer_range[0],
                     end=lm.layer_range[1],
                     engine=lm.engine,
-                    ctx=lm.runner.engine.n_ctx,  # type: ignore[attr-defined]
+                    ctx=_context_of(lm.runner.engine),
                 )
                 for lm in self.local.all()
             ),
@@ -142,16 +144,22 @@ class Node:
                 vram_free_bytes=resources.vram_free_bytes,
                 ram_total_bytes=resources.ram_total_bytes,
                 ram_free_bytes=resources.ram_free_bytes,
-                speed_tok_s=round(max((r.tokens_per_s for r in runners), default=0.0), 2),
+                speed_tok_s=round(max([r.tokens_per_s for r in runners] + [self._stage_rate]), 2),
             ),
             load=Load(
-                active=sum(r.load.active for r in runners),
+                active=sum(r.load.active for r in runners) + self._stage_sessions(),
                 queued=sum(r.load.queued for r in runners),
                 capacity=sum(r.load.capacity for r in runners),
             ),
             seq=0,
             issued_at=0.0,
             ttl_s=0.0,
+        )
+
+    def _stage_sessions(self) -> int:
+        """Pipeline sessions open on torch shards (whole-model requests are counted by their runner)."""
+        return sum(
+            getattr(lm.runner.engine, "n_sessions", 0) for lm in self.local.all() if not lm.whole
         )
 
     def peer_adverts(self) -> list[NodeAdvert]:
@@ -163,6 +171,10 @@ class Node:
             me.pop(key, None)
         me["rejected_adverts"] = self.discovery.rejects
         return me
+
+
+def _context_of(engine: object) -> int:
+    return int(getattr(engine, "n_ctx", None) or getattr(engine, "max_context", 0))
 
 
 def _grpc_bind_host(http_host: str) -> str:

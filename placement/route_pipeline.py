@@ -1,0 +1,85 @@
+"""Which chain of layer-range holders serves a model no single node holds: pure, shortest path.
+
+States are layer boundaries 0..n_layers; a node holding [s, e) is an edge s -> e costing its compute
+for e - s layers (from its advertised speed) plus one hop, plus a penalty for its queue. Dijkstra
+from 0 to n_layers gives the chain with the least estimated time per token.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from discovery.advert import NodeAdvert
+
+HOP_MS = 1.0  # per hop on a LAN: gRPC + serialisation of one token's activation
+UNKNOWN_LAYER_MS = 2.0  # a node that has not measured its speed yet
+LOAD_PENALTY_MS = 5.0  # per request already active or queued on the node
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineStage:
+    node_id: str
+    start: int
+    end: int
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineRoute:
+    stages: tuple[PipelineStage, ...]
+    est_ms_per_token: float
+
+
+def layer_ms(advert: NodeAdvert, n_layers: int) -> float:
+    """Per-layer decode time from the node's measured whole-stage speed (tokens/s over its layers)."""
+    speed = advert.resources.speed_tok_s
+    return 1000.0 / (speed * n_layers) if speed > 0 else UNKNOWN_LAYER_MS
+
+
+def route_pipeline(
+    model_digest: str, adverts: Sequence[NodeAdvert], *, exclude: frozenset[str] = frozenset()
+) -> PipelineRoute | None:
+    """The cheapest chain covering [0, n_layers), or None. `exclude` drops nodes (e.g. failed ones)."""
+    edges: dict[int, list[tuple[int, float, str]]] = {}
+    n_layers = 0
+    for advert in adverts:
+        if advert.node_id in exclude:
+            continue
+        for m in advert.models:
+            if m.digest != model_digest:
+                continue
+            n_layers = m.n_layers
+            busy = advert.load.active + advert.load.queued
+            full = advert.load.capacity > 0 and busy >= advert.load.capacity
+            if full:
+                continue
+            held_layers = m.end - m.start
+            cost = layer_ms(advert, held_layers) * held_layers + HOP_MS + LOAD_PENALTY_MS * busy
+            edges.setdefault(m.start, []).append((m.end, cost, advert.node_id))
+    if n_layers == 0:
+        return None
+    best: dict[int, float] = {0: 0.0}
+    back: dict[int, tuple[int, str]] = {}
+    heap = [(0.0, 0)]
+    while heap:
+        cost, at = heapq.heappop(heap)
+        if at == n_layers:
+            break
+        if cost > best.get(at, float("inf")):
+            continue
+        for end, edge_cost, node_id in sorted(edges.get(at, ())):
+            new = cost + edge_cost
+            if new < best.get(end, float("inf")):
+                best[end] = new
+                back[end] = (at, node_id)
+                heapq.heappush(heap, (new, end))
+    if n_layers not in back:
+        return None
+    stages = []
+    at = n_layers
+    while at > 0:
+        start, node_id = back[at]
+        stages.append(PipelineStage(node_id, start, at))
+        at = start
+    return PipelineRoute(tuple(reversed(stages)), best[n_layers])
