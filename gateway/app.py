@@ -78,9 +78,11 @@ async def _generate(request: web.Request, parsed: ParsedGeneration, chat: bool) 
     try:
         if not parsed.stream:
             texts: list[str] = []
+            ids: list[int] = []
             last = Chunk()
             async for chunk in generation.chunks():
                 texts.append(chunk.text)
+                ids.extend(chunk.token_ids)
                 last = chunk
             finish = str(last.finish_reason or "stop")
             body = (
@@ -88,6 +90,8 @@ async def _generate(request: web.Request, parsed: ParsedGeneration, chat: bool) 
                 if chat
                 else out.text_completion(cid, model, created, "".join(texts), finish, last.usage)
             )
+            if parsed.return_token_ids:
+                body["choices"][0]["token_ids"] = ids
             return web.json_response(body, headers={NODE_HEADER: generation.served_by, **generation.extra_headers})
 
         response = await _start_stream(request, generation)
@@ -97,12 +101,14 @@ async def _generate(request: web.Request, parsed: ParsedGeneration, chat: bool) 
         try:
             async for chunk in generation.chunks():
                 last = chunk
-                if chunk.text:
+                if chunk.text or (parsed.return_token_ids and chunk.token_ids):
                     payload = (
                         out.chat_chunk(cid, model, created, {"content": chunk.text}, None)
                         if chat
                         else out.text_completion(cid, model, created, chunk.text, None, None)
                     )
+                    if parsed.return_token_ids:
+                        payload["choices"][0]["token_ids"] = chunk.token_ids
                     await response.write(out.sse(payload))
         except ApiError as e:
             # Headers are gone already: the error travels as a stream event, then the stream ends.

@@ -25,6 +25,7 @@ class ParsedGeneration:
     include_usage: bool
     messages: tuple[dict[str, str], ...] | None = None
     prompt: str | None = None
+    return_token_ids: bool = False  # extension (as in vLLM): the generated token ids with the text
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,7 +180,10 @@ def parse_chat(raw: Any) -> ParsedGeneration:
         parsed.append({"role": "system" if role == "developer" else role, "content": _content(message, i)})
     _unsupported(body)
     stream, include_usage = _stream_flags(body)
-    return ParsedGeneration(model, _sampling(body), stream, include_usage, messages=tuple(parsed))
+    return ParsedGeneration(
+        model, _sampling(body), stream, include_usage, messages=tuple(parsed),
+        return_token_ids=_bool(body, "return_token_ids"),
+    )
 
 
 def parse_completion(raw: Any) -> ParsedGeneration:
@@ -196,7 +200,9 @@ def parse_completion(raw: Any) -> ParsedGeneration:
         raise bad_request("echo, suffix and best_of are not supported.")
     _unsupported(body)
     stream, include_usage = _stream_flags(body)
-    return ParsedGeneration(model, _sampling(body), stream, include_usage, prompt=prompt)
+    return ParsedGeneration(
+        model, _sampling(body), stream, include_usage, prompt=prompt, return_token_ids=_bool(body, "return_token_ids")
+    )
 
 
 def parse_embeddings(raw: Any) -> ParsedEmbeddings:

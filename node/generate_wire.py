@@ -85,7 +85,7 @@ def decode_request(obj: dict[str, Any]) -> tuple[str, GenerationRequest]:
 
 
 def encode_chunk(chunk: Chunk) -> dict[str, Any]:
-    frame: dict[str, Any] = {"t": chunk.text, "n": len(chunk.token_ids)}
+    frame: dict[str, Any] = {"t": chunk.text, "ids": chunk.token_ids}
     if chunk.finish_reason is not None:
         frame["f"] = str(chunk.finish_reason)
     if chunk.usage is not None:
@@ -94,10 +94,12 @@ def encode_chunk(chunk: Chunk) -> dict[str, Any]:
 
 
 def decode_chunk(obj: dict[str, Any]) -> Chunk:
-    text, n = obj.get("t", ""), obj.get("n", 0)
-    if not isinstance(text, str) or not isinstance(n, int) or not 0 <= n <= 1 << 16:
+    text, ids = obj.get("t", ""), obj.get("ids", [])
+    if not isinstance(text, str) or not isinstance(ids, list) or len(ids) > 1 << 16:
         raise PayloadError("bad chunk frame")
-    chunk = Chunk(text=text, token_ids=[-1] * n)  # ids are not shipped; only their count matters here
+    if not all(isinstance(i, int) and 0 <= i < 1 << 31 for i in ids):
+        raise PayloadError("bad token ids")
+    chunk = Chunk(text=text, token_ids=ids)
     if "f" in obj:
         try:
             chunk.finish_reason = FinishReason(obj["f"])

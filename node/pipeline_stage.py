@@ -246,7 +246,5 @@ def _reply_chunk(reply: dict[str, Any]) -> tuple[Chunk, int]:
     token = reply.get("tok")
     if not isinstance(token, int) or token < 0:
         raise rpc.PayloadError("reply without a token")
-    chunk = decode_chunk(reply)
-    chunk.token_ids = [token] if chunk.token_ids else []
-    return chunk, token
+    return decode_chunk(reply), token
 
