@@ -6,7 +6,7 @@ py-libp2p (about 1.5 s), which the simulator, using only PeerTable and NodeAdver
 
 from typing import Any
 
-from discovery.advert import Addresses, AdvertError, Load, ModelAdvert, NodeAdvert, Resources
+from discovery.advert import Addresses, AdvertError, FileAdvert, Load, ModelAdvert, NodeAdvert, Resources
 from discovery.envelope import (
     DEFAULT_MESH_SECRET,
     MAX_ENVELOPE_BYTES,
@@ -24,6 +24,7 @@ __all__ = [
     "Discovery",
     "PeerChange",
     "AdvertError",
+    "FileAdvert",
     "ApplyResult",
     "Load",
     "ModelAdvert",

@@ -61,6 +61,24 @@ class ModelAdvert:
 
 
 @dataclass(frozen=True, slots=True)
+class FileAdvert:
+    """A GGUF the node has on disk and may load layer ranges of when the mesh asks (LoadShard).
+
+    The byte figures are what the node's torch engine would use, so a planner elsewhere (which may not
+    have the file) can place the model's layers.
+    """
+
+    digest: str
+    alias: str
+    n_layers: int
+    layer_bytes: int
+    embed_bytes: int
+    head_bytes: int
+    kv_bytes_per_token_per_layer: int
+    ctx: int
+
+
+@dataclass(frozen=True, slots=True)
 class Resources:
     device: str  # "cpu", "cuda", "mps", ...
     vram_total_bytes: int
@@ -68,6 +86,7 @@ class Resources:
     ram_total_bytes: int
     ram_free_bytes: int
     speed_tok_s: float  # measured decode speed figure, 0.0 when unknown
+    budget_free_bytes: int = 0  # what --memory-budget leaves for loading more (0: no budget set)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +109,7 @@ class NodeAdvert:
     seq: int  # strictly increasing per node, across restarts (see docs/discovery.md)
     issued_at: float  # sender's wall clock, seconds since the epoch
     ttl_s: float  # receivers drop the peer ttl_s after the last advert; 0 means goodbye
+    files: tuple[FileAdvert, ...] = ()  # GGUFs offered for layer ranges on request
 
     def to_dict(self) -> dict[str, Any]:
         return advert_to_dict(self)
@@ -127,11 +147,25 @@ def advert_to_dict(a: NodeAdvert) -> dict[str, Any]:
             "ram_total_bytes": a.resources.ram_total_bytes,
             "ram_free_bytes": a.resources.ram_free_bytes,
             "speed_tok_s": a.resources.speed_tok_s,
+            "budget_free_bytes": a.resources.budget_free_bytes,
         },
         "load": {"active": a.load.active, "queued": a.load.queued, "capacity": a.load.capacity},
         "seq": a.seq,
         "issued_at": a.issued_at,
         "ttl_s": a.ttl_s,
+        "files": [
+            {
+                "digest": f.digest,
+                "alias": f.alias,
+                "n_layers": f.n_layers,
+                "layer_bytes": f.layer_bytes,
+                "embed_bytes": f.embed_bytes,
+                "head_bytes": f.head_bytes,
+                "kv_bytes_per_token_per_layer": f.kv_bytes_per_token_per_layer,
+                "ctx": f.ctx,
+            }
+            for f in a.files
+        ],
     }
 
 
@@ -202,6 +236,21 @@ def _model(m: Any) -> ModelAdvert:
         raise AdvertError("bad_value", str(e)) from None
 
 
+def _file(f: Any) -> FileAdvert:
+    if not isinstance(f, dict):
+        raise AdvertError("bad_type", "file must be a map")
+    return FileAdvert(
+        digest=_str(f, "digest", 64, _HEX_DIGEST),
+        alias=_str(f, "alias", MAX_SHORT_CHARS),
+        n_layers=_int(f, "n_layers"),
+        layer_bytes=_int(f, "layer_bytes"),
+        embed_bytes=_int(f, "embed_bytes"),
+        head_bytes=_int(f, "head_bytes"),
+        kv_bytes_per_token_per_layer=_int(f, "kv_bytes_per_token_per_layer"),
+        ctx=_int(f, "ctx"),
+    )
+
+
 def advert_from_dict(d: Any) -> NodeAdvert:
     """Builds a NodeAdvert from untrusted data, raising AdvertError (never KeyError/TypeError)."""
     if not isinstance(d, dict):
@@ -231,9 +280,11 @@ def advert_from_dict(d: Any) -> NodeAdvert:
             ram_total_bytes=_int(res, "ram_total_bytes"),
             ram_free_bytes=_int(res, "ram_free_bytes"),
             speed_tok_s=_float(res, "speed_tok_s"),
+            budget_free_bytes=_int(res, "budget_free_bytes"),
         ),
         load=Load(active=_int(load, "active"), queued=_int(load, "queued"), capacity=_int(load, "capacity")),
         seq=_int(d, "seq"),
         issued_at=_float(d, "issued_at"),
         ttl_s=_float(d, "ttl_s", MAX_TTL_S),
+        files=tuple(_file(f) for f in _list(d, "files", MAX_MODELS)),
     )
