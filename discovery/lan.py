@@ -17,20 +17,21 @@ log = logging.getLogger(__name__)
 
 MAX_FETCH_FAILURES = 3  # consecutive failed fetches before an mDNS pointer is forgotten
 MAX_TRACKED = 4096
+FETCH_AFTER_PERIODS = 1.2  # fetch a peer not heard from for this many refresh periods
 
 
 class LanPeers:
     def __init__(
         self,
         fetch: FetchAdvert,
-        receive: Callable[[bytes], object],
+        receive: Callable[[bytes], bool],
         goodbye: Callable[[str], None],
         seen_s: Callable[[str], float | None],
         refresh_s: float,
         reject: Callable[[str, str], None],
     ) -> None:
         self._fetch = fetch
-        self._receive = receive  # raw envelope -> Discovery.receive(data, "mdns")
+        self._receive = receive  # raw envelope -> Discovery.receive(data, "mdns"): accepted?
         self._goodbye = goodbye  # node id -> drop it now (a removed record whose node cannot answer)
         self._seen_s = seen_s  # node id -> seconds since its last advert from any source, None if unknown
         self._refresh_s = refresh_s
@@ -39,6 +40,7 @@ class LanPeers:
         self._in_flight: dict[str, asyncio.Task[None]] = {}
         self._failures: dict[str, int] = {}
         self.fetch_failures = 0
+        self.fetches = 0
 
     def on_found(self, pointer: MdnsPointer) -> None:
         self._spawn(pointer, removed=False)
@@ -50,11 +52,12 @@ class LanPeers:
 
     async def refresh_loop(self) -> None:
         while True:
-            await asyncio.sleep(self._refresh_s)
+            await asyncio.sleep(self._refresh_s / 2)
             for pointer in self.mdns.pointers if self.mdns is not None else []:
                 seen_s = self._seen_s(pointer.node_id)
-                # a peer refreshed recently by gossip needs no HTTP round trip
-                if seen_s is None or seen_s >= self._refresh_s * 0.8:
+                # a peer that refreshed itself (multicast, gossip) within a period and a bit needs no
+                # HTTP round trip: per-peer fetches would cost every node peers x ~1 KB per period
+                if seen_s is None or seen_s >= self._refresh_s * FETCH_AFTER_PERIODS:
                     self._spawn(pointer, removed=False)
 
     async def stop(self) -> None:
@@ -72,6 +75,7 @@ class LanPeers:
         task.add_done_callback(lambda _t: self._in_flight.pop(key, None))
 
     async def _fetch_one(self, pointer: MdnsPointer, removed: bool) -> None:
+        self.fetches += 1
         try:
             data = await self._fetch(pointer.host, pointer.port_http, pointer.port_grpc)
         except (FetchError, OSError, TimeoutError) as e:
@@ -79,12 +83,15 @@ class LanPeers:
                 self._reject("oversized", f"{pointer.host}:{pointer.port_http}")
             self._failed(pointer, removed, e)
             return
-        self._failures.pop(pointer.node_id, None)
-        self._receive(data)
+        if self._receive(data):
+            self._failures.pop(pointer.node_id, None)
+        else:  # refused (another mesh, a forgery): after a few, stop asking until it announces again
+            self._failed(pointer, removed=False, error=None)
 
-    def _failed(self, pointer: MdnsPointer, removed: bool, error: Exception) -> None:
-        self.fetch_failures += 1
-        log.debug("advert fetch from %s:%d failed: %r", pointer.host, pointer.port_http, error)
+    def _failed(self, pointer: MdnsPointer, removed: bool, error: Exception | None) -> None:
+        if error is not None:
+            self.fetch_failures += 1
+            log.debug("advert fetch from %s:%d failed: %r", pointer.host, pointer.port_http, error)
         if removed:
             self._goodbye(pointer.node_id)
         failures = self._failures.get(pointer.node_id, 0) + 1

@@ -19,6 +19,7 @@ from discovery.advert import AdvertError, NodeAdvert
 from discovery.envelope import decode_signed, derive_subkey, encode_signed
 from discovery.fetch import FetchAdvert, HttpAdvertFetcher
 from discovery.lan import LanPeers
+from discovery.lan_multicast import AdvertMulticast
 from discovery.mdns import Mdns, mem_bucket
 from discovery.netaddr import announce_ips
 from discovery.peer_table import ApplyResult, Peer, PeerTable, freshness_error
@@ -101,6 +102,7 @@ class Discovery:
         self._signed_at = float("-inf")
         self._goodbye: bytes | None = None
         self._mdns: Mdns | None = None
+        self._multicast: AdvertMulticast | None = None
         self._libp2p: Libp2pHost | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._publish_wake = asyncio.Event()
@@ -122,6 +124,11 @@ class Discovery:
     @property
     def fetch_failures(self) -> int:
         return self._lan.fetch_failures
+
+    @property
+    def advert_fetches(self) -> int:
+        """HTTP advert fetches made (on discovery, removal, and for peers not refreshed otherwise)."""
+        return self._lan.fetches
 
     @property
     def rejects(self) -> dict[str, int]:
@@ -179,6 +186,7 @@ class Discovery:
             )
             self._lan.mdns = self._mdns
             await self._mdns.async_start()
+            await self._start_multicast()
         self._tasks = [
             asyncio.create_task(self._expire_loop(), name="discovery-expire"),
             asyncio.create_task(self._publish_loop(), name="discovery-publish"),
@@ -195,6 +203,10 @@ class Discovery:
         await self._lan.stop()
         self._tasks = []
         self._goodbye = self._sign(ttl_s=0.0)
+        if self._multicast is not None:
+            self._multicast.send(self._goodbye)
+            await self._multicast.async_stop()
+            self._multicast = None
         if self._libp2p is not None:
             self._libp2p.publish(self._goodbye)
             await asyncio.sleep(GOODBYE_FLUSH_S)
@@ -287,6 +299,17 @@ class Discovery:
         self._signed = self._sign(self._ttl_s)
         self._signed_at = self._clock()
 
+    async def _start_multicast(self) -> None:
+        """LAN refresh by multicast (one datagram per period, whatever the mesh size); HTTP otherwise."""
+        multicast = AdvertMulticast(announce_ips(self._host_ip), lambda data: self.receive(data, "mdns"))
+        try:
+            await multicast.async_start()
+        except OSError as e:
+            log.warning("advert multicast unavailable (%s): refreshing LAN peers over HTTP only", e)
+            await multicast.async_stop()
+            return
+        self._multicast = multicast
+
     @staticmethod
     def _bucket(advert: NodeAdvert) -> int:
         r = advert.resources
@@ -310,5 +333,7 @@ class Discovery:
             self._sign_current()
             if self._libp2p is not None and self._signed is not None:
                 self._libp2p.publish(self._signed)
+            if self._multicast is not None and self._signed is not None:
+                self._multicast.send(self._signed)
             if self._mdns is not None:
                 await self._mdns.async_update_bucket(self._bucket(self._advert_source()))

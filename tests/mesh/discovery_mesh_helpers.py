@@ -36,6 +36,14 @@ def peer_ids(url: str) -> set[str]:
         return set()
 
 
+def peer_ids_strict(url: str) -> set[str] | None:
+    """Like peer_ids, but None when the node does not answer, so "not listed" is never a guess."""
+    try:
+        return {row["node_id"] for row in get_json(url + "/mesh/peers")}
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+
+
 def node_id(url: str) -> str:
     return get_json(url + "/mesh/self")["node_id"]
 

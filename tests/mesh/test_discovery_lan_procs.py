@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import pytest
 from conftest import REPO, NodeProc
-from discovery_mesh_helpers import mesh_secret, node_id, peer_ids, start_parallel, wait_for
+from discovery_mesh_helpers import mesh_secret, node_id, peer_ids, peer_ids_strict, start_parallel, wait_for
 
 MDNS_BOUND_S = 5.0
 TTL_S = 10.0  # the node's default advert ttl
@@ -84,16 +84,16 @@ def test_sigkill_leaves_within_ttl_and_sigterm_at_once(mesh: Mesh) -> None:
     termed.proc.send_signal(signal.SIGTERM)
     left: dict[str, float] = {}
     while len(left) < 2 and time.monotonic() - t0 < KILL_BOUND_S + 10:
-        tables = [peer_ids(n.url) for n in mesh.nodes]
+        tables = [peer_ids_strict(n.url) for n in mesh.nodes]
         now = time.monotonic() - t0
         for gone in (killed_id, termed_id):
-            if gone not in left and all(gone not in t for t in tables):
+            if gone not in left and all(t is not None and gone not in t for t in tables):
                 left[gone] = now
         time.sleep(0.1)
     assert termed_id in left and left[termed_id] <= TERM_BOUND_S, f"SIGTERM: left after {left.get(termed_id)} s"
     assert killed_id in left and left[killed_id] <= KILL_BOUND_S, f"SIGKILL: left after {left.get(killed_id)} s"
     assert termed.proc.wait(timeout=20) == 0
-    print(f"SIGTERM left every table in {left[termed_id]:.2f} s, SIGKILL in {left[killed_id]:.2f} s")
+    print(f"SIGTERM left every table in {left[termed_id]:.3f} s, SIGKILL in {left[killed_id]:.2f} s")
 
 
 def _peers_json(url: str) -> list[dict]:
