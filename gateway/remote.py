@@ -131,3 +131,17 @@ async def remote_embed(
         return decode_embeddings(rpc.unpack_map(raw))
     except rpc.PayloadError as e:
         raise HolderFailed(f"bad embeddings from {address}: {e}") from None
+
+
+LOAD_SHARD_TIMEOUT_S = 600.0  # dequantising a large range from disk takes a while
+
+
+async def remote_load_shard(channels: PeerChannels, address: str, digest: str, start: int, end: int) -> None:
+    call = channels.channel(address).unary_unary(
+        rpc.method_path("LoadShard"), request_serializer=rpc.identity, response_deserializer=rpc.identity
+    )
+    payload = rpc.pack({"model": digest, "start": start, "end": end})
+    try:
+        await call(payload, metadata=channels.metadata, timeout=LOAD_SHARD_TIMEOUT_S)
+    except grpc.aio.AioRpcError as e:
+        raise _map_rpc_error(e) from None

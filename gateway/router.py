@@ -8,6 +8,7 @@ when none is left the stream ends with an error event.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -21,12 +22,22 @@ from engine.types import Chunk, FinishReason, GenerationRequest, SamplingParams,
 from gateway.backend import Embeddings, Generation, ModelListing
 from gateway.errors import ApiError, bad_request, model_not_found, overloaded
 from gateway.local import embed_local, open_local_generation
-from gateway.remote import HolderFailed, HolderRefused, PeerChannels, remote_embed, remote_generate
+from gateway.remote import (
+    HolderFailed,
+    HolderRefused,
+    PeerChannels,
+    remote_embed,
+    remote_generate,
+    remote_load_shard,
+)
 from placement.choose_holder import FailureRecord, holds_whole, rank_holders
-from placement.route_pipeline import route_pipeline
+from placement.cluster import PlacementError
+from placement.offer_plan import plan_offer
+from placement.route_pipeline import PipelineRoute, PipelineStage, route_pipeline
 
 log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 3
+OFFER_CONTEXT_TOKENS = 2048 * 8  # the torch engine's KV cache: 8 sessions of 2048 tokens
 FAILURE_MEMORY_S = 120.0
 
 
@@ -65,6 +76,8 @@ class MeshRouter:
         self._clock = clock
         self._failures: dict[str, FailureRecord] = {}
         self._inflight: dict[str, int] = {}
+        self._placing: dict[str, asyncio.Lock] = {}
+        self._placed: dict[str, PipelineRoute] = {}  # until adverts show the loaded ranges
         self.node_name = node_name
 
     # --- what the mesh holds -------------------------------------------------------------------------
@@ -88,6 +101,13 @@ class MeshRouter:
                 names = {a.node_id: a.name for a in adverts}
                 chain = tuple(names[s.node_id] for s in route.stages)
                 listings.append(ModelListing(target.alias, target.digest, n_layers, target.context_length, chain))
+        offered: dict[str, tuple[str, int, int]] = {}
+        for advert in adverts:
+            for f in advert.files:
+                if f.digest not in by_digest:
+                    offered.setdefault(f.digest, (f.alias, f.n_layers, f.ctx))
+        for digest, (alias, n_layers, ctx) in sorted(offered.items(), key=lambda kv: kv[1][0]):
+            listings.append(ModelListing(alias, digest, n_layers, ctx, ()))  # loaded on first request
         return listings
 
     def _resolve(self, name: str) -> _Target:
@@ -180,7 +200,9 @@ class MeshRouter:
         adverts = {a.node_id: a for a in self._all_adverts()}
         route = route_pipeline(target.digest, list(adverts.values()))
         if route is None:
-            raise model_not_found(target.alias, sorted({m.alias for m in self.list_models()}))
+            route = await self._place(target, adverts)
+        else:
+            self._placed.pop(target.digest, None)
         chain = [[adverts[s.node_id].addresses.grpc, s.start, s.end] for s in route.stages]
         first = adverts[route.stages[0].node_id]
         names = "+".join(adverts[s.node_id].name for s in route.stages)
@@ -200,6 +222,33 @@ class MeshRouter:
             await _close(stream)
             raise ApiError(502, f"pipeline {names} failed: {e}", type="server_error", code="pipeline_failed") from None
         return Generation(served_by=names, first=head, rest=stream, model=target.alias)
+
+    async def _place(self, target: _Target, adverts: dict[str, NodeAdvert]) -> PipelineRoute:
+        """Nobody serves the model: plan a split over the nodes offering its GGUF and have them load it."""
+        lock = self._placing.setdefault(target.digest, asyncio.Lock())
+        async with lock:  # one placement per model at a time; later requests reuse its result
+            if (route := self._placed.get(target.digest)) is not None:
+                return route
+            try:
+                plan = plan_offer(target.digest, list(adverts.values()), context_tokens=OFFER_CONTEXT_TOKENS)
+            except PlacementError as e:
+                raise ApiError(503, f"cannot place {target.alias}: {e}", type="server_error",
+                               code="insufficient_memory") from None
+            if plan is None:
+                raise model_not_found(target.alias, sorted({m.alias for m in self.list_models()}))
+            log.info("placing %s: %s", target.alias,
+                     ", ".join(f"{adverts[s.node].name}[{s.start}:{s.end})" for s in plan.stages))
+            try:
+                await asyncio.gather(*(
+                    remote_load_shard(self._channels, adverts[s.node].addresses.grpc, target.digest, s.start, s.end)
+                    for s in plan.stages
+                ))
+            except (HolderFailed, HolderRefused) as e:
+                raise ApiError(503, f"loading {target.alias} failed: {e}", type="server_error",
+                               code="load_failed") from None
+            route = PipelineRoute(tuple(PipelineStage(s.node, s.start, s.end) for s in plan.stages), plan.time_per_token_ms)
+            self._placed[target.digest] = route
+            return route
 
     async def open_generation(self, model: str, request: GenerationRequest) -> Generation:
         target = self._resolve(model)

@@ -47,6 +47,8 @@ def _join_parser(sub: argparse._SubParsersAction) -> None:
                       help="engine for whole models (torch: the reference engine, also used for shards)")
     join.add_argument("--shard", action="append", default=[], metavar="ALIAS_OR_PATH:START-END",
                       help="run layers [START, END) of a model with the torch engine (repeatable)")
+    join.add_argument("--offer", action="append", default=[], metavar="ALIAS_OR_PATH",
+                      help="offer a model's layers: load the range the mesh's planner assigns, on demand")
     join.add_argument("--memory-budget", type=int, default=None, metavar="BYTES",
                       help="most memory this node may use for model weights and KV cache")
     join.add_argument("--device", default="cpu", help="torch device for the torch engine (cpu, cuda)")
@@ -79,7 +81,8 @@ def _mesh_secret(args: argparse.Namespace) -> str:
 
 
 def _config(args: argparse.Namespace) -> NodeConfig:
-    models: tuple[str, ...] = () if args.no_model or (args.shard and not args.model) else tuple(args.model or (DEFAULT_ALIAS,))
+    explicit = args.shard or args.offer
+    models: tuple[str, ...] = () if args.no_model or (explicit and not args.model) else tuple(args.model or (DEFAULT_ALIAS,))
     libp2p_port = args.libp2p_port
     if libp2p_port is None and args.bootstrap:
         libp2p_port = 0
@@ -100,6 +103,7 @@ def _config(args: argparse.Namespace) -> NodeConfig:
         advertise_host=args.advertise_host,
         engine=args.engine,
         shards=tuple(args.shard),
+        offers=tuple(args.offer),
         memory_budget_bytes=args.memory_budget,
         device=args.device,
     )

@@ -30,6 +30,7 @@ class NodeConfig:
     advertise_host: str = ""
     engine: str = "llama.cpp"  # engine for whole models: "llama.cpp" or "torch"
     shards: tuple[str, ...] = ()  # "ALIAS_OR_PATH:START-END" layer ranges run by the torch engine
+    offers: tuple[str, ...] = ()  # GGUFs whose layer ranges this node loads when the mesh asks
     memory_budget_bytes: int | None = None
     device: str = "cpu"  # "": http_host, or the first interface address for a wildcard bind
 

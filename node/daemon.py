@@ -23,7 +23,7 @@ from node import rpc
 from node.config import NodeConfig
 from node.identity import Identity
 from node.mesh_routes import add_mesh_routes
-from node.model_loader import load_local_models
+from node.model_loader import ModelManager
 from node.pipeline_stage import PipelineService
 from node.resources import probe_resources
 from node.rpc_service import NodeService
@@ -41,6 +41,8 @@ class Node:
         self.name = config.name or f"{socket.gethostname()}-{self.node_id[:6]}"
         self.mesh_key = mesh_key_from_secret(config.mesh_secret)
         self.local = LocalModels()
+        self.models = ModelManager(config, self._on_load_change)
+        self._load_lock = asyncio.Lock()
         self.table = PeerTable(self.node_id)
         self.http_port = config.http_port
         self.grpc_port = config.grpc_port
@@ -61,14 +63,27 @@ class Node:
             host_ip=config.http_host,
         )
         self.router = MeshRouter(self.name, self.local, self.self_advert, self.peer_adverts, self.channels, self.describe_self)
-        self.service = NodeService(self.local, self.discovery.signed_advert, token)
+        self.service = NodeService(self.local, self.discovery.signed_advert, token, self.load_shard)
         self.pipeline = PipelineService(self.local, self.channels, token, on_step=self._on_stage_step)
         self._stage_rate = 0.0
+        self._file_adverts: tuple = ()
 
     # --- lifecycle -----------------------------------------------------------------------------------
     def _load_models(self) -> None:
-        for local in load_local_models(self.config, self._on_load_change):
+        for local in self.models.load_initial():
             self.local.add(local)
+
+    async def load_shard(self, digest: str, start: int, end: int) -> None:
+        """LoadShard: load layers of an offered GGUF (idempotent for the range already held)."""
+        async with self._load_lock:
+            held = self.local.resolve(digest)
+            if held is not None:
+                if held.layer_range == (start, end):
+                    return
+                raise ValueError(f"this node already holds layers {held.layer_range} of {digest[:12]}")
+            local = await asyncio.to_thread(self.models.load_range, digest, start, end)
+            self.local.add(local)
+        self.discovery.publish_soon()
 
     def _on_stage_step(self, digest: str, micros: int) -> None:
         """Pipeline stage steps per second (smoothed): the speed figure a shard-only node advertises."""
@@ -83,6 +98,7 @@ class Node:
 
     async def start(self) -> None:
         await asyncio.to_thread(self._load_models)
+        self._file_adverts = await asyncio.to_thread(self.models.file_adverts)
         server = rpc.build_server({**self.service.handlers(), **self.pipeline.handlers()})
         self.grpc_port = server.add_insecure_port(f"{_grpc_bind_host(self.config.http_host)}:{self.config.grpc_port}")
         await server.start()
@@ -145,6 +161,7 @@ class Node:
                 ram_total_bytes=resources.ram_total_bytes,
                 ram_free_bytes=resources.ram_free_bytes,
                 speed_tok_s=round(max([r.tokens_per_s for r in runners] + [self._stage_rate]), 2),
+                budget_free_bytes=self.models.budget_free_bytes,
             ),
             load=Load(
                 active=sum(r.load.active for r in runners) + self._stage_sessions(),
@@ -154,6 +171,7 @@ class Node:
             seq=0,
             issued_at=0.0,
             ttl_s=0.0,
+            files=self._file_adverts,
         )
 
     def _stage_sessions(self) -> int:

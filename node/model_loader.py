@@ -1,10 +1,13 @@
-"""Loading what a node serves: whole models (llama.cpp or torch) and layer ranges (torch)."""
+"""What a node serves and offers: whole models (llama.cpp or torch), layer ranges (torch), and GGUFs
+offered to the mesh for ranges on request, all within the node's --memory-budget."""
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 
+from discovery.advert import FileAdvert
 from engine.llama_cpp_engine import LlamaCppEngine
 from engine.local_models import LocalModel
 from engine.model_file import ModelFile, load_model_file
@@ -23,58 +26,122 @@ class BudgetError(ValueError):
     """What the node was asked to load does not fit its --memory-budget."""
 
 
-def _check_budget(config: NodeConfig, what: str, need_bytes: int, used_bytes: int) -> None:
-    budget = config.memory_budget_bytes
-    if budget is not None and used_bytes + need_bytes > budget:
-        raise BudgetError(
-            f"{what} needs {need_bytes / 2**20:.0f} MiB but only {max(0, budget - used_bytes) / 2**20:.0f} MiB "
-            f"of --memory-budget {budget} bytes is left"
-        )
+def _dtype_bytes(device: str) -> int:
+    return 4 if device == "cpu" else 2  # fp32 on CPU, fp16/bf16 on accelerators
 
 
-def torch_shard_bytes(model: ModelFile, spec: ShardSpec, device: str) -> int:
-    dtype_bytes = 4 if device == "cpu" else 2
-    context = min(TORCH_CONTEXT, model.context_length)
-    return estimate_shard_bytes(read_model_config(model.path), spec, dtype_bytes, context, TORCH_SESSIONS).total
+def torch_shard_bytes(model: ModelFile, spec: ShardSpec, device: str, context: int) -> int:
+    config = read_model_config(model.path)
+    return estimate_shard_bytes(config, spec, _dtype_bytes(device), context, TORCH_SESSIONS).total
 
 
-def load_local_models(config: NodeConfig, on_load_change: Callable[[], None]) -> list[LocalModel]:
-    """Blocking: resolves, hashes (digest cached) and loads every model and shard of the config."""
-    from engine.torch_engine import TorchShardEngine  # torch loads only on nodes that use it
+def file_advert(model: ModelFile, device: str, context: int) -> FileAdvert:
+    """Byte figures of the torch engine for this file, so a planner without the file can place it."""
+    config = read_model_config(model.path)
+    b = _dtype_bytes(device)
+    embed = config.vocab_size * config.hidden_size * b
+    return FileAdvert(
+        digest=model.digest,
+        alias=model.alias,
+        n_layers=model.n_layers,
+        layer_bytes=config.layer_params() * b,
+        embed_bytes=embed,
+        head_bytes=embed + config.hidden_size * b,  # a tied head is a copy of the embedding on the last stage
+        kv_bytes_per_token_per_layer=2 * config.kv_size * b,
+        ctx=context,
+    )
 
-    loaded: list[LocalModel] = []
-    used = 0
 
-    def runner(engine: object) -> EngineRunner:
-        return EngineRunner(engine, max_queue=config.max_queue, on_load_change=on_load_change)  # type: ignore[arg-type]
+class ModelManager:
+    """Loads models for the node and keeps the memory budget's books."""
 
-    for name in config.models:
-        model = load_model_file(name, config.data_dir)
-        if config.engine == "torch":
-            spec = ShardSpec.whole_model(model.digest, model.n_layers)
-            need = torch_shard_bytes(model, spec, config.device)
-            _check_budget(config, model.alias, need, used)
-            engine = TorchShardEngine(model, device=config.device, threads=config.threads,
-                                      max_sessions=TORCH_SESSIONS, max_context=config.ctx_size or TORCH_CONTEXT)
-            loaded.append(LocalModel(model, runner(engine), "torch"))
-        else:
-            need = model.size_bytes  # mmapped weights; llama.cpp's KV cache is small next to them here
-            _check_budget(config, model.alias, need, used)
-            engine = LlamaCppEngine(model, n_ctx=config.ctx_size, threads=config.threads)
-            loaded.append(LocalModel(model, runner(engine), engine.engine_name))
-        used += need
-        log.info("loaded %s (%s, %d layers, %s)", model.alias, model.short_digest, model.n_layers, config.engine)
-    for arg in config.shards:
-        name, start, end = parse_shard_arg(arg)
-        model = load_model_file(name, config.data_dir)
-        if end > model.n_layers:
-            raise ValueError(f"--shard {arg}: {model.alias} has only {model.n_layers} layers")
+    def __init__(self, config: NodeConfig, on_load_change: Callable[[], None]) -> None:
+        self.config = config
+        self._on_load_change = on_load_change
+        self._used_bytes = 0
+        self._offered: dict[str, ModelFile] = {}
+        self._lock = threading.Lock()
+        self.context = min(config.ctx_size or TORCH_CONTEXT, TORCH_CONTEXT)
+
+    @property
+    def budget_free_bytes(self) -> int:
+        budget = self.config.memory_budget_bytes
+        return 0 if budget is None else max(0, budget - self._used_bytes)
+
+    def file_adverts(self) -> tuple[FileAdvert, ...]:
+        return tuple(file_advert(m, self.config.device, self.context) for m in self._offered.values())
+
+    def offered(self, digest: str) -> ModelFile | None:
+        return self._offered.get(digest)
+
+    def _reserve(self, what: str, need_bytes: int) -> None:
+        budget = self.config.memory_budget_bytes
+        if budget is not None and self._used_bytes + need_bytes > budget:
+            raise BudgetError(
+                f"{what} needs {need_bytes / 2**20:.0f} MiB but only {self.budget_free_bytes / 2**20:.0f} MiB "
+                f"of --memory-budget {budget} bytes is left"
+            )
+        self._used_bytes += need_bytes
+
+    def _runner(self, engine: object) -> EngineRunner:
+        return EngineRunner(engine, max_queue=self.config.max_queue, on_load_change=self._on_load_change)  # type: ignore[arg-type]
+
+    def _torch(self, model: ModelFile, spec: ShardSpec) -> LocalModel:
+        from engine.torch_engine import TorchShardEngine  # torch loads only on nodes that use it
+
+        engine = TorchShardEngine(model, spec=spec, device=self.config.device, threads=self.config.threads,
+                                  max_sessions=TORCH_SESSIONS, max_context=self.context)
+        return LocalModel(model, self._runner(engine), "torch", spec.start, spec.end)
+
+    def load_initial(self) -> list[LocalModel]:
+        """Blocking: every --model (whole, or offered when it exceeds the budget), --shard and --offer."""
+        loaded: list[LocalModel] = []
+        c = self.config
+        for name in c.models:
+            model = load_model_file(name, c.data_dir)
+            whole = ShardSpec.whole_model(model.digest, model.n_layers)
+            # mmapped llama.cpp weights; its KV cache is small next to them at these context sizes
+            need = torch_shard_bytes(model, whole, c.device, self.context) if c.engine == "torch" else model.size_bytes
+            try:
+                self._reserve(model.alias, need)
+            except BudgetError as e:
+                log.warning("%s; offering its layers to the mesh instead", e)
+                self._offered[model.digest] = model
+                continue
+            if c.engine == "torch":
+                loaded.append(self._torch(model, whole))
+            else:
+                engine = LlamaCppEngine(model, n_ctx=c.ctx_size, threads=c.threads)
+                loaded.append(LocalModel(model, self._runner(engine), engine.engine_name))
+            log.info("loaded %s (%s, %d layers, %s)", model.alias, model.short_digest, model.n_layers, c.engine)
+        for arg in c.shards:
+            name, start, end = parse_shard_arg(arg)
+            model = load_model_file(name, c.data_dir)
+            if end > model.n_layers:
+                raise ValueError(f"--shard {arg}: {model.alias} has only {model.n_layers} layers")
+            spec = ShardSpec(model.digest, start, end, model.n_layers)
+            self._reserve(f"layers [{start}, {end}) of {model.alias}",
+                          torch_shard_bytes(model, spec, c.device, self.context))
+            loaded.append(self._torch(model, spec))
+            log.info("loaded layers [%d, %d) of %s", start, end, model.alias)
+        for name in c.offers:
+            model = load_model_file(name, c.data_dir)
+            self._offered[model.digest] = model
+        return loaded
+
+    def load_range(self, digest: str, start: int, end: int) -> LocalModel:
+        """Blocking: loads layers [start, end) of an offered file, within the budget (LoadShard)."""
+        model = self._offered.get(digest)
+        if model is None:
+            raise ValueError(f"model {digest[:12]} is not offered here")
         spec = ShardSpec(model.digest, start, end, model.n_layers)
-        need = torch_shard_bytes(model, spec, config.device)
-        _check_budget(config, f"layers [{start}, {end}) of {model.alias}", need, used)
-        engine = TorchShardEngine(model, spec=spec, device=config.device, threads=config.threads,
-                                  max_sessions=TORCH_SESSIONS, max_context=config.ctx_size or TORCH_CONTEXT)
-        loaded.append(LocalModel(model, runner(engine), "torch", start, end))
-        used += need
-        log.info("loaded layers [%d, %d) of %s", start, end, model.alias)
-    return loaded
+        with self._lock:
+            need = torch_shard_bytes(model, spec, self.config.device, self.context)
+            self._reserve(f"layers [{start}, {end}) of {model.alias}", need)
+            try:
+                local = self._torch(model, spec)
+            except BaseException:
+                self._used_bytes -= need
+                raise
+        log.info("loaded layers [%d, %d) of %s on request", start, end, model.alias)
+        return local

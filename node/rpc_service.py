@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
@@ -14,23 +14,31 @@ from engine.runner import QueueFull
 from gateway.errors import ApiError
 from gateway.local import embed_local
 from node import rpc
-from node.generate_wire import decode_embed_request, decode_request, encode_chunk, encode_embeddings
+from node.generate_wire import DIGEST, decode_embed_request, decode_request, encode_chunk, encode_embeddings
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_KEY = "retry-after"
 
 
 class NodeService:
-    def __init__(self, local: LocalModels, signed_advert: Callable[[], bytes], token: str) -> None:
+    def __init__(
+        self,
+        local: LocalModels,
+        signed_advert: Callable[[], bytes],
+        token: str,
+        load_shard: Callable[[str, int, int], Awaitable[None]],
+    ) -> None:
         self._local = local
         self._signed_advert = signed_advert
         self._token = token
+        self._load_shard = load_shard
 
     def handlers(self) -> dict[str, grpc.RpcMethodHandler]:
         return {
             "GetAdvert": rpc.unary_unary(self.get_advert),
             "Generate": rpc.unary_stream(self.generate),
             "Embed": rpc.unary_unary(self.embed),
+            "LoadShard": rpc.unary_unary(self.load_shard),
         }
 
     async def _authorise(self, context: grpc.aio.ServicerContext) -> None:
@@ -78,3 +86,20 @@ class NodeService:
             code = grpc.StatusCode.RESOURCE_EXHAUSTED if e.status == 429 else grpc.StatusCode.INVALID_ARGUMENT
             await context.abort(code, e.message)
         return rpc.pack(encode_embeddings(result.vectors, result.prompt_tokens))
+
+    async def load_shard(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        """Loads layers [start, end) of a GGUF this node offers, as a planner elsewhere decided."""
+        await self._authorise(context)
+        try:
+            obj = rpc.unpack_map(request)
+            digest, start, end = obj.get("model"), obj.get("start"), obj.get("end")
+            if not (isinstance(digest, str) and DIGEST.match(digest) and isinstance(start, int)
+                    and isinstance(end, int) and 0 <= start < end <= 1 << 16):
+                raise rpc.PayloadError("LoadShard needs model, start and end")
+        except rpc.PayloadError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        try:
+            await self._load_shard(digest, start, end)
+        except ValueError as e:  # not offered, over budget, another range held, bad range
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        return rpc.pack({"ok": True})
