@@ -137,7 +137,7 @@ def test_holder_killed_mid_stream_completes_elsewhere_or_errors_fast(mesh):
     resp = _stream(mesh["A"].url, body)
     victim_name = resp.headers["X-Meshllm-Node"]
     survivor = "C" if victim_name == "B" else "B"
-    events, pieces = [], []
+    pieces = []
     for line in resp:
         if line.startswith(b"data: {"):
             event = json.loads(line[6:])
