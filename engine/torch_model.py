@@ -11,11 +11,13 @@ Positions are host-side ints (the caller's bookkeeping), so the step loop never 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from shard.config import ModelConfig
 from shard.loader import ShardWeights
@@ -85,6 +87,20 @@ class ShardModel:
         Returns hidden [T, hidden] on non-last stages; on the last stage logits [1, vocab] for
         `last="last"`, [T, vocab] for "all", or the final-normed hidden [T, hidden] for "hidden".
         """
+        with _attention_backends(self.device):
+            return self._prefill(slot, x, start_pos, last)
+
+    @torch.inference_mode()
+    def decode(self, slots: list[int], x: torch.Tensor, positions: list[int]) -> torch.Tensor:
+        """One new token for each of B sessions: session b is in `slots[b]`, its token at `positions[b]`.
+
+        x: token ids [B] on the first stage, hidden states [B, hidden] otherwise.
+        Returns hidden [B, hidden], or logits [B, vocab] on the last stage.
+        """
+        with _attention_backends(self.device):
+            return self._decode(slots, x, positions)
+
+    def _prefill(self, slot: int, x: torch.Tensor, start_pos: int, last: LastOutput) -> torch.Tensor:
         t = x.shape[0]
         end = start_pos + t
         if not 0 <= slot < self.max_sessions or t < 1 or start_pos < 0 or end > self.max_context:
@@ -92,8 +108,8 @@ class ShardModel:
         h = self._embed(x).unsqueeze(0)  # [1, T, hidden]
         pos = torch.arange(start_pos, end, device=self.device)
         cos, sin = self.cos[pos][None, None], self.sin[pos][None, None]  # [1, 1, T, D]
-        if start_pos == 0:
-            mask = None  # plain causal
+        if start_pos == 0 or t == 1:
+            mask = None  # plain causal, or one query that sees every cached key
         else:
             # query i (at start_pos + i) sees keys 0..start_pos + i
             keys = torch.arange(end, device=self.device)
@@ -114,39 +130,49 @@ class ShardModel:
             h = self._block(layer, h, cos, sin, attend)
         return self._finish(h[0], last)
 
-    @torch.inference_mode()
-    def decode(self, slots: list[int], x: torch.Tensor, positions: list[int]) -> torch.Tensor:
-        """One new token for each of B sessions: session b is in `slots[b]`, its token at `positions[b]`.
-
-        x: token ids [B] on the first stage, hidden states [B, hidden] otherwise.
-        Returns hidden [B, hidden], or logits [B, vocab] on the last stage.
-        """
+    def _decode(self, slots: list[int], x: torch.Tensor, positions: list[int]) -> torch.Tensor:
         b = len(slots)
         if b != len(positions) or b != x.shape[0]:
             raise ValueError("slots, positions and x must have the same length")
         if b == 1:
-            return self.prefill(slots[0], x, positions[0])  # views of the cache, no gather
+            return self._prefill(slots[0], x, positions[0], "last")  # views of the cache, no gather
         if len(set(slots)) != b or not all(0 <= s < self.max_sessions for s in slots):
             raise ValueError(f"bad slots {slots}")
         if min(positions) < 0 or max(positions) >= self.max_context:
             raise ValueError(f"positions {positions} out of range")
+        c = self.config
         n_keys = max(positions) + 1  # attend over the longest session; shorter ones are masked
-        slot_t = torch.tensor(slots, device=self.device)
         pos = torch.tensor(positions, device=self.device)
+        # Row indices into a layer's cache seen as [slots * Hkv * max_context, D], computed once per
+        # step, so each layer writes and gathers with one index_copy_ / index_select kernel.
+        heads = torch.tensor(slots, device=self.device)[:, None] * c.n_kv_heads + torch.arange(
+            c.n_kv_heads, device=self.device
+        )  # [B, Hkv]
+        write_rows = (heads * self.max_context + pos[:, None]).flatten()  # [B * Hkv]
+        keys_at = torch.arange(n_keys, device=self.device)
+        read_rows = (heads[:, :, None] * self.max_context + keys_at).flatten()  # [B * Hkv * n_keys]
         h = self._embed(x).unsqueeze(1)  # [B, 1, hidden]
         cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]  # [B, 1, 1, D]
-        mask = (torch.arange(n_keys, device=self.device)[None, :] <= pos[:, None])[:, None, None]
-        # mask: [B, 1, 1, n_keys]
+        # additive mask [B, 1, 1, n_keys]: 0 where key <= the session's position, -inf past it
+        mask = torch.zeros(b, 1, 1, n_keys, device=self.device, dtype=self.dtype)
+        mask.masked_fill_((keys_at[None, :] > pos[:, None])[:, None, None], float("-inf"))
+        rep = c.n_heads // c.n_kv_heads
+        gathered = (b, c.n_kv_heads, n_keys, c.head_dim)
         for i, layer in enumerate(self.layers):
-            kc, vc = self.k_cache[i], self.v_cache[i]
+            kc, vc = self.k_cache[i].view(-1, c.head_dim), self.v_cache[i].view(-1, c.head_dim)
 
             def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-                # k, v: [B, Hkv, 1, D] written at (slot_b, :, pos_b)
-                kc[slot_t, :, pos] = k[:, :, 0]  # noqa: B023
-                vc[slot_t, :, pos] = v[:, :, 0]  # noqa: B023
-                keys = kc[:, :, :n_keys].index_select(0, slot_t)  # noqa: B023 - [B, Hkv, n_keys, D]
-                values = vc[:, :, :n_keys].index_select(0, slot_t)  # noqa: B023
-                return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+                # k, v: [B, Hkv, 1, D], written at (slot_b, :, pos_b)
+                kc.index_copy_(0, write_rows, k.reshape(-1, c.head_dim))  # noqa: B023
+                vc.index_copy_(0, write_rows, v.reshape(-1, c.head_dim))  # noqa: B023
+                keys = kc.index_select(0, read_rows).view(gathered)  # noqa: B023 - [B, Hkv, n_keys, D]
+                values = vc.index_select(0, read_rows).view(gathered)  # noqa: B023
+                # one query per head: fold each KV group's query heads into the query axis, which
+                # needs no GQA support from the kernel (CUDA's masked GQA falls back to math)
+                o = F.scaled_dot_product_attention(
+                    q.reshape(b, c.n_kv_heads, rep, c.head_dim), keys, values, attn_mask=mask
+                )  # o: [B, Hkv, rep, D]
+                return o.reshape(b, c.n_heads, 1, c.head_dim)
 
             h = self._block(layer, h, cos, sin, attend)
         return self._finish(h[:, 0], "all")
@@ -197,10 +223,15 @@ class ShardModel:
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if x.dtype == torch.float32:
-        return F.rms_norm(x, weight.shape, weight, eps)
-    # half precision: normalise in fp32 as llama.cpp and HF do
-    return F.rms_norm(x.float(), weight.shape, weight.float(), eps).to(x.dtype)
+    return F.rms_norm(x, weight.shape, weight, eps)  # accumulates in fp32 for half inputs
+
+
+def _attention_backends(device: torch.device) -> contextlib.AbstractContextManager:
+    """On CUDA, keep SDPA off cuDNN: it builds a graph per key length (~1.4 ms of host time at each
+    decode step, as the cache grows by one); flash / memory-efficient kernels take any length."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
