@@ -4,11 +4,16 @@ Each thread submits its session's step and waits. Whoever finds the model idle b
 it takes every step queued so far, runs them as one batch outside the lock, hands out the results
 and wakes the others; a waiter whose step is still pending then leads the next batch. One stream
 pays only a lock round trip; N streams in flight decode together, so one weight read serves N tokens.
+
+Threads resubmit at slightly different times (sampling, detokenizing), so a leader that finds fewer
+steps queued than sessions open waits up to `gather_s` for the rest before it runs: without that,
+four streams settle into batches of one or two.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -22,14 +27,23 @@ class Step:
     slot: int
     x: torch.Tensor
     start_pos: int
+    last: str = "last"  # ShardModel.prefill's `last`; "hidden" for embeddings
     result: torch.Tensor | None = None
     error: BaseException | None = None
     done: bool = field(default=False)
 
 
 class StepCombiner:
-    def __init__(self, run_batch: Callable[[list[Step]], None]) -> None:
+    def __init__(
+        self,
+        run_batch: Callable[[list[Step]], None],
+        *,
+        expected: Callable[[], int] = lambda: 1,
+        gather_s: float = 0.0,
+    ) -> None:
         self._run_batch = run_batch  # sets result (or error) on every step it is given
+        self._expected = expected  # how many steps a full batch would hold (open sessions)
+        self._gather_s = gather_s
         self._cond = threading.Condition()
         self._queue: list[Step] = []
         self._running = False
@@ -38,12 +52,14 @@ class StepCombiner:
         """Runs `steps` (together with whatever else is queued) and returns their results in order."""
         with self._cond:
             self._queue.extend(steps)
+            self._cond.notify_all()  # a leader may be gathering
             while not all(s.done for s in steps):
                 if self._running:
                     self._cond.wait()
                     continue
-                batch, self._queue = self._queue, []
                 self._running = True
+                self._gather()
+                batch, self._queue = self._queue, []
                 self._cond.release()
                 try:
                     self._run(batch)
@@ -55,6 +71,17 @@ class StepCombiner:
             if s.error is not None:
                 raise s.error
         return [s.result for s in steps]  # type: ignore[misc]
+
+    def _gather(self) -> None:
+        """Leader, holding the lock: wait briefly for the other open sessions' steps."""
+        if self._gather_s <= 0:
+            return
+        deadline = time.monotonic() + self._gather_s
+        while len(self._queue) < self._expected():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._cond.wait(remaining)
 
     def _run(self, batch: list[Step]) -> None:
         try:

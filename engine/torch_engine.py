@@ -52,6 +52,7 @@ class TorchShardEngine:
         threads: int | None = None,
         max_sessions: int = 8,
         max_context: int = 2048,
+        batch_wait_s: float = 0.002,
     ) -> None:
         if threads is not None:
             torch.set_num_threads(threads)  # process-wide: torch has no per-module thread pool
@@ -71,7 +72,10 @@ class TorchShardEngine:
         self._slot_freed = threading.Condition(self._lock)
         self._sessions: dict[str, _Session] = {}
         self._free = list(range(max_sessions - 1, -1, -1))
-        self._combiner = StepCombiner(self._run_batch)
+        # a decode batch waits up to batch_wait_s for the steps of every open session
+        self._combiner = StepCombiner(
+            self._run_batch, expected=lambda: len(self._sessions), gather_s=batch_wait_s
+        )
         self._closed = False
 
     # -- sessions -------------------------------------------------------------------------------
@@ -198,7 +202,8 @@ class TorchShardEngine:
             try:
                 with self._lock:
                     slot = self._sessions[sid].slot
-                h = self.shard.prefill(slot, torch.tensor(ids), 0, last="hidden")  # [T, hidden]
+                step = Step(slot=slot, x=torch.tensor(ids), start_pos=0, last="hidden")
+                h = self._combiner.submit([step])[0]  # [T, hidden], serialised with other steps
             finally:
                 self.close_session(sid)
             v = torch.nn.functional.normalize(h.float().mean(dim=0), dim=0)
@@ -228,10 +233,10 @@ class TorchShardEngine:
 
     def _run_batch(self, batch: list[Step]) -> None:
         """Prompts run one by one; single-token steps of distinct sessions run as one decode."""
-        singles = [s for s in batch if s.x.shape[0] == 1]
+        singles = [s for s in batch if s.x.shape[0] == 1 and s.last == "last"]
         for s in batch:
-            if s.x.shape[0] > 1:
-                s.result = self.shard.prefill(s.slot, s.x, s.start_pos)
+            if s.x.shape[0] > 1 or s.last != "last":
+                s.result = self.shard.prefill(s.slot, s.x, s.start_pos, last=s.last)  # type: ignore[arg-type]
         if len(singles) == 1:
             s = singles[0]
             s.result = self.shard.prefill(s.slot, s.x, s.start_pos)

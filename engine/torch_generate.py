@@ -96,6 +96,4 @@ def _loop(
     if not stopped:  # EOS or length: the held-back text was no stop string after all
         tail, _ = stops.feed(text_out.flush())
         tail += stops.flush()
-    yield Chunk(
-        text=tail, finish_reason=finish, usage=Usage(prompt_tokens=len(ids), completion_tokens=n_out)
-    )
+    yield Chunk(text=tail, finish_reason=finish, usage=Usage(prompt_tokens=len(ids), completion_tokens=n_out))

@@ -17,7 +17,12 @@ def model():
 def test_config_from_metadata(model) -> None:
     c = read_model_config(model.path)
     assert (c.architecture, c.n_layers, c.hidden_size, c.n_heads, c.n_kv_heads, c.head_dim) == (
-        "llama", 30, 576, 9, 3, 64,
+        "llama",
+        30,
+        576,
+        9,
+        3,
+        64,
     )
     assert (c.ffn_size, c.vocab_size, c.rope_dim, c.rope_base) == (1536, 49152, 64, 100000.0)
     assert c.rms_eps == pytest.approx(1e-5)
