@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 MAX_FETCH_FAILURES = 3  # consecutive failed fetches before an mDNS pointer is forgotten
 MAX_TRACKED = 4096
-FETCH_AFTER_PERIODS = 1.2  # fetch a peer not heard from for this many refresh periods
+FETCH_AFTER_PERIODS = 1.6  # fetch a peer not heard from for this many refresh periods (multicast jitters)
 
 
 class LanPeers:
