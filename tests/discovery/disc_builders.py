@@ -66,7 +66,6 @@ class MeshNode:
         self.discovery: Discovery | None = None
         self.runner: web.AppRunner | None = None
         self.port = 0
-        self.advert_fetches = 0  # GET /mesh/advert served
 
     async def __aenter__(self) -> MeshNode:
         app = web.Application()
@@ -86,7 +85,6 @@ class MeshNode:
 
     async def _advert(self, request: web.Request) -> web.Response:
         assert self.discovery is not None
-        self.advert_fetches += 1
         return web.Response(body=self.discovery.signed_advert(), content_type="application/octet-stream")
 
     def sees(self) -> set[str]:
