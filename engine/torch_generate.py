@@ -11,8 +11,8 @@ import torch
 
 from engine.chat_template import render_chat
 from engine.llama_cpp_engine import ContextLengthExceeded
-from engine.stop import StopMatcher
-from engine.types import Chunk, FinishReason, GenerationRequest, Usage
+from engine.token_output import TokenOutput
+from engine.types import Chunk, GenerationRequest
 
 if TYPE_CHECKING:
     from engine.torch_engine import TorchShardEngine
@@ -35,8 +35,8 @@ def prompt_tokens(engine: TorchShardEngine, request: GenerationRequest) -> list[
 def generate_whole(
     engine: TorchShardEngine, request: GenerationRequest, cancel: threading.Event
 ) -> Iterator[Chunk]:
-    """Streams one chunk per generated token (text may be empty while a character or a possible
-    stop string is incomplete), then a last chunk with the held-back text, finish_reason and usage."""
+    """Streams one chunk per sampled token (text may be empty while a character or a possible stop
+    string is incomplete); the last chunk carries finish_reason and usage (on EOS it has no token)."""
     ids = prompt_tokens(engine, request)
     room, wanted = engine.max_context - len(ids), request.params.max_tokens
     if room <= 0 or (wanted is not None and wanted > room):  # as LlamaCppEngine.prepare
@@ -65,35 +65,16 @@ def generate_whole(
 def _loop(
     engine: TorchShardEngine, sid: str, ids: list[int], request: GenerationRequest, cancel: threading.Event
 ) -> Iterator[Chunk]:
-    tok = engine.tokenizer
     params = request.params
-    budget = engine.max_context - len(ids)
-    max_new = min(params.max_tokens, budget) if params.max_tokens is not None else budget
-    text_out = tok.stream()
-    stops = StopMatcher(params.stop)
-    finish = FinishReason.LENGTH
-    stopped = False
-    n_out = 0
+    room = engine.max_context - len(ids)
+    output = TokenOutput(engine.tokenizer, params.stop, len(ids), min(params.max_tokens or room, room))
     x, pos = torch.tensor(ids), 0
-    while n_out < max_new:
-        if cancel.is_set():
-            return
+    while not cancel.is_set():
         logits = engine.prefill_stage(sid, x, pos)  # [1, vocab]
         pos += x.shape[0]
         token = engine.sample([sid], logits)[0]
-        if token in tok.eog_ids:
-            finish = FinishReason.STOP
-            break
-        n_out += 1
-        text, stopped = stops.feed(text_out.feed(token))
-        if stopped:
-            yield Chunk(text=text, token_ids=[token])
-            finish = FinishReason.STOP
-            break
-        yield Chunk(text=text, token_ids=[token])
+        chunk = output.push(token)  # EOS, stop strings, max_tokens: as a pipeline's last stage
+        yield chunk
+        if chunk.finish_reason is not None:
+            return
         x = torch.tensor([token])
-    tail = ""
-    if not stopped:  # EOS or length: the held-back text was no stop string after all
-        tail, _ = stops.feed(text_out.flush())
-        tail += stops.flush()
-    yield Chunk(text=tail, finish_reason=finish, usage=Usage(prompt_tokens=len(ids), completion_tokens=n_out))
