@@ -194,7 +194,7 @@ def test_client_disconnect_cancels_generation(node, client):
 
 
 def test_full_queue_answers_429_with_retry_after(node):
-    body = json.dumps({"model": MODEL, "messages": MESSAGES, "temperature": 0, "max_tokens": 400}).encode()
+    body = json.dumps({"model": MODEL, "messages": MESSAGES, "temperature": 0, "max_tokens": 150}).encode()
     results: list[tuple[int, dict]] = []
 
     def call() -> None:

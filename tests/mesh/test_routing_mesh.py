@@ -123,6 +123,19 @@ def test_garbage_on_the_grpc_port_does_not_disturb_the_node(mesh):
     assert client(mesh["A"]).completions.create(model=MODEL, prompt="Hi", max_tokens=3).choices[0].text is not None
 
 
+def test_client_hanging_up_at_a_stops_the_holders_generation(mesh):
+    resp = _stream(mesh["A"].url, {"model": MODEL, "messages": MESSAGES, "temperature": 0, "max_tokens": 2000,
+                                   "stream": True})
+    holder = mesh[resp.headers["X-Meshllm-Node"]]
+    for i, _ in enumerate(resp):
+        if i >= 8:
+            break
+    assert get_json(holder.url + "/mesh/self")["load"]["active"] == 1
+    resp.close()
+    # 2000 tokens would take the holder half a minute; a cancelled call frees its slot at once.
+    wait_for(lambda: get_json(holder.url + "/mesh/self")["load"]["active"] == 0, 3, "the holder to stop")
+
+
 def _stream(url: str, body: dict):
     req = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
