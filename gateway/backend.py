@@ -43,6 +43,18 @@ class Generation:
             await close()
 
 
+async def first_chunk(stream: AsyncIterator[Chunk]) -> Chunk:
+    """Waits for a stream's first chunk (closing the stream if that fails), so errors surface before
+    any HTTP header is sent."""
+    try:
+        return await anext(stream)
+    except StopAsyncIteration:
+        return Chunk()
+    except BaseException:
+        await stream.aclose()  # type: ignore[attr-defined]
+        raise
+
+
 @dataclass(frozen=True, slots=True)
 class Embeddings:
     served_by: str

@@ -9,7 +9,7 @@ from engine.llama_cpp_engine import ContextLengthExceeded
 from engine.local_models import LocalModel
 from engine.runner import QueueFull
 from engine.types import Chunk, GenerationRequest
-from gateway.backend import Embeddings, Generation
+from gateway.backend import Embeddings, Generation, first_chunk
 from gateway.errors import ApiError, bad_request, overloaded
 
 _MAPPED = (QueueFull, ContextLengthExceeded, ChatTemplateError)
@@ -38,13 +38,7 @@ async def _mapped(chunks: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
 async def open_local_generation(node_name: str, local: LocalModel, request: GenerationRequest) -> Generation:
     """Admits the request and waits for its first chunk, so queue and validation errors come first."""
     stream = _mapped(local.runner.stream(request))
-    try:
-        first = await anext(stream)
-    except StopAsyncIteration:
-        first = Chunk()
-    except BaseException:
-        await stream.aclose()
-        raise
+    first = await first_chunk(stream)
     return Generation(served_by=node_name, first=first, rest=stream, model=local.model.alias)
 
 

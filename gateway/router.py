@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from discovery.advert import NodeAdvert
 from engine.local_models import LocalModels
 from engine.types import Chunk, FinishReason, GenerationRequest, SamplingParams, Usage
-from gateway.backend import Embeddings, Generation, ModelListing
+from gateway.backend import Embeddings, Generation, ModelListing, first_chunk
 from gateway.errors import ApiError, bad_request, model_not_found, overloaded
 from gateway.local import embed_local, open_local_generation
 from gateway.remote import (
@@ -149,13 +149,7 @@ class MeshRouter:
         if advert is None or not advert.addresses.grpc or not holds_whole(advert, target.digest):
             raise HolderFailed(f"{node_id[:8]} is gone")
         stream = self._tracked(node_id, remote_generate(self._channels, advert.addresses.grpc, target.digest, request))
-        try:
-            first = await anext(stream)
-        except StopAsyncIteration:
-            first = Chunk()
-        except BaseException:
-            await stream.aclose()
-            raise
+        first = await first_chunk(stream)
         return Generation(served_by=advert.name, first=first, rest=stream, model=target.alias)
 
     async def _tracked(self, node_id: str, stream: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
@@ -210,16 +204,12 @@ class MeshRouter:
             self._channels, first.addresses.grpc, target.digest, request, method="PipelineGenerate", extra={"chain": chain}
         )
         try:
-            head = await anext(stream)
-        except StopAsyncIteration:
-            head = Chunk()
+            head = await first_chunk(stream)
         except HolderRefused as e:
-            await _close(stream)
             if e.code.name == "INVALID_ARGUMENT":
                 raise bad_request(str(e), code="context_length_exceeded") from None
             raise overloaded(e.retry_after_s) from None
         except HolderFailed as e:
-            await _close(stream)
             raise ApiError(502, f"pipeline {names} failed: {e}", type="server_error", code="pipeline_failed") from None
         return Generation(served_by=names, first=head, rest=stream, model=target.alias)
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 import grpc
 
 from engine.chat_template import ChatTemplateError
 from engine.llama_cpp_engine import ContextLengthExceeded
-from engine.local_models import LocalModels
+from engine.local_models import LocalModel, LocalModels
 from engine.runner import QueueFull
 from gateway.errors import ApiError
 from gateway.local import embed_local
@@ -17,6 +18,7 @@ from node import rpc
 from node.generate_wire import DIGEST, decode_embed_request, decode_request, encode_chunk, encode_embeddings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 RETRY_AFTER_KEY = "retry-after"
 
 
@@ -49,15 +51,22 @@ class NodeService:
         # Adverts are signed and HMAC-bound to the mesh, so they need no token: the receiver checks.
         return self._signed_advert()
 
-    async def generate(self, request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+    async def _decode_for_whole_model(
+        self, request: bytes, context: grpc.aio.ServicerContext, decode: Callable[[dict], tuple[str, T]]
+    ) -> tuple[LocalModel, T]:
+        """Token check, payload decoding and the model lookup shared by the whole-model calls."""
         await self._authorise(context)
         try:
-            digest, generation = decode_request(rpc.unpack_map(request))
+            digest, payload = decode(rpc.unpack_map(request))
         except rpc.PayloadError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         local = self._local.resolve(digest)
         if local is None or not local.whole:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"model {digest[:12]} is not held here")
+        return local, payload
+
+    async def generate(self, request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        local, generation = await self._decode_for_whole_model(request, context, decode_request)
         stream = local.runner.stream(generation)
         try:
             async for chunk in stream:
@@ -72,14 +81,7 @@ class NodeService:
             await stream.aclose()
 
     async def embed(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        await self._authorise(context)
-        try:
-            digest, texts = decode_embed_request(rpc.unpack_map(request))
-        except rpc.PayloadError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        local = self._local.resolve(digest)
-        if local is None or not local.whole:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"model {digest[:12]} is not held here")
+        local, texts = await self._decode_for_whole_model(request, context, decode_embed_request)
         try:
             result = await embed_local("", local, texts)
         except ApiError as e:
