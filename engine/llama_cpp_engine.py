@@ -20,15 +20,7 @@ import llama_cpp
 from engine.chat_template import render_chat
 from engine.model_file import ModelFile
 from engine.stop import StopMatcher
-from engine.types import Chunk, FinishReason, GenerationRequest, Usage
-
-
-class ContextLengthExceeded(ValueError):
-    """The prompt plus the requested completion does not fit the context window."""
-
-
-class EngineLoadError(Exception):
-    """llama.cpp could not load the model file."""
+from engine.types import Chunk, ContextLengthExceeded, EngineLoadError, FinishReason, GenerationRequest, Usage
 
 
 @contextlib.contextmanager

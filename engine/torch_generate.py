@@ -10,9 +10,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from engine.chat_template import render_chat
-from engine.llama_cpp_engine import ContextLengthExceeded
 from engine.token_output import TokenOutput
-from engine.types import Chunk, GenerationRequest
+from engine.types import Chunk, ContextLengthExceeded, GenerationRequest
 
 if TYPE_CHECKING:
     from engine.torch_engine import TorchShardEngine

@@ -6,6 +6,14 @@ import enum
 from dataclasses import dataclass, field
 
 
+class ContextLengthExceeded(ValueError):
+    """The prompt plus the requested completion does not fit the context window."""
+
+
+class EngineLoadError(Exception):
+    """An engine could not load a model file."""
+
+
 class FinishReason(enum.StrEnum):
     STOP = "stop"
     LENGTH = "length"

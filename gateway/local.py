@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from engine.chat_template import ChatTemplateError
-from engine.llama_cpp_engine import ContextLengthExceeded
 from engine.local_models import LocalModel
 from engine.runner import QueueFull
-from engine.types import Chunk, GenerationRequest
+from engine.types import Chunk, ContextLengthExceeded, GenerationRequest
 from gateway.backend import Embeddings, Generation, first_chunk
 from gateway.errors import ApiError, bad_request, overloaded
 

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 from discovery.envelope import DEFAULT_MESH_SECRET
-from engine.llama_cpp_engine import EngineLoadError
 from engine.model_file import DEFAULT_ALIAS, ModelFileError
+from engine.types import EngineLoadError
 from node.config import NodeConfig, default_data_dir
 from node.peers_command import print_peers
 

@@ -24,7 +24,6 @@ from node.config import NodeConfig
 from node.identity import Identity
 from node.mesh_routes import add_mesh_routes
 from node.model_loader import ModelManager
-from node.pipeline_stage import PipelineService
 from node.resources import probe_resources
 from node.rpc_service import NodeService
 from node.version import VERSION
@@ -64,7 +63,7 @@ class Node:
         )
         self.router = MeshRouter(self.name, self.local, self.self_advert, self.peer_adverts, self.channels, self.describe_self)
         self.service = NodeService(self.local, self.discovery.signed_advert, token, self.load_shard)
-        self.pipeline = PipelineService(self.local, self.channels, token, on_step=self._on_stage_step)
+        self._token = token
         self._stage_rate = 0.0
         self._file_adverts: tuple = ()
 
@@ -85,6 +84,10 @@ class Node:
             self.local.add(local)
         self.discovery.publish_soon()
 
+    def _may_run_stages(self) -> bool:
+        c = self.config
+        return bool(c.shards or c.offers or c.engine == "torch" or c.memory_budget_bytes is not None)
+
     def _on_stage_step(self, digest: str, micros: int) -> None:
         """Pipeline stage steps per second (smoothed): the speed figure a shard-only node advertises."""
         if micros > 0:
@@ -99,7 +102,13 @@ class Node:
     async def start(self) -> None:
         await asyncio.to_thread(self._load_models)
         self._file_adverts = await asyncio.to_thread(self.models.file_adverts)
-        server = rpc.build_server({**self.service.handlers(), **self.pipeline.handlers()})
+        handlers = self.service.handlers()
+        if self._may_run_stages():
+            # torch is imported only by nodes that can hold layer ranges (seconds of start-up saved).
+            from node.pipeline_stage import PipelineService
+
+            handlers |= PipelineService(self.local, self.channels, self._token, on_step=self._on_stage_step).handlers()
+        server = rpc.build_server(handlers)
         self.grpc_port = server.add_insecure_port(f"{_grpc_bind_host(self.config.http_host)}:{self.config.grpc_port}")
         await server.start()
         self._grpc = server

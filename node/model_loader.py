@@ -8,12 +8,10 @@ import threading
 from collections.abc import Callable
 
 from discovery.advert import FileAdvert
-from engine.llama_cpp_engine import LlamaCppEngine
 from engine.local_models import LocalModel
 from engine.model_file import ModelFile, load_model_file
 from engine.runner import EngineRunner
 from node.config import NodeConfig, parse_shard_arg
-from shard.loader import read_model_config
 from shard.memory import estimate_shard_bytes
 from shard.spec import ShardSpec
 
@@ -30,14 +28,20 @@ def _dtype_bytes(device: str) -> int:
     return 4 if device == "cpu" else 2  # fp32 on CPU, fp16/bf16 on accelerators
 
 
+def _model_config(path: str):  # noqa: ANN202 - shard.loader imports torch: only when needed
+    from shard.loader import read_model_config
+
+    return read_model_config(path)
+
+
 def torch_shard_bytes(model: ModelFile, spec: ShardSpec, device: str, context: int) -> int:
-    config = read_model_config(model.path)
+    config = _model_config(model.path)
     return estimate_shard_bytes(config, spec, _dtype_bytes(device), context, TORCH_SESSIONS).total
 
 
 def file_advert(model: ModelFile, device: str, context: int) -> FileAdvert:
     """Byte figures of the torch engine for this file, so a planner without the file can place it."""
-    config = read_model_config(model.path)
+    config = _model_config(model.path)
     b = _dtype_bytes(device)
     embed = config.vocab_size * config.hidden_size * b
     return FileAdvert(
@@ -111,6 +115,8 @@ class ModelManager:
             if c.engine == "torch":
                 loaded.append(self._torch(model, whole))
             else:
+                from engine.llama_cpp_engine import LlamaCppEngine
+
                 engine = LlamaCppEngine(model, n_ctx=c.ctx_size, threads=c.threads)
                 loaded.append(LocalModel(model, self._runner(engine), engine.engine_name))
             log.info("loaded %s (%s, %d layers, %s)", model.alias, model.short_digest, model.n_layers, c.engine)

@@ -9,9 +9,9 @@ from typing import TypeVar
 import grpc
 
 from engine.chat_template import ChatTemplateError
-from engine.llama_cpp_engine import ContextLengthExceeded
 from engine.local_models import LocalModel, LocalModels
 from engine.runner import QueueFull
+from engine.types import ContextLengthExceeded
 from gateway.errors import ApiError
 from gateway.local import embed_local
 from node import rpc

@@ -213,7 +213,7 @@ def test_embed_and_count_tokens(whole) -> None:
 
 
 def test_context_overflow_is_refused_like_llama_cpp(whole) -> None:
-    from engine.llama_cpp_engine import ContextLengthExceeded
+    from engine.types import ContextLengthExceeded
 
     with pytest.raises(ContextLengthExceeded):
         _gen(whole, SamplingParams(temperature=0, max_tokens=CTX))
