@@ -65,6 +65,8 @@ class Node:
         self.service = NodeService(self.local, self.discovery.signed_advert, token, self.load_shard)
         self._token = token
         self._stage_rate = 0.0
+        self._stage_steps = 0
+        self._stage_compute_s = 0.0
         self._file_adverts: tuple = ()
 
     # --- lifecycle -----------------------------------------------------------------------------------
@@ -88,11 +90,14 @@ class Node:
         c = self.config
         return bool(c.shards or c.offers or c.engine == "torch" or c.memory_budget_bytes is not None)
 
-    def _on_stage_step(self, digest: str, micros: int) -> None:
-        """Pipeline stage steps per second (smoothed): the speed figure a shard-only node advertises."""
-        if micros > 0:
-            rate = 1e6 / micros
-            self._stage_rate = rate if self._stage_rate == 0 else 0.9 * self._stage_rate + 0.1 * rate
+    def _on_stage_step(self, digest: str, n_positions: int, compute_s: float) -> None:
+        """Decode steps of pipeline stages: their rate is the speed a shard-only node advertises."""
+        if n_positions != 1 or compute_s <= 0:
+            return  # prompt steps say little about decode speed
+        self._stage_steps += 1
+        self._stage_compute_s += compute_s
+        rate = 1.0 / compute_s
+        self._stage_rate = rate if self._stage_rate == 0 else 0.9 * self._stage_rate + 0.1 * rate
 
     def _on_load_change(self) -> None:
         # Routing elsewhere reads our load from adverts: push a fresh one (debounced by discovery).
@@ -197,6 +202,10 @@ class Node:
         for key in ("seq", "issued_at", "ttl_s"):
             me.pop(key, None)
         me["rejected_adverts"] = self.discovery.rejects
+        me["pipeline"] = {
+            "decode_steps": self._stage_steps,
+            "decode_step_ms": round(1000 * self._stage_compute_s / self._stage_steps, 3) if self._stage_steps else 0.0,
+        }
         return me
 
 

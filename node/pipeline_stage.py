@@ -57,11 +57,11 @@ def _chain(value: Any) -> list[tuple[str, int, int]]:
 
 class PipelineService:
     def __init__(self, local: LocalModels, channels: PeerChannels, token: str,
-                 on_step: Callable[[str, int], None] | None = None) -> None:
+                 on_step: Callable[[str, int, float], None] | None = None) -> None:
         self._local = local
         self._channels = channels
         self._token = token
-        self._on_step = on_step or (lambda digest, n: None)
+        self._on_step = on_step or (lambda digest, n_positions, compute_s: None)
         self.sessions_opened = 0
 
     def handlers(self) -> dict[str, grpc.RpcMethodHandler]:
@@ -87,12 +87,16 @@ class PipelineService:
 
     async def _run(self, engine: TorchShardEngine, sid: str, x: torch.Tensor, pos: int) -> torch.Tensor:
         # Blocking torch work off the loop; concurrent sessions' steps are batched by the engine.
-        started = time.perf_counter()
+        def timed() -> tuple[torch.Tensor, float]:
+            started = time.perf_counter()
+            result = engine.forward_stage([sid], [x], [pos])[0]
+            return result, time.perf_counter() - started  # compute alone, without the thread hand-off
+
         try:
-            out = (await asyncio.to_thread(engine.forward_stage, [sid], [x], [pos]))[0]
+            out, compute_s = await asyncio.to_thread(timed)
         except SessionError as e:
             raise StageError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
-        self._on_step(engine.model.digest, int((time.perf_counter() - started) * 1e6))
+        self._on_step(engine.model.digest, x.shape[0], compute_s)
         return out
 
     def _next_call(self, address: str) -> grpc.aio.StreamStreamCall:
