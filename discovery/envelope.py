@@ -22,8 +22,11 @@ MAX_ENVELOPE_BYTES = 16 * 1024
 # Anyone on the LAN can join a mesh that uses the default secret: it is for zero-config home meshes.
 DEFAULT_MESH_SECRET = "meshllm-default-lan-mesh"
 
-_SIGN_DOMAIN = b"meshllm/advert/sig/v1\x00"  # a signature here can never be replayed as another message
-_MAC_DOMAIN = b"meshllm/advert/mac/v1\x00"
+BEAT_VERSION = 2
+# a signature or MAC for one kind of message can never be replayed as another kind
+_SIGN_DOMAINS = {ENVELOPE_VERSION: b"meshllm/advert/sig/v1\x00", BEAT_VERSION: b"meshllm/beat/sig/v1\x00"}
+_MAC_DOMAINS = {ENVELOPE_VERSION: b"meshllm/advert/mac/v1\x00", BEAT_VERSION: b"meshllm/beat/mac/v1\x00"}
+_SIGN_DOMAIN = _SIGN_DOMAINS[ENVELOPE_VERSION]
 _SIG_BYTES = 64
 _MAC_BYTES = 32
 
@@ -60,8 +63,8 @@ def derive_subkey(mesh_key: bytes, label: str) -> bytes:
     return hmac.new(mesh_key, b"meshllm/subkey/" + label.encode("utf-8"), hashlib.sha256).digest()
 
 
-def _mac(mesh_key: bytes, payload: bytes) -> bytes:
-    return hmac.new(mesh_key, _MAC_DOMAIN + payload, hashlib.sha256).digest()
+def _mac(mesh_key: bytes, payload: bytes, version: int = 1) -> bytes:
+    return hmac.new(mesh_key, _MAC_DOMAINS[version] + payload, hashlib.sha256).digest()
 
 
 def encode_signed(advert: NodeAdvert, identity: Identity, mesh_key: bytes) -> bytes:
@@ -69,16 +72,18 @@ def encode_signed(advert: NodeAdvert, identity: Identity, mesh_key: bytes) -> by
         raise ValueError("advert node_id/public_key do not belong to this identity")
     fields = advert_to_dict(advert)
     advert_from_dict(fields)  # refuse to send what every receiver would refuse (raises AdvertError)
-    payload = msgpack.packb(fields, use_bin_type=True)
-    signature = identity.sign(_SIGN_DOMAIN + payload)
-    data = msgpack.packb([ENVELOPE_VERSION, payload, signature, _mac(mesh_key, payload)], use_bin_type=True)
+    data = seal_envelope(ENVELOPE_VERSION, msgpack.packb(fields, use_bin_type=True), identity, mesh_key)
     if len(data) > MAX_ENVELOPE_BYTES:
         raise ValueError(f"advert envelope is {len(data)} bytes, over the {MAX_ENVELOPE_BYTES} cap")
     return data
 
 
-def decode_signed(data: bytes, mesh_key: bytes) -> NodeAdvert:
-    """Validates an envelope from a peer; raises AdvertError with a short reason code."""
+def open_envelope(data: object, mesh_key: bytes) -> tuple[int, bytes, bytes]:
+    """Checks size, shape and the mesh HMAC of any envelope; returns (version, payload, signature).
+
+    Version 1 carries an advert, version 2 a heartbeat (discovery/beat.py); each has its own MAC and
+    signature domain, so one can never pass for the other.
+    """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise AdvertError("bad_type", "envelope must be bytes")
     if len(data) > MAX_ENVELOPE_BYTES:
@@ -90,21 +95,45 @@ def decode_signed(data: bytes, mesh_key: bytes) -> NodeAdvert:
     if not isinstance(env, list) or len(env) != 4:
         raise AdvertError("malformed", "envelope must be a 4-item array")
     version, payload, signature, mac = env
-    if version != ENVELOPE_VERSION or isinstance(version, bool):
+    if isinstance(version, bool) or version not in _MAC_DOMAINS:
         raise AdvertError("bad_version", repr(version)[:20])
     if not (isinstance(payload, bytes) and isinstance(signature, bytes) and isinstance(mac, bytes)):
         raise AdvertError("bad_type", "payload, signature and mac must be bytes")
     if len(signature) != _SIG_BYTES or len(mac) != _MAC_BYTES:
         raise AdvertError("bad_type", "signature or mac has the wrong length")
-    if not hmac.compare_digest(mac, _mac(mesh_key, payload)):
+    if not hmac.compare_digest(mac, _mac(mesh_key, payload, version)):
         raise AdvertError("other_mesh")
+    return version, payload, signature
+
+
+def seal_envelope(version: int, payload: bytes, identity: Identity, mesh_key: bytes) -> bytes:
+    signature = identity.sign(_SIGN_DOMAINS[version] + payload)
+    return msgpack.packb([version, payload, signature, _mac(mesh_key, payload, version)], use_bin_type=True)
+
+
+def verify_envelope(version: int, public_key: bytes, payload: bytes, signature: bytes) -> bool:
+    return verify_signature(public_key, signature, _SIGN_DOMAINS[version] + payload)
+
+
+def unpack_payload(payload: bytes) -> object:
     try:
-        fields = msgpack.unpackb(payload, **_UNPACK_LIMITS)
+        return msgpack.unpackb(payload, **_UNPACK_LIMITS)
     except DECODE_ERRORS as e:
         raise AdvertError("malformed", type(e).__name__) from None
-    advert = advert_from_dict(fields)
+
+
+def decode_signed(data: bytes, mesh_key: bytes) -> NodeAdvert:
+    """Validates an advert envelope from a peer; raises AdvertError with a short reason code."""
+    version, payload, signature = open_envelope(data, mesh_key)
+    if version != ENVELOPE_VERSION:
+        raise AdvertError("bad_version", repr(version)[:20])
+    return advert_from_payload(payload, signature)
+
+
+def advert_from_payload(payload: bytes, signature: bytes) -> NodeAdvert:
+    advert = advert_from_dict(unpack_payload(payload))
     if node_id_from_public_key(advert.public_key) != advert.node_id:
         raise AdvertError("id_mismatch", advert.node_id)
-    if not verify_signature(advert.public_key, signature, _SIGN_DOMAIN + payload):
+    if not verify_envelope(ENVELOPE_VERSION, advert.public_key, payload, signature):
         raise AdvertError("bad_signature", advert.node_id)
     return advert

@@ -11,6 +11,7 @@ import heapq
 from collections import OrderedDict
 from dataclasses import dataclass
 from enum import Enum
+from typing import Protocol
 
 from discovery.advert import NodeAdvert
 
@@ -30,11 +31,23 @@ class ApplyResult(Enum):
         return self in (ApplyResult.NEW, ApplyResult.UPDATED, ApplyResult.REFRESHED)
 
 
+class TouchResult(Enum):
+    """What a verified heartbeat (node id, seq, issued_at) did to the table."""
+
+    REFRESHED = "refreshed"  # seq matches the stored advert, issued_at newer: last_seen moves
+    DUPLICATE = "duplicate"  # same issued_at again (the same beat over another path): nothing to do
+    STALE = "stale"  # older seq, or issued_at not newer than the last beat: a replay, rejected
+    NEWER_SEQ = "newer_seq"  # the node has an advert we missed: fetch it
+    UNKNOWN = "unknown"  # not in the table: the beat cannot be verified, ignore it
+    SELF = "self"
+
+
 @dataclass(frozen=True, slots=True)
 class Peer:
     advert: NodeAdvert
     last_seen: float  # receiver's clock: expiry never depends on the sender's clock
     source: str  # "mdns" | "libp2p" | "static" | ...
+    beat_at: float = float("-inf")  # sender's issued_at of the newest advert/beat accepted for this seq
 
     def last_seen_s(self, now: float) -> float:
         return max(0.0, now - self.last_seen)
@@ -43,7 +56,12 @@ class Peer:
         return self.last_seen + self.advert.ttl_s
 
 
-def freshness_error(advert: NodeAdvert, now: float, max_skew_s: float = DEFAULT_MAX_SKEW_S) -> str | None:
+class _Issued(Protocol):
+    @property
+    def issued_at(self) -> float: ...
+
+
+def freshness_error(advert: _Issued, now: float, max_skew_s: float = DEFAULT_MAX_SKEW_S) -> str | None:
     """'stale' / 'future' when issued_at is further than max_skew_s from our clock, else None.
 
     Bounds how long a captured advert can be replayed; seq ordering (PeerTable) handles the rest.
@@ -95,9 +113,42 @@ class PeerTable:
             advert, result = old.advert, ApplyResult.REFRESHED
         else:
             result = ApplyResult.UPDATED
-        peer = Peer(advert=advert, last_seen=now, source=source or (old.source if old else ""))
+        beat_at = (
+            max(old.beat_at, advert.issued_at)
+            if result is ApplyResult.REFRESHED and old
+            else advert.issued_at
+        )
+        peer = Peer(
+            advert=advert, last_seen=now, source=source or (old.source if old else ""), beat_at=beat_at
+        )
         self._peers[node_id] = peer
         self._push_deadline(peer)
+        return result
+
+    def peek_touch(self, node_id: str, seq: int, issued_at: float) -> TouchResult:
+        """What touch() would do, without doing it: lets the caller skip a signature check."""
+        if node_id == self.self_id:
+            return TouchResult.SELF
+        peer = self._peers.get(node_id)
+        if peer is None:
+            return TouchResult.UNKNOWN
+        if seq > peer.advert.seq:
+            return TouchResult.NEWER_SEQ
+        if seq < peer.advert.seq or issued_at < peer.beat_at:
+            return TouchResult.STALE
+        if issued_at == peer.beat_at:
+            return TouchResult.DUPLICATE
+        return TouchResult.REFRESHED
+
+    def touch(self, node_id: str, seq: int, issued_at: float, now: float) -> TouchResult:
+        """Applies a *verified* heartbeat: refreshes last_seen when it names the stored advert's seq
+        and is newer than every liveness proof seen for it (so a captured beat cannot be replayed)."""
+        result = self.peek_touch(node_id, seq, issued_at)
+        if result is TouchResult.REFRESHED:
+            old = self._peers[node_id]
+            peer = Peer(advert=old.advert, last_seen=now, source=old.source, beat_at=issued_at)
+            self._peers[node_id] = peer
+            self._push_deadline(peer)
         return result
 
     def goodbye(self, node_id: str) -> bool:

@@ -16,13 +16,15 @@ from enum import Enum
 from typing import TYPE_CHECKING
 
 from discovery.advert import AdvertError, NodeAdvert
-from discovery.envelope import decode_signed, derive_subkey, encode_signed
-from discovery.fetch import FetchAdvert, HttpAdvertFetcher
+from discovery.beat import Beat, decode_message, encode_beat
+from discovery.changes import significant_change
+from discovery.envelope import derive_subkey, encode_signed
+from discovery.fetch import FetchAdvert, FetchError, HttpAdvertFetcher
 from discovery.lan import LanPeers
 from discovery.lan_multicast import AdvertMulticast
 from discovery.mdns import Mdns, mem_bucket
 from discovery.netaddr import announce_ips
-from discovery.peer_table import ApplyResult, Peer, PeerTable, freshness_error
+from discovery.peer_table import ApplyResult, Peer, PeerTable, TouchResult, freshness_error
 from discovery.rejects import RejectCounter
 from node.identity import Identity
 
@@ -36,6 +38,10 @@ DEFAULT_REFRESH_S = 2.5
 EXPIRE_INTERVAL_S = 0.5
 PUBLISH_DEBOUNCE_S = 0.2
 GOODBYE_FLUSH_S = 0.2  # lets the goodbye leave over gossipsub before the host stops
+# at rest a period sends a ~160 B heartbeat; the full advert goes out again (re-signed, so issued_at
+# stays well inside peers' skew window) this often, to peers that lost it, directly and by multicast
+FULL_REPUBLISH_S = 30.0
+MAX_MISSED_FETCHES = 16  # adverts fetched at once because a heartbeat named a seq we do not have
 
 
 class ChangeKind(Enum):
@@ -99,15 +105,21 @@ class Discovery:
         self._listeners: list[Callable[[PeerChange], None]] = []
         self._seq = 0
         self._signed: bytes | None = None
-        self._signed_at = float("-inf")
+        self._signed_content: NodeAdvert | None = None  # what _signed says, for change detection
+        self._full_sent_at = float("-inf")
+        self._force_full = True
+        self._issued_at = 0.0  # last issued_at we signed: kept strictly increasing (peers' replay guard)
+        self._missed: dict[str, asyncio.Task[None]] = {}
+        self.beats_unknown = 0  # heartbeats from nodes not in the table (cannot be verified): ignored
         self._goodbye: bytes | None = None
         self._mdns: Mdns | None = None
         self._multicast: AdvertMulticast | None = None
         self._libp2p: Libp2pHost | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._publish_wake = asyncio.Event()
+        self._fetch: FetchAdvert = fetch_advert or self._own_fetcher  # type: ignore[assignment]
         self._lan = LanPeers(
-            fetch_advert or self._own_fetcher,  # type: ignore[arg-type]
+            self._fetch,
             receive=lambda data: self.receive(data, "mdns"),
             goodbye=self._drop,
             seen_s=self._seen_s,
@@ -139,21 +151,21 @@ class Discovery:
         self._listeners.append(callback)
 
     def signed_advert(self) -> bytes:
-        """Our current signed envelope: what GET /mesh/advert and gRPC GetAdvert return.
+        """Our current signed advert: what GET /mesh/advert and gRPC GetAdvert return.
 
-        Re-signed (seq+1) at most every refresh_s/2 so issued_at stays fresh; after stop() it is
+        Re-signed (seq+1) when its content changes and every FULL_REPUBLISH_S; after stop() it is
         the signed goodbye, so a peer checking on a vanished mDNS record learns we left.
         """
         if self._goodbye is not None:
             return self._goodbye
-        if self._signed is None or self._clock() - self._signed_at >= self._refresh_s / 2:
+        if self._signed is None:
             self._sign_current()
         assert self._signed is not None
         return self._signed
 
     def publish_soon(self) -> None:
-        """Debounced push of a fresh advert (gossipsub, and mDNS TXT if the memory bucket moved)."""
-        self._signed = None
+        """Debounced push of a fresh full advert (new seq) everywhere, mDNS TXT if the bucket moved."""
+        self._force_full = True
         self._publish_wake.set()
 
     async def start(self) -> None:
@@ -197,9 +209,9 @@ class Discovery:
 
     async def stop(self) -> None:
         """Says goodbye (signed over gossipsub, unregister over mDNS), then stops every transport."""
-        for task in self._tasks:
+        for task in [*self._tasks, *self._missed.values()]:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._missed.values(), return_exceptions=True)
         await self._lan.stop()
         self._tasks = []
         self._goodbye = self._sign(ttl_s=0.0)
@@ -221,10 +233,12 @@ class Discovery:
     def receive(self, data: bytes, source: str) -> bool:
         """Validates one advert from any source and applies it; True when the table accepted it."""
         try:
-            advert = decode_signed(data, self._mesh_key)
+            advert = decode_message(data, self._mesh_key)
         except AdvertError as e:
             self._rejects.reject(e.reason, source, e.detail)
             return False
+        if isinstance(advert, Beat):
+            return self._receive_beat(advert, source)
         now = self._clock()
         skew = freshness_error(advert, now, self._max_skew_s)
         if skew is not None:
@@ -250,6 +264,52 @@ class Discovery:
         return result.accepted
 
     # --- internals ----------------------------------------------------------------------------------
+
+    def _receive_beat(self, beat: Beat, source: str) -> bool:
+        """A heartbeat: refreshes last_seen of a peer whose current advert has the beat's seq."""
+        now = self._clock()
+        skew = freshness_error(beat, now, self._max_skew_s)
+        if skew is not None:
+            self._rejects.reject(skew, source, beat.node_id)
+            return False
+        result = self.table.peek_touch(beat.node_id, beat.seq, beat.issued_at)
+        if result is TouchResult.UNKNOWN:
+            self.beats_unknown += 1  # its full advert comes on connect, on change, or within 30 s
+            return False
+        if result is TouchResult.STALE:
+            self._rejects.reject("replayed_seq", source, beat.node_id)
+            return False
+        if result in (TouchResult.SELF, TouchResult.DUPLICATE):
+            return False
+        peer = self.table.get(beat.node_id)
+        assert peer is not None
+        if not beat.verify(peer.advert.public_key):  # node id -> key is fixed, whatever the seq
+            self._rejects.reject("bad_signature", source, beat.node_id)
+            return False
+        if result is TouchResult.NEWER_SEQ:
+            self._fetch_missed(peer)
+            return False
+        return self.table.touch(beat.node_id, beat.seq, beat.issued_at, now) is TouchResult.REFRESHED
+
+    def _fetch_missed(self, peer: Peer) -> None:
+        """A verified beat names a newer advert than ours (its push was lost): fetch it over HTTP."""
+        node_id = peer.advert.node_id
+        host, _, port = peer.advert.addresses.http.rpartition(":")
+        fetch = self._fetch
+        if node_id in self._missed or len(self._missed) >= MAX_MISSED_FETCHES or not host:
+            return
+
+        async def fetch_one() -> None:
+            try:
+                self.receive(
+                    await fetch(host, _port(f":{port}"), _port(peer.advert.addresses.grpc)), "libp2p"
+                )
+            except (FetchError, OSError, TimeoutError) as e:
+                log.debug("fetching the missed advert of %s failed: %r", node_id, e)
+
+        task = asyncio.create_task(fetch_one(), name=f"discovery-missed-{node_id[:8]}")
+        self._missed[node_id] = task
+        task.add_done_callback(lambda _t: self._missed.pop(node_id, None))
 
     def _receive_goodbye(self, advert: NodeAdvert, source: str) -> bool:
         peer = self.table.get(advert.node_id)
@@ -277,27 +337,39 @@ class Discovery:
             except Exception:  # a listener's bug must not break membership
                 log.exception("discovery on_change listener failed")
 
-    def _sign(self, ttl_s: float) -> bytes:
-        now = self._clock()
-        # seq starts at wall-clock milliseconds so it keeps growing across restarts of the node
-        self._seq = max(self._seq + 1, int(now * 1000))
+    def _content(self) -> NodeAdvert:
+        """Our advert as the node describes it now, with the fields the service owns filled in."""
         advert = dataclasses.replace(
             self._advert_source(),
             node_id=self._identity.node_id,
             public_key=self._identity.public_key_raw,
             seq=self._seq,
-            issued_at=now,
-            ttl_s=ttl_s,
+            issued_at=self._issued_at,
+            ttl_s=self._ttl_s,
         )
         if self._libp2p is not None:
             advert = dataclasses.replace(
                 advert, addresses=dataclasses.replace(advert.addresses, libp2p=tuple(self._libp2p.addrs))
             )
+        return advert
+
+    def _next_issued_at(self) -> float:
+        self._issued_at = max(self._clock(), self._issued_at + 1e-3)
+        return self._issued_at
+
+    def _sign(self, ttl_s: float, content: NodeAdvert | None = None) -> bytes:
+        issued_at = self._next_issued_at()
+        # seq starts at wall-clock milliseconds so it keeps growing across restarts of the node
+        self._seq = max(self._seq + 1, int(issued_at * 1000))
+        advert = dataclasses.replace(
+            content or self._content(), seq=self._seq, issued_at=issued_at, ttl_s=ttl_s
+        )
         return encode_signed(advert, self._identity, self._mesh_key)
 
-    def _sign_current(self) -> None:
-        self._signed = self._sign(self._ttl_s)
-        self._signed_at = self._clock()
+    def _sign_current(self, content: NodeAdvert | None = None) -> None:
+        content = content or self._content()
+        self._signed = self._sign(self._ttl_s, content)
+        self._signed_content = content
 
     async def _start_multicast(self) -> None:
         """LAN refresh by multicast (one datagram per period, whatever the mesh size); HTTP otherwise."""
@@ -321,8 +393,30 @@ class Discovery:
             for node_id in self.table.expire(self._clock()):
                 self._emit(ChangeKind.LEFT, node_id)
 
+    def _publish_once(self) -> None:
+        """One period: a new full advert if it changed (gossipsub too), the same one every
+        FULL_REPUBLISH_S (re-signed), otherwise a heartbeat; directly to libp2p peers and by multicast."""
+        content = self._content()
+        old = self._signed_content
+        changed = self._force_full or self._signed is None or old is None or significant_change(old, content)
+        due = self._clock() - self._full_sent_at >= FULL_REPUBLISH_S
+        self._force_full = False
+        if changed or due:
+            self._sign_current(content)
+            self._full_sent_at = self._clock()
+            data, full = self._signed, True
+        else:
+            data, full = encode_beat(self._identity, self._mesh_key, self._seq, self._next_issued_at()), False
+        assert data is not None
+        if self._libp2p is not None:
+            if changed:
+                self._libp2p.publish(data)  # relayed to peers we have no connection to
+            self._libp2p.send_direct(data, full)
+        if self._multicast is not None:
+            self._multicast.send(data)
+
     async def _publish_loop(self) -> None:
-        """Re-publishes every refresh_s over gossipsub, sooner (debounced) after publish_soon()."""
+        """A heartbeat or advert every refresh_s, a new advert soon (debounced) after publish_soon()."""
         while True:
             try:
                 await asyncio.wait_for(self._publish_wake.wait(), self._refresh_s)
@@ -330,10 +424,6 @@ class Discovery:
             except TimeoutError:
                 pass
             self._publish_wake.clear()
-            self._sign_current()
-            if self._libp2p is not None and self._signed is not None:
-                self._libp2p.publish(self._signed)
-            if self._multicast is not None and self._signed is not None:
-                self._multicast.send(self._signed)
+            self._publish_once()
             if self._mdns is not None:
                 await self._mdns.async_update_bucket(self._bucket(self._advert_source()))

@@ -52,7 +52,7 @@ FORGED = {
     "trailing bytes": (GOOD + b"\x00", "malformed"),
     "oversized": (b"\x90" * (MAX_ENVELOPE_BYTES + 1), "oversized"),
     "not an array": (msgpack.packb({"a": 1}), "malformed"),
-    "wrong version": (msgpack.packb([2, b"", b"s" * 64, b"m" * 32]), "bad_version"),
+    "wrong version": (msgpack.packb([3, b"", b"s" * 64, b"m" * 32]), "bad_version"),
     "ext type": (msgpack.packb([1, msgpack.ExtType(5, b"x"), b"", b""]), "malformed"),
     "other mesh": (encode_signed(make_advert(ME), ME, mesh_key_from_secret("other")), "other_mesh"),
     "bad signature": (_env(_payload(), sig=b"\x01" * 64), "bad_signature"),

@@ -83,8 +83,12 @@ def test_own_advert_seq_grows_and_goodbye_served_after_stop() -> None:
         clock = Clock()
         d, _ = make_discovery(clock)
         await d.start()
+        await asyncio.sleep(0.4)  # the start-up publish
         first = msgpack.unpackb(msgpack.unpackb(d.signed_advert())[1])
         clock.now += 5.0
+        assert msgpack.unpackb(msgpack.unpackb(d.signed_advert())[1]) == first  # nothing changed: same seq
+        d.publish_soon()
+        await asyncio.sleep(0.4)
         second = msgpack.unpackb(msgpack.unpackb(d.signed_advert())[1])
         assert second["seq"] > first["seq"] >= 1000 * 1000  # seq starts at wall-clock milliseconds
         await d.stop()
