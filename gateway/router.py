@@ -164,14 +164,13 @@ class MeshRouter:
     async def _open_first(self, target: _Target, request: GenerationRequest, exclude: set[str]) -> Generation:
         retry_after = 1
         attempts = 0
+        failed: list[str] = []
         while attempts < MAX_ATTEMPTS:
             ranked, saturated = self._ranked(target, request, exclude)
             if not ranked and not saturated and not attempts:
                 return await self._open_pipeline(target, request)
             if not ranked:
-                if saturated or attempts:
-                    raise overloaded(retry_after)
-                raise model_not_found(target.alias, sorted({m.alias for m in self.list_models()}))
+                break
             node_id = ranked[0]
             attempts += 1
             try:
@@ -179,6 +178,7 @@ class MeshRouter:
             except HolderFailed as e:
                 log.warning("holder %s failed before the first token: %s", node_id[:8], e)
                 self._record_failure(node_id)
+                failed.append(f"{node_id[:8]}: {e}")
             except HolderRefused as e:
                 if e.code.name == "INVALID_ARGUMENT":
                     raise bad_request(str(e)) from None
@@ -187,6 +187,9 @@ class MeshRouter:
                 if e.status != 429:
                     raise
             exclude.add(node_id)
+        if failed and len(failed) == attempts:
+            raise ApiError(502, "every holder tried failed: " + "; ".join(failed), type="server_error",
+                           code="holder_failed")
         raise overloaded(retry_after)
 
     async def _open_pipeline(self, target: _Target, request: GenerationRequest) -> Generation:
