@@ -24,6 +24,7 @@ from discovery.envelope import DEFAULT_MESH_SECRET, mesh_key_from_secret
 from discovery.peer_table import PeerTable
 from placement import choose_holder as holder_mod
 from placement import from_adverts, plan, replan
+from placement import route_pipeline as pipeline_mod
 from placement.choose_holder import FailureRecord
 from placement.cluster import Cluster, Link, Links, PlacementError, Plan
 from simulations.catalog import DEVICES, MODELS
@@ -128,6 +129,14 @@ class MeshSim:
         self.publish(node)
 
     def publish(self, node: SimNode) -> None:
+        """The periodic advert: send it now and schedule the next one."""
+        if not node.alive:
+            return
+        self._send(node)
+        self.events.after(self.cfg.advert_interval_s * self.rng.uniform(0.9, 1.1), self.publish, node)
+
+    def _send(self, node: SimNode) -> None:
+        """One advert to the mesh (also pushed on change, outside the period)."""
         if not node.alive:
             return
         cfg, now = self.cfg, self.events.now
@@ -146,7 +155,6 @@ class MeshSim:
             same = obs.site == node.site
             delay_ms = LAN.latency_ms if same else hops * (BACKBONE.latency_ms + 1.0)
             self.events.after((delay_ms + self.rng.uniform(0, 1.0)) / 1000, self._deliver, obs, advert)
-        self.events.after(cfg.advert_interval_s * self.rng.uniform(0.9, 1.1), self.publish, node)
 
     def _alive_estimate(self) -> int:
         return self.cfg.n_nodes - len(self.crash_at)
@@ -222,6 +230,18 @@ class MeshSim:
         self._activate(new)
 
     def _activate(self, p: Plan) -> None:
+        """Stage nodes load their ranges and advertise them; gateways find the chain by route_pipeline."""
+        digest, n_layers = _digest(self.cfg.pipeline_model), self.pipe_model.n_layers
+        ranges = {s.node: (s.start, s.end) for s in p.stages}
+        for n in self.nodes:
+            kept = tuple(m for m in n.models if m.digest != digest)
+            if n.node_id in ranges:
+                start, end = ranges[n.node_id]
+                kept += (ModelAdvert(digest, self.cfg.pipeline_model, n_layers, start, end, "torch", 4096),)
+            if kept != n.models:
+                n.models = kept
+                n.seq += 1
+                self._send(n)
         self.plan = p
         self.pipeline = Server(self.events, p.concurrency, self.cfg.out_tokens * p.time_per_token_ms / 1000,
                                self._done, self._retry)
@@ -240,16 +260,16 @@ class MeshSim:
         if req.attempts > 1:
             self.m["retries"] += 1
         now = self.events.now
-        if req.kind == "pipeline":
-            stages_alive = self.plan is not None and all(self.by_id[s.node].alive for s in self.plan.stages)
-            if self.pipeline is None or not stages_alive:
-                self.events.after(TIMEOUT_S * 2, self.route, req)
-            else:
-                self.pipeline.submit(req)
-            return
         gateways = [o for o in self.observers if o.alive]
         gw = gateways[self.rng.randrange(len(gateways))]
         peers = [p.advert for p in gw.table.snapshot(now)]
+        if req.kind == "pipeline":
+            chain = pipeline_mod.route_pipeline(_digest(self.cfg.pipeline_model), [gw.advert(now, self.cfg.ttl_s), *peers])
+            if chain is None or self.pipeline is None or not all(self.by_id[s.node_id].alive for s in chain.stages):
+                self.events.after(TIMEOUT_S * 2, self.route, req)  # no chain seen yet, or a dead stage: time out
+            else:
+                self.pipeline.submit(req)
+            return
         holder = holder_mod.choose_holder(_digest(self.cfg.whole_model), peers, gw.advert(now, self.cfg.ttl_s),
                                           now, gw.failures, inflight=gw.inflight)
         if holder is None:

@@ -10,6 +10,7 @@ import discovery.peer_table
 import placement.choose_holder
 import placement.plan
 import placement.replan
+import placement.route_pipeline
 from simulations import mesh_sim
 from simulations.scenarios import SCENARIOS, run_scenario
 
@@ -42,10 +43,11 @@ def test_simulator_uses_the_production_functions() -> None:
     assert mesh_sim.holder_mod is placement.choose_holder
     assert mesh_sim.plan is placement.plan
     assert mesh_sim.replan is placement.replan
+    assert mesh_sim.pipeline_mod is placement.route_pipeline
 
 
 def test_simulator_calls_plan_replan_and_choose_holder(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: dict[str, int] = {"plan_split": 0, "replan": 0, "choose_holder": 0, "apply": 0}
+    calls: dict[str, int] = {"plan_split": 0, "replan": 0, "choose_holder": 0, "route_pipeline": 0, "apply": 0}
 
     def spy(module: object, name: str, key: str) -> None:
         real = getattr(module, name)
@@ -59,6 +61,7 @@ def test_simulator_calls_plan_replan_and_choose_holder(monkeypatch: pytest.Monke
     spy(placement.plan, "plan_split", "plan_split")
     spy(placement.replan, "replan", "replan")
     spy(placement.choose_holder, "choose_holder", "choose_holder")
+    spy(placement.route_pipeline, "route_pipeline", "route_pipeline")
     spy(discovery.peer_table.PeerTable, "apply", "apply")
     result = run_scenario(SMALL.name, seed=0, config=SMALL)
     assert result["replans"] >= 1
