@@ -30,7 +30,11 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 VPY="$VENV/bin/python"
-pip_q() { "$VPY" -m pip install -q --disable-pip-version-check "$@"; }
+# pip warns about every configured index folder this machine lacks: keep the log to what matters.
+pip_q() {
+  "$VPY" -m pip install -q --disable-pip-version-check "$@" 2>&1 \
+    | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+}
 
 # torch first and pinned: an unpinned resolve pulls GBs of CUDA packages.
 if ! "$VPY" -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2.13.0")' 2>/dev/null; then
@@ -43,7 +47,7 @@ if ! "$VPY" -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$LLAMA
   wheel=$(ls "$WHEEL_DIR"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl 2>/dev/null | head -n1 || true)
   if [ -z "$wheel" ]; then
     log "building llama-cpp-python $LLAMA_CPP_VERSION from source (about 5 minutes on 2 cores); wheel cached in $WHEEL_DIR"
-    CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "$VPY" -m pip wheel --no-deps -v \
+    CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "$VPY" -m pip wheel --no-deps -v --disable-pip-version-check \
       "llama-cpp-python==$LLAMA_CPP_VERSION" -w "$WHEEL_DIR" 2>&1 \
       | sed -nuE 's/^ *(\[[0-9]+\/[0-9]+\]).* -o ([^ ]+).*/  \1 \2/p; /Successfully|ERROR|error:/p' || true
     wheel=$(ls "$WHEEL_DIR"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl 2>/dev/null | head -n1 || true)
