@@ -95,7 +95,7 @@ class Libp2pHost:
         self._token: trio.lowlevel.TrioToken | None = None
         self._outbox: trio.MemorySendChannel[bytes] | None = None
         self._dial: trio.MemorySendChannel[str] | None = None
-        self._direct: trio.MemorySendChannel[tuple[bytes, bool]] | None = None
+        self._direct: trio.MemorySendChannel[tuple[bytes, bool, frozenset[str]]] | None = None
         self._inbound_streams = 0  # trio thread only
         self._cancel: trio.CancelScope | None = None
         self._error: BaseException | None = None
@@ -141,13 +141,14 @@ class Libp2pHost:
         """Queues data for the advert topic; never blocks the asyncio loop."""
         self._send_to_trio(self._outbox, data)
 
-    def send_direct(self, data: bytes, full: bool) -> None:
+    def send_direct(self, data: bytes, full: bool, skip: frozenset[str] = frozenset()) -> None:
         """Sends an envelope to every directly connected peer over its beat stream (no relaying).
 
         `full`: data is our signed advert; it is also the first frame on every new stream, so a peer
         that connects learns who we are before our heartbeats (which it can only check against it).
+        `skip`: peer ids (base58) not to send this one to (they hear our LAN multicast).
         """
-        self._send_to_trio(self._direct, (data, full))
+        self._send_to_trio(self._direct, (data, full, skip))
 
     def connect(self, addr: str) -> None:
         """Asks the host to dial a peer's multiaddr (learned from an advert) if not connected."""
@@ -214,7 +215,7 @@ class Libp2pHost:
         pubsub = Pubsub(host, router)
         outbox_send, outbox_recv = trio.open_memory_channel[bytes](OUTBOX_SIZE)
         dial_send, dial_recv = trio.open_memory_channel[str](OUTBOX_SIZE)
-        direct_send, direct_recv = trio.open_memory_channel[tuple[bytes, bool]](OUTBOX_SIZE)
+        direct_send, direct_recv = trio.open_memory_channel[tuple[bytes, bool, frozenset[str]]](OUTBOX_SIZE)
         host.set_stream_handler(BEAT_PROTOCOL, self._serve_direct)
         async with host.run(listen_addrs=[listen]), background_trio_service(dht):
             # Pubsub must run before any peer connects, or the first messages are lost
@@ -302,7 +303,7 @@ class Libp2pHost:
                 log.debug("libp2p connect to %s failed: %r", info.peer_id, e)
 
     async def _direct_loop(
-        self, host: object, envelopes: trio.MemoryReceiveChannel[tuple[bytes, bool]]
+        self, host: object, envelopes: trio.MemoryReceiveChannel[tuple[bytes, bool, frozenset[str]]]
     ) -> None:
         """Writes each envelope to every connected peer; introduces us (full advert) to new connections."""
         network = host.get_network()  # type: ignore[attr-defined]
@@ -310,8 +311,9 @@ class Libp2pHost:
         advert = b""
         while True:
             data: bytes | None = None
+            skip: frozenset[str] = frozenset()
             with trio.move_on_after(INTRODUCE_EVERY_S):
-                data, full = await envelopes.receive()
+                data, full, skip = await envelopes.receive()
                 if full:
                     advert = data
             for pid in [p for p in streams if p not in network.connections]:
@@ -326,7 +328,9 @@ class Libp2pHost:
                     streams[pid] = stream
                     if data == advert:
                         continue  # the introduction was this very envelope
-                if data is not None and not await self._write_frame(streams[pid], data):
+                if data is None or (skip and pid.to_base58() in skip):
+                    continue
+                if not await self._write_frame(streams[pid], data):
                     streams.pop(pid, None)  # reopened (with an introduction) on the next round
 
     async def _open_direct(self, host: object, pid: ID) -> object | None:

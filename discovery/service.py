@@ -110,6 +110,7 @@ class Discovery:
         self._force_full = True
         self._issued_at = 0.0  # last issued_at we signed: kept strictly increasing (peers' replay guard)
         self._missed: dict[str, asyncio.Task[None]] = {}
+        self._lan_heard: dict[str, float] = {}  # node id -> when last heard over LAN multicast/fetch
         self.beats_unknown = 0  # heartbeats from nodes not in the table (cannot be verified): ignored
         self._goodbye: bytes | None = None
         self._mdns: Mdns | None = None
@@ -238,7 +239,10 @@ class Discovery:
             self._rejects.reject(e.reason, source, e.detail)
             return False
         if isinstance(advert, Beat):
-            return self._receive_beat(advert, source)
+            accepted = self._receive_beat(advert, source)
+            if accepted and source == "mdns":
+                self._note_lan(advert.node_id)
+            return accepted
         now = self._clock()
         skew = freshness_error(advert, now, self._max_skew_s)
         if skew is not None:
@@ -261,7 +265,26 @@ class Discovery:
                     self.publish_soon()  # the newcomer learns about us now, not at the next period
         elif result is ApplyResult.UPDATED and old is not None and not _same_content(old.advert, advert):
             self._emit(ChangeKind.UPDATED, advert.node_id)
+        if result.accepted and source == "mdns":
+            self._note_lan(advert.node_id)
         return result.accepted
+
+    def _note_lan(self, node_id: str) -> None:
+        if node_id in self._lan_heard or len(self._lan_heard) < self.table.max_peers:
+            self._lan_heard[node_id] = self._clock()
+
+    def _lan_peer_ids(self) -> frozenset[str]:
+        """libp2p peer ids of peers we heard on the LAN lately: they hear our multicast beats too
+        (same link), so our direct libp2p beats to them would only be duplicates."""
+        now, ids = self._clock(), set()
+        for node_id, at in list(self._lan_heard.items()):
+            peer = self.table.get(node_id)
+            if peer is None or now - at > 2 * self._refresh_s:
+                if peer is None:
+                    del self._lan_heard[node_id]
+                continue
+            ids.update(addr.rsplit("/p2p/", 1)[-1] for addr in peer.advert.addresses.libp2p)
+        return frozenset(ids)
 
     # --- internals ----------------------------------------------------------------------------------
 
@@ -411,7 +434,7 @@ class Discovery:
         if self._libp2p is not None:
             if changed:
                 self._libp2p.publish(data)  # relayed to peers we have no connection to
-            self._libp2p.send_direct(data, full)
+            self._libp2p.send_direct(data, full, skip=frozenset() if full else self._lan_peer_ids())
         if self._multicast is not None:
             self._multicast.send(data)
 
