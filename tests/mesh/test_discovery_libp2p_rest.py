@@ -9,7 +9,15 @@ import time
 from collections.abc import Callable
 
 from conftest import NodeProc
-from discovery_mesh_helpers import get_json, hold_for, mesh_secret, node_id, peer_ids, peer_ids_strict, wait_for
+from discovery_mesh_helpers import (
+    get_json,
+    hold_for,
+    mesh_secret,
+    node_id,
+    peer_ids,
+    peer_ids_strict,
+    wait_for,
+)
 
 TTL_S = 10.0  # the node's default advert ttl
 KILL_BOUND_S = TTL_S + 2.0
