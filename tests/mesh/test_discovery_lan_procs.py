@@ -33,7 +33,8 @@ class Mesh:
 
 
 @pytest.fixture(scope="module")
-def mesh(module_node_factory: Callable[..., NodeProc]) -> Mesh:
+def mesh(module_node_factory: Callable[..., NodeProc], tmp_path_factory: pytest.TempPathFactory) -> Mesh:
+    tmp_path_factory.getbasetemp()  # created once here: three threads creating it at once race
     secret = mesh_secret("lan")
     started = start_parallel(module_node_factory, [(f"lan{i}", "--no-model", "--mesh-secret", secret) for i in range(3)])
     return Mesh(module_node_factory, secret, [n for n, _ in started], max(t for _, t in started))
