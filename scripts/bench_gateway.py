@@ -10,20 +10,17 @@ Prints tok/s and TTFT p50 of each side and the ratio.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-PROMPT = "Once upon a time, in a small village by the sea, there lived"
+from scripts.bench_common import PROMPT, start_node, stop_nodes, stream_completion  # noqa: E402
 
 
 def direct_run(llm, tokens: int) -> tuple[float, float, int]:
@@ -38,38 +35,6 @@ def direct_run(llm, tokens: int) -> tuple[float, float, int]:
         n += 1
     total = time.perf_counter() - start
     return ttft or total, total, n
-
-
-def http_run(url: str, tokens: int) -> tuple[float, float, int]:
-    body = json.dumps({"model": "smollm2-135m-instruct", "prompt": PROMPT, "max_tokens": tokens,
-                       "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}).encode()
-    req = urllib.request.Request(url + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
-    start = time.perf_counter()
-    ttft = None
-    n = 0
-    with urllib.request.urlopen(req) as resp:
-        for line in resp:
-            if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
-                continue
-            event = json.loads(line[6:])
-            if event.get("usage"):
-                n = event["usage"]["completion_tokens"]
-            elif ttft is None and event["choices"] and event["choices"][0]["text"]:
-                ttft = time.perf_counter() - start
-    total = time.perf_counter() - start
-    return ttft or total, total, n
-
-
-def start_node(threads: int, ctx: int, port: int, data_dir: str) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "node.cli", "node", "join", "--http-port", str(port), "--data-dir", data_dir,
-         "--threads", str(threads), "--ctx-size", str(ctx), "--name", "bench", "--log-level", "WARNING"],
-        cwd=REPO, stdout=subprocess.PIPE, text=True,
-    )
-    for line in proc.stdout:
-        if " ready at " in line:
-            return proc
-    raise RuntimeError("node did not start")
 
 
 def main() -> None:
@@ -89,17 +54,16 @@ def main() -> None:
     llm = llama_cpp.Llama(model.path, n_ctx=args.ctx, n_threads=args.threads, n_threads_batch=args.threads,
                           n_batch=512, verbose=False)
     with tempfile.TemporaryDirectory() as data_dir:
-        node = start_node(args.threads, args.ctx, args.port, data_dir)
+        node = start_node("bench", args.port, data_dir, "--threads", str(args.threads), "--ctx-size", str(args.ctx))
         try:
             url = f"http://127.0.0.1:{args.port}"
-            direct_run(llm, 8), http_run(url, 8)  # warm-up both sides
+            direct_run(llm, 8), stream_completion(url, 8)  # warm-up both sides
             results: dict[str, list[tuple[float, float, int]]] = {"direct": [], "http": []}
             for _ in range(args.runs):
                 results["direct"].append(direct_run(llm, args.tokens))
-                results["http"].append(http_run(url, args.tokens))
+                results["http"].append(stream_completion(url, args.tokens)[:3])
         finally:
-            node.terminate()
-            node.wait()
+            stop_nodes([node])
     summary = {}
     for side, runs in results.items():
         toks = [n / total for _, total, n in runs]

@@ -26,21 +26,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-MODEL = "smollm2-135m-instruct"
-PROMPT = "Once upon a time, in a small village by the sea, there lived"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-
-def start_node(name: str, port: int, data_dir: str, *extra: str) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "node.cli", "node", "join", "--http-port", str(port), "--data-dir",
-         f"{data_dir}/{name}", "--name", name, "--log-level", "WARNING", *extra],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )
-    for line in proc.stdout:
-        if " ready at " in line:
-            return proc
-    raise RuntimeError(f"{name} did not start")
+from scripts.bench_common import MODEL, PROMPT, start_node, stop_nodes  # noqa: E402
 
 
 def decode_rate(url: str, tokens: int, prompt: str = PROMPT) -> tuple[float, int]:
@@ -126,10 +114,7 @@ def main() -> None:
             _, n_single = decode_rate(g_url, args.tokens, f"{PROMPT} (story 0)")
             single = n_single / (time.perf_counter() - single_start)
         finally:
-            for p in procs:
-                p.terminate()
-            for p in procs:
-                p.wait()
+            stop_nodes(procs)
     w, p = statistics.median(whole), statistics.median(piped)
     hop_ms = (1000 / p - compute_ms) / 3
     print(f"(a) torch whole model (--threads {args.threads}): {w:6.1f} tok/s   2-stage pipeline "

@@ -24,21 +24,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-MODEL = "smollm2-135m-instruct"
-PROMPT = "Once upon a time, in a small village by the sea, there lived"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-
-def start_node(name: str, port: int, data_dir: str, secret: str, *extra: str) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "node.cli", "node", "join", "--http-port", str(port), "--data-dir",
-         f"{data_dir}/{name}", "--name", name, "--mesh-secret", secret, "--log-level", "WARNING", *extra],
-        cwd=REPO, stdout=subprocess.PIPE, text=True,
-    )
-    for line in proc.stdout:
-        if " ready at " in line:
-            return proc
-    raise RuntimeError(f"{name} did not start")
+from scripts.bench_common import PROMPT, start_node, stop_nodes, stream_completion  # noqa: E402
 
 
 def wait_peers(url: str, names: set[str]) -> None:
@@ -49,26 +37,6 @@ def wait_peers(url: str, names: set[str]) -> None:
                 return
         time.sleep(0.2)
     raise RuntimeError(f"{url} never saw {names}")
-
-
-def stream_completion(url: str, tokens: int, prompt: str = PROMPT) -> tuple[float, float, int, str]:
-    body = json.dumps({"model": MODEL, "prompt": prompt, "max_tokens": tokens, "temperature": 0,
-                       "stream": True, "stream_options": {"include_usage": True}}).encode()
-    req = urllib.request.Request(url + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
-    start = time.perf_counter()
-    ttft, n = None, 0
-    with urllib.request.urlopen(req, timeout=300) as resp:
-        served_by = resp.headers["X-Meshllm-Node"]
-        for line in resp:
-            if not line.startswith(b"data: {"):
-                continue
-            event = json.loads(line[6:])
-            if event.get("usage"):
-                n = event["usage"]["completion_tokens"]
-            elif ttft is None and event["choices"] and event["choices"][0]["text"]:
-                ttft = time.perf_counter() - start
-    total = time.perf_counter() - start
-    return ttft or total, total, n, served_by
 
 
 def concurrent(url: str, streams: int, tokens: int) -> tuple[float, dict[str, int]]:
@@ -103,8 +71,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as data_dir:
         try:
             a_url, b_url, c_url = (f"http://127.0.0.1:{args.base_port + i}" for i in range(3))
-            procs.append(start_node("A", args.base_port, data_dir, secret, "--no-model"))
-            procs.append(start_node("B", args.base_port + 1, data_dir, secret, *holder))
+            procs.append(start_node("A", args.base_port, data_dir, "--mesh-secret", secret, "--no-model"))
+            procs.append(start_node("B", args.base_port + 1, data_dir, "--mesh-secret", secret, *holder))
             wait_peers(a_url, {"B"})
             stream_completion(a_url, 8), stream_completion(b_url, 8)  # warm-up
             routed, direct = [], []
@@ -113,15 +81,12 @@ def main() -> None:
                 direct.append(stream_completion(b_url, args.tokens))
             assert all(r[3] == "B" for r in routed)
             one_holder, spread_one = concurrent(a_url, args.streams, args.tokens)
-            procs.append(start_node("C", args.base_port + 2, data_dir, secret, *holder))
+            procs.append(start_node("C", args.base_port + 2, data_dir, "--mesh-secret", secret, *holder))
             wait_peers(a_url, {"B", "C"})
             stream_completion(c_url, 8)
             two_holders, spread_two = concurrent(a_url, args.streams, args.tokens)
         finally:
-            for p in procs:
-                p.terminate()
-            for p in procs:
-                p.wait()
+            stop_nodes(procs)
 
     def summary(rows: list[tuple[float, float, int, str]]) -> tuple[float, float]:
         return statistics.median(n / total for _, total, n, _ in rows), statistics.median(t * 1000 for t, *_ in rows)

@@ -117,19 +117,25 @@ def test_four_concurrent_streams_match_their_solo_runs(meshes):
     assert all(together[i][3] is None for i in range(4))
 
 
-def _active(node) -> int:
-    return get_json(node.url + "/mesh/self")["load"]["active"]
-
-
-def test_cancelled_request_frees_sessions_on_every_stage(meshes):
+def _long_stream_started(url: str):
+    """A 1000-token stream at `url`, read until it is well under way (its sessions open on every stage)."""
     req = urllib.request.Request(
-        meshes["G3"].url + "/v1/completions",
+        url + "/v1/completions",
         data=json.dumps({"model": MODEL, "prompt": PROMPT, "max_tokens": 1000, "temperature": 0, "stream": True}).encode(),
         headers={"Content-Type": "application/json"})
     resp = urllib.request.urlopen(req, timeout=60)
     for i, _ in enumerate(resp):
         if i >= 6:
             break
+    return resp
+
+
+def _active(node) -> int:
+    return get_json(node.url + "/mesh/self")["load"]["active"]
+
+
+def test_cancelled_request_frees_sessions_on_every_stage(meshes):
+    resp = _long_stream_started(meshes["G3"].url)
     assert all(_active(meshes[n]) == 1 for n in ("T1", "T2", "T3"))
     resp.close()
     deadline = time.monotonic() + 5
@@ -140,14 +146,7 @@ def test_cancelled_request_frees_sessions_on_every_stage(meshes):
 
 def test_stage_killed_mid_stream_ends_with_a_clear_error(meshes):
     """Runs last: kills the middle stage of the 3-stage pipeline."""
-    req = urllib.request.Request(
-        meshes["G3"].url + "/v1/completions",
-        data=json.dumps({"model": MODEL, "prompt": PROMPT, "max_tokens": 1000, "temperature": 0, "stream": True}).encode(),
-        headers={"Content-Type": "application/json"})
-    resp = urllib.request.urlopen(req, timeout=60)
-    for i, _ in enumerate(resp):
-        if i >= 6:
-            break
+    resp = _long_stream_started(meshes["G3"].url)
     meshes["T2"].stop(signal.SIGKILL)
     killed = time.monotonic()
     error, done = None, False
