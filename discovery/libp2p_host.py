@@ -31,6 +31,7 @@ from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
 
+from discovery.libp2p_direct import BEAT_PROTOCOL, Direct, DirectBeats
 from node.identity import Identity
 
 log = logging.getLogger(__name__)
@@ -45,10 +46,6 @@ MAINTAIN_INTERVAL_S = 2.0
 BOOTSTRAP_REDIAL_S = 30.0
 GOSSIP_DEGREE = 3  # gossipsub D (default 6): measured 27 KB/s per node at rest with 8 nodes at D=6
 GOSSIP_HEARTBEAT_S = 1  # mesh upkeep only: with gossip_window=0 a heartbeat sends nothing at rest
-BEAT_PROTOCOL = TProtocol("/meshllm/beat/1")  # one long-lived stream per connected peer, our side to theirs
-INTRODUCE_EVERY_S = 0.5  # how often a new connection is looked for, to send it our full advert
-DIRECT_WRITE_TIMEOUT_S = 2.0
-MAX_FRAME_BYTES = 16 * 1024  # = MAX_ENVELOPE_BYTES: a direct frame is one envelope
 MAX_BEAT_STREAMS = 2 * MAX_CONNECTIONS  # inbound direct streams served at once; more are reset
 OUTBOX_SIZE = 64  # publishes queued toward the trio thread; a full outbox drops the newest
 
@@ -95,8 +92,13 @@ class Libp2pHost:
         self._token: trio.lowlevel.TrioToken | None = None
         self._outbox: trio.MemorySendChannel[bytes] | None = None
         self._dial: trio.MemorySendChannel[str] | None = None
-        self._direct: trio.MemorySendChannel[tuple[bytes, bool, frozenset[str]]] | None = None
-        self._inbound_streams = 0  # trio thread only
+        self._direct: trio.MemorySendChannel[Direct] | None = None
+        self._beats = DirectBeats(  # trio thread only
+            self._deliver,
+            max_peers=MAX_CONNECTIONS,
+            max_inbound=MAX_BEAT_STREAMS,
+            open_timeout_s=CONNECT_TIMEOUT_S,
+        )
         self._cancel: trio.CancelScope | None = None
         self._error: BaseException | None = None
 
@@ -187,6 +189,10 @@ class Libp2pHost:
         except RuntimeError:
             pass  # the asyncio loop is closed: the node is going away
 
+    def _deliver(self, data: bytes) -> None:
+        """A received envelope (gossipsub or direct), handed to on_message on the asyncio loop."""
+        self._call_loop(lambda: self._on_message(data))
+
     async def _trio_main(self, started: asyncio.Future[None]) -> None:
         key_pair = libp2p_key_pair(self._identity)
         listen_ip = self._listen_ip or "0.0.0.0"
@@ -215,8 +221,8 @@ class Libp2pHost:
         pubsub = Pubsub(host, router)
         outbox_send, outbox_recv = trio.open_memory_channel[bytes](OUTBOX_SIZE)
         dial_send, dial_recv = trio.open_memory_channel[str](OUTBOX_SIZE)
-        direct_send, direct_recv = trio.open_memory_channel[tuple[bytes, bool, frozenset[str]]](OUTBOX_SIZE)
-        host.set_stream_handler(BEAT_PROTOCOL, self._serve_direct)
+        direct_send, direct_recv = trio.open_memory_channel[Direct](OUTBOX_SIZE)
+        host.set_stream_handler(BEAT_PROTOCOL, self._beats.serve)
         async with host.run(listen_addrs=[listen]), background_trio_service(dht):
             # Pubsub must run before any peer connects, or the first messages are lost
             async with background_trio_service(pubsub), background_trio_service(router):
@@ -233,7 +239,7 @@ class Libp2pHost:
                         nursery.start_soon(self._publish_loop, pubsub, outbox_recv)
                         nursery.start_soon(self._dial_loop, host, dht, dial_recv)
                         nursery.start_soon(self._maintain_loop, host, dht)
-                        nursery.start_soon(self._direct_loop, host, direct_recv)
+                        nursery.start_soon(self._beats.send_loop, host, direct_recv)
                 self._outbox = self._dial = self._direct = None
 
     def _own_addrs(self, host: object) -> list[str]:
@@ -248,8 +254,7 @@ class Libp2pHost:
     async def _read_loop(self, subscription: object) -> None:
         while True:
             msg = await subscription.get()  # type: ignore[attr-defined]
-            data = bytes(msg.data)
-            self._call_loop(lambda data=data: self._on_message(data))
+            self._deliver(bytes(msg.data))
 
     async def _publish_loop(self, pubsub: Pubsub, outbox: trio.MemoryReceiveChannel[bytes]) -> None:
         async for data in outbox:
@@ -301,91 +306,3 @@ class Libp2pHost:
                 await dht.add_peer(info.peer_id)
             except Exception as e:  # unreachable peers are normal; the next round retries
                 log.debug("libp2p connect to %s failed: %r", info.peer_id, e)
-
-    async def _direct_loop(
-        self, host: object, envelopes: trio.MemoryReceiveChannel[tuple[bytes, bool, frozenset[str]]]
-    ) -> None:
-        """Writes each envelope to every connected peer; introduces us (full advert) to new connections."""
-        network = host.get_network()  # type: ignore[attr-defined]
-        streams: dict[ID, object] = {}
-        advert = b""
-        while True:
-            data: bytes | None = None
-            skip: frozenset[str] = frozenset()
-            with trio.move_on_after(INTRODUCE_EVERY_S):
-                data, full, skip = await envelopes.receive()
-                if full:
-                    advert = data
-            for pid in [p for p in streams if p not in network.connections]:
-                streams.pop(pid, None)
-            for pid in list(network.connections):
-                if pid not in streams:
-                    if not advert or len(streams) >= MAX_CONNECTIONS:
-                        continue
-                    stream = await self._open_direct(host, pid)
-                    if stream is None or not await self._write_frame(stream, advert):
-                        continue
-                    streams[pid] = stream
-                    if data == advert:
-                        continue  # the introduction was this very envelope
-                if data is None or (skip and pid.to_base58() in skip):
-                    continue
-                if not await self._write_frame(streams[pid], data):
-                    streams.pop(pid, None)  # reopened (with an introduction) on the next round
-
-    async def _open_direct(self, host: object, pid: ID) -> object | None:
-        with trio.move_on_after(CONNECT_TIMEOUT_S):
-            try:
-                return await host.new_stream(pid, [BEAT_PROTOCOL])  # type: ignore[attr-defined]
-            except Exception as e:  # an old peer without the protocol, or a connection going away
-                log.debug("direct stream to %s failed: %r", pid, e)
-        return None
-
-    @staticmethod
-    async def _write_frame(stream: object, data: bytes) -> bool:
-        with trio.move_on_after(DIRECT_WRITE_TIMEOUT_S):
-            try:
-                await stream.write(len(data).to_bytes(2, "big") + data)  # type: ignore[attr-defined]
-                return True
-            except Exception as e:  # reset or closed by the peer: dropped, reopened later
-                log.debug("direct write failed: %r", e)
-        with trio.move_on_after(1):
-            try:
-                await stream.reset()  # type: ignore[attr-defined]
-            except Exception:
-                pass
-        return False
-
-    async def _serve_direct(self, stream: object) -> None:
-        """Inbound direct stream: length-prefixed envelopes, each handed to the asyncio side."""
-        if self._inbound_streams >= MAX_BEAT_STREAMS:
-            await stream.reset()  # type: ignore[attr-defined]
-            return
-        self._inbound_streams += 1
-        try:
-            while True:
-                header = await self._read_exactly(stream, 2)
-                size = int.from_bytes(header, "big")
-                if size == 0 or size > MAX_FRAME_BYTES:
-                    break  # not our framing: drop the stream, the envelope check would refuse it anyway
-                data = await self._read_exactly(stream, size)
-                self._call_loop(lambda data=data: self._on_message(data))
-        except Exception as e:  # EOF, reset, a peer going away: all end this stream only
-            log.debug("direct stream ended: %r", e)
-        finally:
-            self._inbound_streams -= 1
-            with trio.move_on_after(1):
-                try:
-                    await stream.reset()  # type: ignore[attr-defined]
-                except Exception:
-                    pass
-
-    @staticmethod
-    async def _read_exactly(stream: object, n: int) -> bytes:
-        buf = b""
-        while len(buf) < n:
-            chunk = await stream.read(n - len(buf))  # type: ignore[attr-defined]
-            if not chunk:
-                raise EOFError("direct stream closed")
-            buf += chunk
-        return buf

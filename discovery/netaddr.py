@@ -22,3 +22,11 @@ def announce_ips(host_ip: str) -> list[str]:
         }
     )
     return ips or ["127.0.0.1"]
+
+
+def port_of(hostport: str) -> int:
+    """The port of "host:port", 0 when there is none (a peer-supplied address: never raises)."""
+    try:
+        return int(hostport.rsplit(":", 1)[1])
+    except (IndexError, ValueError):
+        return 0

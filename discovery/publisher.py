@@ -1,0 +1,176 @@
+"""Publisher: signs our advert and sends it, or a heartbeat, every period over every transport.
+
+Owns seq and issued_at (both strictly increasing), the last signed advert, and the schedule: a new
+full advert when the content changed significantly or `publish_soon()` was called (debounced), the
+same content re-signed every FULL_REPUBLISH_S, otherwise a ~160 B heartbeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from discovery.advert import NodeAdvert
+from discovery.beat import encode_beat
+from discovery.changes import significant_change
+from discovery.envelope import encode_signed
+from discovery.lan_multicast import AdvertMulticast
+from discovery.mdns import Mdns, mem_bucket
+from discovery.peer_table import PeerTable
+from node.identity import Identity
+
+if TYPE_CHECKING:
+    from discovery.libp2p_host import Libp2pHost
+
+PUBLISH_DEBOUNCE_S = 0.2
+# at rest a period sends a ~160 B heartbeat; the full advert goes out again (re-signed, so issued_at
+# stays well inside peers' skew window) this often, to peers that lost it, directly and by multicast
+FULL_REPUBLISH_S = 30.0
+
+
+def advert_bucket(advert: NodeAdvert) -> int:
+    """The mDNS TXT memory bucket of an advert: free VRAM on a GPU node, free RAM otherwise."""
+    r = advert.resources
+    return mem_bucket(r.vram_free_bytes if r.vram_total_bytes else r.ram_free_bytes)
+
+
+class Publisher:
+    """Publishes through the transports Discovery sets on it (`libp2p`, `multicast`, `mdns`) as they
+    start and clears as they stop; with none set it only signs (GET /mesh/advert still works)."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        mesh_key: bytes,
+        advert_source: Callable[[], NodeAdvert],
+        table: PeerTable,
+        *,
+        clock: Callable[[], float],
+        ttl_s: float,
+        refresh_s: float,
+    ) -> None:
+        self._identity = identity
+        self._mesh_key = mesh_key
+        self._advert_source = advert_source
+        self._table = table
+        self._clock = clock
+        self._ttl_s = ttl_s
+        self._refresh_s = refresh_s
+        self.libp2p: Libp2pHost | None = None
+        self.multicast: AdvertMulticast | None = None
+        self.mdns: Mdns | None = None
+        self._seq = 0
+        self._signed: bytes | None = None
+        self._signed_content: NodeAdvert | None = None  # what _signed says, for change detection
+        self._full_sent_at = float("-inf")
+        self._force_full = True
+        self._issued_at = 0.0  # last issued_at we signed: kept strictly increasing (peers' replay guard)
+        self._lan_heard: dict[str, float] = {}  # node id -> when last heard over LAN multicast/fetch
+        self._wake = asyncio.Event()
+
+    def signed_advert(self) -> bytes:
+        """Our current signed advert, signed now if it never was."""
+        if self._signed is None:
+            self.sign_current()
+        assert self._signed is not None
+        return self._signed
+
+    def sign_current(self, content: NodeAdvert | None = None) -> None:
+        content = content or self._content()
+        self._signed = self._sign(self._ttl_s, content)
+        self._signed_content = content
+
+    def sign_goodbye(self) -> bytes:
+        """Our advert with ttl_s=0 (new seq): peers drop us on it."""
+        return self._sign(ttl_s=0.0)
+
+    def publish_soon(self) -> None:
+        """Debounced push of a fresh full advert (new seq) everywhere, mDNS TXT if the bucket moved."""
+        self._force_full = True
+        self._wake.set()
+
+    def note_lan(self, node_id: str) -> None:
+        """node_id was heard over LAN multicast or fetch: it hears our multicast too."""
+        if node_id in self._lan_heard or len(self._lan_heard) < self._table.max_peers:
+            self._lan_heard[node_id] = self._clock()
+
+    async def run(self) -> None:
+        """A heartbeat or advert every refresh_s, a new advert soon (debounced) after publish_soon()."""
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self._refresh_s)
+                await asyncio.sleep(PUBLISH_DEBOUNCE_S)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            self._publish_once()
+            if self.mdns is not None:
+                await self.mdns.async_update_bucket(advert_bucket(self._advert_source()))
+
+    # --- internals ----------------------------------------------------------------------------------
+
+    def _lan_peer_ids(self) -> frozenset[str]:
+        """libp2p peer ids of peers we heard on the LAN lately: they hear our multicast beats too
+        (same link), so our direct libp2p beats to them would only be duplicates."""
+        now, ids = self._clock(), set()
+        for node_id, at in list(self._lan_heard.items()):
+            peer = self._table.get(node_id)
+            if peer is None or now - at > 2 * self._refresh_s:
+                if peer is None:
+                    del self._lan_heard[node_id]
+                continue
+            ids.update(addr.rsplit("/p2p/", 1)[-1] for addr in peer.advert.addresses.libp2p)
+        return frozenset(ids)
+
+    def _content(self) -> NodeAdvert:
+        """Our advert as the node describes it now, with the fields the service owns filled in."""
+        advert = dataclasses.replace(
+            self._advert_source(),
+            node_id=self._identity.node_id,
+            public_key=self._identity.public_key_raw,
+            seq=self._seq,
+            issued_at=self._issued_at,
+            ttl_s=self._ttl_s,
+        )
+        if self.libp2p is not None:
+            advert = dataclasses.replace(
+                advert, addresses=dataclasses.replace(advert.addresses, libp2p=tuple(self.libp2p.addrs))
+            )
+        return advert
+
+    def _next_issued_at(self) -> float:
+        self._issued_at = max(self._clock(), self._issued_at + 1e-3)
+        return self._issued_at
+
+    def _sign(self, ttl_s: float, content: NodeAdvert | None = None) -> bytes:
+        issued_at = self._next_issued_at()
+        # seq starts at wall-clock milliseconds so it keeps growing across restarts of the node
+        self._seq = max(self._seq + 1, int(issued_at * 1000))
+        advert = dataclasses.replace(
+            content or self._content(), seq=self._seq, issued_at=issued_at, ttl_s=ttl_s
+        )
+        return encode_signed(advert, self._identity, self._mesh_key)
+
+    def _publish_once(self) -> None:
+        """One period: a new full advert if it changed (gossipsub too), the same one every
+        FULL_REPUBLISH_S (re-signed), otherwise a heartbeat; directly to libp2p peers and by multicast."""
+        content = self._content()
+        old = self._signed_content
+        changed = self._force_full or self._signed is None or old is None or significant_change(old, content)
+        due = self._clock() - self._full_sent_at >= FULL_REPUBLISH_S
+        self._force_full = False
+        if changed or due:
+            self.sign_current(content)
+            self._full_sent_at = self._clock()
+            data, full = self._signed, True
+        else:
+            data, full = encode_beat(self._identity, self._mesh_key, self._seq, self._next_issued_at()), False
+        assert data is not None
+        if self.libp2p is not None:
+            if changed:
+                self.libp2p.publish(data)  # relayed to peers we have no connection to
+            self.libp2p.send_direct(data, full, skip=frozenset() if full else self._lan_peer_ids())
+        if self.multicast is not None:
+            self.multicast.send(data)
