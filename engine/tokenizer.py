@@ -8,6 +8,8 @@ from pathlib import Path
 
 import llama_cpp
 
+PIECE_BYTES = 256
+
 
 class GGUFTokenizer:
     """Tokenize / detokenize with llama.cpp's implementation of the GGUF vocabulary."""
@@ -23,7 +25,6 @@ class GGUFTokenizer:
         self.eog_ids: frozenset[int] = frozenset(
             t for t in range(self.vocab_size) if llama_cpp.llama_vocab_is_eog(vocab, t)
         )
-        self._piece = ctypes.create_string_buffer(256)
         self._vocab = vocab
 
     def token_text(self, token: int, *, special: bool = True) -> str:
@@ -48,10 +49,12 @@ class GGUFTokenizer:
 
     def token_bytes(self, token: int, *, special: bool = False) -> bytes:
         """The bytes of one token; control tokens (eos, im_end) are empty unless `special`."""
-        n = llama_cpp.llama_token_to_piece(self._vocab, token, self._piece, len(self._piece), 0, special)
+        # A buffer per call: generations on several threads detokenise at once (a shared one raced).
+        piece = ctypes.create_string_buffer(PIECE_BYTES)
+        n = llama_cpp.llama_token_to_piece(self._vocab, token, piece, PIECE_BYTES, 0, special)
         if n < 0:
-            raise ValueError(f"token {token} has a piece longer than {len(self._piece)} bytes")
-        return self._piece.raw[:n]
+            raise ValueError(f"token {token} has a piece longer than {PIECE_BYTES} bytes")
+        return piece.raw[:n]
 
     def decode(self, tokens: list[int]) -> str:
         return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
