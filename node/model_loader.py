@@ -87,15 +87,17 @@ class ModelManager:
             )
         self._used_bytes += need_bytes
 
-    def _runner(self, engine: object) -> EngineRunner:
-        return EngineRunner(engine, max_queue=self.config.max_queue, on_load_change=self._on_load_change)  # type: ignore[arg-type]
+    def _runner(self, engine: object, parallel: int = 1) -> EngineRunner:
+        return EngineRunner(engine, parallel=parallel, max_queue=self.config.max_queue,  # type: ignore[arg-type]
+                            on_load_change=self._on_load_change)
 
     def _torch(self, model: ModelFile, spec: ShardSpec) -> LocalModel:
         from engine.torch_engine import TorchShardEngine  # torch loads only on nodes that use it
 
         engine = TorchShardEngine(model, spec=spec, device=self.config.device, threads=self.config.threads,
                                   max_sessions=TORCH_SESSIONS, max_context=self.context)
-        return LocalModel(model, self._runner(engine), "torch", spec.start, spec.end)
+        # As many requests in flight as KV slots: the engine batches their decode steps.
+        return LocalModel(model, self._runner(engine, parallel=TORCH_SESSIONS), "torch", spec.start, spec.end)
 
     def load_initial(self) -> list[LocalModel]:
         """Blocking: every --model (whole, or offered when it exceeds the budget), --shard and --offer."""
