@@ -37,14 +37,39 @@ class NodeProc:
         return f"http://127.0.0.1:{self.http_port}"
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 20) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return stop_proc(self.proc, sig, timeout_s)
+
+
+def stop_proc(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout_s: float = 20) -> int:
+    """Signals the process, waits, and kills it if it does not exit in time."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+def wait_ready(proc: subprocess.Popen, output: list[str], timeout_s: float) -> bool:
+    """Reads the node's output until its ready line; False if it exits or times out first."""
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not sel.select(timeout=0.5):
+            if proc.poll() is not None:
+                return False
+            continue
+        line = proc.stdout.readline()
+        if not line:
+            return False
+        output.append(line)
+        if " ready at " in line:
+            os.set_blocking(proc.stdout.fileno(), False)
+            return True
+    return False
 
 
 def spawn_node(data_dir: Path, name: str, *args: str, ready_timeout_s: float = 90) -> NodeProc:
@@ -55,21 +80,8 @@ def spawn_node(data_dir: Path, name: str, *args: str, ready_timeout_s: float = 9
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     node = NodeProc(proc, name, port, data_dir)
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    deadline = time.monotonic() + ready_timeout_s
-    while time.monotonic() < deadline:
-        if not sel.select(timeout=0.5):
-            if proc.poll() is not None:
-                break
-            continue
-        line = proc.stdout.readline()
-        if not line:
-            break
-        node.output.append(line)
-        if " ready at " in line:
-            os.set_blocking(proc.stdout.fileno(), False)
-            return node
+    if wait_ready(proc, node.output, ready_timeout_s):
+        return node
     node.stop(signal.SIGKILL)
     raise RuntimeError(f"node {name} did not start:\n{''.join(node.output)}{proc.stdout.read() or ''}")
 

@@ -10,17 +10,15 @@ import contextlib
 import json
 import os
 import secrets
-import selectors
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from conftest import REPO, stop_proc, wait_ready
 
 
 def netns_skip_reason() -> str | None:
@@ -88,13 +86,7 @@ class NsNode:
         return json.loads(done.stdout) if done.returncode == 0 else None
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 20) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_proc(self.proc, sig, timeout_s)
 
 
 def spawn_in_ns(host: Host, data_dir: Path, name: str, *args: str, ready_timeout_s: float = 90) -> NsNode:
@@ -106,16 +98,7 @@ def spawn_in_ns(host: Host, data_dir: Path, name: str, *args: str, ready_timeout
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     node = NsNode(proc, host, port)
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    deadline = time.monotonic() + ready_timeout_s
-    while time.monotonic() < deadline and proc.poll() is None:
-        if not sel.select(timeout=0.5):
-            continue
-        line = proc.stdout.readline()
-        node.output.append(line)
-        if " ready at " in line:
-            os.set_blocking(proc.stdout.fileno(), False)
-            return node
+    if wait_ready(proc, node.output, ready_timeout_s):
+        return node
     node.stop(signal.SIGKILL)
     raise RuntimeError(f"node {name} did not start in {host.ns}:\n{''.join(node.output)}")
