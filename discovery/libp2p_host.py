@@ -121,7 +121,8 @@ class Libp2pHost:
         )
         self._thread.start()
         try:
-            await asyncio.wait_for(started, START_TIMEOUT_S)
+            async with asyncio.timeout(START_TIMEOUT_S):
+                await started
         except TimeoutError:
             await self.stop()
             raise Libp2pError(f"libp2p host did not start within {START_TIMEOUT_S} s") from None

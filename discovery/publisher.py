@@ -100,7 +100,10 @@ class Publisher:
         """A heartbeat or advert every refresh_s, a new advert soon (debounced) after publish_soon()."""
         while True:
             try:
-                await asyncio.wait_for(self._wake.wait(), self._refresh_s)
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancel that
+                # lands as the event fires, and then stop() waited on this loop forever.
+                async with asyncio.timeout(self._refresh_s):
+                    await self._wake.wait()
                 await asyncio.sleep(PUBLISH_DEBOUNCE_S)
             except TimeoutError:
                 pass

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 DEFAULT_TTL_S = 10.0
 DEFAULT_REFRESH_S = 2.5
 EXPIRE_INTERVAL_S = 0.5
+STOP_TASKS_TIMEOUT_S = 2.0
 GOODBYE_FLUSH_S = 0.2  # lets the goodbye leave over gossipsub before the host stops
 
 
@@ -192,12 +193,21 @@ class Discovery:
         """Says goodbye (signed over gossipsub, unregister over mDNS), then stops every transport."""
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, *self._missed.cancel(), return_exceptions=True)
+        log.debug("stop: tasks")
+        pending = [*self._tasks, *self._missed.cancel()]
+        if pending:
+            # Bounded: a task that swallowed its cancellation must not keep the node from exiting.
+            _, stuck = await asyncio.wait(pending, timeout=STOP_TASKS_TIMEOUT_S)
+            for task in stuck:
+                log.warning("discovery task %s did not stop when cancelled", task.get_name())
+        log.debug("stop: lan fetches")
         await self._lan.stop()
         self._tasks = []
+        log.debug("stop: goodbye")
         self._goodbye = self._publisher.sign_goodbye()
         if self._multicast is not None:
             self._multicast.send(self._goodbye)
+            log.debug("stop: multicast")
             await self._multicast.async_stop()
             self._multicast = self._publisher.multicast = None
         if self._libp2p is not None:
@@ -206,6 +216,7 @@ class Discovery:
             await self._libp2p.stop()
             self._libp2p = self._publisher.libp2p = None
         if self._mdns is not None:
+            log.debug("stop: mdns")
             await self._mdns.async_stop()
             self._mdns = self._publisher.mdns = None
         if self._own_fetcher is not None:

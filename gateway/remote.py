@@ -98,7 +98,8 @@ async def remote_generate(
         frames = call.__aiter__()
         while True:
             try:
-                raw = await asyncio.wait_for(frames.__anext__(), timeout)
+                async with asyncio.timeout(timeout):  # not wait_for: it can swallow a cancel on 3.11
+                    raw = await anext(frames)
             except StopAsyncIteration:
                 return
             except TimeoutError:

@@ -128,14 +128,19 @@ class Node:
 
     async def stop(self) -> None:
         if self._runner is not None:
+            log.debug("stop: discovery (goodbye)")
             await self.discovery.stop()  # goodbye first, so peers stop routing here at once
+            log.debug("stop: http")
             await self._runner.cleanup()
             self._runner = None
         if self._grpc is not None:
+            log.debug("stop: grpc")
             await self._grpc.stop(GRPC_GRACE_S)
             self._grpc = None
+        log.debug("stop: channels and engines")
         await self.channels.close()
         await asyncio.to_thread(self.local.close)
+        log.debug("stop: done")
 
     @property
     def http_url(self) -> str:

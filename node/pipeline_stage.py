@@ -113,7 +113,8 @@ class PipelineService:
         for frame in encode_activation(x, pos):
             await call.write(rpc.pack({"a": frame}))
         try:
-            raw = await asyncio.wait_for(call.read(), STEP_TIMEOUT_S)
+            async with asyncio.timeout(STEP_TIMEOUT_S):  # not wait_for: it can swallow a cancel on 3.11
+                raw = await call.read()
         except TimeoutError:
             raise StageError(grpc.StatusCode.UNAVAILABLE, "next stage timed out") from None
         except grpc.aio.AioRpcError as e:
@@ -199,7 +200,8 @@ class PipelineService:
             assembler = ActivationAssembler()
             while True:
                 try:
-                    obj = await asyncio.wait_for(_next_map(frames), STEP_TIMEOUT_S)
+                    async with asyncio.timeout(STEP_TIMEOUT_S):
+                        obj = await _next_map(frames)
                 except StopAsyncIteration:
                     return  # the previous stage finished or hung up
                 frame = obj.get("a")

@@ -47,8 +47,16 @@ def stop_proc(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout_s: floa
         try:
             proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            # A hung node: SIGABRT makes faulthandler (-X faulthandler) dump every thread's stack.
+            proc.send_signal(signal.SIGABRT)
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if proc.stdout is not None:
+                print(f"process {proc.args!r} hung on exit; its last output:\n{(proc.stdout.read() or '')[-8000:]}",
+                      file=sys.stderr)
     return proc.returncode
 
 
@@ -75,8 +83,10 @@ def wait_ready(proc: subprocess.Popen, output: list[str], timeout_s: float) -> b
 def spawn_node(data_dir: Path, name: str, *args: str, ready_timeout_s: float = 90) -> NodeProc:
     """Starts `meshllm node join` and waits for its ready line."""
     port = free_port()
-    cmd = [sys.executable, "-m", "node.cli", "node", "join", "--http-port", str(port),
-           "--data-dir", str(data_dir), "--name", name, "--log-level", "WARNING", *args]
+    # -X faulthandler: a node that hangs on exit dumps its stacks on SIGABRT (see stop_proc);
+    # MESHLLM_TEST_LOG=DEBUG shows the nodes' logs in that dump.
+    cmd = [sys.executable, "-X", "faulthandler", "-m", "node.cli", "node", "join", "--http-port", str(port),
+           "--data-dir", str(data_dir), "--name", name, "--log-level", os.environ.get("MESHLLM_TEST_LOG", "WARNING"), *args]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     node = NodeProc(proc, name, port, data_dir)
