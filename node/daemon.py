@@ -149,7 +149,7 @@ class Node:
     # --- what we tell the mesh -----------------------------------------------------------------------
     def self_advert(self) -> NodeAdvert:
         """Our advert without seq/issued_at/ttl (discovery stamps those when it signs)."""
-        resources = probe_resources()
+        resources = probe_resources(cuda=self.config.device.startswith("cuda"))
         runners = [lm.runner for lm in self.local.all()]
         return NodeAdvert(
             node_id=self.node_id,

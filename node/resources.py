@@ -17,7 +17,8 @@ class ResourceFigures:
 
 
 def probe_resources(cuda: bool = False) -> ResourceFigures:
-    """RAM from psutil; VRAM only when the node runs a CUDA engine (importing torch costs seconds)."""
+    """RAM from psutil; VRAM only when the node runs a torch engine on CUDA (`--device cuda`): importing
+    torch costs seconds, so other nodes never do."""
     vm = psutil.virtual_memory()
     vram_total = vram_free = 0
     device = "cpu"
