@@ -25,7 +25,7 @@ from discovery.envelope import (
     unpack_payload,
     verify_envelope,
 )
-from node.identity import Identity
+from discovery.identity import Identity
 
 MAX_BEAT_BYTES = 512  # a genuine beat is about 160 bytes
 _NODE_ID = re.compile(r"[0-9a-f]{32}")

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from discovery.advert import AdvertError, NodeAdvert, advert_from_dict, advert_to_dict
-from node.identity import Identity, node_id_from_public_key, verify_signature
+from discovery.identity import Identity, node_id_from_public_key, verify_signature
 
 ENVELOPE_VERSION = 1
 MAX_ENVELOPE_BYTES = 16 * 1024

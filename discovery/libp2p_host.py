@@ -31,8 +31,8 @@ from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
 
+from discovery.identity import Identity
 from discovery.libp2p_direct import BEAT_PROTOCOL, Direct, DirectBeats
-from node.identity import Identity
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ from discovery.advert import NodeAdvert
 from discovery.beat import encode_beat
 from discovery.changes import significant_change
 from discovery.envelope import encode_signed
+from discovery.identity import Identity
 from discovery.lan_multicast import AdvertMulticast
 from discovery.mdns import Mdns, mem_bucket
 from discovery.peer_table import PeerTable
-from node.identity import Identity
 
 if TYPE_CHECKING:
     from discovery.libp2p_host import Libp2pHost

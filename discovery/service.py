@@ -20,6 +20,7 @@ from discovery.advert import AdvertError, NodeAdvert
 from discovery.beat import Beat, decode_message
 from discovery.envelope import derive_subkey
 from discovery.fetch import FetchAdvert, HttpAdvertFetcher
+from discovery.identity import Identity
 from discovery.lan import LanPeers
 from discovery.lan_multicast import AdvertMulticast
 from discovery.mdns import Mdns
@@ -28,7 +29,6 @@ from discovery.netaddr import announce_ips, port_of
 from discovery.peer_table import ApplyResult, Peer, PeerTable, TouchResult, freshness_error
 from discovery.publisher import Publisher, advert_bucket
 from discovery.rejects import RejectCounter
-from node.identity import Identity
 
 if TYPE_CHECKING:
     from discovery.libp2p_host import Libp2pHost

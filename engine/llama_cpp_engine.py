@@ -13,14 +13,14 @@ import contextlib
 import os
 import random
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import llama_cpp
 
 from engine.chat_template import render_chat
 from engine.model_file import ModelFile
-from engine.stop import StopMatcher
-from engine.types import Chunk, ContextLengthExceeded, EngineLoadError, FinishReason, GenerationRequest, Usage
+from engine.token_output import TokenOutput
+from engine.types import Chunk, ContextLengthExceeded, EngineLoadError, GenerationRequest, check_context
 
 
 @contextlib.contextmanager
@@ -38,6 +38,39 @@ def _quiet_stderr() -> Iterator[None]:
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
+
+
+class _Pieces:
+    """Incremental UTF-8 text of llama.cpp tokens (a character split across tokens comes out whole)."""
+
+    def __init__(self, llm: llama_cpp.Llama) -> None:
+        self._llm = llm
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, token: int) -> str:
+        return self._utf8.decode(self._llm.detokenize([token], special=False))
+
+    def flush(self) -> str:
+        return self._utf8.decode(b"", final=True)
+
+
+class _EndOfGeneration:
+    def __init__(self, is_eog: Callable[[int], bool]) -> None:
+        self._is_eog = is_eog
+
+    def __contains__(self, token: object) -> bool:
+        return isinstance(token, int) and self._is_eog(token)
+
+
+class _Detokenizer:
+    """llama.cpp's vocabulary seen as TokenOutput's Detokenizer."""
+
+    def __init__(self, llm: llama_cpp.Llama, is_eog: Callable[[int], bool]) -> None:
+        self._llm = llm
+        self.eog_ids = _EndOfGeneration(is_eog)
+
+    def stream(self) -> _Pieces:
+        return _Pieces(self._llm)
 
 
 class LlamaCppEngine:
@@ -100,23 +133,12 @@ class LlamaCppEngine:
     def prepare(self, request: GenerationRequest) -> tuple[list[int], int]:
         """Tokenises the prompt and checks the context; returns (prompt tokens, max new tokens)."""
         tokens = self.tokenize(self.render_prompt(request))
-        room = self.n_ctx - len(tokens)
-        wanted = request.params.max_tokens
-        if room <= 0 or (wanted is not None and wanted > room):
-            raise ContextLengthExceeded(
-                f"this model's context is {self.n_ctx} tokens; the prompt has {len(tokens)} and "
-                f"{wanted or 1} more were requested"
-            )
-        return tokens, wanted or room
+        return tokens, check_context(self.n_ctx, len(tokens), request.params.max_tokens)
 
     def generate(self, request: GenerationRequest, cancel: threading.Event) -> Iterator[Chunk]:
         tokens, max_new = self.prepare(request)
         p = request.params
-        stop = StopMatcher(p.stop)
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        n_out = 0
-        finish = FinishReason.LENGTH
-        hit = False
+        output = TokenOutput(_Detokenizer(self._llm, self._eog), p.stop, len(tokens), max_new)
         with self._lock:
             self._llm.set_seed(p.seed if p.seed is not None else random.getrandbits(31))
             stream = self._llm.generate(
@@ -134,24 +156,12 @@ class LlamaCppEngine:
                 for token in stream:
                     if cancel.is_set():
                         return
-                    if self._eog(token):
-                        finish = FinishReason.STOP
-                        break
-                    n_out += 1
-                    piece = decoder.decode(self._llm.detokenize([token], special=False))
-                    text, hit = stop.feed(piece)
-                    yield Chunk(text=text, token_ids=[token])
-                    if hit:
-                        finish = FinishReason.STOP
-                        break
-                    if n_out >= max_new:
-                        break
+                    chunk = output.push(token)  # EOS, stop strings, max_tokens: as the torch engines
+                    yield chunk
+                    if chunk.finish_reason is not None:
+                        return
             finally:
                 stream.close()
-        # Text held back as a possible stop-string start, or an incomplete UTF-8 tail, is real output
-        # unless a stop string was hit (then whatever follows the stop is dropped).
-        tail = "" if hit else stop.flush() + decoder.decode(b"", final=True)
-        yield Chunk(text=tail, finish_reason=finish, usage=Usage(len(tokens), n_out))
 
     def embed(self, texts: list[str]) -> list[list[float]]:
         with self._embed_lock:

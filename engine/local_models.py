@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from engine.model_file import ModelFile
 from engine.runner import EngineRunner
+from shard.spec import ShardSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +24,12 @@ class LocalModel:
     @property
     def whole(self) -> bool:
         return self.layer_range == (0, self.model.n_layers)
+
+    @property
+    def shard(self) -> ShardSpec:
+        """The layers held, as the one layer-range type shared with placement, the wire and adverts."""
+        start, end = self.layer_range
+        return ShardSpec(self.model.digest, start, end, self.model.n_layers)
 
 
 class LocalModels:

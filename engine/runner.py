@@ -15,14 +15,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from core.errors import Busy
 from engine.base import Engine
 from engine.types import Chunk, GenerationRequest
 
 
-class QueueFull(Exception):
+class QueueFull(Busy):
     def __init__(self, retry_after_s: int) -> None:
-        super().__init__(f"queue full; retry after {retry_after_s} s")
-        self.retry_after_s = retry_after_s
+        super().__init__(retry_after_s, f"queue full; retry after {retry_after_s} s")
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +66,10 @@ class EngineRunner:
         return self._tokens_per_s_ema
 
     @contextlib.asynccontextmanager
-    async def _slot(self) -> AsyncIterator[None]:
+    async def admit(self) -> AsyncIterator[None]:
+        """One slot for the whole of a request: raises QueueFull when `capacity` requests are already
+        active or queued, else waits for one of the `parallel` slots. Generations and embeddings here,
+        and the sessions of pipeline stages on this model, are all admitted through it."""
         if self._active + self._queued >= self.capacity:
             raise QueueFull(retry_after_s=max(1, self._queued // self.parallel))
         self._queued += 1
@@ -87,7 +90,7 @@ class EngineRunner:
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         """Yields the engine's chunks. Closing the iterator early (client gone) cancels generation."""
         loop = asyncio.get_running_loop()
-        async with self._slot():
+        async with self.admit():
             cancel = threading.Event()
             queue: asyncio.Queue[Any] = asyncio.Queue()
 
@@ -124,7 +127,7 @@ class EngineRunner:
     async def run(self, fn: Callable[[], Any]) -> Any:
         """Runs a blocking engine call (embeddings, token counts) in a slot."""
         loop = asyncio.get_running_loop()
-        async with self._slot():
+        async with self.admit():
             return await loop.run_in_executor(self._executor, fn)
 
     def close(self) -> None:

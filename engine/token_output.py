@@ -1,18 +1,36 @@
 """TokenOutput: from sampled token ids to streamed text, with EOS, stop strings and max_tokens.
 
-Used wherever a model's last layer lives: the whole-model torch loop and a pipeline's last stage.
+The one token loop's output half, used wherever a model's last layer lives: the llama.cpp engine,
+the whole-model torch loop and a pipeline's last stage.
 """
 
 from __future__ import annotations
 
+from collections.abc import Container
+from typing import Protocol
+
 from engine.stop import StopMatcher
-from engine.tokenizer import GGUFTokenizer
 from engine.types import Chunk, FinishReason, Usage
 
 
+class TextStream(Protocol):
+    """Incremental detokenisation: text of each token as soon as its characters are complete."""
+
+    def feed(self, token: int) -> str: ...
+
+    def flush(self) -> str: ...
+
+
+class Detokenizer(Protocol):
+    @property
+    def eog_ids(self) -> Container[int]: ...
+
+    def stream(self) -> TextStream: ...
+
+
 class TokenOutput:
-    def __init__(self, tokenizer: GGUFTokenizer, stops: tuple[str, ...], prompt_len: int, max_new: int) -> None:
-        self._tokenizer = tokenizer
+    def __init__(self, tokenizer: Detokenizer, stops: tuple[str, ...], prompt_len: int, max_new: int) -> None:
+        self._eog = tokenizer.eog_ids
         self._text = tokenizer.stream()
         self._stops = StopMatcher(stops)
         self.prompt_len = prompt_len
@@ -21,7 +39,7 @@ class TokenOutput:
 
     def push(self, token: int) -> Chunk:
         """The chunk for one sampled token; it carries finish_reason and usage when the answer ends."""
-        if token in self._tokenizer.eog_ids:
+        if token in self._eog:
             return self._finish(Chunk(), FinishReason.STOP, flush=True)
         self.n_out += 1
         text, stopped = self._stops.feed(self._text.feed(token))

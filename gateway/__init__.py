@@ -1,6 +1,6 @@
-"""The OpenAI-compatible HTTP API of every node, and the routing of its requests over the mesh."""
+"""The OpenAI-compatible HTTP API of every node. It speaks HTTP and OpenAI only: where a request runs
+is its backend's business (`core.serving.Backend`; on a node, `dataplane.MeshRouter`)."""
 
 from gateway.app import build_app
-from gateway.router import MeshRouter
 
-__all__ = ["MeshRouter", "build_app"]
+__all__ = ["build_app"]

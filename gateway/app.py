@@ -10,10 +10,11 @@ from typing import Any
 
 from aiohttp import web
 
-from engine.types import Chunk, GenerationRequest
+from core.errors import MeshError
+from core.serving import Backend, Generation
+from core.types import Chunk, GenerationRequest
 from gateway import openai_responses as out
-from gateway.backend import Backend, Generation
-from gateway.errors import ApiError, bad_request
+from gateway.errors import ApiError, bad_request, http_error
 from gateway.openai_requests import ParsedGeneration, parse_chat, parse_completion, parse_embeddings
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except ApiError as e:
         return e.response()
+    except MeshError as e:
+        return http_error(e).response()
     except web.HTTPRequestEntityTooLarge:
         return ApiError(413, f"Request body too large (limit {MAX_BODY_BYTES} bytes).", code="body_too_large").response()
     except web.HTTPException as e:
@@ -110,9 +113,9 @@ async def _generate(request: web.Request, parsed: ParsedGeneration, chat: bool) 
                     if parsed.return_token_ids:
                         payload["choices"][0]["token_ids"] = chunk.token_ids
                     await response.write(out.sse(payload))
-        except ApiError as e:
+        except MeshError as e:
             # Headers are gone already: the error travels as a stream event, then the stream ends.
-            await response.write(out.sse(e.body()))
+            await response.write(out.sse(http_error(e).body()))
             await response.write(out.sse("[DONE]"))
             return response
         finish = str(last.finish_reason or "stop")

@@ -1,10 +1,13 @@
-"""OpenAI-style error objects: {"error": {"message", "type", "param", "code"}}."""
+"""OpenAI-style error objects ({"error": {"message", "type", "param", "code"}}), and the one map from
+the mesh's errors (`core.errors`) to HTTP."""
 
 from __future__ import annotations
 
 import json
 
 from aiohttp import web
+
+from core.errors import BadRequest, Busy, CannotPlace, MeshError, ModelNotFound, Unavailable
 
 
 class ApiError(Exception):
@@ -42,21 +45,17 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return ApiError(400, message, param=param, code=code)
 
 
-def model_not_found(model: str, available: list[str]) -> ApiError:
-    listed = ", ".join(available) if available else "none"
-    return ApiError(
-        404,
-        f"The model '{model}' does not exist on this mesh. Available models: {listed}",
-        param="model",
-        code="model_not_found",
-    )
-
-
-def overloaded(retry_after_s: int, message: str = "All holders of this model are busy; retry later.") -> ApiError:
-    return ApiError(
-        429,
-        message,
-        type="rate_limit_error",
-        code="queue_full",
-        headers={"Retry-After": str(retry_after_s)},
-    )
+def http_error(e: MeshError) -> ApiError:
+    """The one map from the mesh's errors to HTTP status codes and OpenAI error objects."""
+    if isinstance(e, BadRequest):
+        return ApiError(400, e.message, param=e.param, code=e.code)
+    if isinstance(e, ModelNotFound):
+        return ApiError(404, e.message, param="model", code="model_not_found")
+    if isinstance(e, Busy):
+        return ApiError(429, e.message, type="rate_limit_error", code="queue_full",
+                        headers={"Retry-After": str(e.retry_after_s)})
+    if isinstance(e, Unavailable):
+        return ApiError(502, e.message, type="server_error", code=e.code)
+    if isinstance(e, CannotPlace):
+        return ApiError(503, e.message, type="server_error", code=e.code)
+    return ApiError(500, e.message, type="server_error")

@@ -13,7 +13,7 @@ from pathlib import Path
 from discovery.envelope import DEFAULT_MESH_SECRET
 from engine.model_file import DEFAULT_ALIAS, ModelFileError
 from engine.types import EngineLoadError
-from node.config import NodeConfig, default_data_dir
+from node.config import WEIGHTS, NodeConfig, default_data_dir
 from node.peers_command import print_peers
 
 log = logging.getLogger("meshllm")
@@ -52,6 +52,10 @@ def _join_parser(sub: argparse._SubParsersAction) -> None:
     join.add_argument("--memory-budget", type=int, default=None, metavar="BYTES",
                       help="most memory this node may use for model weights and KV cache")
     join.add_argument("--device", default="cpu", help="torch device for the torch engine (cpu, cuda)")
+    join.add_argument("--weights", choices=WEIGHTS, default="quantized",
+                      help="torch engine weights: keep the GGUF's quantized blocks, or dequantize them in full")
+    join.add_argument("--kv-sessions", type=int, default=4, metavar="N",
+                      help="KV cache slots (concurrent sequences) of the torch engine")
     join.add_argument("--log-level", default="INFO")
 
 
@@ -106,6 +110,8 @@ def _config(args: argparse.Namespace) -> NodeConfig:
         offers=tuple(args.offer),
         memory_budget_bytes=args.memory_budget,
         device=args.device,
+        weights=args.weights,
+        kv_sessions=args.kv_sessions,
     )
 
 

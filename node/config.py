@@ -12,6 +12,9 @@ def default_data_dir() -> Path:
     return Path(base) / "meshllm"
 
 
+WEIGHTS = ("quantized", "full")
+
+
 @dataclass(frozen=True, slots=True)
 class NodeConfig:
     models: tuple[str, ...] = ("smollm2-135m-instruct",)
@@ -32,7 +35,9 @@ class NodeConfig:
     shards: tuple[str, ...] = ()  # "ALIAS_OR_PATH:START-END" layer ranges run by the torch engine
     offers: tuple[str, ...] = ()  # GGUFs whose layer ranges this node loads when the mesh asks
     memory_budget_bytes: int | None = None
-    device: str = "cpu"  # "": http_host, or the first interface address for a wildcard bind
+    device: str = "cpu"  # torch device of the torch engine
+    weights: str = "quantized"  # torch engine weights: "quantized" (GGUF blocks kept) or "full" (dequantized)
+    kv_sessions: int = 4  # KV cache slots (concurrent sequences) of the torch engine
 
     def __post_init__(self) -> None:
         for port_name in ("http_port", "grpc_port"):
@@ -53,6 +58,10 @@ class NodeConfig:
             raise ValueError("libp2p-port must be between 0 and 65535")
         if self.max_queue < 0:
             raise ValueError("max-queue must be >= 0")
+        if self.weights not in WEIGHTS:
+            raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}")
+        if self.kv_sessions < 1:
+            raise ValueError("kv-sessions must be >= 1")
 
 
 def parse_shard_arg(value: str) -> tuple[str, int, int]:

@@ -10,22 +10,19 @@ import time
 import grpc
 from aiohttp import web
 
+from dataplane import MeshRouter, NodeService, PeerChannels, build_server
 from discovery.advert import Addresses, Load, ModelAdvert, NodeAdvert, Resources
 from discovery.envelope import derive_subkey, mesh_key_from_secret
+from discovery.identity import Identity
 from discovery.netaddr import WILDCARDS, announce_ips
 from discovery.peer_table import PeerTable
 from discovery.service import Discovery
 from engine.local_models import LocalModels
 from gateway.app import build_app
-from gateway.remote import PeerChannels
-from gateway.router import MeshRouter
-from node import rpc
 from node.config import NodeConfig
-from node.identity import Identity
 from node.mesh_routes import add_mesh_routes
 from node.model_loader import ModelManager
 from node.resources import probe_resources
-from node.rpc_service import NodeService
 from node.version import VERSION
 
 log = logging.getLogger(__name__)
@@ -110,10 +107,10 @@ class Node:
         handlers = self.service.handlers()
         if self._may_run_stages():
             # torch is imported only by nodes that can hold layer ranges (seconds of start-up saved).
-            from node.pipeline_stage import PipelineService
+            from dataplane.stage import PipelineService
 
             handlers |= PipelineService(self.local, self.channels, self._token, on_step=self._on_stage_step).handlers()
-        server = rpc.build_server(handlers)
+        server = build_server(handlers)
         self.grpc_port = server.add_insecure_port(f"{_grpc_bind_host(self.config.http_host)}:{self.config.grpc_port}")
         await server.start()
         self._grpc = server
@@ -183,7 +180,7 @@ class Node:
                 budget_free_bytes=self.models.budget_free_bytes,
             ),
             load=Load(
-                active=sum(r.load.active for r in runners) + self._stage_sessions(),
+                active=sum(r.load.active for r in runners),  # pipeline stages' sessions included
                 queued=sum(r.load.queued for r in runners),
                 capacity=sum(r.load.capacity for r in runners),
             ),
@@ -191,12 +188,6 @@ class Node:
             issued_at=0.0,
             ttl_s=0.0,
             files=self._file_adverts,
-        )
-
-    def _stage_sessions(self) -> int:
-        """Pipeline sessions open on torch shards (whole-model requests are counted by their runner)."""
-        return sum(
-            getattr(lm.runner.engine, "n_sessions", 0) for lm in self.local.all() if not lm.whole
         )
 
     def peer_adverts(self) -> list[NodeAdvert]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from node import rpc  # noqa: E402 - after the path set-up above
+from dataplane import rpc  # noqa: E402 - after the path set-up above
 
 
 async def server():

@@ -9,8 +9,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from discovery.advert import Addresses, Load, ModelAdvert, NodeAdvert, Resources
 from discovery.envelope import encode_signed
+from discovery.identity import Identity
 from discovery.peer_table import PeerTable
-from node.identity import Identity
 from simulations.catalog import BANDWIDTH_EFFICIENCY, DeviceProfile
 
 # Nodes advertise speed as tok/s on a reference model reading this many bytes per token; the

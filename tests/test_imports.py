@@ -10,7 +10,7 @@ import sys
 import pytest
 from conftest import REPO
 
-PACKAGES = ["node", "discovery", "placement", "shard", "engine", "gateway", "simulations"]
+PACKAGES = ["core", "node", "discovery", "placement", "shard", "engine", "dataplane", "gateway", "simulations"]
 MODULES = sorted(
     f"{pkg}.{info.name}"
     for pkg in PACKAGES

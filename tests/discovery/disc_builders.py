@@ -11,9 +11,9 @@ from aiohttp import web
 
 from discovery.advert import Addresses, Load, ModelAdvert, NodeAdvert, Resources
 from discovery.envelope import mesh_key_from_secret
+from discovery.identity import Identity
 from discovery.peer_table import PeerTable
 from discovery.service import Discovery, PeerChange
-from node.identity import Identity
 
 DIGEST = "ab" * 32
 

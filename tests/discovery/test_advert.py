@@ -17,7 +17,7 @@ from discovery.envelope import (
     encode_signed,
     mesh_key_from_secret,
 )
-from node.identity import Identity
+from discovery.identity import Identity
 
 KEY = mesh_key_from_secret("test-mesh")
 ME = Identity.generate()

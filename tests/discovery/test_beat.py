@@ -13,8 +13,8 @@ from discovery.advert import AdvertError, NodeAdvert
 from discovery.beat import Beat, decode_message, encode_beat
 from discovery.changes import significant_change
 from discovery.envelope import encode_signed, mesh_key_from_secret
+from discovery.identity import Identity
 from discovery.peer_table import PeerTable, TouchResult
-from node.identity import Identity
 
 KEY = mesh_key_from_secret("beat-mesh")
 ME, PEER = Identity.generate(), Identity.generate()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from disc_builders import make_advert
 
+from discovery.identity import Identity
 from discovery.peer_table import ApplyResult, PeerTable, freshness_error
-from node.identity import Identity
 
 A, B, C, D, ME = (Identity.generate() for _ in range(5))
 R = ApplyResult

@@ -9,9 +9,9 @@ from disc_builders import make_advert
 
 from discovery import envelope as e  # its private helpers forge a correctly MACed envelope
 from discovery.envelope import encode_signed, mesh_key_from_secret
+from discovery.identity import Identity
 from discovery.peer_table import PeerTable
 from discovery.service import ChangeKind, Discovery, PeerChange
-from node.identity import Identity
 
 KEY = mesh_key_from_secret("svc-mesh")
 ME, PEER, OTHER = Identity.generate(), Identity.generate(), Identity.generate()

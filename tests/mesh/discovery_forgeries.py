@@ -10,7 +10,7 @@ import msgpack
 
 from discovery.advert import Addresses, Load, NodeAdvert, Resources, advert_to_dict
 from discovery.envelope import _SIGN_DOMAIN, MAX_ENVELOPE_BYTES, _mac, encode_signed
-from node.identity import Identity
+from discovery.identity import Identity
 
 
 def advert_of(identity: Identity, *, seq: int | None = None, issued_at: float | None = None, **changes: object) -> NodeAdvert:

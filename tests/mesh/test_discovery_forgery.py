@@ -19,9 +19,9 @@ from discovery_forgeries import forgeries, signed
 from discovery_mesh_helpers import get_json, mesh_secret, node_id, start_parallel
 
 from discovery.envelope import decode_signed, derive_subkey, mesh_key_from_secret
+from discovery.identity import Identity
 from discovery.libp2p_host import Libp2pHost
 from discovery.mdns import Mdns
-from node.identity import Identity
 
 COUNT_TIMEOUT_S = 15.0
 

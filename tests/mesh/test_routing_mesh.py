@@ -17,7 +17,7 @@ import grpc
 import openai
 import pytest
 
-from node import rpc
+from dataplane import rpc
 
 MODEL = "smollm2-135m-instruct"
 MESSAGES = [{"role": "user", "content": "Tell me about the sea."}]

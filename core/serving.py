@@ -1,7 +1,7 @@
-"""What the gateway needs from the node: model listing, generations and embeddings.
+"""What the gateway needs from the mesh: model listing, generations and embeddings.
 
-The gateway speaks HTTP and OpenAI; a backend decides where a request runs (this node's engine now,
-another node over gRPC in the mesh) and says which node served it.
+The gateway speaks HTTP and OpenAI; a backend decides where a request runs (this node's engine, or
+other nodes over the data plane) and says which node served it. Its errors are `core.errors.MeshError`.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from engine.types import Chunk, GenerationRequest
+from core.types import Chunk, GenerationRequest
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,9 +38,14 @@ class Generation:
             yield chunk
 
     async def aclose(self) -> None:
-        close = getattr(self.rest, "aclose", None)
-        if close is not None:
-            await close()
+        await aclose(self.rest)
+
+
+async def aclose(stream: AsyncIterator[Chunk]) -> None:
+    """Closes an async generator (a plain iterator has nothing to close)."""
+    close = getattr(stream, "aclose", None)
+    if close is not None:
+        await close()
 
 
 async def first_chunk(stream: AsyncIterator[Chunk]) -> Chunk:
@@ -51,7 +56,7 @@ async def first_chunk(stream: AsyncIterator[Chunk]) -> Chunk:
     except StopAsyncIteration:
         return Chunk()
     except BaseException:
-        await stream.aclose()  # type: ignore[attr-defined]
+        await aclose(stream)
         raise
 
 
@@ -68,7 +73,7 @@ class Backend(Protocol):
     def list_models(self) -> list[ModelListing]: ...
 
     async def open_generation(self, model: str, request: GenerationRequest) -> Generation:
-        """Raises gateway.errors.ApiError (404 unknown model, 429 busy, 400 too long)."""
+        """Raises core.errors.MeshError (ModelNotFound, Busy, BadRequest, Unavailable, ...)."""
         ...
 
     async def embed(self, model: str, texts: list[str]) -> Embeddings: ...

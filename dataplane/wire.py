@@ -1,4 +1,5 @@
-"""The Generate call's payloads: a request map in, chunk frames out (msgpack), validated both ways."""
+"""Payloads of the data plane's calls (msgpack maps), validated both ways: Generate's request and chunk
+frames, Embed, LoadShard. Activations have their own codec (`shard/activation_wire.py`)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ from array import array
 from dataclasses import asdict
 from typing import Any
 
+from dataplane.rpc import PayloadError
 from engine.chat_template import ROLES
 from engine.types import Chunk, FinishReason, GenerationRequest, SamplingParams, Usage
-from node.rpc import PayloadError
 
 DIGEST = re.compile(r"^[0-9a-f]{64}$")
 MAX_TEXT_CHARS = 4 << 20
@@ -141,3 +142,11 @@ def decode_embed_request(obj: dict[str, Any]) -> tuple[str, list[str]]:
     if not isinstance(inputs, list) or not 0 < len(inputs) <= MAX_EMBED_INPUTS:
         raise PayloadError(f"input must be a list of 1 to {MAX_EMBED_INPUTS} strings")
     return digest, [_text(t, "input") for t in inputs]
+
+
+def decode_load_shard(obj: dict[str, Any]) -> tuple[str, int, int]:
+    digest, start, end = obj.get("model"), obj.get("start"), obj.get("end")
+    if not (isinstance(digest, str) and DIGEST.match(digest) and isinstance(start, int)
+            and isinstance(end, int) and 0 <= start < end <= 1 << 16):
+        raise PayloadError("LoadShard needs model, start and end")
+    return digest, start, end

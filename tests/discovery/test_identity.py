@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import stat
 
-from node.identity import Identity, node_id_from_public_key, verify_signature
+from discovery.identity import Identity, node_id_from_public_key, verify_signature
 
 
 def test_identity_persists_and_node_id_comes_from_the_key(tmp_path):

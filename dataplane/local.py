@@ -1,42 +1,45 @@
-"""Serving on this node: admit into the local runner and surface errors as OpenAI errors."""
+"""Serving on this node: admit into the local runner; every failure leaves as a `core.errors.MeshError`.
+
+Used by the router (a request this node serves itself) and by the gRPC service (a peer's request).
+"""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+from core.errors import BadRequest, Internal, MeshError
+from core.serving import Embeddings, Generation, aclose, first_chunk
+from core.types import Chunk, GenerationRequest
 from engine.chat_template import ChatTemplateError
 from engine.local_models import LocalModel
-from engine.runner import QueueFull
-from engine.types import Chunk, ContextLengthExceeded, GenerationRequest
-from gateway.backend import Embeddings, Generation, first_chunk
-from gateway.errors import ApiError, bad_request, overloaded
-
-_MAPPED = (QueueFull, ContextLengthExceeded, ChatTemplateError)
 
 
-def as_api_error(e: Exception) -> ApiError:
-    if isinstance(e, QueueFull):
-        return overloaded(e.retry_after_s)
-    if isinstance(e, ContextLengthExceeded):
-        return bad_request(str(e), param="max_tokens", code="context_length_exceeded")
+def as_mesh_error(e: Exception) -> MeshError:
+    """An engine's exception in words of the mesh (QueueFull and ContextLengthExceeded already are)."""
+    if isinstance(e, MeshError):
+        return e
     if isinstance(e, ChatTemplateError):
-        return bad_request(str(e), param="messages")
-    return ApiError(500, f"generation failed: {e}", type="server_error")
+        return BadRequest(str(e), param="messages")
+    return Internal(f"generation failed: {e}")
 
 
 async def _mapped(chunks: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
     try:
         async for chunk in chunks:
             yield chunk
-    except _MAPPED as e:
-        raise as_api_error(e) from None
+    except (MeshError, ChatTemplateError) as e:
+        raise as_mesh_error(e) from None
     finally:
-        await chunks.aclose()  # type: ignore[attr-defined]
+        await aclose(chunks)
+
+
+def local_stream(local: LocalModel, request: GenerationRequest) -> AsyncIterator[Chunk]:
+    return _mapped(local.runner.stream(request))
 
 
 async def open_local_generation(node_name: str, local: LocalModel, request: GenerationRequest) -> Generation:
     """Admits the request and waits for its first chunk, so queue and validation errors come first."""
-    stream = _mapped(local.runner.stream(request))
+    stream = local_stream(local, request)
     first = await first_chunk(stream)
     return Generation(served_by=node_name, first=first, rest=stream, model=local.model.alias)
 
@@ -49,6 +52,6 @@ async def embed_local(node_name: str, local: LocalModel, texts: list[str]) -> Em
 
     try:
         vectors, tokens = await local.runner.run(run)
-    except _MAPPED as e:
-        raise as_api_error(e) from None
+    except (MeshError, ChatTemplateError) as e:
+        raise as_mesh_error(e) from None
     return Embeddings(node_name, vectors, tokens)

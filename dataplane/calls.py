@@ -1,0 +1,86 @@
+"""Client calls of the data plane: Generate / PipelineGenerate relayed chunk by chunk, Embed, LoadShard.
+
+Every failure leaves as a `core.errors.MeshError`: `Unavailable` when the peer could not be reached or
+broke off (another may succeed), else what the peer answered (`Busy`, `BadRequest`, `Refused`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from core.errors import Unavailable
+from core.types import Chunk, GenerationRequest
+from dataplane import rpc
+from dataplane.channels import PeerChannels
+from dataplane.status import from_rpc_error
+from dataplane.wire import decode_chunk, decode_embeddings, encode_request
+
+FIRST_FRAME_TIMEOUT_S = 60.0  # admission + prompt processing on a slow holder
+IDLE_FRAME_TIMEOUT_S = 30.0  # a holder that goes silent this long mid-stream has failed
+CALL_DEADLINE_S = 3600.0
+EMBED_TIMEOUT_S = 120.0
+LOAD_SHARD_TIMEOUT_S = 600.0  # dequantising a large range from disk takes a while
+
+
+async def remote_generate(
+    channels: PeerChannels,
+    address: str,
+    digest: str,
+    request: GenerationRequest,
+    *,
+    method: str = "Generate",
+    extra: dict[str, Any] | None = None,
+) -> AsyncIterator[Chunk]:
+    """Streams a holder's (or a pipeline's stage 0's) chunks."""
+    payload = {**encode_request(digest, request), **(extra or {})}
+    call = channels.channel(address).unary_stream(
+        rpc.method_path(method), request_serializer=rpc.identity, response_deserializer=rpc.identity
+    )(rpc.pack(payload), metadata=channels.metadata, timeout=CALL_DEADLINE_S)
+    timeout = FIRST_FRAME_TIMEOUT_S
+    try:
+        frames = call.__aiter__()
+        while True:
+            try:
+                async with asyncio.timeout(timeout):  # not wait_for: it can swallow a cancel on 3.11
+                    raw = await anext(frames)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise Unavailable(f"no frame from {address} for {timeout:.0f} s") from None
+            timeout = IDLE_FRAME_TIMEOUT_S
+            try:
+                yield decode_chunk(rpc.unpack_map(raw))
+            except rpc.PayloadError as e:
+                raise Unavailable(f"bad frame from {address}: {e}") from None
+    except grpc.aio.AioRpcError as e:
+        raise from_rpc_error(e) from None
+    finally:
+        call.cancel()  # a client that hung up stops the holder's generation
+
+
+async def _unary(channels: PeerChannels, address: str, method: str, payload: dict[str, Any], timeout_s: float) -> bytes:
+    call = channels.channel(address).unary_unary(
+        rpc.method_path(method), request_serializer=rpc.identity, response_deserializer=rpc.identity
+    )
+    try:
+        return await call(rpc.pack(payload), metadata=channels.metadata, timeout=timeout_s)
+    except grpc.aio.AioRpcError as e:
+        raise from_rpc_error(e) from None
+
+
+async def remote_embed(
+    channels: PeerChannels, address: str, digest: str, texts: list[str]
+) -> tuple[list[list[float]], int]:
+    raw = await _unary(channels, address, "Embed", {"model": digest, "input": texts}, EMBED_TIMEOUT_S)
+    try:
+        return decode_embeddings(rpc.unpack_map(raw))
+    except rpc.PayloadError as e:
+        raise Unavailable(f"bad embeddings from {address}: {e}") from None
+
+
+async def remote_load_shard(channels: PeerChannels, address: str, digest: str, start: int, end: int) -> None:
+    await _unary(channels, address, "LoadShard", {"model": digest, "start": start, "end": end}, LOAD_SHARD_TIMEOUT_S)

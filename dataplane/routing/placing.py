@@ -1,0 +1,59 @@
+"""Placing an offered model: plan a split over the nodes offering its GGUF, have each load its range.
+
+One placement per model at a time; later requests reuse its route until adverts show the ranges.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from core.errors import CannotPlace, MeshError, ModelNotFound
+from dataplane.calls import remote_load_shard
+from dataplane.channels import PeerChannels
+from dataplane.routing.view import MeshView, Target
+from engine.types import TORCH_KV
+from placement.cluster import PlacementError
+from placement.offer_plan import plan_offer
+from placement.route_pipeline import PipelineRoute, PipelineStage
+
+log = logging.getLogger(__name__)
+
+
+class Placer:
+    def __init__(self, channels: PeerChannels) -> None:
+        self._channels = channels
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._placed: dict[str, PipelineRoute] = {}  # until adverts show the loaded ranges
+
+    def forget(self, digest: str) -> None:
+        """Adverts now show the model's ranges: route over them."""
+        self._placed.pop(digest, None)
+
+    async def place(self, target: Target, view: MeshView, available: list[str]) -> PipelineRoute:
+        async with self._locks.setdefault(target.digest, asyncio.Lock()):
+            if (route := self._placed.get(target.digest)) is not None:
+                return route
+            try:
+                plan = plan_offer(target.digest, view.adverts, context_tokens=TORCH_KV.total_tokens)
+            except PlacementError as e:
+                raise CannotPlace(f"cannot place {target.alias}: {e}", code="insufficient_memory") from None
+            if plan is None:
+                raise ModelNotFound(target.alias, available)
+            name = {a.node_id: a.name for a in view.adverts}
+            log.info("placing %s: %s", target.alias, ", ".join(f"{name[s.node]}[{s.start}:{s.end})" for s in plan.stages))
+            try:
+                await asyncio.gather(*(
+                    remote_load_shard(self._channels, _grpc(view, s.node), target.digest, s.start, s.end)
+                    for s in plan.stages
+                ))
+            except MeshError as e:
+                raise CannotPlace(f"loading {target.alias} failed: {e}", code="load_failed") from None
+            route = PipelineRoute(tuple(PipelineStage(s.node, s.start, s.end) for s in plan.stages), plan.time_per_token_ms)
+            self._placed[target.digest] = route
+            return route
+
+
+def _grpc(view: MeshView, node_id: str) -> str:
+    advert = view.advert(node_id)
+    return advert.addresses.grpc if advert is not None else ""

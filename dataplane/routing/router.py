@@ -1,0 +1,132 @@
+"""MeshRouter: the gateway's backend on every node — serve here, or route to the best holder.
+
+Each request takes one `MeshView` (our advert built once, one snapshot of the peers), resolves the
+model in its catalog, then opens the best whole-model holder under the one retry policy
+(`dispatch.py`, `retry.py`), else the cheapest chain of layer ranges (placing an offered model first,
+`placing.py`). A holder that fails mid-stream is replaced (`resume.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+from core.errors import Busy, ModelNotFound, Refused, Unavailable
+from core.serving import Embeddings, Generation, ModelListing, first_chunk
+from core.types import GenerationRequest
+from dataplane.calls import remote_generate
+from dataplane.channels import PeerChannels
+from dataplane.routing.dispatch import Dispatcher, prefix_key
+from dataplane.routing.placing import Placer
+from dataplane.routing.resume import Served, resuming
+from dataplane.routing.retry import Attempts
+from dataplane.routing.view import MeshView, Target, list_models, resolve
+from dataplane.stage_wire import Hop, encode_chain
+from discovery.advert import NodeAdvert
+from engine.local_models import LocalModels
+from placement.route_pipeline import route_pipeline
+
+log = logging.getLogger(__name__)
+
+
+class MeshRouter:
+    def __init__(
+        self,
+        node_name: str,
+        local: LocalModels,
+        self_advert: Callable[[], NodeAdvert],
+        peer_adverts: Callable[[], list[NodeAdvert]],
+        channels: PeerChannels,
+        describe_self: Callable[[], dict],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.node_name = node_name
+        self.local = local
+        self._self_advert = self_advert
+        self._peer_adverts = peer_adverts
+        self._channels = channels
+        self._describe_self = describe_self
+        self.dispatch = Dispatcher(local, channels, clock)
+        self.placer = Placer(channels)
+
+    def view(self) -> MeshView:
+        """One consistent picture of the mesh: our advert built once, one snapshot of the peers."""
+        return MeshView(self._self_advert(), tuple(self._peer_adverts()))
+
+    def list_models(self) -> list[ModelListing]:
+        return list_models(self.view())
+
+    def _resolve(self, view: MeshView, name: str) -> tuple[Target, list[str]]:
+        listings = list_models(view)
+        available = sorted({m.alias for m in listings})
+        target = resolve(listings, name)
+        if target is None:
+            raise ModelNotFound(name, available)
+        return target, available
+
+    # --- generation ----------------------------------------------------------------------------------
+    async def open_generation(self, model: str, request: GenerationRequest) -> Generation:
+        view = self.view()
+        target, available = self._resolve(view, model)
+        attempts = Attempts()
+        served = await self._open(view, target, available, request, attempts)
+
+        async def reopen(resumed: GenerationRequest) -> Served:
+            return await self._open(self.view(), target, available, resumed, attempts)
+
+        def on_failure(node_id: str) -> None:
+            self.dispatch.record_failure(node_id)
+            attempts.exclude.add(node_id)
+
+        generation = served.generation
+        generation.rest = resuming(served, request, reopen, on_failure)
+        return generation
+
+    async def _open(self, view: MeshView, target: Target, available: list[str], request: GenerationRequest,
+                    attempts: Attempts) -> Served:
+        attempts = replace(attempts, tried=0, failed=[])  # a fresh try budget; the exclusions carry on
+        served: list[str] = []
+
+        async def on(advert: NodeAdvert) -> Generation:
+            generation = await self.dispatch.open_generation(view, advert, target, request)
+            served.append(advert.node_id)
+            return generation
+
+        generation = await self.dispatch.first_holder(view, target, prefix_key(request), attempts, on)
+        if generation is not None:
+            return Served(generation, served[-1])
+        return Served(await self._open_pipeline(view, target, available, request), None)
+
+    async def _open_pipeline(self, view: MeshView, target: Target, available: list[str],
+                             request: GenerationRequest) -> Generation:
+        """No node holds the model whole: drive the cheapest chain of layer ranges from its stage 0."""
+        route = route_pipeline(target.digest, view.adverts)
+        if route is None:
+            route = await self.placer.place(target, view, available)
+        else:
+            self.placer.forget(target.digest)
+        adverts = [view.advert(s.node_id) for s in route.stages]
+        if any(a is None for a in adverts):
+            raise Unavailable("a node of the planned pipeline left the mesh", code="pipeline_failed")
+        chain = [Hop(a.addresses.grpc, s.start, s.end) for a, s in zip(adverts, route.stages, strict=True) if a is not None]
+        names = "+".join(a.name for a in adverts if a is not None)
+        stream = remote_generate(self._channels, chain[0].address, target.digest, request,
+                                 method="PipelineGenerate", extra={"chain": encode_chain(chain)})
+        try:
+            head = await first_chunk(stream)
+        except Unavailable as e:
+            raise Unavailable(f"pipeline {names} failed: {e}", code="pipeline_failed") from None
+        except Refused:  # e.g. a stage without the pipeline service yet: try again later
+            raise Busy(1) from None
+        return Generation(served_by=names, first=head, rest=stream, model=target.alias)
+
+    # --- embeddings ----------------------------------------------------------------------------------
+    async def embed(self, model: str, texts: list[str]) -> Embeddings:
+        view = self.view()
+        target, available = self._resolve(view, model)
+        return await self.dispatch.embed(view, target, texts, available)
+
+    def describe_self(self) -> dict:
+        return self._describe_self()

@@ -1,0 +1,87 @@
+"""Payloads of the pipeline calls: the chain of stages, the `Forward` header and a stage's reply."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from core.types import Chunk, SamplingParams
+from dataplane.rpc import PayloadError
+from dataplane.wire import DIGEST, decode_chunk, decode_request, encode_chunk
+
+MAX_CHAIN = 64
+
+
+@dataclass(frozen=True, slots=True)
+class Hop:
+    """One stage of a chain: the node's gRPC address and the layers [start, end) it runs there."""
+
+    address: str
+    start: int
+    end: int
+
+    def encode(self) -> list[Any]:
+        return [self.address, self.start, self.end]
+
+
+def encode_chain(hops: list[Hop]) -> list[list[Any]]:
+    return [h.encode() for h in hops]
+
+
+def decode_chain(value: Any) -> list[Hop]:
+    if not isinstance(value, list) or not 0 < len(value) <= MAX_CHAIN:
+        raise PayloadError("chain must be a non-empty list")
+    out = []
+    for hop in value:
+        if not (isinstance(hop, list) and len(hop) == 3 and isinstance(hop[0], str) and len(hop[0]) <= 256
+                and all(isinstance(v, int) and v >= 0 for v in hop[1:])):
+            raise PayloadError("chain entries are [address, start, end]")
+        out.append(Hop(hop[0], hop[1], hop[2]))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    """The first message of a `Forward` stream: the session and the rest of the chain from here."""
+
+    sid: str
+    model: str
+    chain: list[Hop]
+    params: SamplingParams
+    prompt_len: int
+    max_new: int
+
+    def encode(self) -> dict[str, Any]:
+        return {"sid": self.sid, "model": self.model, "chain": encode_chain(self.chain),
+                "params": {**asdict(self.params), "stop": list(self.params.stop)},
+                "prompt_len": self.prompt_len, "max_new": self.max_new}
+
+    def onward(self) -> Header:
+        """The header the next stage gets: the chain without this stage."""
+        return Header(self.sid, self.model, self.chain[1:], self.params, self.prompt_len, self.max_new)
+
+
+def decode_header(obj: dict[str, Any]) -> Header:
+    h = obj.get("h")
+    if not isinstance(h, dict):
+        raise PayloadError("the first message must be a header")
+    sid, digest = h.get("sid"), h.get("model")
+    if not (isinstance(sid, str) and 0 < len(sid) <= 128 and isinstance(digest, str) and DIGEST.match(digest)):
+        raise PayloadError("header needs sid and model")
+    prompt_len, max_new = h.get("prompt_len"), h.get("max_new")
+    if not (isinstance(prompt_len, int) and isinstance(max_new, int) and prompt_len >= 0 and max_new >= 1):
+        raise PayloadError("header needs prompt_len and max_new")
+    _, probe = decode_request({"model": digest, "prompt": "", "params": h.get("params")})
+    return Header(sid, digest, decode_chain(h.get("chain")), probe.params, prompt_len, max_new)
+
+
+def encode_reply(chunk: Chunk, token: int) -> dict[str, Any]:
+    """The last stage's answer to one step: the chunk, and the token stage 0 feeds back in."""
+    return {**encode_chunk(chunk), "tok": token}
+
+
+def decode_reply(reply: dict[str, Any]) -> tuple[Chunk, int]:
+    token = reply.get("tok")
+    if not isinstance(token, int) or token < 0:
+        raise PayloadError("reply without a token")
+    return decode_chunk(reply), token
