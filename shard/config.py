@@ -1,4 +1,8 @@
-"""Model hyper-parameters read from GGUF metadata (Llama family: llama, mistral, qwen2)."""
+"""Model hyper-parameters read from GGUF metadata: the Llama family (llama, mistral, qwen2) and gemma3.
+
+Per-architecture facts live here as fields and derived properties (which layers slide, which RoPE base
+a layer uses, scales); the forward of each architecture is in engine/arch_<name>.py.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,11 @@ if TYPE_CHECKING:  # placement and simulations import this module; keep it free 
 # Architectures whose GGUF Q/K rows were permuted by llama.cpp's converter for its adjacent-pair
 # ("NORM") RoPE. Qwen2 uses NEOX RoPE, i.e. HF's rotate_half, so its weights are stored as in HF.
 PERMUTED_QK_ARCHS = frozenset({"llama", "mistral"})
-SUPPORTED_ARCHS = PERMUTED_QK_ARCHS | {"qwen2"}
+SUPPORTED_ARCHS = PERMUTED_QK_ARCHS | {"qwen2", "gemma3"}
+# Gemma 3 as llama.cpp runs it (llama-model.cpp, LLM_ARCH_GEMMA3): every 6th layer is global, the
+# others attend over a sliding window with their own RoPE base (hard-coded, not in the GGUF).
+GEMMA3_SWA_PATTERN = 6
+GEMMA3_SWA_ROPE_BASE = 10000.0
 
 
 class ModelConfigError(ValueError):
@@ -34,6 +42,12 @@ class ModelConfig:
     rms_eps: float
     tied_embeddings: bool  # no output.weight: the head reuses token_embd
     attn_bias: bool  # Qwen2-style biases on q, k and v
+    # sliding-window attention: a key is masked when query_pos - key_pos >= sliding_window (0: none);
+    # with swa_pattern N, layer i is global when i % N == N - 1 and sliding otherwise
+    sliding_window: int = 0
+    swa_pattern: int = 0
+    rope_base_swa: float = 10000.0  # RoPE base of the sliding layers
+    rope_scale: float = 1.0  # linear RoPE scaling factor of the global layers (positions / factor)
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHS:
@@ -42,6 +56,8 @@ class ModelConfig:
             raise ModelConfigError("n_heads must be a multiple of n_kv_heads")
         if self.rope_dim != self.head_dim:
             raise ModelConfigError("partial rotary embeddings are not supported")
+        if self.sliding_window < 0 or self.swa_pattern < 0 or self.rope_scale <= 0:
+            raise ModelConfigError("bad sliding window, pattern or RoPE scale")
 
     @property
     def q_size(self) -> int:
@@ -55,12 +71,35 @@ class ModelConfig:
     def permuted_qk(self) -> bool:
         return self.architecture in PERMUTED_QK_ARCHS
 
+    @property
+    def is_gemma3(self) -> bool:
+        return self.architecture == "gemma3"
+
+    @property
+    def embed_scale(self) -> float:
+        """Token embeddings are multiplied by this (Gemma: sqrt(hidden), in fp32 as llama.cpp)."""
+        return float(self.hidden_size) ** 0.5 if self.is_gemma3 else 1.0
+
+    @property
+    def attn_scale(self) -> float:
+        """Softmax scale of q.k. Gemma 3 27B (62 layers) uses hidden / heads, as llama.cpp does."""
+        if self.is_gemma3 and self.n_layers == 62:
+            return (self.hidden_size / self.n_heads) ** -0.5
+        return self.head_dim**-0.5
+
+    def is_sliding(self, layer: int) -> bool:
+        """Whether `layer` attends over the sliding window only (llama.cpp's set_swa_pattern)."""
+        if self.sliding_window == 0 or self.swa_pattern == 0:
+            return False
+        return layer % self.swa_pattern < self.swa_pattern - 1
+
     def layer_params(self) -> int:
         """Parameters of one transformer block (norms, attention, MLP)."""
         h = self.hidden_size
         attn = h * self.q_size * 2 + h * self.kv_size * 2  # q, o, k, v
         bias = (self.q_size + 2 * self.kv_size) if self.attn_bias else 0
-        return 2 * h + attn + bias + 3 * h * self.ffn_size
+        extra = (2 * h + 2 * self.head_dim) if self.is_gemma3 else 0  # post-norms, q/k norms
+        return 2 * h + attn + bias + extra + 3 * h * self.ffn_size
 
 
 def _get(reader: gguf.GGUFReader, key: str, default: object = None) -> object:
@@ -83,6 +122,8 @@ def read_config(reader: gguf.GGUFReader) -> ModelConfig:
         vocab_size = int(vocab.contents())
     else:
         vocab_size = len(reader.fields["tokenizer.ggml.tokens"].data)
+    gemma3 = arch == "gemma3"
+    rope_scale = _gemma3_rope_scale(reader) if gemma3 else 1.0
     return ModelConfig(
         architecture=arch,
         n_layers=int(_get(reader, f"{arch}.block_count")),  # type: ignore[arg-type]
@@ -98,4 +139,16 @@ def read_config(reader: gguf.GGUFReader) -> ModelConfig:
         rms_eps=float(_get(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),  # type: ignore[arg-type]
         tied_embeddings="output.weight" not in names,
         attn_bias="blk.0.attn_q.bias" in names,
+        sliding_window=int(_get(reader, f"{arch}.attention.sliding_window")) if gemma3 else 0,  # type: ignore[arg-type]
+        swa_pattern=GEMMA3_SWA_PATTERN if gemma3 else 0,
+        rope_base_swa=GEMMA3_SWA_ROPE_BASE,
+        rope_scale=rope_scale,
     )
+
+
+def _gemma3_rope_scale(reader: gguf.GGUFReader) -> float:
+    """Gemma 3 >= 4B scales its global layers' positions linearly (factor 8); 270M and 1B do not."""
+    kind = str(_get(reader, "gemma3.rope.scaling.type", "none"))
+    if kind not in ("none", "linear"):
+        raise ModelConfigError(f"unsupported RoPE scaling {kind!r}")
+    return float(_get(reader, "gemma3.rope.scaling.factor", 1.0)) if kind == "linear" else 1.0  # type: ignore[arg-type]

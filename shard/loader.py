@@ -3,6 +3,8 @@
 `gguf.GGUFReader` memory-maps the file, so only the pages of the wanted tensors are read. Checkpoint
 quirks are fixed here, once: llama.cpp's Q/K row permutation is undone so the model can use the
 standard HF rotate_half RoPE, and tied embeddings give the last stage a copy of token_embd as head.
+Gemma 3 adds per-head q/k norms and post-attention / post-FFN norms; its converter already stored the
+norm weights as (1 + w), so every norm is a plain RMSNorm here, as in llama.cpp.
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ class LayerWeights:
     bq: torch.Tensor | None = None
     bk: torch.Tensor | None = None
     bv: torch.Tensor | None = None
+    q_norm: torch.Tensor | None = None  # Gemma 3: RMSNorm of each head's q / k [head_dim]
+    k_norm: torch.Tensor | None = None
+    post_attn_norm: torch.Tensor | None = None  # Gemma 3: RMSNorm of the attention / FFN output [hidden]
+    post_ffn_norm: torch.Tensor | None = None
 
 
 @dataclass(slots=True)
@@ -116,6 +122,14 @@ def load_shard(
             wq, wk = unpermute_rows(wq, c.n_heads), unpermute_rows(wk, c.n_kv_heads)
             bq = unpermute_rows(bq, c.n_heads) if bq is not None else None
             bk = unpermute_rows(bk, c.n_kv_heads) if bk is not None else None
+        gemma3_norms = {}
+        if c.is_gemma3:
+            gemma3_norms = {
+                "q_norm": get(p + "attn_q_norm.weight", (c.head_dim,)),
+                "k_norm": get(p + "attn_k_norm.weight", (c.head_dim,)),
+                "post_attn_norm": get(p + "post_attention_norm.weight", (h,)),
+                "post_ffn_norm": get(p + "post_ffw_norm.weight", (h,)),
+            }
         layers.append(
             LayerWeights(
                 attn_norm=get(p + "attn_norm.weight", (h,)),
@@ -130,6 +144,7 @@ def load_shard(
                 bq=bq,
                 bk=bk,
                 bv=optional(p + "attn_v.bias", (c.kv_size,)),
+                **gemma3_norms,
             )
         )
     embd_shape = (c.vocab_size, h)
