@@ -9,6 +9,7 @@ from typing import TypeVar
 import grpc
 
 from core.errors import BadRequest, MeshError, ModelNotFound, Refused
+from core.serving import aclose
 from dataplane import rpc
 from dataplane.local import embed_local, local_stream
 from dataplane.status import abort
@@ -78,7 +79,7 @@ class NodeService:
         except MeshError as e:
             await abort(context, e)
         finally:
-            await stream.aclose()  # type: ignore[attr-defined]
+            await aclose(stream)
 
     async def embed(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         local, texts = await self._decode_for_whole_model(request, context, decode_embed_request)

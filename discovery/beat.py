@@ -55,8 +55,9 @@ def decode_message(data: object, mesh_key: bytes) -> NodeAdvert | Beat:
     version, payload, signature = open_envelope(data, mesh_key)
     if version == ENVELOPE_VERSION:
         return advert_from_payload(payload, signature)
-    if len(data) > MAX_BEAT_BYTES:  # type: ignore[arg-type]
-        raise AdvertError("oversized", f"beat of {len(data)} bytes")  # type: ignore[arg-type]
+    size = len(data) if isinstance(data, (bytes, bytearray, memoryview)) else 0  # open_envelope checked it
+    if size > MAX_BEAT_BYTES:
+        raise AdvertError("oversized", f"beat of {size} bytes")
     fields = unpack_payload(payload)
     if not isinstance(fields, list) or len(fields) != 3:
         raise AdvertError("malformed", "beat must be a 3-item array")

@@ -26,7 +26,7 @@ MULTICAST_TTL = 1  # the local link only, like mDNS
 
 
 class _Receiver(asyncio.DatagramProtocol):
-    def __init__(self, on_datagram: Callable[[bytes], None]) -> None:
+    def __init__(self, on_datagram: Callable[[bytes], object]) -> None:
         self._on_datagram = on_datagram
 
     def datagram_received(self, data: bytes, addr: tuple[str | object, int]) -> None:
@@ -43,7 +43,7 @@ class AdvertMulticast:
     Runs on the asyncio loop that calls async_start(); on_datagram is called on that loop.
     """
 
-    def __init__(self, ips: list[str], on_datagram: Callable[[bytes], None], port: int = PORT) -> None:
+    def __init__(self, ips: list[str], on_datagram: Callable[[bytes], object], port: int = PORT) -> None:
         self._ips = ips
         self._on_datagram = on_datagram
         self._port = port

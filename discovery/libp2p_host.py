@@ -70,7 +70,7 @@ class Libp2pHost:
     def __init__(
         self,
         identity: Identity,
-        on_message: Callable[[bytes], None],
+        on_message: Callable[[bytes], object],
         *,
         listen_ip: str = "127.0.0.1",
         announce_ips: Sequence[str] = (),
@@ -181,7 +181,7 @@ class Libp2pHost:
             self._error = e
             log.exception("libp2p host stopped with an error")
             err = Libp2pError(repr(e))
-            self._call_loop(lambda: started.done() or started.set_exception(err))
+            self._call_loop(lambda: None if started.done() else started.set_exception(err))
 
     def _call_loop(self, fn: Callable[[], object]) -> None:
         assert self._loop is not None
@@ -234,7 +234,7 @@ class Libp2pHost:
                     self._cancel = cancel
                     self._token = trio.lowlevel.current_trio_token()
                     self._outbox, self._dial, self._direct = outbox_send, dial_send, direct_send
-                    self._call_loop(lambda: started.done() or started.set_result(None))
+                    self._call_loop(lambda: None if started.done() else started.set_result(None))
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self._read_loop, subscription)
                         nursery.start_soon(self._publish_loop, pubsub, outbox_recv)

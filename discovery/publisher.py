@@ -117,7 +117,7 @@ class Publisher:
     def _lan_peer_ids(self) -> frozenset[str]:
         """libp2p peer ids of peers we heard on the LAN lately: they hear our multicast beats too
         (same link), so our direct libp2p beats to them would only be duplicates."""
-        now, ids = self._clock(), set()
+        now, ids = self._clock(), set[str]()
         for node_id, at in list(self._lan_heard.items()):
             peer = self._table.get(node_id)
             if peer is None or now - at > 2 * self._refresh_s:

@@ -88,7 +88,9 @@ class Discovery:
         self._libp2p_port = libp2p_port
         self._bootstrap = list(bootstrap)
         self._host_ip = host_ip
-        self._own_fetcher = HttpAdvertFetcher() if fetch_advert is None else None
+        self._own_fetcher: HttpAdvertFetcher | None = None
+        if fetch_advert is None:
+            self._own_fetcher = fetch_advert = HttpAdvertFetcher()
         self._max_skew_s = max_skew_s
         self._rejects = RejectCounter(log)
         self._listeners: list[Callable[[PeerChange], None]] = []
@@ -101,10 +103,9 @@ class Discovery:
         self._multicast: AdvertMulticast | None = None
         self._libp2p: Libp2pHost | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        fetch: FetchAdvert = fetch_advert or self._own_fetcher  # type: ignore[assignment]
-        self._missed = MissedAdverts(fetch, lambda data: self.receive(data, "libp2p"))
+        self._missed = MissedAdverts(fetch_advert, lambda data: self.receive(data, "libp2p"))
         self._lan = LanPeers(
-            fetch,
+            fetch_advert,
             receive=lambda data: self.receive(data, "mdns"),
             goodbye=self._drop,
             seen_s=self._seen_s,

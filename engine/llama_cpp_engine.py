@@ -176,7 +176,7 @@ class LlamaCppEngine:
                     raise ContextLengthExceeded(
                         f"input has {len(tokens)} tokens; embeddings take at most {self._embedder.n_ctx()}"
                     )
-                out.append(self._embedder.embed(text, normalize=True))  # type: ignore[arg-type]
+                out.append(self._embedder.embed(text, normalize=True))
             return out
 
     def close(self) -> None:

@@ -206,7 +206,7 @@ class Node:
 
 
 def _context_of(engine: object) -> int:
-    return int(getattr(engine, "n_ctx", None) or getattr(engine, "max_context", 0))
+    return int(getattr(engine, "n_ctx", 0) or getattr(engine, "max_context", 0))
 
 
 def _grpc_bind_host(http_host: str) -> str:

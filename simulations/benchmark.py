@@ -23,7 +23,7 @@ _TIE = 1e-9
 
 def run_benchmark(n_clusters: int, seed: int) -> dict[str, Any]:
     rng = random.Random(seed)
-    rows = []
+    rows: list[dict[str, Any]] = []
     redrawn = 0
     while len(rows) < n_clusters:
         model_name, cluster = random_cluster(rng)

@@ -202,7 +202,7 @@ class MeshSim:
     def _cluster(self) -> Cluster:
         c = self.coordinator
         now = self.events.now
-        adverts = [c.advert(now, self.cfg.ttl_s)] + [p.advert for p in c.table.snapshot(now)]
+        adverts = [c.advert(now, self.cfg.ttl_s)] + [p.advert for p in _table(c).snapshot(now)]
         sites = {a.node_id: self.by_id[a.node_id].site for a in adverts}
         return from_adverts.cluster_from_adverts(self.pipe_model, adverts, bytes_per_speed_token=SPEED_REFERENCE_BYTES,
                                                  links=self.links(), sites=sites, concurrency=4)
@@ -262,7 +262,7 @@ class MeshSim:
         now = self.events.now
         gateways = [o for o in self.observers if o.alive]
         gw = gateways[self.rng.randrange(len(gateways))]
-        peers = [p.advert for p in gw.table.snapshot(now)]
+        peers = [p.advert for p in _table(gw).snapshot(now)]
         if req.kind == "pipeline":
             chain = pipeline_mod.route_pipeline(_digest(self.cfg.pipeline_model), [gw.advert(now, self.cfg.ttl_s), *peers])
             if chain is None or self.pipeline is None or not all(self.by_id[s.node_id].alive for s in chain.stages):
@@ -335,3 +335,10 @@ class MeshSim:
             "replans": m["replans"], "moved_layers": m["moved_layers"],
             "plan_wall_ms": round(max(m["plan_wall_ms"]), 2) if m["plan_wall_ms"] else None,
         }
+
+
+def _table(observer: SimNode) -> PeerTable:
+    """The table of an observer (coordinators and gateways are picked among observers)."""
+    if observer.table is None:
+        raise ValueError("only observers keep a peer table")
+    return observer.table

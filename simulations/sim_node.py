@@ -11,6 +11,7 @@ from discovery.advert import Addresses, Load, ModelAdvert, NodeAdvert, Resources
 from discovery.envelope import encode_signed
 from discovery.identity import Identity
 from discovery.peer_table import PeerTable
+from placement.choose_holder import FailureRecord
 from simulations.catalog import BANDWIDTH_EFFICIENCY, DeviceProfile
 
 # Nodes advertise speed as tok/s on a reference model reading this many bytes per token; the
@@ -35,7 +36,7 @@ class SimNode:
     active: int = 0
     queue: list[object] = field(default_factory=list)
     capacity: int = 4
-    failures: dict[str, object] = field(default_factory=dict)  # gateway-side FailureRecord per node
+    failures: dict[str, FailureRecord] = field(default_factory=dict)  # gateway-side FailureRecord per node
     inflight: dict[str, int] = field(default_factory=dict)
     wire_bytes: int = 0
 
