@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from discovery.advert import FileAdvert, NodeAdvert
 from placement.cluster import Cluster, ModelSpec, NodeSpec, Plan
 from placement.plan import plan_split
+from placement.speed import ms_per_layer
 
 DEFAULT_LAYER_MS = 1.0  # nodes that have not measured a speed are taken as equal
 OVERHEAD_MS = 0.3
@@ -40,8 +41,8 @@ def cluster_for_offer(
             continue
         r = advert.resources
         memory = min(r.budget_free_bytes or r.ram_free_bytes, r.ram_free_bytes)
-        layer_ms = 1000.0 / (r.speed_tok_s * file.n_layers) if r.speed_tok_s > 0 else DEFAULT_LAYER_MS
-        nodes.append(NodeSpec(id=advert.node_id, memory_bytes=max(0, memory), layer_time_ms=layer_ms,
+        nodes.append(NodeSpec(id=advert.node_id, memory_bytes=max(0, memory),
+                              layer_time_ms=ms_per_layer(r.speed_tok_s, file.n_layers, DEFAULT_LAYER_MS),
                               overhead_ms=OVERHEAD_MS))
     if not nodes:
         return None

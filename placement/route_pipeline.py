@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from discovery.advert import NodeAdvert
+from placement.speed import ms_per_layer
 
 HOP_MS = 1.0  # per hop on a LAN: gRPC + serialisation of one token's activation
 UNKNOWN_LAYER_MS = 2.0  # a node that has not measured its speed yet
@@ -33,8 +34,7 @@ class PipelineRoute:
 
 def layer_ms(advert: NodeAdvert, n_layers: int) -> float:
     """Per-layer decode time from the node's measured whole-stage speed (tokens/s over its layers)."""
-    speed = advert.resources.speed_tok_s
-    return 1000.0 / (speed * n_layers) if speed > 0 else UNKNOWN_LAYER_MS
+    return ms_per_layer(advert.resources.speed_tok_s, n_layers, UNKNOWN_LAYER_MS)
 
 
 def route_pipeline(
