@@ -74,6 +74,14 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
 
 
+def test_config_reads_gemma3_quirks(whole) -> None:
+    c = whole.config
+    assert [i for i in range(N_LAYERS) if not c.is_sliding(i)] == [5, 11, 17]  # llama.cpp's swa pattern 6
+    assert (c.sliding_window, c.rope_base, c.rope_base_swa, c.rope_scale) == (512, 1e6, 1e4, 1.0)
+    assert (c.head_dim, c.n_heads, c.n_kv_heads, c.embed_scale, c.attn_scale) == (256, 4, 1, 640**0.5, 1 / 16)
+    assert c.tied_embeddings and not c.permuted_qk
+
+
 @pytest.mark.parametrize("chat", range(len(CHATS)))
 def test_chat_prompt_logits_match_llama_cpp(whole, llama, chat) -> None:
     ids = _chat(whole, CHATS[chat])
