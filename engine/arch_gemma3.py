@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.arch_llama import Attend, rms_norm, rope
+from engine.linear import Linear, LinearFactory
 from shard.config import ModelConfig
 from shard.loader import LayerWeights
 
@@ -71,31 +72,31 @@ CHAT_TEMPLATE = (
 @dataclass(slots=True)
 class Gemma3Layer:
     attn_norm: torch.Tensor  # [hidden]
-    wqkv: torch.Tensor  # [q + 2 kv, hidden]
+    qkv: Linear  # -> q [.., q], k [.., kv], v [.., kv]
     q_norm: torch.Tensor  # [head_dim]
     k_norm: torch.Tensor  # [head_dim]
-    wo: torch.Tensor  # [hidden, q]
+    wo: Linear  # [.., q] -> [.., hidden]
     post_attn_norm: torch.Tensor  # [hidden]
     ffn_norm: torch.Tensor  # [hidden]
-    w_gate_up: torch.Tensor  # [2 ffn, hidden]
-    w_down: torch.Tensor  # [hidden, ffn]
+    gate_up: Linear  # -> gate, up [.., ffn]
+    down: Linear  # [.., ffn] -> [.., hidden]
     post_ffn_norm: torch.Tensor  # [hidden]
 
 
-def make_layer(lw: LayerWeights) -> Gemma3Layer:
+def make_layer(lw: LayerWeights, lin: LinearFactory) -> Gemma3Layer:
     if lw.q_norm is None or lw.k_norm is None or lw.post_attn_norm is None or lw.post_ffn_norm is None:
         raise ValueError("a Gemma 3 layer needs q/k norms and post-attention/FFN norms")
     return Gemma3Layer(
-        attn_norm=lw.attn_norm,
-        wqkv=torch.cat([lw.wq, lw.wk, lw.wv]),
-        q_norm=lw.q_norm,
-        k_norm=lw.k_norm,
-        wo=lw.wo,
-        post_attn_norm=lw.post_attn_norm,
-        ffn_norm=lw.ffn_norm,
-        w_gate_up=torch.cat([lw.w_gate, lw.w_up]),
-        w_down=lw.w_down,
-        post_ffn_norm=lw.post_ffn_norm,
+        attn_norm=lin.vector(lw.attn_norm),
+        qkv=lin([lw.wq, lw.wk, lw.wv]),
+        q_norm=lin.vector(lw.q_norm),
+        k_norm=lin.vector(lw.k_norm),
+        wo=lin([lw.wo]),
+        post_attn_norm=lin.vector(lw.post_attn_norm),
+        ffn_norm=lin.vector(lw.ffn_norm),
+        gate_up=lin([lw.w_gate, lw.w_up]),
+        down=lin([lw.w_down]),
+        post_ffn_norm=lin.vector(lw.post_ffn_norm),
     )
 
 
@@ -106,15 +107,15 @@ def block(
     b, t, _ = h.shape
     eps = c.rms_eps
     x = rms_norm(h, layer.attn_norm, eps)
-    q, k, v = F.linear(x, layer.wqkv).split([c.q_size, c.kv_size, c.kv_size], dim=-1)
+    q, k, v = layer.qkv(x)
     q = rms_norm(q.view(b, t, c.n_heads, c.head_dim), layer.q_norm, eps).transpose(1, 2)  # [B, H, T, D]
     k = rms_norm(k.view(b, t, c.n_kv_heads, c.head_dim), layer.k_norm, eps).transpose(1, 2)  # [B, Hkv, T, D]
     v = v.view(b, t, c.n_kv_heads, c.head_dim).transpose(1, 2)  # v: [B, Hkv, T, D]
-    q, k = rope(q, cos, sin), rope(k, cos, sin)
+    q, k = rope(q, cos, sin, interleaved=False), rope(k, cos, sin, interleaved=False)
     o = attend(q, k, v)  # o: [B, H, T, D]
-    o = F.linear(o.transpose(1, 2).reshape(b, t, c.q_size), layer.wo)
+    (o,) = layer.wo(o.transpose(1, 2).reshape(b, t, c.q_size))
     h = h + rms_norm(o, layer.post_attn_norm, eps)
     x = rms_norm(h, layer.ffn_norm, eps)
-    gate, up = F.linear(x, layer.w_gate_up).chunk(2, dim=-1)  # [B, T, ffn] each
-    y = F.linear(F.gelu(gate, approximate="tanh") * up, layer.w_down)
+    gate, up = layer.gate_up(x)  # [B, T, ffn] each
+    (y,) = layer.down(F.gelu(gate, approximate="tanh") * up)
     return h + rms_norm(y, layer.post_ffn_norm, eps)

@@ -1,6 +1,6 @@
 """The Llama-family block (llama, mistral, qwen2): pre-norm GQA attention, SwiGLU FFN.
 
-Every weight matmul is an `F.linear` on a field of `LlamaLayer`; the attention itself (KV cache,
+Every weight matmul is a `Linear` (engine/linear.py: quantized or dense) on a field of `LlamaLayer`; the attention itself (KV cache,
 masks, scale) is the `attend` callback that `ShardModel` passes in, so a block knows no cache layout.
 """
 
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from engine.linear import Linear, LinearFactory
 from shard.config import ModelConfig
 from shard.loader import LayerWeights
 
@@ -22,26 +23,21 @@ Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 @dataclass(slots=True)
 class LlamaLayer:
     attn_norm: torch.Tensor  # [hidden]
-    wqkv: torch.Tensor  # [q + 2 kv, hidden]: one matmul instead of three (per-op overhead on CPU)
-    bqkv: torch.Tensor | None
-    wo: torch.Tensor  # [hidden, q]
+    qkv: Linear  # -> q [.., q], k [.., kv], v [.., kv]: one kernel call (per-op overhead on CPU)
+    wo: Linear  # [.., q] -> [.., hidden]
     ffn_norm: torch.Tensor  # [hidden]
-    w_gate_up: torch.Tensor  # [2 ffn, hidden]
-    w_down: torch.Tensor  # [hidden, ffn]
+    gate_up: Linear  # -> gate, up [.., ffn]
+    down: Linear  # [.., ffn] -> [.., hidden]
 
 
-def make_layer(lw: LayerWeights) -> LlamaLayer:
-    bqkv = None
-    if lw.bq is not None and lw.bk is not None and lw.bv is not None:
-        bqkv = torch.cat([lw.bq, lw.bk, lw.bv])
+def make_layer(lw: LayerWeights, lin: LinearFactory) -> LlamaLayer:
     return LlamaLayer(
-        attn_norm=lw.attn_norm,
-        wqkv=torch.cat([lw.wq, lw.wk, lw.wv]),
-        bqkv=bqkv,
-        wo=lw.wo,
-        ffn_norm=lw.ffn_norm,
-        w_gate_up=torch.cat([lw.w_gate, lw.w_up]),
-        w_down=lw.w_down,
+        attn_norm=lin.vector(lw.attn_norm),
+        qkv=lin([lw.wq, lw.wk, lw.wv], [lw.bq, lw.bk, lw.bv]),
+        wo=lin([lw.wo]),
+        ffn_norm=lin.vector(lw.ffn_norm),
+        gate_up=lin([lw.w_gate, lw.w_up]),
+        down=lin([lw.w_down]),
     )
 
 
@@ -51,25 +47,30 @@ def block(
     """h: [B, T, hidden] -> [B, T, hidden]."""
     b, t, _ = h.shape
     x = rms_norm(h, layer.attn_norm, c.rms_eps)
-    qkv = F.linear(x, layer.wqkv, layer.bqkv)  # [B, T, q + 2 kv]
-    q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
+    q, k, v = layer.qkv(x)  # [B, T, q], [B, T, kv] x 2
     q = q.view(b, t, c.n_heads, c.head_dim).transpose(1, 2)  # q: [B, H, T, D]
     k = k.view(b, t, c.n_kv_heads, c.head_dim).transpose(1, 2)  # k: [B, Hkv, T, D]
     v = v.view(b, t, c.n_kv_heads, c.head_dim).transpose(1, 2)  # v: [B, Hkv, T, D]
-    q, k = rope(q, cos, sin), rope(k, cos, sin)
+    q, k = rope(q, cos, sin, c.rope_interleaved), rope(k, cos, sin, c.rope_interleaved)
     o = attend(q, k, v)  # o: [B, H, T, D]
-    h = h + F.linear(o.transpose(1, 2).reshape(b, t, c.q_size), layer.wo)
+    h = h + layer.wo(o.transpose(1, 2).reshape(b, t, c.q_size))[0]
     x = rms_norm(h, layer.ffn_norm, c.rms_eps)
-    gate, up = F.linear(x, layer.w_gate_up).chunk(2, dim=-1)  # [B, T, ffn] each
-    return h + F.linear(F.silu(gate) * up, layer.w_down)
+    gate, up = layer.gate_up(x)  # [B, T, ffn] each
+    return h + layer.down(F.silu(gate) * up)[0]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, weight.shape, weight, eps)  # accumulates in fp32 for half inputs
 
 
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """HF rotate_half RoPE (llama.cpp's NEOX); llama's Q/K rows were unpermuted by the loader."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """x * cos + rotated(x) * sin with tables from `torch_model.rope_table` of the same layout.
+
+    rotate_half (HF, llama.cpp's NEOX) pairs x[i] with x[i + D/2]; interleaved (llama.cpp's NORM,
+    which the converter permuted llama's Q/K rows for) pairs x[2i] with x[2i + 1]."""
+    if interleaved:
+        rotated = torch.stack([-x[..., 1::2], x[..., 0::2]], dim=-1).flatten(-2)
+    else:
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.linear import WEIGHTS_FORMS, LinearFactory, WeightsForm
 from engine.model_file import ModelFile
 from engine.sampling import SamplerState, sample
 from engine.tokenizer import GGUFTokenizer
@@ -21,7 +22,7 @@ from engine.torch_generate import generate_whole
 from engine.torch_model import ShardModel
 from engine.types import Chunk, GenerationRequest, SamplingParams
 from shard.config import ModelConfig
-from shard.loader import load_shard
+from shard.loader import default_dtype, load_shard
 from shard.spec import ShardSpec
 
 
@@ -53,19 +54,33 @@ class TorchShardEngine:
         max_sessions: int = 8,
         max_context: int = 2048,
         batch_wait_s: float = 0.002,
+        weights: WeightsForm = "quantized",
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
+        if weights not in WEIGHTS_FORMS:
+            raise ValueError(f"weights must be one of {WEIGHTS_FORMS}")
         if threads is not None:
             torch.set_num_threads(threads)  # process-wide: torch has no per-module thread pool
         self.model = model_file
         self.spec = spec or ShardSpec.whole_model(model_file.digest, model_file.n_layers)
         if self.spec.model_digest != model_file.digest:
             raise ValueError(f"shard {self.spec} is not of model {model_file.short_digest}")
-        weights = load_shard(model_file.path, self.spec, device=device, dtype=dtype)
-        self.config: ModelConfig = weights.config
+        dev = torch.device(device)
+        self._ggml = None
+        if weights == "quantized" and dev.type == "cpu":
+            from engine.ggml_cpu import GgmlCpu  # llama-cpp-python's ggml, loaded only here
+
+            self._ggml = GgmlCpu(n_threads=torch.get_num_threads())
+        # activations: fp32 on CPU (ggml takes fp32 input), 16-bit on CUDA
+        act = dtype or (torch.float32 if dev.type == "cpu" else default_dtype(dev))
+        shard_weights = load_shard(model_file.path, self.spec)
+        self.config: ModelConfig = shard_weights.config
+        self.weights_form: WeightsForm = weights
         self.shard = ShardModel(
-            weights, max_sessions=max_sessions, max_context=min(max_context, self.config.context_length)
+            shard_weights, LinearFactory(weights, dev, act, self._ggml), max_sessions=max_sessions,
+            max_context=min(max_context, self.config.context_length), kv_dtype=kv_dtype,
         )
-        del weights
+        del shard_weights
         self.device = self.shard.device
         self.tokenizer = GGUFTokenizer(model_file.path)
         self._lock = threading.Lock()  # guards _sessions and _free
@@ -218,6 +233,7 @@ class TorchShardEngine:
             self._closed = True
             self._sessions.clear()
         self.tokenizer.close()
+        # ggml's buffers are freed with the GgmlCpu when the last layer referencing it is collected
 
     # -- internals ------------------------------------------------------------------------------
 
@@ -237,10 +253,7 @@ class TorchShardEngine:
         for s in batch:
             if s.x.shape[0] > 1 or s.last != "last":
                 s.result = self.shard.prefill(s.slot, s.x, s.start_pos, last=s.last)  # type: ignore[arg-type]
-        if len(singles) == 1:
-            s = singles[0]
-            s.result = self.shard.prefill(s.slot, s.x, s.start_pos)
-        elif singles:
+        if singles:
             out = self.shard.decode(
                 [s.slot for s in singles], torch.cat([s.x for s in singles]), [s.start_pos for s in singles]
             )

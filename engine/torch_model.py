@@ -23,6 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from engine import arch_gemma3, arch_llama
 from engine.arch_llama import rms_norm
+from engine.linear import LinearFactory
 from shard.config import ModelConfig
 from shard.loader import ShardWeights
 from shard.spec import ShardSpec
@@ -35,7 +36,15 @@ _ARCH_MODULES = {"gemma3": arch_gemma3}
 class ShardModel:
     """Layers `[spec.start, spec.end)` with a KV cache of `max_sessions` slots x `max_context` tokens."""
 
-    def __init__(self, weights: ShardWeights, *, max_sessions: int = 8, max_context: int = 2048) -> None:
+    def __init__(
+        self,
+        weights: ShardWeights,
+        linears: LinearFactory,
+        *,
+        max_sessions: int = 8,
+        max_context: int = 2048,
+        kv_dtype: torch.dtype | None = None,
+    ) -> None:
         c = weights.config
         if max_sessions < 1 or not 1 <= max_context <= c.context_length:
             raise ValueError(f"need max_sessions >= 1 and 1 <= max_context <= {c.context_length}")
@@ -43,27 +52,34 @@ class ShardModel:
         self.spec: ShardSpec = weights.spec
         self.max_sessions = max_sessions
         self.max_context = max_context
-        self.tok_embd = weights.tok_embd
-        self.output_norm = weights.output_norm
-        self.output = weights.output
-        ref = weights.layers[0].wq
-        self.device, self.dtype = ref.device, ref.dtype
+        self.device, self.dtype = linears.device, linears.dtype  # activations
+        self.embedding = linears.embedding(weights.tok_embd) if weights.tok_embd is not None else None
+        self.output_norm = linears.vector(weights.output_norm) if weights.output_norm is not None else None
+        tied = weights.output is not None and weights.output is weights.tok_embd  # a whole tied model
+        self.output = None
+        if weights.output is not None:
+            self.output = linears.head(weights.output, self.embedding if tied else None)
         self._arch = _ARCH_MODULES.get(c.architecture, arch_llama)
-        self.layers: list[Any] = [self._arch.make_layer(lw) for lw in weights.layers]
-        weights.layers = []  # drop the unfused copies now rather than when the caller lets go
+        self.layers: list[Any] = [self._arch.make_layer(lw, linears) for lw in weights.layers]
+        weights.layers = []  # drop the loader's references now rather than when the caller lets go
+        # 16-bit KV by default: fp16 on CPU (llama.cpp's cache type), the activation dtype on CUDA.
+        # CPU SDPA is ~7x slower in 16-bit, so attention reads the slot's keys upcast to fp32.
+        self.kv_dtype = kv_dtype or (torch.float16 if self.device.type == "cpu" else self.dtype)
         cache_shape = (max_sessions, c.n_kv_heads, max_context, c.head_dim)
-        self.k_cache = [torch.zeros(cache_shape, device=self.device, dtype=self.dtype) for _ in self.layers]
-        self.v_cache = [torch.zeros(cache_shape, device=self.device, dtype=self.dtype) for _ in self.layers]
+        self.k_cache = [torch.zeros(cache_shape, device=self.device, dtype=self.kv_dtype) for _ in self.layers]
+        self.v_cache = [torch.zeros(cache_shape, device=self.device, dtype=self.kv_dtype) for _ in self.layers]
         self.sliding = [c.is_sliding(i) for i in range(self.spec.start, self.spec.end)]  # per local layer
         self.window = c.sliding_window
         # RoPE tables [max_context, head_dim]: global layers, and sliding ones (own base, no scaling)
-        self.cos, self.sin = _rope_table(
-            c.rope_base, c.rope_dim, max_context, c.rope_scale, weights.rope_freqs, self.device, self.dtype
+        il = c.rope_interleaved
+        self.cos, self.sin = rope_table(
+            c.rope_base, c.rope_dim, max_context, c.rope_scale, weights.rope_freqs, self.device, self.dtype,
+            interleaved=il,
         )
         self.cos_swa, self.sin_swa = self.cos, self.sin
         if any(self.sliding):
-            self.cos_swa, self.sin_swa = _rope_table(
-                c.rope_base_swa, c.rope_dim, max_context, 1.0, None, self.device, self.dtype
+            self.cos_swa, self.sin_swa = rope_table(
+                c.rope_base_swa, c.rope_dim, max_context, 1.0, None, self.device, self.dtype, interleaved=il
             )
 
     # -- public steps -------------------------------------------------------------------------
@@ -111,8 +127,8 @@ class ShardModel:
                 kc[slot, :, start_pos:end] = k[0]  # noqa: B023 - called within this iteration
                 vc[slot, :, start_pos:end] = v[0]  # noqa: B023
                 # contiguous copies: CPU SDPA with enable_gqa is ~10x slower on strided views
-                keys = kc[slot : slot + 1, :, lo:end].contiguous()  # noqa: B023 - [1, Hkv, end - lo, D]
-                values = vc[slot : slot + 1, :, lo:end].contiguous()  # noqa: B023
+                keys = kc[slot : slot + 1, :, lo:end].to(q.dtype).contiguous()  # noqa: B023 - [1, Hkv, end - lo, D]
+                values = vc[slot : slot + 1, :, lo:end].to(q.dtype).contiguous()  # noqa: B023
                 return F.scaled_dot_product_attention(
                     q, keys, values, attn_mask=mask, is_causal=mask is None and t > 1,  # noqa: B023
                     scale=scale, enable_gqa=True,
@@ -142,8 +158,11 @@ class ShardModel:
         b = len(slots)
         if b != len(positions) or b != x.shape[0]:
             raise ValueError("slots, positions and x must have the same length")
-        if b == 1:
-            return self._prefill(slots[0], x, positions[0], "last")  # views of the cache, no gather
+        if b == 1 and self.device.type != "cpu":
+            # views of the cache, no gather. On CPU a lone session takes the batched path too, so a
+            # session's step is the same computation alone or in a batch: ggml's 8-bit activations
+            # turn the last-bit differences of two attention kernels into different tokens.
+            return self._prefill(slots[0], x, positions[0], "last")
         if len(set(slots)) != b or not all(0 <= s < self.max_sessions for s in slots):
             raise ValueError(f"bad slots {slots}")
         if min(positions) < 0 or max(positions) >= self.max_context:
@@ -172,15 +191,18 @@ class ShardModel:
         scale = c.attn_scale
         rep = c.n_heads // c.n_kv_heads
         gathered = (b, c.n_kv_heads, n_keys, c.head_dim)
+        per_session = self.device.type == "cpu"
         for i, layer in enumerate(self.layers):
             kc, vc = self.k_cache[i].view(-1, c.head_dim), self.v_cache[i].view(-1, c.head_dim)
 
             def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
                 # k, v: [B, Hkv, 1, D], written at (slot_b, :, pos_b)
-                kc.index_copy_(0, write_rows, k.reshape(-1, c.head_dim))  # noqa: B023
-                vc.index_copy_(0, write_rows, v.reshape(-1, c.head_dim))  # noqa: B023
-                keys = kc.index_select(0, read_rows).view(gathered)  # noqa: B023 - [B, Hkv, n_keys, D]
-                values = vc.index_select(0, read_rows).view(gathered)  # noqa: B023
+                kc.index_copy_(0, write_rows, k.reshape(-1, c.head_dim).to(kc.dtype))  # noqa: B023
+                vc.index_copy_(0, write_rows, v.reshape(-1, c.head_dim).to(vc.dtype))  # noqa: B023
+                if per_session:
+                    return self._attend_each(i, slots, positions, q)  # noqa: B023
+                keys = kc.index_select(0, read_rows).view(gathered).to(q.dtype)  # noqa: B023 - [B, Hkv, n_keys, D]
+                values = vc.index_select(0, read_rows).view(gathered).to(q.dtype)  # noqa: B023
                 # one query per head: fold each KV group's query heads into the query axis, which
                 # needs no GQA support from the kernel (CUDA's masked GQA falls back to math)
                 o = F.scaled_dot_product_attention(
@@ -192,6 +214,25 @@ class ShardModel:
             rope = (cos_swa, sin_swa) if self.sliding[i] else (cos, sin)
             h = self._arch.block(c, layer, h, *rope, attend)
         return self._finish(h[:, 0], "all")
+
+    def _attend_each(self, layer: int, slots: list[int], positions: list[int], q: torch.Tensor) -> torch.Tensor:
+        """CPU decode attention, one session at a time over exactly its own keys (q: [B, H, 1, D]).
+
+        A padded, masked batch gives the same values up to the last bit, and ggml's 8-bit activations
+        turn such bits into different tokens; alone and batched must agree, since concurrent requests
+        must not change each other's output. On CPU this costs ~50 us per session and layer, next to
+        matmuls that cost the same per session batched or not."""
+        kc, vc = self.k_cache[layer], self.v_cache[layer]
+        window = self.window if self.sliding[layer] else 0
+        out = []
+        for b, (slot, p) in enumerate(zip(slots, positions, strict=True)):
+            lo = max(0, p - window + 1) if window else 0
+            keys = kc[slot : slot + 1, :, lo : p + 1].to(q.dtype).contiguous()  # [1, Hkv, keys, D]
+            values = vc[slot : slot + 1, :, lo : p + 1].to(q.dtype).contiguous()
+            out.append(F.scaled_dot_product_attention(
+                q[b : b + 1], keys, values, scale=self.config.attn_scale, enable_gqa=True
+            ))  # fmt: skip
+        return torch.cat(out)  # [B, H, 1, D]
 
     def clear_slot(self, slot: int) -> None:
         """Zeroes a slot's cache; not needed for correctness (positions beyond a session are masked)."""
@@ -205,7 +246,8 @@ class ShardModel:
         if self.spec.is_first:
             if x.dtype not in (torch.int32, torch.int64) or x.dim() != 1:
                 raise ValueError("the first stage takes token ids [T]")
-            h = F.embedding(x.to(self.device), self.tok_embd)  # type: ignore[arg-type]
+            assert self.embedding is not None  # the first stage has one
+            h = self.embedding(x).to(self.device, self.dtype)
             scale = self.config.embed_scale  # Gemma: sqrt(hidden)
             return h if scale == 1.0 else h * scale
         if x.dim() != 2 or x.shape[1] != self.config.hidden_size:
@@ -218,10 +260,11 @@ class ShardModel:
             return h
         if last == "last":
             h = h[-1:]
-        h = rms_norm(h, self.output_norm, self.config.rms_eps)  # type: ignore[arg-type]
+        assert self.output_norm is not None and self.output is not None  # the last stage has them
+        h = rms_norm(h, self.output_norm, self.config.rms_eps)
         if last == "hidden":
             return h
-        return F.linear(h, self.output).float()  # type: ignore[arg-type]
+        return self.output(h)[0].float()
 
 
 def _attention_backends(device: torch.device) -> contextlib.AbstractContextManager:
@@ -232,7 +275,7 @@ def _attention_backends(device: torch.device) -> contextlib.AbstractContextManag
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
-def _rope_table(
+def rope_table(
     base: float,
     dim: int,
     n_pos: int,
@@ -240,8 +283,11 @@ def _rope_table(
     freq_factors: torch.Tensor | None,
     device: torch.device,
     dtype: torch.dtype,
+    *,
+    interleaved: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [n_pos, dim] for rotate_half RoPE; `scale` divides positions (linear scaling)."""
+    """cos, sin [n_pos, dim] for `arch_llama.rope`: each angle twice, as halves (rotate_half) or
+    adjacent pairs (interleaved); `scale` divides positions (linear scaling)."""
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
     if freq_factors is not None:  # Llama 3.x long-context scaling, as llama.cpp applies it
         inv_freq = inv_freq / freq_factors.double().cpu()
@@ -249,5 +295,5 @@ def _rope_table(
     if scale != 1.0:
         positions = positions / scale
     angles = torch.outer(positions, inv_freq)  # [n_pos, D / 2]
-    emb = torch.cat([angles, angles], dim=-1)  # [n_pos, D]
+    emb = angles.repeat_interleave(2, dim=-1) if interleaved else torch.cat([angles, angles], dim=-1)  # [n_pos, D]
     return emb.cos().to(device, dtype), emb.sin().to(device, dtype)

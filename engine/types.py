@@ -3,8 +3,6 @@ one context-length check every engine and the pipeline's stage 0 use."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from core.errors import ContextTooLong
 from core.types import Chunk, FinishReason, GenerationRequest, SamplingParams, Usage
 
@@ -14,31 +12,10 @@ __all__ = [
     "EngineLoadError",
     "FinishReason",
     "GenerationRequest",
-    "KVShape",
-    "TORCH_KV",
     "SamplingParams",
     "Usage",
     "check_context",
 ]
-
-
-@dataclass(frozen=True, slots=True)
-class KVShape:
-    """A torch engine's KV cache: `sessions` slots (concurrent sequences) of `context_tokens` each."""
-
-    sessions: int = 8
-    context_tokens: int = 2048
-
-    def __post_init__(self) -> None:
-        if self.sessions < 1 or self.context_tokens < 1:
-            raise ValueError("a KV cache needs at least one session of one token")
-
-    @property
-    def total_tokens(self) -> int:
-        return self.sessions * self.context_tokens
-
-
-TORCH_KV = KVShape()  # what the torch engine reserves per model; the planner sizes offers by it
 
 
 class ContextLengthExceeded(ContextTooLong, ValueError):

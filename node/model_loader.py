@@ -12,47 +12,50 @@ from engine.local_models import LocalModel
 from engine.model_file import ModelFile, load_model_file
 from engine.runner import EngineRunner
 from node.config import NodeConfig, parse_shard_arg
-from shard.memory import estimate_shard_bytes
+from shard.memory import estimate_shard_bytes, kv_bytes_per_token_per_layer
 from shard.spec import ShardSpec
 
 log = logging.getLogger(__name__)
-TORCH_SESSIONS = 8
-TORCH_CONTEXT = 2048
+TORCH_CONTEXT = 2048  # default reserved context per KV slot of the torch engine (--ctx-size)
+KV_DTYPE_BYTES = 2  # the torch engine's KV cache is 16-bit
 
 
 class BudgetError(ValueError):
     """What the node was asked to load does not fit its --memory-budget."""
 
 
-def _dtype_bytes(device: str) -> int:
-    return 4 if device == "cpu" else 2  # fp32 on CPU, fp16/bf16 on accelerators
-
-
-def _model_config(path: str):  # noqa: ANN202 - shard.loader imports torch: only when needed
+def torch_shard_bytes(model: ModelFile, spec: ShardSpec, config: NodeConfig, context: int) -> int:
+    """What the torch engine holds for `spec`: weights in the node's --weights form, KV, buffers."""
+    from shard.footprint import model_weight_bytes  # gguf and the reader cache: only when needed
     from shard.loader import read_model_config
 
-    return read_model_config(path)
+    mc = read_model_config(model.path)
+    weights = model_weight_bytes(model.path, mc.n_layers, config.weights, config.device)
+    return estimate_shard_bytes(
+        mc, spec, weights, kv_dtype_bytes=KV_DTYPE_BYTES, context_tokens=min(context, mc.context_length),
+        n_sessions=config.kv_sessions,
+    ).total
 
 
-def torch_shard_bytes(model: ModelFile, spec: ShardSpec, device: str, context: int) -> int:
-    config = _model_config(model.path)
-    return estimate_shard_bytes(config, spec, _dtype_bytes(device), context, TORCH_SESSIONS).total
+def file_advert(model: ModelFile, config: NodeConfig, context: int) -> FileAdvert:
+    """Byte figures of the torch engine for this file, so a planner without the file can place it.
 
+    Layers of a mixed-type file (Q4_K_M) differ in size: the largest is advertised, so a plan never
+    puts more on a node than fits."""
+    from shard.footprint import model_weight_bytes
+    from shard.loader import read_model_config
 
-def file_advert(model: ModelFile, device: str, context: int) -> FileAdvert:
-    """Byte figures of the torch engine for this file, so a planner without the file can place it."""
-    config = _model_config(model.path)
-    b = _dtype_bytes(device)
-    embed = config.vocab_size * config.hidden_size * b
+    mc = read_model_config(model.path)
+    w = model_weight_bytes(model.path, mc.n_layers, config.weights, config.device)
     return FileAdvert(
         digest=model.digest,
         alias=model.alias,
         n_layers=model.n_layers,
-        layer_bytes=config.layer_params() * b,
-        embed_bytes=embed,
-        head_bytes=embed + config.hidden_size * b,  # a tied head is a copy of the embedding on the last stage
-        kv_bytes_per_token_per_layer=2 * config.kv_size * b,
-        ctx=context,
+        layer_bytes=max(w.layers),
+        embed_bytes=w.embed,
+        head_bytes=w.head,  # on a last stage that is not also the first, a tied head is held apart
+        kv_bytes_per_token_per_layer=kv_bytes_per_token_per_layer(mc, KV_DTYPE_BYTES),
+        ctx=min(context, mc.context_length) * config.kv_sessions,  # KV tokens reserved over all slots
     )
 
 
@@ -65,7 +68,7 @@ class ModelManager:
         self._used_bytes = 0
         self._offered: dict[str, ModelFile] = {}
         self._lock = threading.Lock()
-        self.context = min(config.ctx_size or TORCH_CONTEXT, TORCH_CONTEXT)
+        self.context = config.ctx_size or TORCH_CONTEXT
 
     @property
     def budget_free_bytes(self) -> int:
@@ -73,7 +76,7 @@ class ModelManager:
         return 0 if budget is None else max(0, budget - self._used_bytes)
 
     def file_adverts(self) -> tuple[FileAdvert, ...]:
-        return tuple(file_advert(m, self.config.device, self.context) for m in self._offered.values())
+        return tuple(file_advert(m, self.config, self.context) for m in self._offered.values())
 
     def offered(self, digest: str) -> ModelFile | None:
         return self._offered.get(digest)
@@ -94,10 +97,11 @@ class ModelManager:
     def _torch(self, model: ModelFile, spec: ShardSpec) -> LocalModel:
         from engine.torch_engine import TorchShardEngine  # torch loads only on nodes that use it
 
-        engine = TorchShardEngine(model, spec=spec, device=self.config.device, threads=self.config.threads,
-                                  max_sessions=TORCH_SESSIONS, max_context=self.context)
+        c = self.config
+        engine = TorchShardEngine(model, spec=spec, device=c.device, threads=c.threads, weights=c.weights,
+                                  max_sessions=c.kv_sessions, max_context=self.context)
         # As many requests in flight as KV slots: the engine batches their decode steps.
-        return LocalModel(model, self._runner(engine, parallel=TORCH_SESSIONS), "torch", spec.start, spec.end)
+        return LocalModel(model, self._runner(engine, parallel=c.kv_sessions), "torch", spec.start, spec.end)
 
     def load_initial(self) -> list[LocalModel]:
         """Blocking: every --model (whole, or offered when it exceeds the budget), --shard and --offer."""
@@ -107,7 +111,7 @@ class ModelManager:
             model = load_model_file(name, c.data_dir)
             whole = ShardSpec.whole_model(model.digest, model.n_layers)
             # mmapped llama.cpp weights; its KV cache is small next to them at these context sizes
-            need = torch_shard_bytes(model, whole, c.device, self.context) if c.engine == "torch" else model.size_bytes
+            need = torch_shard_bytes(model, whole, c, self.context) if c.engine == "torch" else model.size_bytes
             try:
                 self._reserve(model.alias, need)
             except BudgetError as e:
@@ -129,7 +133,7 @@ class ModelManager:
                 raise ValueError(f"--shard {arg}: {model.alias} has only {model.n_layers} layers")
             spec = ShardSpec(model.digest, start, end, model.n_layers)
             self._reserve(f"layers [{start}, {end}) of {model.alias}",
-                          torch_shard_bytes(model, spec, c.device, self.context))
+                          torch_shard_bytes(model, spec, c, self.context))
             loaded.append(self._torch(model, spec))
             log.info("loaded layers [%d, %d) of %s", start, end, model.alias)
         for name in c.offers:
@@ -144,7 +148,7 @@ class ModelManager:
             raise ValueError(f"model {digest[:12]} is not offered here")
         spec = ShardSpec(model.digest, start, end, model.n_layers)
         with self._lock:
-            need = torch_shard_bytes(model, spec, self.config.device, self.context)
+            need = torch_shard_bytes(model, spec, self.config, self.context)
             self._reserve(f"layers [{start}, {end}) of {model.alias}", need)
             try:
                 local = self._torch(model, spec)

@@ -22,11 +22,15 @@ def offered_file(model_digest: str, adverts: Sequence[NodeAdvert]) -> FileAdvert
 
 
 def cluster_for_offer(
-    model_digest: str, adverts: Sequence[NodeAdvert], *, context_tokens: int, hidden_bytes: int = 0
+    model_digest: str, adverts: Sequence[NodeAdvert], *, context_tokens: int | None = None, hidden_bytes: int = 0
 ) -> Cluster | None:
+    """`context_tokens`: KV tokens a stage reserves; None takes the offering nodes' own figure (each
+    advertises its context x KV slots as `FileAdvert.ctx`), the largest when they differ."""
     file = offered_file(model_digest, adverts)
     if file is None:
         return None
+    if context_tokens is None:
+        context_tokens = max(f.ctx for a in adverts for f in a.files if f.digest == model_digest)
     model = ModelSpec(
         n_layers=file.n_layers,
         layer_bytes=file.layer_bytes,
@@ -49,7 +53,9 @@ def cluster_for_offer(
     return Cluster(model=model, nodes=tuple(nodes), context_tokens=context_tokens, concurrency=1)
 
 
-def plan_offer(model_digest: str, adverts: Sequence[NodeAdvert], *, context_tokens: int) -> Plan | None:
+def plan_offer(
+    model_digest: str, adverts: Sequence[NodeAdvert], *, context_tokens: int | None = None
+) -> Plan | None:
     """The split to load, or None when nobody offers the file; raises PlacementError when it does not fit."""
     cluster = cluster_for_offer(model_digest, adverts, context_tokens=context_tokens)
     return plan_split(cluster) if cluster is not None else None

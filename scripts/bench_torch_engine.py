@@ -1,179 +1,270 @@
-"""Greedy decode speed of the whole-model TorchShardEngine, single stream and N concurrent streams.
+"""The torch engine against its limits, both sides of each comparison in one run.
 
-    .venv/bin/python scripts/bench_torch_engine.py [--threads 2] [--tokens 64] [--streams 4]
-    python3 scripts/bench_torch_engine.py --synthetic llama3-8b --device cuda   # GPU, random weights
+    .venv/bin/python scripts/bench_torch_engine.py memory             # node RSS: torch vs llama.cpp
+    .venv/bin/python scripts/bench_torch_engine.py cpu [--threads 2]  # decode tok/s vs llama.cpp, same GGUF
+    python scripts/bench_torch_engine.py gpu --preset llama3-8b       # H200: int4 vs bf16, batch 1/8/32
 
-Prints tok/s and the weight bandwidth it implies (decode reads every weight once per step).
-`--synthetic` times ShardModel.decode on random weights of a preset's shapes (no GGUF, no tokenizer),
-and checks the device's output against fp32 on CPU for a small preset.
+memory: starts a `--engine torch` node and a llama.cpp node on the same GGUF with `--ctx-size 2048`,
+sends each one request, and reads VmRSS of each process.
+cpu: greedy decode of the same prompt through TorchShardEngine (quantized and full weights) and
+LlamaCppEngine with the same thread count, on SmolLM2 and on a synthetic Llama-1B GGUF
+(scripts/synthetic_gguf.py), reporting tok/s, the weight bytes each token reads, and ratios.
+gpu: ShardModel.decode on random weights of a preset's shapes, int4 (quantized) against bf16, with the
+weight-bytes roofline from a measured device copy bandwidth.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
+import tempfile
 import threading
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
 
-from engine.torch_model import ShardModel
-from shard.config import ModelConfig
-from shard.loader import LayerWeights, ShardWeights, default_dtype
-from shard.memory import shard_weight_params
-from shard.spec import ShardSpec
+PROMPT = "<|im_start|>user\nTell me a long story about a dragon.<|im_end|>\n<|im_start|>assistant\n"
+
+
+# -- memory ---------------------------------------------------------------------------------------
+
+
+def _rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+def bench_memory(model: str, kv_sessions: int) -> None:
+    from scripts.bench_common import start_node, stop_nodes, stream_completion
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sides = [("llama.cpp", ()), ("torch", ("--engine", "torch", "--kv-sessions", str(kv_sessions)))]
+        rss = {}
+        for i, (name, extra) in enumerate(sides):
+            port = 18650 + i
+            proc = start_node(name.replace(".", ""), port, tmp, "--model", model, "--ctx-size", "2048",
+                              "--threads", "2", "--no-mdns", *extra)
+            try:
+                stream_completion(f"http://127.0.0.1:{port}", 32)
+                rss[name] = _rss(proc.pid)
+            finally:
+                stop_nodes([proc])
+    ratio = rss["torch"] / rss["llama.cpp"]
+    print(f"{model}, --ctx-size 2048, after one 32-token request (torch: --kv-sessions {kv_sessions})")
+    for name, b in rss.items():
+        print(f"  {name:10s} RSS {b / 2**20:7.0f} MiB")
+    print(f"  torch / llama.cpp = {ratio:.2f}x (target <= 1.5x)")
+
+
+# -- CPU speed ------------------------------------------------------------------------------------
+
+
+def _decode_tok_s(gen, n: int) -> float:  # noqa: ANN001 - an iterator of chunks or ids
+    first, count = None, 0
+    for _ in gen:
+        count += 1
+        if count == 1:
+            first = time.perf_counter()
+        if count > n:
+            break
+    assert first is not None
+    return (count - 1) / (time.perf_counter() - first)
+
+
+def _torch_side(model, form: str, threads: int, tokens: int) -> tuple[float, int]:  # noqa: ANN001
+    from engine.torch_engine import TorchShardEngine
+    from engine.types import GenerationRequest, SamplingParams
+    from shard.footprint import model_weight_bytes
+
+    engine = TorchShardEngine(model, threads=threads, max_sessions=1, max_context=512, weights=form)
+    req = GenerationRequest("b", SamplingParams(temperature=0, max_tokens=tokens + 1), prompt=PROMPT)
+    _decode_tok_s(engine.generate(req, threading.Event()), 4)  # warm up
+    tok_s = _decode_tok_s(engine.generate(req, threading.Event()), tokens)
+    w = model_weight_bytes(model.path, model.n_layers, form, "cpu")
+    per_token = sum(w.layers) + w.head  # every layer and the head are read once per token
+    engine.close()
+    return tok_s, per_token
+
+
+def _llama_side(model, threads: int, tokens: int) -> float:  # noqa: ANN001
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model.path, n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False)
+    ids = llm.tokenize(PROMPT.encode(), special=True)
+    _decode_tok_s(llm.generate(ids, temp=0), 4)
+    llm.reset()
+    return _decode_tok_s(llm.generate(ids, temp=0), tokens)
+
+
+def bench_cpu(threads: int, tokens: int, synthetic: bool) -> None:
+    from engine.model_file import load_model_file
+
+    torch.set_num_threads(threads)
+    files = [load_model_file("smollm2-135m-instruct")]
+    tmp = tempfile.mkdtemp()
+    if synthetic:
+        from scripts.synthetic_gguf import write_synthetic_llama
+
+        path = write_synthetic_llama(Path(tmp) / "llama-1b-q4_1.gguf", "llama-1b", "Q4_1")
+        files.append(load_model_file(str(path), Path(tmp)))
+    print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {threads} threads, "
+          f"{tokens} greedy tokens after a warm-up")
+    for model in files:
+        llama = _llama_side(model, threads, tokens)
+        print(f"{model.alias} ({model.size_bytes / 1e6:.0f} MB file): llama.cpp {llama:.1f} tok/s")
+        for form in ("quantized", "full"):
+            tok_s, per_token = _torch_side(model, form, threads, tokens)
+            print(f"  torch {form:9s} {tok_s:6.1f} tok/s  {tok_s / llama:5.2f}x llama.cpp  "
+                  f"{per_token / 1e6:6.0f} MB/token  {tok_s * per_token / 1e9:5.1f} GB/s of weights")
+
+
+# -- GPU ------------------------------------------------------------------------------------------
 
 PRESETS = {  # n_layers, hidden, heads, kv heads, ffn, vocab, rope base
     "smollm2-135m": (30, 576, 9, 3, 1536, 49152, 100000.0),
     "llama3-8b": (32, 4096, 32, 8, 14336, 128256, 500000.0),
 }
 
-PROMPT = "<|im_start|>user\nTell me a long story about a dragon.<|im_end|>\n<|im_start|>assistant\n"
+
+class _SyntheticLinears:
+    """LinearFactory's interface, with random weights made on the device (no GGUF of 8B here)."""
+
+    def __init__(self, form: str, device: torch.device) -> None:
+        self.form, self.device, self.dtype = form, device, torch.bfloat16
+        self.ggml = None
+        self._g = torch.Generator(device=device).manual_seed(0)
+
+    def __call__(self, parts, biases=()):  # noqa: ANN001, ANN204
+        from engine.linear import DenseLinear, Int4Linear
+
+        n, k = sum(p.rows for p in parts), parts[0].cols
+        outs = tuple(p.rows for p in parts)
+        if self.form == "full":
+            w = torch.randn(n, k, device=self.device, generator=self._g, dtype=self.dtype) * 0.02
+            return DenseLinear(w, None, outs)
+        q = torch.randint(0, 16, (n, k), device=self.device, generator=self._g, dtype=torch.int32)
+        tiles = next(t for t in (8, 4, 2) if k % (16 * t) == 0)
+        tiny = torch._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), tiles)
+        plain = (q[:, ::2] | q[:, 1::2] << 4).to(torch.uint8).contiguous()
+        sz = torch.empty(k // 32, n, 2, device=self.device, dtype=self.dtype)
+        sz[..., 0], sz[..., 1] = 0.003, 0.0
+        return Int4Linear(tiny, plain, sz, outs, None)
+
+    def vector(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.device, self.dtype)
+
+    def embedding(self, raw):  # noqa: ANN001, ANN201
+        from engine.linear import DenseEmbedding
+
+        return DenseEmbedding(torch.randn(raw.rows, raw.cols, device=self.device, dtype=self.dtype))
+
+    def head(self, raw, embedding):  # noqa: ANN001, ANN201
+        return self([raw])
 
 
-def _stream(engine, n: int, seed: int) -> tuple[int, float]:  # noqa: ANN001
-    """Returns (tokens generated, seconds from the first token to the last)."""
-    from engine.types import GenerationRequest, SamplingParams
+def synthetic_weights(preset: str):  # noqa: ANN201
+    from shard.config import ModelConfig
+    from shard.gguf_tensor import RawTensor
+    from shard.loader import LayerWeights, ShardWeights
+    from shard.spec import ShardSpec
 
-    params = SamplingParams(temperature=0, max_tokens=n)
-    req = GenerationRequest(f"bench{seed}", params, prompt=PROMPT + "Chapter " + str(seed))
-    first = None
-    count = 0
-    for chunk in engine.generate(req, threading.Event()):
-        if chunk.token_ids:
-            count += 1
-            first = first or time.perf_counter()
-    return count, time.perf_counter() - (first or time.perf_counter())
-
-
-def synthetic_weights(
-    preset: str, device: str, dtype: torch.dtype, seed: int = 0, *, on_device: bool = False
-) -> ShardWeights:
-    """Random weights of a preset's shapes; drawn on `device` when `on_device` (8B on CPU is slow)."""
     n, h, heads, kv, ffn, vocab, base = PRESETS[preset]
     d = h // heads
     c = ModelConfig("llama", n, h, heads, kv, d, ffn, vocab, 8192, base, d, 1e-5, True, False)
-    gen_device = device if on_device else "cpu"
-    g = torch.Generator(device=gen_device).manual_seed(seed)
 
-    def w(*shape: int, std: float = 0.02) -> torch.Tensor:
-        return (torch.randn(*shape, generator=g, device=gen_device) * std).to(device, dtype)
+    def raw(rows: int, cols: int) -> RawTensor:  # shapes only: no bytes behind them
+        return RawTensor("w", "Q4_0", rows, cols, np.broadcast_to(np.zeros(1, np.uint8), (rows, cols // 32 * 18)))
+
+    def norm() -> torch.Tensor:
+        return 1 + 0.1 * torch.randn(h)
 
     layers = [
-        LayerWeights(
-            w(h, std=0.1) + 1,
-            w(h, h),
-            w(kv * d, h),
-            w(kv * d, h),
-            w(h, h),
-            w(h, std=0.1) + 1,
-            w(ffn, h),
-            w(ffn, h),
-            w(h, ffn),
-        )
+        LayerWeights(norm(), raw(h, h), raw(kv * d, h), raw(kv * d, h), raw(h, h), norm(),
+                     raw(ffn, h), raw(ffn, h), raw(h, ffn))
         for _ in range(n)
     ]
-    embd = w(vocab, h, std=1.0)
-    return ShardWeights(c, ShardSpec("synthetic", 0, n, n), layers, embd, w(h, std=0.1) + 1, embd, None)
+    embd = raw(vocab, h)
+    return ShardWeights(c, ShardSpec("synthetic", 0, n, n), layers, embd, norm(), embd, None)
 
 
-def bench_synthetic(preset: str, device: str, tokens: int) -> None:
-    dev = torch.device(device)
-    dtype = default_dtype(dev)
-    if preset == "smollm2-135m" or dev.type == "cuda":  # device output against fp32 on CPU
-        cpu = ShardModel(
-            synthetic_weights("smollm2-135m", "cpu", torch.float32), max_sessions=4, max_context=256
-        )
-        dm = ShardModel(synthetic_weights("smollm2-135m", device, dtype), max_sessions=4, max_context=256)
-        ids = torch.randint(0, 49152, (4, 17), generator=torch.Generator().manual_seed(1))
-        for m in (cpu, dm):
-            for b in range(4):
-                m.prefill(b, ids[b, :16], 0)
-        ref = cpu.decode([0, 1, 2, 3], ids[:, 16], [16] * 4)
-        out = dm.decode([0, 1, 2, 3], ids[:, 16], [16] * 4).cpu()
-        cos = torch.nn.functional.cosine_similarity(ref, out).min().item()
-        same = (ref.argmax(-1) == out.argmax(-1)).float().mean().item()
-        print(
-            f"{device} {dtype} vs cpu fp32 (batched decode, smollm2 shapes): min cosine {cos:.5f}, top-1 agree {same:.0%}"
-        )
-        del cpu, dm
-    weights = synthetic_weights(preset, device, dtype, on_device=True)
-    weight_bytes = shard_weight_params(weights.config, weights.spec) * dtype.itemsize
-    model = ShardModel(weights, max_sessions=64, max_context=1024)
-    del weights
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.machine()
-    print(f"{preset} on {name}, {dtype}, weights {weight_bytes / 1e9:.2f} GB")
-    for batch in (1, 4, 16, 64):
-        slots = list(range(batch))
-        for s in slots:
-            model.prefill(s, torch.randint(0, 1000, (32,)), 0)
-        x = torch.randint(0, 1000, (batch,))
-        for step in range(3):  # warm up
-            model.decode(slots, x, [32 + step] * batch)
-        if dev.type == "cuda":
+def _copy_bandwidth(dev: torch.device) -> float:
+    x = torch.empty(2 * 2**30, dtype=torch.uint8, device=dev)
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    return 2 * x.numel() * 10 / (time.perf_counter() - t0)  # read + write
+
+
+def bench_gpu(preset: str, tokens: int, batches: list[int]) -> None:
+    from engine.torch_model import ShardModel
+
+    dev = torch.device("cuda")
+    bw = _copy_bandwidth(dev)
+    print(f"{preset} on {torch.cuda.get_device_name(dev)}, torch {torch.__version__}; "
+          f"copy bandwidth {bw / 1e12:.2f} TB/s")
+    results: dict[tuple[str, int], float] = {}
+    for form in ("full", "quantized"):
+        model = ShardModel(synthetic_weights(preset), _SyntheticLinears(form, dev),  # type: ignore[arg-type]
+                           max_sessions=max(batches), max_context=1024)
+        weight_bytes = sum(la.qkv.nbytes + la.wo.nbytes + la.gate_up.nbytes + la.down.nbytes
+                           for la in model.layers) + model.output.nbytes  # type: ignore[union-attr]
+        label = "bf16" if form == "full" else "int4"
+        print(f"  {label}: {weight_bytes / 1e9:.2f} GB of weights read per step; batch-1 roofline "
+              f"{bw / weight_bytes:.0f} tok/s")
+        for batch in batches:
+            slots = list(range(batch))
+            for s in slots:
+                model.prefill(s, torch.randint(0, 1000, (512,)), 0)
+            x = torch.randint(0, 1000, (batch,))
+            for step in range(3):
+                model.decode(slots, x, [512 + step] * batch)
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for step in range(tokens):
-            model.decode(slots, x, [35 + step] * batch)
-        if dev.type == "cuda":
+            t0 = time.perf_counter()
+            for step in range(tokens):
+                model.decode(slots, x, [515 + step] * batch)
             torch.cuda.synchronize()
-        dt = (time.perf_counter() - t0) / tokens
-        print(
-            f"  batch {batch:2d}: {1000 * dt:6.2f} ms/step, {batch / dt:8.1f} tok/s, "
-            f"{weight_bytes / dt / 1e9:7.1f} GB/s of weights"
-        )
+            dt = (time.perf_counter() - t0) / tokens
+            results[label, batch] = batch / dt
+            print(f"    batch {batch:2d}: {1000 * dt:6.2f} ms/step {batch / dt:8.1f} tok/s  "
+                  f"{weight_bytes / dt / bw:5.1%} of the weight roofline")
+        del model
+        torch.cuda.empty_cache()
+    for batch in batches:
+        print(f"  batch {batch:2d}: int4 / bf16 = {results['int4', batch] / results['bf16', batch]:.2f}x")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--synthetic", choices=sorted(PRESETS))
-    ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--streams", type=int, default=4)
-    ap.add_argument("--device", default="cpu")
+    sub = ap.add_subparsers(dest="what", required=True)
+    m = sub.add_parser("memory")
+    m.add_argument("--model", default="smollm2-135m-instruct")
+    m.add_argument("--kv-sessions", type=int, default=4)
+    c = sub.add_parser("cpu")
+    c.add_argument("--threads", type=int, default=2)
+    c.add_argument("--tokens", type=int, default=64)
+    c.add_argument("--no-synthetic", action="store_true", help="SmolLM2 only")
+    g = sub.add_parser("gpu")
+    g.add_argument("--preset", choices=sorted(PRESETS), default="llama3-8b")
+    g.add_argument("--tokens", type=int, default=32)
+    g.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     args = ap.parse_args()
-    torch.set_num_threads(args.threads) if args.device == "cpu" else None
-    if args.synthetic:
-        bench_synthetic(args.synthetic, args.device, args.tokens)
-        return
-    from engine.model_file import load_model_file  # these need llama-cpp-python and the GGUF
-    from engine.torch_engine import TorchShardEngine
-
-    model = load_model_file(args.model)
-    t0 = time.perf_counter()
-    engine = TorchShardEngine(
-        model, device=args.device, threads=args.threads, max_sessions=args.streams, max_context=512
-    )
-    print(
-        f"load {time.perf_counter() - t0:.1f} s; {platform.processor() or platform.machine()}, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {engine.shard.dtype}"
-    )
-    weight_bytes = shard_weight_params(engine.config, engine.spec) * engine.shard.dtype.itemsize
-    _stream(engine, 8, 0)  # warm up
-    n, dt = _stream(engine, args.tokens, 1)
-    single = (n - 1) / dt
-    print(
-        f"1 stream: {single:.1f} tok/s ({1000 / single:.1f} ms/token, "
-        f"{single * weight_bytes / 1e9:.1f} GB/s of weights)"
-    )
-    results: list[tuple[int, float]] = []
-    t0 = time.perf_counter()
-    threads = [
-        threading.Thread(target=lambda i=i: results.append(_stream(engine, args.tokens, i + 2)))
-        for i in range(args.streams)
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    total = sum(n for n, _ in results)
-    print(
-        f"{args.streams} streams: {total / wall:.1f} tok/s aggregate (incl. prefill), "
-        f"{total / wall / single:.2f}x one stream"
-    )
-    engine.close()
+    os.environ.setdefault("MESHLLM_QUIET", "1")
+    if args.what == "memory":
+        bench_memory(args.model, args.kv_sessions)
+    elif args.what == "cpu":
+        bench_cpu(args.threads, args.tokens, not args.no_synthetic)
+    else:
+        bench_gpu(args.preset, args.tokens, args.batches)
 
 
 if __name__ == "__main__":

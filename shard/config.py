@@ -68,7 +68,9 @@ class ModelConfig:
         return self.n_kv_heads * self.head_dim
 
     @property
-    def permuted_qk(self) -> bool:
+    def rope_interleaved(self) -> bool:
+        """RoPE on adjacent pairs (x[2i], x[2i+1]), llama.cpp's NORM mode: the layout the converter
+        permuted llama/mistral Q/K rows into. Others (qwen2, gemma3) use rotate_half (NEOX)."""
         return self.architecture in PERMUTED_QK_ARCHS
 
     @property

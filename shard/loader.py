@@ -1,10 +1,12 @@
-"""Loads the tensors of one layer range from a GGUF into torch, dequantized.
+"""Loads the tensors of one layer range from a GGUF, as stored: the engine decides their form.
 
-`gguf.GGUFReader` memory-maps the file, so only the pages of the wanted tensors are read. Checkpoint
-quirks are fixed here, once: llama.cpp's Q/K row permutation is undone so the model can use the
-standard HF rotate_half RoPE, and tied embeddings give the last stage a copy of token_embd as head.
-Gemma 3 adds per-head q/k norms and post-attention / post-FFN norms; its converter already stored the
-norm weights as (1 + w), so every norm is a plain RMSNorm here, as in llama.cpp.
+`gguf.GGUFReader` memory-maps the file, so only the pages of the wanted tensors are read, and a
+linear weight is a `RawTensor` over its quantized bytes in the map (no copy). Norm vectors and biases
+become float32 tensors. Checkpoint quirks are handled once: llama.cpp's Q/K row permutation is kept
+and matched by adjacent-pair RoPE (`ModelConfig.rope_interleaved`), so no weight is rewritten, and a
+tied model's last stage takes token_embd as its head. Gemma 3 adds per-head q/k norms and
+post-attention / post-FFN norms; its converter already stored the norm weights as (1 + w), so every
+norm is a plain RMSNorm here, as in llama.cpp.
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ import numpy as np
 import torch
 
 from shard.config import ModelConfig, read_config
+from shard.gguf_tensor import RawTensor, TensorTypeError, raw_tensor
 from shard.spec import ShardSpec
 
 
 class ShardLoadError(Exception):
-    """The GGUF lacks a tensor the shard needs, or a tensor has an unexpected shape."""
+    """The GGUF lacks a tensor the shard needs, a tensor has an unexpected shape, or a type the
+    engine cannot run; the message names the tensor."""
 
 
 @dataclass(slots=True)
@@ -30,14 +34,14 @@ class LayerWeights:
     """One transformer block; linear weights are [out_features, in_features] as in torch."""
 
     attn_norm: torch.Tensor
-    wq: torch.Tensor
-    wk: torch.Tensor
-    wv: torch.Tensor
-    wo: torch.Tensor
+    wq: RawTensor
+    wk: RawTensor
+    wv: RawTensor
+    wo: RawTensor
     ffn_norm: torch.Tensor
-    w_gate: torch.Tensor
-    w_up: torch.Tensor
-    w_down: torch.Tensor
+    w_gate: RawTensor
+    w_up: RawTensor
+    w_down: RawTensor
     bq: torch.Tensor | None = None
     bk: torch.Tensor | None = None
     bv: torch.Tensor | None = None
@@ -52,9 +56,9 @@ class ShardWeights:
     config: ModelConfig
     spec: ShardSpec
     layers: list[LayerWeights]
-    tok_embd: torch.Tensor | None  # [vocab, hidden], first stage only
+    tok_embd: RawTensor | None  # [vocab, hidden], first stage only
     output_norm: torch.Tensor | None  # [hidden], last stage only
-    output: torch.Tensor | None  # [vocab, hidden], last stage only (token_embd when tied)
+    output: RawTensor | None  # [vocab, hidden], last stage only (token_embd when tied)
     rope_freqs: torch.Tensor | None  # Llama-3 per-dimension frequency factors [head_dim / 2]
 
 
@@ -82,31 +86,40 @@ def read_model_config(path: str | Path) -> ModelConfig:
     return read_config(open_reader(path))
 
 
-def load_shard(
-    path: str | Path,
-    spec: ShardSpec,
-    *,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None,
-) -> ShardWeights:
-    """Dequantizes the tensors of `spec`'s layer range (plus embedding / head at the ends)."""
+def load_shard(path: str | Path, spec: ShardSpec) -> ShardWeights:
+    """The tensors of `spec`'s layer range (plus embedding / head at the ends), as stored."""
     reader = open_reader(path)
     config = read_config(reader)
     if config.n_layers != spec.n_layers:
         raise ShardLoadError(f"spec says {spec.n_layers} layers, GGUF has {config.n_layers}")
     tensors = {t.name: t for t in reader.tensors}
-    dtype = dtype or default_dtype(device)
 
-    def get(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    def tensor(name: str) -> gguf.ReaderTensor:
         t = tensors.get(name)
         if t is None:
             raise ShardLoadError(f"GGUF lacks tensor {name}")
-        arr = gguf.quants.dequantize(t.data, t.tensor_type)
-        if np.may_share_memory(arr, t.data):
-            arr = arr.copy()  # F32 tensors come back as views of the read-only memory map
+        return t
+
+    def matrix(name: str, rows: int, cols: int) -> RawTensor:
+        t = tensor(name)
+        if tuple(int(d) for d in t.shape) != (cols, rows):  # gguf lists the fastest dimension first
+            raise ShardLoadError(f"{name}: shape {list(reversed(t.shape.tolist()))}, expected [{rows}, {cols}]")
+        try:
+            return raw_tensor(t, rows, cols)
+        except TensorTypeError as e:
+            raise ShardLoadError(str(e)) from None
+
+    def get(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        t = tensor(name)
+        try:
+            arr = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+        except (NotImplementedError, ValueError) as e:
+            raise ShardLoadError(f"{name}: type {t.tensor_type.name} cannot be read ({e})") from None
         if tuple(arr.shape) != shape:
             raise ShardLoadError(f"{name}: shape {tuple(arr.shape)}, expected {shape}")
-        return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).to(device, dtype)
+        if not np.isfinite(arr).all():
+            raise ShardLoadError(f"{name}: values are not finite (a corrupt file?)")
+        return torch.from_numpy(arr.copy())  # F32 tensors come back as views of the read-only map
 
     def optional(name: str, shape: tuple[int, ...]) -> torch.Tensor | None:
         return get(name, shape) if name in tensors else None
@@ -116,12 +129,6 @@ def load_shard(
     layers = []
     for i in range(spec.start, spec.end):
         p = f"blk.{i}."
-        wq, wk = get(p + "attn_q.weight", (c.q_size, h)), get(p + "attn_k.weight", (c.kv_size, h))
-        bq, bk = optional(p + "attn_q.bias", (c.q_size,)), optional(p + "attn_k.bias", (c.kv_size,))
-        if c.permuted_qk:
-            wq, wk = unpermute_rows(wq, c.n_heads), unpermute_rows(wk, c.n_kv_heads)
-            bq = unpermute_rows(bq, c.n_heads) if bq is not None else None
-            bk = unpermute_rows(bk, c.n_kv_heads) if bk is not None else None
         gemma3_norms = {}
         if c.is_gemma3:
             gemma3_norms = {
@@ -133,29 +140,28 @@ def load_shard(
         layers.append(
             LayerWeights(
                 attn_norm=get(p + "attn_norm.weight", (h,)),
-                wq=wq,
-                wk=wk,
-                wv=get(p + "attn_v.weight", (c.kv_size, h)),
-                wo=get(p + "attn_output.weight", (h, c.q_size)),
+                wq=matrix(p + "attn_q.weight", c.q_size, h),
+                wk=matrix(p + "attn_k.weight", c.kv_size, h),
+                wv=matrix(p + "attn_v.weight", c.kv_size, h),
+                wo=matrix(p + "attn_output.weight", h, c.q_size),
                 ffn_norm=get(p + "ffn_norm.weight", (h,)),
-                w_gate=get(p + "ffn_gate.weight", (c.ffn_size, h)),
-                w_up=get(p + "ffn_up.weight", (c.ffn_size, h)),
-                w_down=get(p + "ffn_down.weight", (h, c.ffn_size)),
-                bq=bq,
-                bk=bk,
+                w_gate=matrix(p + "ffn_gate.weight", c.ffn_size, h),
+                w_up=matrix(p + "ffn_up.weight", c.ffn_size, h),
+                w_down=matrix(p + "ffn_down.weight", h, c.ffn_size),
+                bq=optional(p + "attn_q.bias", (c.q_size,)),
+                bk=optional(p + "attn_k.bias", (c.kv_size,)),
                 bv=optional(p + "attn_v.bias", (c.kv_size,)),
                 **gemma3_norms,
             )
         )
-    embd_shape = (c.vocab_size, h)
-    tok_embd = get("token_embd.weight", embd_shape) if spec.is_first else None
+    tok_embd = matrix("token_embd.weight", c.vocab_size, h) if spec.is_first else None
     output_norm = output = None
     if spec.is_last:
         output_norm = get("output_norm.weight", (h,))
         if not c.tied_embeddings:
-            output = get("output.weight", embd_shape)
+            output = matrix("output.weight", c.vocab_size, h)
         else:
-            output = tok_embd if tok_embd is not None else get("token_embd.weight", embd_shape)
+            output = tok_embd if tok_embd is not None else matrix("token_embd.weight", c.vocab_size, h)
     return ShardWeights(
         config=config,
         spec=spec,
@@ -164,19 +170,4 @@ def load_shard(
         output_norm=output_norm,
         output=output,
         rope_freqs=optional("rope_freqs.weight", (c.head_dim // 2,)),
-    )
-
-
-def unpermute_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Inverts llama.cpp's convert-time permutation of Q/K rows.
-
-    The converter maps each head's rows from HF's halves layout (x[:d/2], x[d/2:]) to interleaved
-    pairs (x[0::2], x[1::2]) for its adjacent-pair RoPE; after this, rotate_half RoPE applies.
-    """
-    rows = w.shape[0]
-    return (
-        w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:])
-        .transpose(1, 2)
-        .reshape(w.shape)
-        .contiguous()
     )

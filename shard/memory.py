@@ -1,4 +1,9 @@
-"""Memory a shard needs: dequantized weights plus the KV cache of its sessions. Placement uses it."""
+"""Memory a shard needs: its weights in the form it holds them, plus the KV cache of its sessions.
+
+Placement, adverts and the node's budget all use this one estimate. The weight figures come from the
+GGUF's tensor table (`shard.footprint.weight_bytes`), so a quantized shard is counted at what it
+really holds, not at a dequantized size. Pure arithmetic here: no numpy, no gguf.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,34 @@ from dataclasses import dataclass
 
 from shard.config import ModelConfig
 from shard.spec import ShardSpec
+
+
+@dataclass(frozen=True, slots=True)
+class WeightBytes:
+    """Bytes of each piece of a model in one weights form on one device."""
+
+    layers: tuple[int, ...]  # one entry per transformer block
+    embed: int  # token embedding (first stage)
+    head: int  # output norm + head matrix (last stage); a tied head's matrix is the embedding's
+    head_shares_embed: bool  # a whole model holds a tied embedding once, for lookups and the head
+
+    def __post_init__(self) -> None:
+        if not self.layers or min(self.layers) < 0 or self.embed < 0 or self.head < 0:
+            raise ValueError("byte figures must be non-negative, with at least one layer")
+        if self.head_shares_embed and self.head < self.embed:
+            raise ValueError("a head that shares the embedding holds at least its bytes")
+
+    def shard_bytes(self, spec: ShardSpec) -> int:
+        if spec.n_layers != len(self.layers):
+            raise ValueError(f"{spec} does not fit a model of {len(self.layers)} layers")
+        total = sum(self.layers[spec.start : spec.end])
+        if spec.is_first:
+            total += self.embed
+        if spec.is_last:
+            total += self.head
+            if spec.is_first and self.head_shares_embed:
+                total -= self.embed  # the head's matrix is the embedding, held once
+        return total
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,32 +52,24 @@ class ShardMemory:
         return self.weights_bytes + self.kv_bytes + self.other_bytes
 
 
-def shard_weight_params(config: ModelConfig, spec: ShardSpec) -> int:
-    """Parameters the shard holds once loaded (tied embedding counted once on a whole model)."""
-    embd = config.vocab_size * config.hidden_size
-    params = spec.n_stage_layers * config.layer_params()
-    if spec.is_first:
-        params += embd
-    if spec.is_last:
-        params += config.hidden_size  # output norm
-        if not (config.tied_embeddings and spec.is_first):
-            params += embd  # head (a separate copy of token_embd on a tied last stage)
-    return params
+def kv_bytes_per_token_per_layer(config: ModelConfig, kv_dtype_bytes: int) -> int:
+    return 2 * config.kv_size * kv_dtype_bytes  # k and v
 
 
 def estimate_shard_bytes(
     config: ModelConfig,
     spec: ShardSpec,
-    dtype_bytes: int,
+    weights: WeightBytes,
+    *,
+    kv_dtype_bytes: int,
     context_tokens: int,
     n_sessions: int,
 ) -> ShardMemory:
-    """Bytes for weights in `dtype_bytes` per element and a KV cache of `n_sessions` x `context_tokens`."""
-    if dtype_bytes < 1 or context_tokens < 1 or n_sessions < 1:
-        raise ValueError("dtype_bytes, context_tokens and n_sessions must be >= 1")
-    weights = shard_weight_params(config, spec) * dtype_bytes
+    """Weights as held, a KV cache of `n_sessions` x `context_tokens` in `kv_dtype_bytes`, and buffers."""
+    if kv_dtype_bytes < 1 or context_tokens < 1 or n_sessions < 1:
+        raise ValueError("kv_dtype_bytes, context_tokens and n_sessions must be >= 1")
     # k and v: [n_sessions, n_kv_heads, context, head_dim] per layer
-    kv = 2 * spec.n_stage_layers * n_sessions * context_tokens * config.kv_size * dtype_bytes
-    rope = 2 * context_tokens * config.head_dim * dtype_bytes
+    kv = spec.n_stage_layers * n_sessions * context_tokens * kv_bytes_per_token_per_layer(config, kv_dtype_bytes)
+    rope = 2 * 2 * context_tokens * config.head_dim * 4  # cos and sin, two RoPE bases at most
     logits = n_sessions * config.vocab_size * 4 if spec.is_last else 0
-    return ShardMemory(weights_bytes=weights, kv_bytes=kv, other_bytes=rope + logits)
+    return ShardMemory(weights_bytes=weights.shard_bytes(spec), kv_bytes=kv, other_bytes=rope + logits)

@@ -12,7 +12,6 @@ from core.errors import CannotPlace, MeshError, ModelNotFound
 from dataplane.calls import remote_load_shard
 from dataplane.channels import PeerChannels
 from dataplane.routing.view import MeshView, Target
-from engine.types import TORCH_KV
 from placement.cluster import PlacementError
 from placement.offer_plan import plan_offer
 from placement.route_pipeline import PipelineRoute, PipelineStage
@@ -35,7 +34,7 @@ class Placer:
             if (route := self._placed.get(target.digest)) is not None:
                 return route
             try:
-                plan = plan_offer(target.digest, view.adverts, context_tokens=TORCH_KV.total_tokens)
+                plan = plan_offer(target.digest, view.adverts)  # KV as the offering nodes reserve it
             except PlacementError as e:
                 raise CannotPlace(f"cannot place {target.alias}: {e}", code="insufficient_memory") from None
             if plan is None:

@@ -79,7 +79,7 @@ def test_config_reads_gemma3_quirks(whole) -> None:
     assert [i for i in range(N_LAYERS) if not c.is_sliding(i)] == [5, 11, 17]  # llama.cpp's swa pattern 6
     assert (c.sliding_window, c.rope_base, c.rope_base_swa, c.rope_scale) == (512, 1e6, 1e4, 1.0)
     assert (c.head_dim, c.n_heads, c.n_kv_heads, c.embed_scale, c.attn_scale) == (256, 4, 1, 640**0.5, 1 / 16)
-    assert c.tied_embeddings and not c.permuted_qk
+    assert c.tied_embeddings and not c.rope_interleaved
 
 
 @pytest.mark.parametrize("chat", range(len(CHATS)))

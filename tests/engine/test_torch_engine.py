@@ -218,3 +218,26 @@ def test_context_overflow_is_refused_like_llama_cpp(whole) -> None:
     with pytest.raises(ContextLengthExceeded):
         _gen(whole, SamplingParams(temperature=0, max_tokens=CTX))
     assert whole.n_sessions == 0
+
+
+def test_a_decode_step_is_bitwise_the_same_alone_or_batched(whole) -> None:
+    """On CPU a session's decode step gives the same logits bits in any batch (ggml multiplies each
+    row on its own; a lone step takes the batched attention path), so concurrent requests never
+    change each other's tokens, even with 8-bit activations amplifying last-bit differences."""
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time there", "1, 2"]
+    ids = [whole.tokenizer.encode(p) for p in prompts]
+    sids = [f"bits{i}" for i in range(4)]
+    for s in sids:
+        whole.open_session(s, GREEDY)
+    try:
+        for s, p in zip(sids, ids, strict=True):
+            whole.prefill_stage(s, torch.tensor(p), 0)
+        pos = [len(p) for p in ids]
+        x = torch.tensor([11, 12, 13, 14])
+        together = whole.decode_stage(sids, x, pos)
+        for i, s in enumerate(sids):
+            alone = whole.decode_stage([s], x[i : i + 1], [pos[i]])
+            assert torch.equal(alone[0], together[i]), s
+    finally:
+        for s in sids:
+            whole.close_session(s)

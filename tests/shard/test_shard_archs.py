@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from engine.ggml_cpu import GgmlCpu
+from engine.linear import LinearFactory
 from engine.torch_model import ShardModel
 from shard.loader import load_shard
 from shard.spec import ShardSpec
@@ -105,18 +107,25 @@ def _hf_forward(w: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
     return F.linear(norm(h, w["output_norm.weight"]), w.get("output.weight", w["token_embd.weight"]))
 
 
+@pytest.mark.parametrize("form", ["quantized", "full"])  # F32 tensors: ggml's F32 kernel, or torch's
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_tiny_model_matches_hf_forward(tmp_path: Path, arch: str) -> None:
+def test_tiny_model_matches_hf_forward(tmp_path: Path, arch: str, form: str) -> None:
     weights = _hf_weights(arch)
     path = tmp_path / f"tiny-{arch}.gguf"
     _write(path, arch, weights)
     ids = torch.tensor([3, 17, 42, 8, 1, 29, 5])
     ref = _hf_forward(weights, ids)
+    ggml = GgmlCpu(1) if form == "quantized" else None
+    lin = LinearFactory(form, torch.device("cpu"), torch.float32, ggml)
+
+    def model(start: int, end: int) -> ShardModel:
+        spec = ShardSpec("tiny", start, end, 2)
+        return ShardModel(load_shard(path, spec), lin, max_sessions=1, max_context=16, kv_dtype=torch.float32)
+
     # whole model, then a 2-way split chained: both equal the reference at every position
-    whole = ShardModel(load_shard(path, ShardSpec("tiny", 0, 2, 2)), max_sessions=1, max_context=16)
+    whole = model(0, 2)
     torch.testing.assert_close(whole.prefill(0, ids, 0, last="all"), ref, rtol=1e-4, atol=1e-4)
-    first = ShardModel(load_shard(path, ShardSpec("tiny", 0, 1, 2)), max_sessions=1, max_context=16)
-    last = ShardModel(load_shard(path, ShardSpec("tiny", 1, 2, 2)), max_sessions=1, max_context=16)
+    first, last = model(0, 1), model(1, 2)
     assert last.config.attn_bias == (arch == "qwen2") and last.config.tied_embeddings == (arch == "llama")
     h = first.prefill(0, ids[:4], 0)
     h2 = first.prefill(0, ids[4:], 4)  # continuing a session: positions 4..6

@@ -1,0 +1,305 @@
+"""Linear layers over GGUF weights, in the form chosen per device: the quantization transform.
+
+A `Linear` holds one or more weights that share an input (q/k/v, gate/up) and returns one output per
+weight, so a kernel can run them together. The model code never touches weight tensors.
+
+| form | device | weights | kernel |
+|---|---|---|---|
+| `GgmlLinear` | CPU, `quantized` | GGUF bytes as stored (a view of the memory map) | ggml (llama.cpp's own) |
+| `Int4Linear` | CUDA, `quantized`, Q4_0/Q4_1/Q4_K | tinygemm int4, group 32, 16-bit scale+zero | `torch._weight_int4pack_mm` |
+| `DenseLinear` | `full`, or CUDA types without an int4 form | dequantized 16/32-bit | cuBLAS / MKL |
+
+On CUDA the int4 kernel wins only at small batch (DESIGN.md: 1.6-1.8x bf16 at M=1, 0.93x at M=8,
+0.35x at M=32), so `Int4Linear` dequantizes its group into a bf16 scratch for wide inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from engine.ggml_cpu import GgmlCpu, GgmlWeight
+from shard.gguf_tensor import INT4_GROUP, Int4Groups, RawTensor, int4_ok, to_int4_groups
+
+WeightsForm = Literal["quantized", "full"]
+WEIGHTS_FORMS: tuple[WeightsForm, ...] = ("quantized", "full")
+INT4_MAX_ROWS = 4  # above this many input rows, Int4Linear runs the Triton GEMM (where Triton is)
+
+
+class Linear(Protocol):
+    out_features: tuple[int, ...]
+    nbytes: int  # bytes this layer holds on its device (or maps, for GGUF views)
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]: ...
+
+
+@dataclass(slots=True)
+class DenseLinear:
+    weight: torch.Tensor  # [sum(out_features), in]
+    bias: torch.Tensor | None
+    out_features: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        b = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
+        return self.weight.numel() * self.weight.element_size() + b
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        y = F.linear(x.to(self.weight.dtype), self.weight, self.bias)
+        return list(y.split(self.out_features, dim=-1)) if len(self.out_features) > 1 else [y]
+
+
+class GgmlLinear:
+    """Runs every weight of the group in one ggml graph; x is float32 [..., in]."""
+
+    def __init__(self, ggml: GgmlCpu, parts: Sequence[RawTensor], bias: torch.Tensor | None) -> None:
+        self._ggml = ggml
+        self._handles = [
+            ggml.register(GgmlWeight(p.type_name, p.rows, p.cols, p.data.reshape(-1))) for p in parts
+        ]
+        self._keep = list(parts)  # the arrays the handles point into
+        self.out_features = tuple(p.rows for p in parts)
+        self.bias = bias
+        self.nbytes = sum(p.nbytes for p in parts) + (0 if bias is None else bias.numel() * 4)
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        lead = x.shape[:-1]
+        outs = self._ggml.matmul(x.reshape(-1, x.shape[-1]).float(), self._handles, self.out_features)
+        if self.bias is not None:
+            y = torch.cat(outs, dim=-1) + self.bias
+            outs = list(y.split(self.out_features, dim=-1))
+        return [o.view(*lead, o.shape[-1]) for o in outs]
+
+
+class Int4Linear:
+    """Group-32 int4 weights on CUDA: tinygemm for narrow inputs, a Triton GEMM (or, without Triton,
+    dequantize-then-GEMM) for wide ones. Both read the same (q - 8) * scale + zero groups."""
+
+    def __init__(
+        self, tiny: torch.Tensor, plain: torch.Tensor | None, scales_zeros: torch.Tensor,
+        out_features: tuple[int, ...], bias: torch.Tensor | None,
+    ) -> None:  # fmt: skip
+        self.tiny = tiny  # tinygemm's packed layout
+        self.plain = plain  # uint8 [N, K / 2] for the Triton kernel, or None
+        self.scales_zeros = scales_zeros  # bf16 [K / 32, N, 2]
+        self.scales = scales_zeros[..., 0].contiguous()
+        self.zeros = scales_zeros[..., 1].contiguous()
+        self.out_features = out_features
+        self.bias = bias
+        self._n = sum(out_features)
+        self.in_features = scales_zeros.shape[0] * INT4_GROUP
+        plain_bytes = 0 if plain is None else plain.numel()
+        self.nbytes = (
+            tiny.numel() * tiny.element_size() + plain_bytes + 2 * scales_zeros.numel() * 2
+            + (0 if bias is None else bias.numel() * 2)
+        )  # fmt: skip
+
+    @classmethod
+    def from_raw(cls, parts: Sequence[RawTensor], bias: torch.Tensor | None, device: torch.device) -> Int4Linear:
+        return cls.from_groups([to_int4_groups(p) for p in parts], [p.rows for p in parts], bias, device)
+
+    @classmethod
+    def from_groups(
+        cls, groups: Sequence[Int4Groups], out_features: Sequence[int], bias: torch.Tensor | None,
+        device: torch.device,
+    ) -> Int4Linear:  # fmt: skip
+        q = torch.from_numpy(np.concatenate([g.q for g in groups])).to(device)  # [N, K]: rows stack
+        sz = np.stack([np.concatenate([g.scales for g in groups]), np.concatenate([g.zeros for g in groups])], -1)
+        scales_zeros = torch.from_numpy(sz).to(device, torch.bfloat16).transpose(0, 1).contiguous()
+        tiles = next(t for t in (8, 4, 2) if q.shape[1] % (16 * t) == 0)
+        tiny = torch._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), tiles)
+        plain = (q[:, ::2] | q[:, 1::2] << 4).to(torch.uint8).contiguous() if triton_available() else None
+        return cls(tiny, plain, scales_zeros, tuple(out_features), bias)
+
+    def int4_mm(self, x2: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int4pack_mm(x2, self.tiny, INT4_GROUP, self.scales_zeros)
+
+    def triton_mm(self, x2: torch.Tensor) -> torch.Tensor:
+        from engine.triton_int4 import int4_gemm
+
+        if self.plain is None:
+            raise RuntimeError("Triton is not available")
+        return int4_gemm(x2, self.plain, self.scales, self.zeros)
+
+    def dequantized(self) -> torch.Tensor:
+        """bf16 [N, K]: the int4 op against an identity (exact: one nonzero term per output)."""
+        eye = torch.eye(self.in_features, device=self.tiny.device, dtype=torch.bfloat16)
+        return self.int4_mm(eye).T
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        if x2.shape[0] <= INT4_MAX_ROWS or self.plain is None:
+            y = self.int4_mm(x2)
+        else:
+            y = self.triton_mm(x2)
+        if self.bias is not None:
+            y = y + self.bias
+        y = y.view(*lead, self._n)
+        return list(y.split(self.out_features, dim=-1)) if len(self.out_features) > 1 else [y]
+
+
+def triton_available() -> bool:
+    """Triton with a CUDA device (the device image has it; CPU wheels of torch do not)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@dataclass(slots=True)
+class LinearGroup:
+    """Weights sharing an input whose types need different kernels (e.g. Q4_K q/k with a Q6_K v)."""
+
+    members: list[Linear]
+
+    @property
+    def out_features(self) -> tuple[int, ...]:
+        return tuple(n for m in self.members for n in m.out_features)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(m.nbytes for m in self.members)
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [y for m in self.members for y in m(x)]
+
+
+class Embedding(Protocol):
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor: ...  # [T] -> [T, hidden]
+
+
+@dataclass(slots=True)
+class DenseEmbedding:
+    weight: torch.Tensor  # [vocab, hidden]
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids.to(self.weight.device), self.weight)
+
+
+@dataclass(slots=True)
+class GgmlEmbedding:
+    """Rows dequantized by ggml from the GGUF bytes (CPU): the table stays as stored."""
+
+    ggml: GgmlCpu
+    handle: int
+    cols: int
+    raw: RawTensor  # keeps the bytes alive
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.ggml.get_rows(self.handle, ids.cpu(), self.cols)
+
+
+@dataclass(slots=True)
+class HostEmbedding:
+    """Rows dequantized on the host from the GGUF bytes, then moved (CUDA): the table stays in host
+    memory as stored, and only T rows per step cross to the device."""
+
+    raw: RawTensor
+    device: torch.device
+    dtype: torch.dtype
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.raw.take_rows(ids.cpu().numpy()).dequantize()
+        return torch.from_numpy(rows).to(self.device, self.dtype)
+
+
+@dataclass(frozen=True, slots=True)
+class LinearFactory:
+    """Makes the linear layers of one shard: the chosen form on the chosen device."""
+
+    form: WeightsForm
+    device: torch.device
+    dtype: torch.dtype  # activations (and dense weights)
+    ggml: GgmlCpu | None  # CPU + quantized only
+
+    def __call__(self, parts: Sequence[RawTensor], biases: Sequence[torch.Tensor | None] = ()) -> Linear:
+        bias = self._bias(parts, biases)
+        if self.form == "quantized" and self.ggml is not None:
+            return GgmlLinear(self.ggml, parts, None if bias is None else bias.float())
+        if self.form == "quantized" and self.device.type == "cuda":
+            runs = _runs(parts)  # consecutive parts that share a kernel: one call each
+            if len(runs) > 1:
+                return _with_bias(LinearGroup([self._cuda(run, None) for run in runs]), bias)
+            return self._cuda(parts, bias)
+        return self.dense(parts, bias)
+
+    def dense(self, parts: Sequence[RawTensor], bias: torch.Tensor | None = None) -> DenseLinear:
+        w = np.concatenate([p.dequantize() for p in parts])
+        return DenseLinear(torch.from_numpy(w).to(self.device, self.dtype), bias, tuple(p.rows for p in parts))
+
+    def _cuda(self, parts: Sequence[RawTensor], bias: torch.Tensor | None) -> Linear:
+        if _int4_ok(parts[0]):
+            return Int4Linear.from_raw(parts, bias, self.device)
+        return self.dense(parts, bias)
+
+    def vector(self, t: torch.Tensor) -> torch.Tensor:
+        """A norm weight or bias, in the activation dtype on the device."""
+        return t.to(self.device, self.dtype)
+
+    def embedding(self, raw: RawTensor) -> Embedding:
+        if self.form == "full":
+            return DenseEmbedding(self.dense([raw]).weight)
+        if self.ggml is not None:
+            handle = self.ggml.register(GgmlWeight(raw.type_name, raw.rows, raw.cols, raw.data.reshape(-1)))
+            return GgmlEmbedding(self.ggml, handle, raw.cols, raw)
+        return HostEmbedding(raw, self.device, self.dtype)
+
+    def head(self, raw: RawTensor, embedding: Embedding | None) -> Linear:
+        """The output head; `embedding`: the same tensor's lookups (a whole tied model), whose dense
+        matrix the head reuses rather than copy it."""
+        if isinstance(embedding, DenseEmbedding):
+            return DenseLinear(embedding.weight, None, (raw.rows,))
+        return self([raw])
+
+    def _bias(self, parts: Sequence[RawTensor], biases: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
+        if not biases or all(b is None for b in biases):
+            return None
+        filled = [b if b is not None else torch.zeros(p.rows) for p, b in zip(parts, biases, strict=True)]
+        return torch.cat(filled).to(self.device, self.dtype)
+
+
+def _int4_ok(p: RawTensor) -> bool:
+    return int4_ok(p.type_name, p.rows, p.cols)
+
+
+def _runs(parts: Sequence[RawTensor]) -> list[list[RawTensor]]:
+    runs: list[list[RawTensor]] = []
+    for p in parts:
+        if runs and _int4_ok(runs[-1][0]) == _int4_ok(p):
+            runs[-1].append(p)
+        else:
+            runs.append([p])
+    return runs
+
+
+def _with_bias(group: LinearGroup, bias: torch.Tensor | None) -> Linear:
+    if bias is None:
+        return group
+    return _BiasedGroup(group, bias)
+
+
+@dataclass(slots=True)
+class _BiasedGroup:
+    group: LinearGroup
+    bias: torch.Tensor
+
+    @property
+    def out_features(self) -> tuple[int, ...]:
+        return self.group.out_features
+
+    @property
+    def nbytes(self) -> int:
+        return self.group.nbytes + self.bias.numel() * self.bias.element_size()
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        y = torch.cat(self.group(x), dim=-1) + self.bias
+        return list(y.split(self.out_features, dim=-1))
