@@ -6,11 +6,11 @@ weight, so a kernel can run them together. The model code never touches weight t
 | form | device | weights | kernel |
 |---|---|---|---|
 | `GgmlLinear` | CPU, `quantized` | GGUF bytes as stored (a view of the memory map) | ggml (llama.cpp's own) |
-| `Int4Linear` | CUDA, `quantized`, Q4_0/Q4_1/Q4_K | tinygemm int4, group 32, 16-bit scale+zero | `torch._weight_int4pack_mm` |
+| `Int4Linear` | CUDA, `quantized`, Q4_0/Q4_1/Q4_K | tinygemm int4, group 32, bf16 scale+zero | `torch._weight_int4pack_mm` |
 | `DenseLinear` | `full`, or CUDA types without an int4 form | dequantized 16/32-bit | cuBLAS / MKL |
 
-On CUDA the int4 kernel wins only at small batch (DESIGN.md: 1.6-1.8x bf16 at M=1, 0.93x at M=8,
-0.35x at M=32), so `Int4Linear` dequantizes its group into a bf16 scratch for wide inputs.
+On CUDA, 6- and 8-bit types (Q5_K, Q6_K, Q8_0) are dequantized to bf16: tinygemm reads only int4,
+and `_weight_int8pack_mm` runs at 0.1-0.2x of bf16 (DESIGN.md).
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from shard.gguf_tensor import INT4_GROUP, Int4Groups, RawTensor, int4_ok, to_int
 
 WeightsForm = Literal["quantized", "full"]
 WEIGHTS_FORMS: tuple[WeightsForm, ...] = ("quantized", "full")
-INT4_MAX_ROWS = 4  # above this many input rows, Int4Linear runs the Triton GEMM (where Triton is)
 
 
 class Linear(Protocol):
@@ -77,27 +76,25 @@ class GgmlLinear:
 
 
 class Int4Linear:
-    """Group-32 int4 weights on CUDA: tinygemm for narrow inputs, a Triton GEMM (or, without Triton,
-    dequantize-then-GEMM) for wide ones. Both read the same (q - 8) * scale + zero groups."""
+    """Group-32 int4 weights on CUDA, multiplied by tinygemm (`torch._weight_int4pack_mm`).
+
+    It reads 4-bit weights at 1.5-1.8x the speed of bf16 cuBLAS for one input row and 1.15-1.2x
+    for four, but falls to 0.7-0.9x at 8 rows and 0.25x at 32 (H200, docs/torch-engine.md): wide
+    decode batches on CUDA want a fused kernel we do not have yet, or `--weights full`."""
 
     def __init__(
-        self, tiny: torch.Tensor, plain: torch.Tensor | None, scales_zeros: torch.Tensor,
-        out_features: tuple[int, ...], bias: torch.Tensor | None,
+        self, tiny: torch.Tensor, scales_zeros: torch.Tensor, out_features: tuple[int, ...],
+        bias: torch.Tensor | None,
     ) -> None:  # fmt: skip
         self.tiny = tiny  # tinygemm's packed layout
-        self.plain = plain  # uint8 [N, K / 2] for the Triton kernel, or None
         self.scales_zeros = scales_zeros  # bf16 [K / 32, N, 2]
-        self.scales = scales_zeros[..., 0].contiguous()
-        self.zeros = scales_zeros[..., 1].contiguous()
         self.out_features = out_features
         self.bias = bias
         self._n = sum(out_features)
         self.in_features = scales_zeros.shape[0] * INT4_GROUP
-        plain_bytes = 0 if plain is None else plain.numel()
         self.nbytes = (
-            tiny.numel() * tiny.element_size() + plain_bytes + 2 * scales_zeros.numel() * 2
-            + (0 if bias is None else bias.numel() * 2)
-        )  # fmt: skip
+            tiny.numel() * tiny.element_size() + scales_zeros.numel() * 2 + (0 if bias is None else bias.numel() * 2)
+        )
 
     @classmethod
     def from_raw(cls, parts: Sequence[RawTensor], bias: torch.Tensor | None, device: torch.device) -> Int4Linear:
@@ -111,48 +108,26 @@ class Int4Linear:
         q = torch.from_numpy(np.concatenate([g.q for g in groups])).to(device)  # [N, K]: rows stack
         sz = np.stack([np.concatenate([g.scales for g in groups]), np.concatenate([g.zeros for g in groups])], -1)
         scales_zeros = torch.from_numpy(sz).to(device, torch.bfloat16).transpose(0, 1).contiguous()
-        tiles = next(t for t in (8, 4, 2) if q.shape[1] % (16 * t) == 0)
-        tiny = torch._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), tiles)
-        plain = (q[:, ::2] | q[:, 1::2] << 4).to(torch.uint8).contiguous() if triton_available() else None
-        return cls(tiny, plain, scales_zeros, tuple(out_features), bias)
-
-    def int4_mm(self, x2: torch.Tensor) -> torch.Tensor:
-        return torch._weight_int4pack_mm(x2, self.tiny, INT4_GROUP, self.scales_zeros)
-
-    def triton_mm(self, x2: torch.Tensor) -> torch.Tensor:
-        from engine.triton_int4 import int4_gemm
-
-        if self.plain is None:
-            raise RuntimeError("Triton is not available")
-        return int4_gemm(x2, self.plain, self.scales, self.zeros)
+        return cls(pack_tinygemm(q), scales_zeros, tuple(out_features), bias)
 
     def dequantized(self) -> torch.Tensor:
         """bf16 [N, K]: the int4 op against an identity (exact: one nonzero term per output)."""
         eye = torch.eye(self.in_features, device=self.tiny.device, dtype=torch.bfloat16)
-        return self.int4_mm(eye).T
+        return torch._weight_int4pack_mm(eye, self.tiny, INT4_GROUP, self.scales_zeros).T
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        if x2.shape[0] <= INT4_MAX_ROWS or self.plain is None:
-            y = self.int4_mm(x2)
-        else:
-            y = self.triton_mm(x2)
+        y = torch._weight_int4pack_mm(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), self.tiny, INT4_GROUP, self.scales_zeros)
         if self.bias is not None:
             y = y + self.bias
         y = y.view(*lead, self._n)
         return list(y.split(self.out_features, dim=-1)) if len(self.out_features) > 1 else [y]
 
 
-def triton_available() -> bool:
-    """Triton with a CUDA device (the device image has it; CPU wheels of torch do not)."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def pack_tinygemm(q: torch.Tensor) -> torch.Tensor:
+    """uint8 values 0..15 [N, K] on the device -> tinygemm's layout (even k in the high nibble)."""
+    tiles = next(t for t in (8, 4, 2) if q.shape[1] % (16 * t) == 0)  # inner-k tiles: the largest that fit
+    return torch._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), tiles)
 
 
 @dataclass(slots=True)

@@ -6,7 +6,7 @@
 
 CPU sides: fp32 and bf16 dense (torch), ggml on GGUF bytes (Q4_0, Q4_1, Q4_K, Q6_K, Q8_0), torch's
 `_weight_int4pack_mm_for_cpu` and `_weight_int8pack_mm`. CUDA sides: bf16 cuBLAS, tinygemm int4 from
-Q4_K (`Int4Linear`), and dequantize-then-GEMM. Shapes default to one 8192x2048 matrix (DESIGN.md).
+Q4_K (`Int4Linear`). Shapes default to one 8192x2048 matrix (DESIGN.md).
 """
 
 from __future__ import annotations
@@ -82,14 +82,10 @@ def cuda_sides(n: int, k: int, m: int) -> list[tuple[str, Callable[[], object], 
     q = np.random.default_rng(0).integers(0, 16, (n, k), dtype=np.uint8)
     groups = Int4Groups(q, np.full((n, k // 32), 0.01, np.float32), np.zeros((n, k // 32), np.float32))
     int4 = lin_mod.Int4Linear.from_groups([groups], [n], None, dev)
-    sides: list[tuple[str, Callable[[], object], int]] = [
+    return [
         ("bf16 cuBLAS", lambda: x @ wb.T, n * k * 2),
-        ("tinygemm int4 (g32)", lambda: int4.int4_mm(x), int4.nbytes),
-        ("dequant + GEMM", lambda: x @ int4.dequantized().T, int4.nbytes),
+        ("tinygemm int4 (g32)", lambda: int4(x), int4.nbytes),
     ]
-    if lin_mod.triton_available():
-        sides.append(("triton int4 GEMM", lambda: int4.triton_mm(x), int4.nbytes))
-    return sides
 
 
 def main() -> None:

@@ -147,13 +147,12 @@ class _SyntheticLinears:
         if self.form == "full":
             w = torch.randn(n, k, device=self.device, generator=self._g, dtype=self.dtype) * 0.02
             return DenseLinear(w, None, outs)
+        from engine.linear import pack_tinygemm
+
         q = torch.randint(0, 16, (n, k), device=self.device, generator=self._g, dtype=torch.int32)
-        tiles = next(t for t in (8, 4, 2) if k % (16 * t) == 0)
-        tiny = torch._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), tiles)
-        plain = (q[:, ::2] | q[:, 1::2] << 4).to(torch.uint8).contiguous()
         sz = torch.empty(k // 32, n, 2, device=self.device, dtype=self.dtype)
         sz[..., 0], sz[..., 1] = 0.003, 0.0
-        return Int4Linear(tiny, plain, sz, outs, None)
+        return Int4Linear(pack_tinygemm(q), sz, outs, None)
 
     def vector(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.device, self.dtype)
@@ -237,10 +236,34 @@ def bench_gpu(preset: str, tokens: int, batches: list[int]) -> None:
             results[label, batch] = batch / dt
             print(f"    batch {batch:2d}: {1000 * dt:6.2f} ms/step {batch / dt:8.1f} tok/s  "
                   f"{weight_bytes / dt / bw:5.1%} of the weight roofline")
-        del model
+        # the same batch-1 step replayed from one CUDA graph (fixed position): the device time alone,
+        # without the ~1,000 kernel launches per step that make eager decode host-bound
+        x1 = torch.tensor([7], device=dev)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                model.decode([0], x1, [600])
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            model.decode([0], x1, [600])
+        for _ in range(3):
+            graph.replay()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(tokens):
+            graph.replay()
+        torch.cuda.synchronize()
+        dt = (time.perf_counter() - t0) / tokens
+        results[label + "-graph", 1] = 1 / dt
+        print(f"    batch  1 in one CUDA graph: {1000 * dt:6.2f} ms/step {1 / dt:8.1f} tok/s  "
+              f"{weight_bytes / dt / bw:5.1%} of the weight roofline")
+        del model, graph
         torch.cuda.empty_cache()
     for batch in batches:
         print(f"  batch {batch:2d}: int4 / bf16 = {results['int4', batch] / results['bf16', batch]:.2f}x")
+    print(f"  batch  1, one CUDA graph: int4 / bf16 = {results['int4-graph', 1] / results['bf16-graph', 1]:.2f}x")
 
 
 def main() -> None:

@@ -19,16 +19,29 @@ import numpy as np
 PRESETS = {  # n_layers, hidden, heads, kv heads, ffn, rope base
     "llama-1b": (16, 2048, 32, 8, 8192, 500000.0),
     "smollm2-135m": (30, 576, 9, 3, 1536, 100000.0),
+    "tiny-512": (4, 512, 8, 2, 1536, 10000.0),  # K-quant friendly (rows of 256), for tests
 }
+# Q4_K_M's recipe, roughly: 6-bit V and FFN-down, 4-bit elsewhere, an 8-bit embedding
+MIXES = {"Q4_K_M": {"attn_v": "Q6_K", "ffn_down": "Q6_K"}}
 
 
-def write_synthetic_llama(path: Path, preset: str, type_name: str = "Q4_1", seed: int = 0) -> Path:
+def write_synthetic_llama(
+    path: Path, preset: str, type_name: str = "Q4_1", seed: int = 0, *, tokenizer: bool = True,
+    mix: str = "",
+) -> Path:  # fmt: skip
+    """`tokenizer`: copy SmolLM2's tokenizer (needs the embedded model); else a bare 4096-token vocab
+    that only the shard loader reads. `mix`: a per-tensor type recipe from MIXES over `type_name`."""
     from engine import ggml_cpu
-    from engine.model_file import load_model_file
 
     n_layers, hidden, heads, kv_heads, ffn, base = PRESETS[preset]
-    tok = gguf.GGUFReader(load_model_file("smollm2-135m-instruct").path)
-    vocab = len(tok.fields["tokenizer.ggml.tokens"].data)
+    tok = None
+    vocab = 4096
+    if tokenizer:
+        from engine.model_file import load_model_file
+
+        tok = gguf.GGUFReader(load_model_file("smollm2-135m-instruct").path)
+        vocab = len(tok.fields["tokenizer.ggml.tokens"].data)
+    overrides = MIXES[mix] if mix else {}
     head_dim = hidden // heads
     w = gguf.GGUFWriter(path, "llama")
     w.add_name(f"synthetic-{preset}")
@@ -42,7 +55,7 @@ def write_synthetic_llama(path: Path, preset: str, type_name: str = "Q4_1", seed
     w.add_rope_dimension_count(head_dim)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(vocab)
-    for name, field in tok.fields.items():
+    for name, field in tok.fields.items() if tok is not None else ():
         if not name.startswith("tokenizer."):
             continue
         vtype = field.types[0]
@@ -50,7 +63,8 @@ def write_synthetic_llama(path: Path, preset: str, type_name: str = "Q4_1", seed
         w.add_key_value(name, field.contents(), vtype, sub_type=sub)
     rng = np.random.default_rng(seed)
 
-    def matrix(name: str, rows: int, cols: int, qtype: str = type_name) -> None:
+    def matrix(name: str, rows: int, cols: int, qtype: str = "") -> None:
+        qtype = qtype or overrides.get(name.split(".")[-2], type_name)
         values = (rng.standard_normal((rows, cols), dtype=np.float32) * 0.02).astype(np.float32)
         data = ggml_cpu.quantize(qtype, values)
         w.add_tensor(name, data, raw_shape=(rows, data.shape[1]), raw_dtype=gguf.GGMLQuantizationType[qtype])
