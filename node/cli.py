@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import io
 import logging
 import os
 import signal
 import sys
+import unicodedata
 from pathlib import Path
+from typing import TextIO
 
 from discovery.envelope import DEFAULT_MESH_SECRET
 from engine.model_file import DEFAULT_ALIAS, ModelFileError
@@ -56,6 +60,12 @@ def _join_parser(sub: argparse._SubParsersAction) -> None:
                       help="torch engine weights: keep the GGUF's quantized blocks, or dequantize them in full")
     join.add_argument("--kv-sessions", type=int, default=4, metavar="N",
                       help="KV cache slots (concurrent sequences) of the torch engine")
+    join.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                      help="a bearer key that may use /v1/* (repeatable; or MESHLLM_API_KEY)")
+    join.add_argument("--api-keys-file", type=Path, default=None, metavar="FILE",
+                      help="API keys with per-key model allowlists and rate limits (see docs/security.md)")
+    join.add_argument("--api-open", action="store_true",
+                      help="serve /v1/* without keys even on a non-loopback --http-host")
     join.add_argument("--log-level", default="INFO")
 
 
@@ -112,6 +122,36 @@ def _config(args: argparse.Namespace) -> NodeConfig:
         device=args.device,
         weights=args.weights,
         kv_sessions=args.kv_sessions,
+        api_keys=tuple(args.api_key) + ((os.environ["MESHLLM_API_KEY"],) if os.environ.get("MESHLLM_API_KEY") else ()),
+        api_keys_file=args.api_keys_file,
+        api_open=args.api_open,
+    )
+
+
+class _TerminalSafe(io.TextIOBase):
+    """A stdout that a peer cannot drive: control characters (ESC, C1, bidi overrides...) become '?'.
+
+    Whatever a peer advertised (names, aliases, addresses) is printed through it; one character in,
+    one out, so table columns stay aligned. Newlines and tabs are ours and pass."""
+
+    def __init__(self, target: TextIO) -> None:
+        self._target = target
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, s: str) -> int:
+        self._target.write(terminal_safe(s))
+        return len(s)
+
+    def flush(self) -> None:
+        self._target.flush()
+
+
+def terminal_safe(text: str) -> str:
+    return "".join(
+        c if c in "\n\t" or unicodedata.category(c) not in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp") else "?"
+        for c in text
     )
 
 
@@ -145,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "node" and args.node_command == "join":
             asyncio.run(_run_node(_config(args)))
         elif args.command == "peers":
-            return print_peers(args.url, as_json=args.json)
+            with contextlib.redirect_stdout(_TerminalSafe(sys.stdout)):
+                return print_peers(args.url, as_json=args.json)
     except (ModelFileError, EngineLoadError, ValueError) as e:
         print(f"meshllm: error: {e}", file=sys.stderr)
         return 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,9 @@ class NodeConfig:
     device: str = "cpu"  # torch device of the torch engine
     weights: str = "quantized"  # torch engine weights: "quantized" (GGUF blocks kept) or "full" (dequantized)
     kv_sessions: int = 4  # KV cache slots (concurrent sequences) of the torch engine
+    api_keys: tuple[str, ...] = ()  # bearer keys that may use /v1/* (any model, no rate limit)
+    api_keys_file: Path | None = None  # more keys, with model allowlists and limits (docs/security.md)
+    api_open: bool = False  # serve /v1/* without keys on a non-loopback address, deliberately
 
     def __post_init__(self) -> None:
         for port_name in ("http_port", "grpc_port"):
@@ -62,6 +66,24 @@ class NodeConfig:
             raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}")
         if self.kv_sessions < 1:
             raise ValueError("kv-sessions must be >= 1")
+        for key in self.api_keys:
+            if not key or len(key) > 256 or not key.isprintable() or any(c.isspace() for c in key):
+                raise ValueError("an API key must be 1 to 256 printable characters without spaces")
+        if not is_loopback(self.http_host) and not (self.api_keys or self.api_keys_file or self.api_open):
+            raise ValueError(
+                f"--http-host {self.http_host or '(all addresses)'} serves the API beyond this machine: "
+                "give --api-key KEY or --api-keys-file FILE, or --api-open to serve it without keys"
+            )
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a hostname (or "" / "0.0.0.0" style wildcards): assume it is reachable
 
 
 def parse_shard_arg(value: str) -> tuple[str, int, int]:
