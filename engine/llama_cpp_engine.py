@@ -17,7 +17,8 @@ from collections.abc import Callable, Iterator
 
 import llama_cpp
 
-from engine.chat_template import render_chat
+from core.errors import BadRequest
+from engine.chat_template import PromptPart, chat_prompt_parts
 from engine.model_file import ModelFile
 from engine.token_output import TokenOutput
 from engine.types import Chunk, ContextLengthExceeded, EngineLoadError, GenerationRequest, check_context
@@ -38,6 +39,13 @@ def _quiet_stderr() -> Iterator[None]:
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
+
+
+def _utf8(text: str) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate such as \ud800: JSON allows it, UTF-8 does not
+        raise BadRequest("text must be valid Unicode (no lone surrogates)") from None
 
 
 class _Pieces:
@@ -113,26 +121,38 @@ class LlamaCppEngine:
             return ""
         return self._llm.detokenize([token], special=True).decode("utf-8", errors="replace")
 
-    def render_prompt(self, request: GenerationRequest) -> str:
+    def prompt_parts(self, request: GenerationRequest) -> list[PromptPart]:
+        """A raw completion prompt is the client's own markup (special tokens parsed, as llama.cpp's
+        server does); chat messages and a continuation are text (see `chat_prompt_parts`)."""
         if request.prompt is not None:
-            return request.prompt + request.continuation
+            parts: list[PromptPart] = [(request.prompt, True)]
+            return parts + [(request.continuation, False)] if request.continuation else parts
         assert request.messages is not None
-        rendered = render_chat(
-            self.model.chat_template, request.messages, bos_token=self.bos_token, eos_token=self.eos_token
+        return chat_prompt_parts(
+            self.model.chat_template, request.messages, bos_token=self.bos_token, eos_token=self.eos_token,
+            continuation=request.continuation,
         )
-        return rendered + request.continuation
+
+    def tokenize_parts(self, parts: list[PromptPart]) -> list[int]:
+        add_bos = self._llm._model.add_bos_token()
+        tokens: list[int] = []
+        for i, (text, markup) in enumerate(parts):
+            first = i == 0 and add_bos and not (markup and self.bos_token and text.startswith(self.bos_token))
+            tokens += self._llm.tokenize(_utf8(text), add_bos=first, special=markup)
+        return tokens
 
     def tokenize(self, text: str) -> list[int]:
-        # special=True: chat templates contain control tokens such as <|im_start|>.
-        add_bos = self._llm._model.add_bos_token()
-        return self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+        """Client text: no special-token parsing."""
+        return self._llm.tokenize(_utf8(text), add_bos=self._llm._model.add_bos_token(), special=False)
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenize(text))
 
     def prepare(self, request: GenerationRequest) -> tuple[list[int], int]:
         """Tokenises the prompt and checks the context; returns (prompt tokens, max new tokens)."""
-        tokens = self.tokenize(self.render_prompt(request))
+        tokens = self.tokenize_parts(self.prompt_parts(request))
+        if not tokens:
+            raise BadRequest("the prompt is empty", param="prompt")
         return tokens, check_context(self.n_ctx, len(tokens), request.params.max_tokens)
 
     def generate(self, request: GenerationRequest, cancel: threading.Event) -> Iterator[Chunk]:
@@ -171,7 +191,10 @@ class LlamaCppEngine:
                 self._embedder = self._load(embedding=True, n_ctx=min(self.n_ctx, 2048))
             out: list[list[float]] = []
             for text in texts:
-                tokens = self._embedder.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+                tokens = self._embedder.tokenize(_utf8(text), add_bos=True, special=False)
+                if not tokens:
+                    # llama-cpp-python's embed would write logits[-1] of an empty batch: heap corruption.
+                    raise BadRequest("an embedding input has no tokens", param="input")
                 if len(tokens) > self._embedder.n_ctx():
                     raise ContextLengthExceeded(
                         f"input has {len(tokens)} tokens; embeddings take at most {self._embedder.n_ctx()}"

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import llama_cpp
 
+from engine.chat_template import PromptPart
+
 PIECE_BYTES = 256
 
 
@@ -46,6 +48,19 @@ class GGUFTokenizer:
         if add_bos is None:
             add_bos = self.add_bos and not (self.bos_id >= 0 and text.startswith(self.bos_text))
         return self._llama.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+
+    def encode_parts(self, parts: list[PromptPart]) -> list[int]:
+        """Tokenizes a chat prompt: special tokens are parsed in the template's markup only, never in
+        client text. BOS as in `encode`, judged on the first part."""
+        ids: list[int] = []
+        for i, (text, markup) in enumerate(parts):
+            if i == 0 and markup:
+                ids += self.encode(text)
+            else:
+                ids += self._llama.tokenize(
+                    text.encode("utf-8"), add_bos=i == 0 and self.add_bos, special=markup
+                )
+        return ids
 
     def token_bytes(self, token: int, *, special: bool = False) -> bytes:
         """The bytes of one token; control tokens (eos, im_end) are empty unless `special`."""

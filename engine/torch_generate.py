@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from engine.chat_template import render_chat
+from engine.chat_template import chat_prompt_parts
 from engine.token_output import TokenOutput
 from engine.types import Chunk, GenerationRequest, check_context
 
@@ -21,13 +21,14 @@ _SLOT_POLL_S = 0.1
 
 def prompt_tokens(engine: TorchShardEngine, request: GenerationRequest) -> list[int]:
     tok = engine.tokenizer
-    if request.messages is not None:
-        text = render_chat(
-            engine.model.chat_template, request.messages, bos_token=tok.bos_text, eos_token=tok.eos_text
+    if request.messages is not None:  # client text apart from the template's markup (no special tokens)
+        parts = chat_prompt_parts(
+            engine.model.chat_template, request.messages, bos_token=tok.bos_text, eos_token=tok.eos_text,
+            continuation=request.continuation,
         )
     else:
-        text = request.prompt or ""
-    ids = tok.encode(text + request.continuation)
+        parts = [(request.prompt or "", True), (request.continuation, False)]
+    ids = tok.encode_parts(parts)
     return ids or [tok.bos_id]
 
 
