@@ -18,7 +18,7 @@ MAX_LIBP2P_ADDRS = 16
 MAX_NAME_CHARS = 64
 MAX_SHORT_CHARS = 64  # version, engine, device, alias
 MAX_ADDR_CHARS = 256  # "host:port" or a multiaddr
-MAX_TTL_S = 3600.0
+MAX_TTL_S = 120.0  # a silent entry must leave soon; PeerTable also caps what it holds (60 s)
 MAX_INT = 2**63 - 1
 
 _HEX_ID = re.compile(r"[0-9a-f]{32}")

@@ -34,7 +34,7 @@ class HttpAdvertFetcher:
             self._session = aiohttp.ClientSession(timeout=self._timeout)
         url = f"http://{_host_for_url(host)}:{port_http}/mesh/advert"
         try:
-            async with self._session.get(url) as resp:
+            async with self._session.get(url, allow_redirects=False) as resp:  # no redirects: only that address
                 if resp.status != 200:
                     raise FetchError(f"{url}: HTTP {resp.status}")
                 data = await _read_capped(resp.content, MAX_ENVELOPE_BYTES)

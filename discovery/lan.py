@@ -24,14 +24,16 @@ class LanPeers:
     def __init__(
         self,
         fetch: FetchAdvert,
-        receive: Callable[[bytes], bool],
+        receive: Callable[[bytes, str], bool],
         goodbye: Callable[[str], None],
         seen_s: Callable[[str], float | None],
         refresh_s: float,
         reject: Callable[[str, str], None],
     ) -> None:
         self._fetch = fetch
-        self._receive = receive  # raw envelope -> Discovery.receive(data, "mdns"): accepted?
+        # (raw envelope, "host:port" fetched from) -> Discovery.receive: accepted? The advert must name
+        # that very address, so a pointer cannot make us take (or fetch for) anything else.
+        self._receive = receive
         self._goodbye = goodbye  # node id -> drop it now (a removed record whose node cannot answer)
         self._seen_s = seen_s  # node id -> seconds since its last advert from any source, None if unknown
         self._refresh_s = refresh_s
@@ -83,7 +85,7 @@ class LanPeers:
                 self._reject("oversized", f"{pointer.host}:{pointer.port_http}")
             self._failed(pointer, removed, e)
             return
-        if self._receive(data):
+        if self._receive(data, f"{pointer.host}:{pointer.port_http}"):
             self._failures.pop(pointer.node_id, None)
         else:  # refused (another mesh, a forgery): after a few, stop asking until it announces again
             self._failed(pointer, removed=False, error=None)

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import socket
 from collections.abc import Callable
 
 from discovery.envelope import MAX_ENVELOPE_BYTES
+from discovery.netaddr import in_networks, on_link_networks
 
 log = logging.getLogger(__name__)
 
@@ -23,15 +25,29 @@ GROUP = "239.255.77.77"  # administratively scoped: never leaves the site
 PORT = 5454
 MAX_DATAGRAM_BYTES = 1400  # fits one Ethernet frame; a bigger advert is refreshed over HTTP instead
 MULTICAST_TTL = 1  # the local link only, like mDNS
+IP_MULTICAST_ALL = getattr(socket, "IP_MULTICAST_ALL", 49)  # Linux; not exported by Python 3.11
+
+# (raw datagram, sender IP) -> handled; (reason, detail) -> counted like any refused advert
+OnDatagram = Callable[[bytes, str], object]
+OnReject = Callable[[str, str], None]
 
 
 class _Receiver(asyncio.DatagramProtocol):
-    def __init__(self, on_datagram: Callable[[bytes], object]) -> None:
+    """Drops and counts what is too big or comes from off our networks; hands the rest on."""
+
+    def __init__(self, on_datagram: OnDatagram, nets: list[ipaddress.IPv4Network], reject: OnReject) -> None:
         self._on_datagram = on_datagram
+        self._nets = nets
+        self._reject = reject
 
     def datagram_received(self, data: bytes, addr: tuple[str | object, int]) -> None:
-        if len(data) <= MAX_ENVELOPE_BYTES:
-            self._on_datagram(data)
+        sender = str(addr[0])
+        if not in_networks(sender, self._nets):
+            self._reject("off_link", sender)  # e.g. a LAN host reaching a loopback-only node
+        elif len(data) > MAX_ENVELOPE_BYTES:
+            self._reject("oversized", f"{len(data)} byte datagram from {sender}")
+        else:
+            self._on_datagram(data, sender)
 
     def error_received(self, exc: Exception) -> None:
         log.debug("advert multicast receive error: %r", exc)
@@ -43,10 +59,20 @@ class AdvertMulticast:
     Runs on the asyncio loop that calls async_start(); on_datagram is called on that loop.
     """
 
-    def __init__(self, ips: list[str], on_datagram: Callable[[bytes], object], port: int = PORT) -> None:
+    def __init__(
+        self,
+        ips: list[str],
+        on_datagram: OnDatagram,
+        port: int = PORT,
+        reject: OnReject | None = None,
+    ) -> None:
         self._ips = ips
         self._on_datagram = on_datagram
+        self._reject: OnReject = reject or (lambda reason, detail: None)
         self._port = port
+        # loopback (lo's MTU is 64 KiB): any advert fits one datagram; on a LAN, one Ethernet frame
+        loopback = all(ipaddress.IPv4Address(ip).is_loopback for ip in ips)
+        self.max_send_bytes = MAX_ENVELOPE_BYTES if loopback else MAX_DATAGRAM_BYTES
         self._senders: list[socket.socket] = []
         self._transport: asyncio.DatagramTransport | None = None
         self.sent_bytes = 0
@@ -58,7 +84,10 @@ class AdvertMulticast:
             recv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if hasattr(socket, "SO_REUSEPORT"):  # several nodes on one host all get every datagram
                 recv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            recv.bind(("", self._port))
+            # Bound to the group, not 0.0.0.0: unicast to port 5454 never reaches us; and with
+            # IP_MULTICAST_ALL off, only groups joined on *our* interfaces (not by other sockets).
+            recv.setsockopt(socket.IPPROTO_IP, IP_MULTICAST_ALL, 0)
+            recv.bind((GROUP, self._port))
             for ip in self._ips:
                 mreq = socket.inet_aton(GROUP) + socket.inet_aton(ip)
                 recv.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreq)
@@ -67,7 +96,7 @@ class AdvertMulticast:
             recv.close()
             raise
         self._transport, _ = await loop.create_datagram_endpoint(
-            lambda: _Receiver(self._on_datagram), sock=recv
+            lambda: _Receiver(self._on_datagram, on_link_networks(self._ips), self._reject), sock=recv
         )
         for ip in self._ips:
             send = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
@@ -79,7 +108,7 @@ class AdvertMulticast:
 
     def send(self, data: bytes) -> bool:
         """Best effort, never blocks; False when the envelope is too big for one datagram."""
-        if len(data) > MAX_DATAGRAM_BYTES:
+        if len(data) > self.max_send_bytes:
             return False
         for sock in self._senders:
             try:

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from zeroconf import IPVersion, ServiceStateChange
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
+from discovery.netaddr import in_networks, on_link_networks
+
 log = logging.getLogger(__name__)
 
 SERVICE_TYPE = "_meshllm._tcp.local."
@@ -87,6 +89,8 @@ class Mdns:
         self._browser: AsyncServiceBrowser | None = None
         self._info: AsyncServiceInfo | None = None
         self._announce: Awaitable[object] | None = None
+        self._nets: list = []
+        self.refused = 0  # pointers naming an off-link host or a port other than the service's
 
     @property
     def pointers(self) -> list[MdnsPointer]:
@@ -104,7 +108,10 @@ class Mdns:
 
     async def async_start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._azc = AsyncZeroconf(ip_version=IPVersion.V4Only)
+        self._nets = on_link_networks(self._ips)
+        # Only the interfaces we announce on (not InterfaceChoice.All): a node bound to one network
+        # neither answers nor browses on the others.
+        self._azc = AsyncZeroconf(ip_version=IPVersion.V4Only, interfaces=list(self._ips))
         self._info = self._service_info()
         # The name embeds our node id, so it is unique: skip the ~1 s probing for conflicts. The
         # announcements go out in the background (the returned future); waiting adds 0.5 s to start.
@@ -174,8 +181,15 @@ class Mdns:
         hosts = info.parsed_addresses(IPVersion.V4Only)
         if not hosts or not info.properties:
             return
-        pointer = parse_txt(info.properties, hosts[0])
-        if pointer is None or pointer.node_id == self._node_id:
+        # A pointer says only "ask this on-link host at the service's port": the SRV port must be the
+        # TXT one, and the host on a network we announce on, so a LAN stranger cannot make us
+        # fetch from an arbitrary host and port. The fetched advert must name that address too.
+        on_link = [h for h in hosts if in_networks(h, self._nets)]
+        pointer = parse_txt(info.properties, on_link[0]) if on_link else None
+        if pointer is None or pointer.port_http != info.port:
+            self.refused += 1
+            return
+        if pointer.node_id == self._node_id:
             return
         self._known[name] = pointer
         self._on_found(pointer)

@@ -7,6 +7,7 @@ and libp2p; `simulations/` runs the very same code for 1000 nodes in one process
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -16,6 +17,9 @@ from typing import Protocol
 from discovery.advert import NodeAdvert
 
 DEFAULT_MAX_SKEW_S = 300.0
+DEFAULT_MAX_PEERS = 4096
+DEFAULT_MAX_PER_HOST = 64  # one machine (one advertised IP) may not fill the table
+DEFAULT_MAX_TTL_S = 60.0  # an advert asking for longer is held this long without a refresh
 
 
 class ApplyResult(Enum):
@@ -24,7 +28,8 @@ class ApplyResult(Enum):
     REFRESHED = "refreshed"  # same seq again: only last_seen moves
     STALE = "stale"  # lower seq than stored (or than its goodbye/expiry): a replay, rejected
     SELF = "self"  # our own advert echoed back
-    FULL = "full"  # table at max_peers, new node refused
+    FULL = "full"  # table at max_peers (nothing expired or unverified to evict), new node refused
+    HOST_FULL = "host_full"  # max_per_host entries already advertise this node's host
 
     @property
     def accepted(self) -> bool:
@@ -48,12 +53,20 @@ class Peer:
     last_seen: float  # receiver's clock: expiry never depends on the sender's clock
     source: str  # "mdns" | "libp2p" | "static" | ...
     beat_at: float = float("-inf")  # sender's issued_at of the newest advert/beat accepted for this seq
+    # heard from the address it advertises (not relayed, not only claimed): kept over unverified ones
+    verified: bool = False
+    ttl_s: float = DEFAULT_MAX_TTL_S  # the advert's ttl_s, capped by the table
 
     def last_seen_s(self, now: float) -> float:
         return max(0.0, now - self.last_seen)
 
     def expires_at(self) -> float:
-        return self.last_seen + self.advert.ttl_s
+        return self.last_seen + self.ttl_s
+
+
+def advert_host(advert: NodeAdvert) -> str:
+    """The host part of the advert's HTTP address ("" when it has none): the per-host cap's key."""
+    return advert.addresses.http.rpartition(":")[0] if ":" in advert.addresses.http else advert.addresses.http
 
 
 class _Issued(Protocol):
@@ -74,12 +87,35 @@ def freshness_error(advert: _Issued, now: float, max_skew_s: float = DEFAULT_MAX
 
 
 class PeerTable:
-    def __init__(self, self_id: str, *, max_peers: int = 4096) -> None:
-        if max_peers < 1:
-            raise ValueError("max_peers must be >= 1")
+    """Caps (finding 5 of issue 11: 4,096 fake members must not lock a real node out):
+
+    * `max_peers` entries in all; when full, a new *verified* node evicts expired entries first, then
+      the unverified entry heard from least recently; an unverified newcomer is refused (FULL);
+    * `max_per_host` entries per advertised host (HOST_FULL), so one machine cannot fill the table;
+    * ttl_s capped at `max_ttl_s`, so a silent entry leaves within a minute whatever it asked for.
+
+    Evicted node ids are returned by `take_evicted()` (the owner reports them as departures).
+    """
+
+    def __init__(
+        self,
+        self_id: str,
+        *,
+        max_peers: int = DEFAULT_MAX_PEERS,
+        max_per_host: int = DEFAULT_MAX_PER_HOST,
+        max_ttl_s: float = DEFAULT_MAX_TTL_S,
+    ) -> None:
+        if max_peers < 1 or max_per_host < 1:
+            raise ValueError("max_peers and max_per_host must be >= 1")
+        if max_ttl_s <= 0:
+            raise ValueError("max_ttl_s must be > 0")
         self.self_id = self_id
         self.max_peers = max_peers
+        self.max_per_host = max_per_host
+        self.max_ttl_s = max_ttl_s
         self._peers: dict[str, Peer] = {}
+        self._per_host: dict[str, int] = {}
+        self._evicted: list[str] = []
         # (expires_at, node_id) with lazy deletion: an entry is live only if it matches the peer now
         self._deadlines: list[tuple[float, str]] = []
         # last seq of departed (goodbye or expired) nodes, so a replay cannot resurrect them; capped FIFO
@@ -92,7 +128,8 @@ class PeerTable:
     def get(self, node_id: str) -> Peer | None:
         return self._peers.get(node_id)
 
-    def apply(self, advert: NodeAdvert, now: float, source: str = "") -> ApplyResult:
+    def apply(self, advert: NodeAdvert, now: float, source: str = "", *, verified: bool = False) -> ApplyResult:
+        """`verified`: the advert came from the address it advertises (see Discovery.receive)."""
         node_id = advert.node_id
         if node_id == self.self_id:
             return ApplyResult.SELF
@@ -103,7 +140,9 @@ class PeerTable:
                 if advert.seq <= departed_seq:
                     return ApplyResult.STALE
                 del self._departed[node_id]
-            if len(self._peers) >= self.max_peers:
+            if self._per_host.get(advert_host(advert), 0) >= self.max_per_host:
+                return ApplyResult.HOST_FULL
+            if len(self._peers) >= self.max_peers and not self._make_room(now, verified):
                 return ApplyResult.FULL
             result = ApplyResult.NEW
         elif advert.seq < old.advert.seq:
@@ -119,11 +158,59 @@ class PeerTable:
             else advert.issued_at
         )
         peer = Peer(
-            advert=advert, last_seen=now, source=source or (old.source if old else ""), beat_at=beat_at
+            advert=advert,
+            last_seen=now,
+            source=source or (old.source if old else ""),
+            beat_at=beat_at,
+            verified=verified or (old is not None and old.verified),
+            ttl_s=min(advert.ttl_s, self.max_ttl_s),
         )
-        self._peers[node_id] = peer
-        self._push_deadline(peer)
+        self._put(node_id, peer)
         return result
+
+    def take_evicted(self) -> list[str]:
+        """Node ids dropped to make room since the last call (expired or unverified entries)."""
+        evicted, self._evicted = self._evicted, []
+        return evicted
+
+    def _make_room(self, now: float, verified: bool) -> bool:
+        """Frees one slot for a newcomer: expired entries first, then (for a verified newcomer only)
+        the unverified entry heard from least recently. O(n), only when the table is full."""
+        gone = self.expire(now)
+        self._evicted.extend(gone)
+        if gone:
+            return True
+        if not verified:
+            return False
+        unverified = [p for p in self._peers.values() if not p.verified]
+        if not unverified:
+            return False
+        victim = min(unverified, key=lambda p: p.last_seen).advert.node_id
+        self._remove(victim)
+        self._evicted.append(victim)
+        return True
+
+    def _put(self, node_id: str, peer: Peer) -> None:
+        old = self._peers.get(node_id)
+        if old is not None:
+            self._count_host(advert_host(old.advert), -1)
+        self._peers[node_id] = peer
+        self._count_host(advert_host(peer.advert), +1)
+        self._push_deadline(peer)
+
+    def _remove(self, node_id: str) -> Peer | None:
+        peer = self._peers.pop(node_id, None)
+        if peer is not None:
+            self._count_host(advert_host(peer.advert), -1)
+            self._remember_departed(node_id, peer.advert.seq)
+        return peer
+
+    def _count_host(self, host: str, delta: int) -> None:
+        count = self._per_host.get(host, 0) + delta
+        if count > 0:
+            self._per_host[host] = count
+        else:
+            self._per_host.pop(host, None)
 
     def peek_touch(self, node_id: str, seq: int, issued_at: float) -> TouchResult:
         """What touch() would do, without doing it: lets the caller skip a signature check."""
@@ -146,17 +233,11 @@ class PeerTable:
         result = self.peek_touch(node_id, seq, issued_at)
         if result is TouchResult.REFRESHED:
             old = self._peers[node_id]
-            peer = Peer(advert=old.advert, last_seen=now, source=old.source, beat_at=issued_at)
-            self._peers[node_id] = peer
-            self._push_deadline(peer)
+            self._put(node_id, dataclasses.replace(old, last_seen=now, beat_at=issued_at))
         return result
 
     def goodbye(self, node_id: str) -> bool:
-        peer = self._peers.pop(node_id, None)
-        if peer is None:
-            return False
-        self._remember_departed(node_id, peer.advert.seq)
-        return True
+        return self._remove(node_id) is not None
 
     def expire(self, now: float) -> list[str]:
         """Drops peers whose last_seen + ttl_s < now; returns their ids."""
@@ -166,8 +247,7 @@ class PeerTable:
             deadline, node_id = heapq.heappop(heap)
             peer = self._peers.get(node_id)
             if peer is not None and peer.expires_at() == deadline:
-                del self._peers[node_id]
-                self._remember_departed(node_id, peer.advert.seq)
+                self._remove(node_id)
                 gone.append(node_id)
         return gone
 

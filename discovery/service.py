@@ -55,6 +55,15 @@ class PeerChange:
     peer: Peer | None  # None when LEFT
 
 
+def _comes_from(advert: NodeAdvert, origin: str) -> bool:
+    """Does the advert's own HTTP address match where its bytes came from ("host" or "host:port")?"""
+    if not origin:
+        return False
+    if ":" in origin:
+        return advert.addresses.http == origin
+    return advert.addresses.http.rpartition(":")[0] == origin
+
+
 def _same_content(a: NodeAdvert, b: NodeAdvert) -> bool:
     return dataclasses.replace(a, seq=b.seq, issued_at=b.issued_at) == b
 
@@ -69,6 +78,8 @@ class Discovery:
         *,
         clock: Callable[[], float] = time.time,
         mdns: bool = True,
+        multicast: bool = True,
+        allow_nodes: frozenset[str] | None = None,
         libp2p_port: int | None = None,
         bootstrap: Sequence[str] = (),
         host_ip: str = "127.0.0.1",
@@ -84,7 +95,9 @@ class Discovery:
         self._advert_source = advert_source
         self.table = table
         self._clock = clock
-        self._use_mdns = mdns
+        self._use_mdns = mdns  # zeroconf on the announced interfaces (a LAN, or loopback in tests)
+        self._use_multicast = multicast  # signed adverts by UDP multicast on the announced interfaces
+        self._allow_nodes = allow_nodes  # None: any member; else only these node ids are admitted
         self._libp2p_port = libp2p_port
         self._bootstrap = list(bootstrap)
         self._host_ip = host_ip
@@ -106,7 +119,7 @@ class Discovery:
         self._missed = MissedAdverts(fetch_advert, lambda data: self.receive(data, "libp2p"))
         self._lan = LanPeers(
             fetch_advert,
-            receive=lambda data: self.receive(data, "mdns"),
+            receive=lambda data, origin: self.receive(data, "mdns", origin=origin, fetched=True),
             goodbye=self._drop,
             seen_s=self._seen_s,
             refresh_s=refresh_s,
@@ -181,6 +194,7 @@ class Discovery:
             )
             self._lan.mdns = self._publisher.mdns = self._mdns
             await self._mdns.async_start()
+        if self._use_multicast:
             await self._start_multicast()
         self._tasks = [
             asyncio.create_task(self._expire_loop(), name="discovery-expire"),
@@ -223,8 +237,14 @@ class Discovery:
         if self._own_fetcher is not None:
             await self._own_fetcher.close()
 
-    def receive(self, data: bytes, source: str) -> bool:
-        """Validates one advert from any source and applies it; True when the table accepted it."""
+    def receive(self, data: bytes, source: str, *, origin: str = "", fetched: bool = False) -> bool:
+        """Validates one advert from any source and applies it; True when the table accepted it.
+
+        `origin`: the "host" or "host:port" the bytes came from when the transport knows it (a
+        multicast datagram's sender, the address an advert was fetched from). An advert whose own
+        HTTP address matches its origin is *verified* (PeerTable keeps it over unverified ones). A
+        `fetched` advert must match: an mDNS pointer cannot make us take an advert from elsewhere.
+        """
         try:
             advert = decode_message(data, self._mesh_key)
         except AdvertError as e:
@@ -240,21 +260,33 @@ class Discovery:
         if skew is not None:
             self._rejects.reject(skew, source, advert.node_id)
             return False
+        if self._allow_nodes is not None and advert.node_id not in self._allow_nodes:
+            if advert.node_id != self._identity.node_id:
+                self._rejects.reject("not_allowed", source, advert.node_id)
+            return False
+        verified = _comes_from(advert, origin)
+        if fetched and not verified:
+            self._rejects.reject("address_mismatch", source, f"{advert.node_id} fetched from {origin}")
+            return False
         if advert.ttl_s == 0:
             return self._receive_goodbye(advert, source)
         old = self.table.get(advert.node_id)
-        result = self.table.apply(advert, now, source)
+        result = self.table.apply(advert, now, source, verified=verified)
+        for node_id in self.table.take_evicted():
+            self._emit(ChangeKind.LEFT, node_id)
         if result is ApplyResult.STALE:
             self._rejects.reject("replayed_seq", source, advert.node_id)
         elif result is ApplyResult.FULL:
             self._rejects.reject("table_full", source, advert.node_id)
+        elif result is ApplyResult.HOST_FULL:
+            self._rejects.reject("host_full", source, advert.node_id)
         elif result is ApplyResult.NEW:
             self._emit(ChangeKind.JOINED, advert.node_id)
+            if source in ("libp2p", "mdns"):
+                self.publish_soon()  # the newcomer learns about us now, not at the next full advert
             if self._libp2p is not None:
                 for addr in advert.addresses.libp2p:
                     self._libp2p.connect(addr)
-                if source == "libp2p":
-                    self.publish_soon()  # the newcomer learns about us now, not at the next period
         elif result is ApplyResult.UPDATED and old is not None and not _same_content(old.advert, advert):
             self._emit(ChangeKind.UPDATED, advert.node_id)
         if result.accepted and source == "mdns":
@@ -316,8 +348,16 @@ class Discovery:
                 log.exception("discovery on_change listener failed")
 
     async def _start_multicast(self) -> None:
-        """LAN refresh by multicast (one datagram per period, whatever the mesh size); HTTP otherwise."""
-        multicast = AdvertMulticast(announce_ips(self._host_ip), lambda data: self.receive(data, "mdns"))
+        """LAN refresh by multicast (one datagram per period, whatever the mesh size); HTTP otherwise.
+
+        On loopback it is the whole of discovery: no zeroconf, so a default node hears nothing from
+        the LAN and tells it nothing (datagrams from a non-loopback sender are dropped and counted).
+        """
+        multicast = AdvertMulticast(
+            announce_ips(self._host_ip),
+            lambda data, sender: self.receive(data, "mdns", origin=sender),
+            reject=lambda reason, detail: self._rejects.reject(reason, "mdns", detail),
+        )
         try:
             await multicast.async_start()
         except OSError as e:

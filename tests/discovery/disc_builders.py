@@ -51,6 +51,7 @@ class MeshNode:
         secret: str = "test-mesh",
         *,
         mdns: bool = True,
+        multicast: bool | None = None,  # default: as mdns (mdns=False means no LAN/loopback discovery)
         libp2p_port: int | None = None,
         bootstrap: Sequence[str] = (),
         ttl_s: float = 10.0,
@@ -61,7 +62,7 @@ class MeshNode:
         self.table = PeerTable(self.identity.node_id)
         self.changes: list[PeerChange] = []
         self._kw = dict(
-            mdns=mdns, libp2p_port=libp2p_port, bootstrap=bootstrap, ttl_s=ttl_s, refresh_s=refresh_s
+            mdns=mdns, multicast=mdns if multicast is None else multicast, libp2p_port=libp2p_port, bootstrap=bootstrap, ttl_s=ttl_s, refresh_s=refresh_s
         )
         self.discovery: Discovery | None = None
         self.runner: web.AppRunner | None = None

@@ -9,19 +9,19 @@ import secrets
 
 from disc_builders import MeshNode, wait_until
 
-from discovery.lan_multicast import MAX_DATAGRAM_BYTES, AdvertMulticast
+from discovery.lan_multicast import AdvertMulticast
 
 
 def test_datagrams_reach_every_receiver_and_big_ones_are_not_sent() -> None:
     async def main() -> None:
         port = random.randrange(20000, 60000)  # not the real port: nodes of other tests use that one
         got: list[list[bytes]] = [[], []]
-        senders = [AdvertMulticast(["127.0.0.1"], got[i].append, port=port) for i in range(2)]
+        senders = [AdvertMulticast(["127.0.0.1"], lambda d, _s, i=i: got[i].append(d), port=port) for i in range(2)]
         for s in senders:
             await s.async_start()
         try:
             assert senders[0].send(b"hello")
-            assert not senders[0].send(b"x" * (MAX_DATAGRAM_BYTES + 1))
+            assert not senders[0].send(b"x" * (senders[0].max_send_bytes + 1))
             await wait_until(lambda: got[0] == [b"hello"] and got[1] == [b"hello"], 2.0)  # ours loop back too
             await asyncio.sleep(0.2)
             assert got == [[b"hello"], [b"hello"]]

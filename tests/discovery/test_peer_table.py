@@ -108,3 +108,65 @@ def test_many_refreshes_keep_heap_bounded() -> None:
 )
 def test_freshness(issued_at: float, now: float, expected: str | None) -> None:
     assert freshness_error(make_advert(A, issued_at=issued_at), now, max_skew_s=300.0) == expected
+
+
+# --- caps (issue 11, finding 5): a flood of fake members must not lock a real node out -------------
+
+def _at(ident: Identity, host: str, seq: int = 1, ttl_s: float = 10.0):
+    from discovery.advert import Addresses
+
+    return make_advert(ident, seq=seq, ttl_s=ttl_s, addresses=Addresses(f"{host}:8600", f"{host}:9000", ()))
+
+
+# step: (node, host, verified, now, expected result); the table holds 3 peers, 2 per host
+CAP_CASES = {
+    "per-host cap": [(A, "10.0.0.9", True, 0.0, R.NEW), (B, "10.0.0.9", True, 0.0, R.NEW),
+                     (C, "10.0.0.9", True, 0.0, R.HOST_FULL), (C, "10.0.0.7", True, 0.0, R.NEW)],
+    "verified newcomer evicts the least recently heard unverified entry": [
+        (A, "10.0.0.1", False, 0.0, R.NEW), (B, "10.0.0.2", False, 1.0, R.NEW),
+        (C, "10.0.0.3", True, 0.0, R.NEW), (D, "10.0.0.4", True, 2.0, R.NEW)],
+    "unverified newcomer cannot evict": [
+        (A, "10.0.0.1", False, 0.0, R.NEW), (B, "10.0.0.2", False, 0.0, R.NEW),
+        (C, "10.0.0.3", False, 0.0, R.NEW), (D, "10.0.0.4", False, 1.0, R.FULL)],
+    "verified entries are never evicted": [
+        (A, "10.0.0.1", True, 0.0, R.NEW), (B, "10.0.0.2", True, 0.0, R.NEW),
+        (C, "10.0.0.3", True, 0.0, R.NEW), (D, "10.0.0.4", True, 1.0, R.FULL)],
+    "expired entries make room for anyone": [
+        (A, "10.0.0.1", True, 0.0, R.NEW), (B, "10.0.0.2", True, 0.0, R.NEW),
+        (C, "10.0.0.3", True, 0.0, R.NEW), (D, "10.0.0.4", False, 11.0, R.NEW)],
+}
+EVICTED = {"verified newcomer evicts the least recently heard unverified entry": [A],
+           "expired entries make room for anyone": [A, B, C]}
+
+
+@pytest.mark.parametrize("name", CAP_CASES)
+def test_peer_table_caps(name: str) -> None:
+    table = PeerTable(ME.node_id, max_peers=3, max_per_host=2)
+    for ident, host, verified, now, expected in CAP_CASES[name]:
+        assert table.apply(_at(ident, host), now, "mdns", verified=verified) is expected, (ident.node_id, host)
+    assert sorted(table.take_evicted()) == sorted(i.node_id for i in EVICTED.get(name, []))
+    assert table.take_evicted() == []
+
+
+def test_ttl_is_capped() -> None:
+    table = PeerTable(ME.node_id, max_ttl_s=60.0)
+    table.apply(_at(A, "10.0.0.1", ttl_s=120.0), 0.0, "mdns")
+    assert [p.advert.node_id for p in table.snapshot(60.0)] == [A.node_id]
+    assert table.snapshot(60.5) == [] and table.expire(60.5) == [A.node_id]
+
+
+def test_a_real_node_is_listed_after_4096_fake_members() -> None:
+    """The finding: 4,096 fake members filled the table and a real node joining later was never listed.
+    Fakes from one machine stop at the per-host cap; fakes claiming other hosts are unverified."""
+    table = PeerTable(ME.node_id)
+    one_host = [table.apply(_at(Identity.generate(), "10.6.6.6"), 0.0, "mdns", verified=True) for _ in range(100)]
+    assert one_host.count(R.NEW) == 64 and one_host.count(R.HOST_FULL) == 36
+    fakes = [Identity.generate() for _ in range(4096)]
+    results = [table.apply(_at(f, f"10.9.{i // 250}.{i % 250}"), 0.0, "mdns") for i, f in enumerate(fakes)]
+    assert len(table) == 4096 and results.count(R.FULL) == 64
+    real = Identity.generate()
+    assert table.apply(_at(real, "192.168.1.20"), 1.0, "mdns", verified=True) is R.NEW
+    assert real.node_id in {p.advert.node_id for p in table.snapshot(1.0)}
+    assert len(table.take_evicted()) == 1
+    # a silent fake leaves within the ttl cap whatever ttl it asked for
+    assert [p.advert.node_id for p in table.snapshot(62.0)] == []
