@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -33,6 +35,14 @@ class LoadFigures:
 
 
 _END = object()
+RETRY_AFTER_MAX_S = 60
+
+
+def retry_after_s(queued: int, parallel: int, mean_service_s: float) -> int:
+    """Seconds until a slot is likely free: the queue ahead drains `parallel` requests per mean
+    service time, and this one needs a slot too. At least 1, at most RETRY_AFTER_MAX_S."""
+    wait_s = (queued / parallel + 1) * mean_service_s
+    return max(1, min(RETRY_AFTER_MAX_S, math.ceil(wait_s)))
 
 
 class EngineRunner:
@@ -55,6 +65,7 @@ class EngineRunner:
         self._queued = 0
         self._on_load_change = on_load_change or (lambda: None)
         self._tokens_per_s_ema = 0.0
+        self._service_s_ema = 0.0  # how long a request holds a slot, smoothed over recent ones
 
     @property
     def load(self) -> LoadFigures:
@@ -71,7 +82,7 @@ class EngineRunner:
         active or queued, else waits for one of the `parallel` slots. Generations and embeddings here,
         and the sessions of pipeline stages on this model, are all admitted through it."""
         if self._active + self._queued >= self.capacity:
-            raise QueueFull(retry_after_s=max(1, self._queued // self.parallel))
+            raise QueueFull(retry_after_s(self._queued, self.parallel, self._service_s_ema))
         self._queued += 1
         self._on_load_change()
         try:
@@ -80,9 +91,13 @@ class EngineRunner:
             self._queued -= 1
         self._active += 1
         self._on_load_change()
+        started = time.monotonic()
         try:
             yield
         finally:
+            held_s = time.monotonic() - started
+            ema = self._service_s_ema
+            self._service_s_ema = held_s if ema == 0 else 0.8 * ema + 0.2 * held_s
             self._active -= 1
             self._slots.release()
             self._on_load_change()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -14,14 +17,21 @@ from core.errors import MeshError
 from core.serving import Backend, Generation
 from core.types import Chunk, GenerationRequest
 from gateway import openai_responses as out
+from gateway.api_keys import ApiKey, ApiKeys
 from gateway.errors import ApiError, bad_request, http_error
 from gateway.openai_requests import ParsedGeneration, parse_chat, parse_completion, parse_embeddings
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 4 << 20
+# A client has this long to send a request's headers (and an idle keep-alive connection lives this
+# long): aiohttp closes a connection whose handler still waits for headers when its keep-alive fires.
+HEADER_TIMEOUT_S = 15.0
+BODY_TIMEOUT_S = 20.0  # to send the whole body once the headers are in (4 MiB at >= 210 KB/s)
 NODE_HEADER = "X-Meshllm-Node"
 BACKEND_KEY = web.AppKey("backend", Backend)
+KEYS_KEY = web.AppKey("api_keys", ApiKeys)
+CALLER_KEY = web.RequestKey("api_key", ApiKey)  # the request's key, once authenticated
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -45,14 +55,58 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return ApiError(500, "Internal server error.", type="server_error").response()
 
 
+def _unauthorized(message: str) -> ApiError:
+    return ApiError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+@web.middleware
+async def api_key_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """/v1/* needs `Authorization: Bearer KEY` when the node has keys; /health and /mesh/* do not."""
+    keys = request.app[KEYS_KEY]
+    if not keys.enabled or not request.path.startswith("/v1/"):
+        return await handler(request)
+    scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not presented.strip():
+        raise _unauthorized("Missing API key: send 'Authorization: Bearer YOUR_KEY'.")
+    key = keys.match(presented.strip())
+    if key is None:
+        raise _unauthorized("Incorrect API key provided.")
+    wait_s = keys.admit(key, time.monotonic())
+    if wait_s is not None:
+        raise ApiError(429, f"Rate limit of {key.rpm} requests per minute reached for this key.",
+                       type="rate_limit_error", code="rate_limit_exceeded",
+                       headers={"Retry-After": str(max(1, math.ceil(wait_s)))})
+    request[CALLER_KEY] = key
+    return await handler(request)
+
+
+def _check_model(request: web.Request, model: str) -> None:
+    """A key with a model list may name only those models, by alias, digest or digest prefix."""
+    key: ApiKey | None = request.get(CALLER_KEY)
+    if key is None or key.models is None or model in key.models:
+        return
+    for m in request.app[BACKEND_KEY].list_models():
+        named = model in (m.alias, m.digest) or (len(model) >= 12 and m.digest.startswith(model))
+        if named and key.allows((m.alias, m.digest)):
+            return
+    raise ApiError(403, f"This API key may not use the model '{model}'.", param="model", code="model_not_allowed")
+
+
 async def _json_body(request: web.Request) -> Any:
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY_BYTES, actual_size=request.content_length)
-    raw = await request.read()
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT_S):
+            raw = await request.read()
+    except TimeoutError:
+        raise ApiError(408, f"The request body was not received within {BODY_TIMEOUT_S:.0f} s.",
+                       code="request_timeout", headers={"Connection": "close"}) from None
     try:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise bad_request(f"Malformed JSON body: {e}") from None
+    except RecursionError:
+        raise bad_request("Malformed JSON body: nested too deeply.") from None
 
 
 def _request_of(parsed: ParsedGeneration, request_id: str) -> GenerationRequest:
@@ -73,6 +127,7 @@ async def _start_stream(request: web.Request, generation: Generation) -> web.Str
 
 
 async def _generate(request: web.Request, parsed: ParsedGeneration, chat: bool) -> web.StreamResponse:
+    _check_model(request, parsed.model)
     backend = request.app[BACKEND_KEY]
     cid = out.new_id("chatcmpl" if chat else "cmpl")
     created = int(time.time())
@@ -149,6 +204,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 async def embeddings(request: web.Request) -> web.StreamResponse:
     parsed = parse_embeddings(await _json_body(request))
+    _check_model(request, parsed.model)
     result = await request.app[BACKEND_KEY].embed(parsed.model, list(parsed.inputs))
     body = out.embeddings(parsed.model, result.vectors, parsed.encoding_format, result.prompt_tokens)
     return web.json_response(body, headers={NODE_HEADER: result.served_by})
@@ -156,6 +212,9 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
 
 async def models(request: web.Request) -> web.StreamResponse:
     listings = request.app[BACKEND_KEY].list_models()
+    key: ApiKey | None = request.get(CALLER_KEY)
+    if key is not None:
+        listings = [m for m in listings if key.allows((m.alias, m.digest))]
     data = [
         {
             "id": m.alias,
@@ -186,9 +245,22 @@ async def _add_node_header(request: web.Request, response: web.StreamResponse) -
     response.headers.setdefault(NODE_HEADER, request.app[BACKEND_KEY].node_name)
 
 
-def build_app(backend: Backend) -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[error_middleware])
+def build_app(
+    backend: Backend,
+    *,
+    api_keys: Iterable[str] = (),
+    api_keys_file: Path | None = None,
+    header_timeout_s: float = HEADER_TIMEOUT_S,
+) -> web.Application:
+    """The API app. With `api_keys` or `api_keys_file` (format: `gateway/api_keys.py`), /v1/* needs a
+    bearer key; a keys file that cannot be read raises ValueError."""
+    app = web.Application(
+        client_max_size=MAX_BODY_BYTES,
+        middlewares=[error_middleware, api_key_middleware],
+        handler_args={"keepalive_timeout": header_timeout_s},
+    )
     app[BACKEND_KEY] = backend
+    app[KEYS_KEY] = ApiKeys.load(api_keys, api_keys_file)
     app.on_response_prepare.append(_add_node_header)
     app.router.add_get("/health", health)
     app.router.add_get("/v1/models", models)

@@ -35,6 +35,15 @@ class ParsedEmbeddings:
     encoding_format: str
 
 
+def _text(value: str, param: str) -> str:
+    """JSON may carry lone surrogates (\\ud800); no engine can encode them, so they stop here."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad_request(f"'{param}' is not valid Unicode (it holds a lone surrogate).", param=param) from None
+    return value
+
+
 def _require_object(body: Any) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.")
@@ -45,7 +54,7 @@ def _model(body: dict[str, Any]) -> str:
     model = body.get("model")
     if not isinstance(model, str) or not model or len(model) > 256:
         raise bad_request("'model' is required and must be a non-empty string.", param="model")
-    return model
+    return _text(model, "model")
 
 
 def _number(body: dict[str, Any], key: str, default: float, lo: float, hi: float) -> float:
@@ -91,7 +100,7 @@ def _stop(body: dict[str, Any]) -> tuple[str, ...]:
         or not all(isinstance(s, str) and 0 < len(s) <= 256 for s in stop)
     ):
         raise bad_request("'stop' must be a string or a list of at most 4 non-empty strings.", param="stop")
-    return tuple(stop)
+    return tuple(_text(s, "stop") for s in stop)
 
 
 def _unsupported(body: dict[str, Any]) -> None:
@@ -155,7 +164,7 @@ def _content(message: dict[str, Any], index: int) -> str:
         )
     if len(text) > MAX_TEXT_CHARS:
         raise bad_request(f"messages[{index}].content is too long.", param=f"messages[{index}].content")
-    return text
+    return _text(text, f"messages[{index}].content")
 
 
 def parse_chat(raw: Any) -> ParsedGeneration:
@@ -196,6 +205,7 @@ def parse_completion(raw: Any) -> ParsedGeneration:
         raise bad_request("'prompt' is required and must be a string (or a list of one string).", param="prompt")
     if len(prompt) > MAX_TEXT_CHARS:
         raise bad_request("'prompt' is too long.", param="prompt")
+    _text(prompt, "prompt")
     if body.get("echo") or body.get("suffix") or (body.get("best_of") not in (None, 1)):
         raise bad_request("echo, suffix and best_of are not supported.")
     _unsupported(body)
@@ -220,6 +230,10 @@ def parse_embeddings(raw: Any) -> ParsedEmbeddings:
         raise bad_request(
             f"'input' must be a string or a list of 1 to {MAX_EMBED_INPUTS} strings.", param="input"
         )
+    for text in inputs:
+        if not text:  # no tokens: llama.cpp's embed would corrupt the heap (engines refuse it too)
+            raise bad_request("'input' must not contain empty strings.", param="input")
+        _text(text, "input")
     fmt = body.get("encoding_format", "float") or "float"
     if fmt not in ("float", "base64"):
         raise bad_request("'encoding_format' must be 'float' or 'base64'.", param="encoding_format")
