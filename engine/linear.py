@@ -31,8 +31,11 @@ WEIGHTS_FORMS: tuple[WeightsForm, ...] = ("quantized", "full")
 
 
 class Linear(Protocol):
-    out_features: tuple[int, ...]
-    nbytes: int  # bytes this layer holds on its device (or maps, for GGUF views)
+    @property
+    def out_features(self) -> tuple[int, ...]: ...
+
+    @property
+    def nbytes(self) -> int: ...  # bytes this layer holds on its device (or maps, for GGUF views)
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]: ...
 

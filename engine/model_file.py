@@ -106,6 +106,8 @@ def read_metadata(path: Path, digest: str, alias: str) -> ModelFile:
     ctx = _field(reader, f"{arch}.context_length", 2048)
     if not isinstance(n_layers, int) or not isinstance(hidden, int):
         raise ModelFileError(f"{path}: GGUF lacks {arch}.block_count or {arch}.embedding_length")
+    if not isinstance(ctx, int) or ctx < 1:
+        raise ModelFileError(f"{path}: GGUF {arch}.context_length is {ctx!r}")
     vocab = _field(reader, f"{arch}.vocab_size")
     if not isinstance(vocab, int):
         tokens = reader.fields.get("tokenizer.ggml.tokens")
@@ -118,7 +120,7 @@ def read_metadata(path: Path, digest: str, alias: str) -> ModelFile:
         architecture=arch,
         n_layers=n_layers,
         hidden_size=hidden,
-        context_length=int(ctx),  # type: ignore[arg-type]
+        context_length=ctx,
         vocab_size=vocab,
         chat_template=template if isinstance(template, str) else BY_ARCHITECTURE.get(str(arch)),
         size_bytes=path.stat().st_size,

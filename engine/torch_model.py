@@ -66,8 +66,12 @@ class ShardModel:
         # CPU SDPA is ~7x slower in 16-bit, so attention reads the slot's keys upcast to fp32.
         self.kv_dtype = kv_dtype or (torch.float16 if self.device.type == "cpu" else self.dtype)
         cache_shape = (max_sessions, c.n_kv_heads, max_context, c.head_dim)
-        self.k_cache = [torch.zeros(cache_shape, device=self.device, dtype=self.kv_dtype) for _ in self.layers]
-        self.v_cache = [torch.zeros(cache_shape, device=self.device, dtype=self.kv_dtype) for _ in self.layers]
+        # CPU attention reads only positions a session has written (per-session decode, prefill up to
+        # its end), so the cache can start unwritten: its pages become resident as sessions grow, as
+        # paged KV would. CUDA's batched decode reads masked keys past a session (0 x garbage = NaN).
+        new = torch.empty if self.device.type == "cpu" else torch.zeros
+        self.k_cache = [new(cache_shape, device=self.device, dtype=self.kv_dtype) for _ in self.layers]
+        self.v_cache = [new(cache_shape, device=self.device, dtype=self.kv_dtype) for _ in self.layers]
         self.sliding = [c.is_sliding(i) for i in range(self.spec.start, self.spec.end)]  # per local layer
         self.window = c.sliding_window
         # RoPE tables [max_context, head_dim]: global layers, and sliding ones (own base, no scaling)

@@ -95,10 +95,12 @@ class ModelManager:
                             on_load_change=self._on_load_change)
 
     def _torch(self, model: ModelFile, spec: ShardSpec) -> LocalModel:
+        from engine.linear import WeightsForm
         from engine.torch_engine import TorchShardEngine  # torch loads only on nodes that use it
 
         c = self.config
-        engine = TorchShardEngine(model, spec=spec, device=c.device, threads=c.threads, weights=c.weights,
+        weights: WeightsForm = "full" if c.weights == "full" else "quantized"  # NodeConfig validated it
+        engine = TorchShardEngine(model, spec=spec, device=c.device, threads=c.threads, weights=weights,
                                   max_sessions=c.kv_sessions, max_context=self.context)
         # As many requests in flight as KV slots: the engine batches their decode steps.
         return LocalModel(model, self._runner(engine, parallel=c.kv_sessions), "torch", spec.start, spec.end)

@@ -113,35 +113,51 @@ def _get(reader: gguf.GGUFReader, key: str, default: object = None) -> object:
     return field.contents()
 
 
+def _int(reader: gguf.GGUFReader, key: str, default: int | None = None) -> int:
+    """A positive integer from the metadata; a file that says otherwise is refused, naming the key."""
+    value = _get(reader, key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 1 << 40:
+        raise ModelConfigError(f"GGUF {key} is {value!r}, not a positive integer")
+    return value
+
+
+def _float(reader: gguf.GGUFReader, key: str, default: float | None = None) -> float:
+    value = _get(reader, key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < float("inf"):
+        raise ModelConfigError(f"GGUF {key} is {value!r}, not a positive number")
+    return float(value)
+
+
 def read_config(reader: gguf.GGUFReader) -> ModelConfig:
     arch = str(_get(reader, "general.architecture"))
     names = {t.name for t in reader.tensors}
-    hidden = int(_get(reader, f"{arch}.embedding_length"))  # type: ignore[arg-type]
-    n_heads = int(_get(reader, f"{arch}.attention.head_count"))  # type: ignore[arg-type]
-    head_dim = int(_get(reader, f"{arch}.attention.key_length", hidden // n_heads))  # type: ignore[arg-type]
-    vocab = reader.fields.get(f"{arch}.vocab_size")
-    if vocab is not None:
-        vocab_size = int(vocab.contents())
-    else:
+    hidden = _int(reader, f"{arch}.embedding_length")
+    n_heads = _int(reader, f"{arch}.attention.head_count")
+    head_dim = _int(reader, f"{arch}.attention.key_length", max(1, hidden // n_heads))
+    if f"{arch}.vocab_size" in reader.fields:
+        vocab_size = _int(reader, f"{arch}.vocab_size")
+    elif "tokenizer.ggml.tokens" in reader.fields:
         vocab_size = len(reader.fields["tokenizer.ggml.tokens"].data)
+    else:
+        raise ModelConfigError("GGUF has neither a vocab_size nor a tokenizer")
     gemma3 = arch == "gemma3"
     rope_scale = _gemma3_rope_scale(reader) if gemma3 else 1.0
     return ModelConfig(
         architecture=arch,
-        n_layers=int(_get(reader, f"{arch}.block_count")),  # type: ignore[arg-type]
+        n_layers=_int(reader, f"{arch}.block_count"),
         hidden_size=hidden,
         n_heads=n_heads,
-        n_kv_heads=int(_get(reader, f"{arch}.attention.head_count_kv", n_heads)),  # type: ignore[arg-type]
+        n_kv_heads=_int(reader, f"{arch}.attention.head_count_kv", n_heads),
         head_dim=head_dim,
-        ffn_size=int(_get(reader, f"{arch}.feed_forward_length")),  # type: ignore[arg-type]
+        ffn_size=_int(reader, f"{arch}.feed_forward_length"),
         vocab_size=vocab_size,
-        context_length=int(_get(reader, f"{arch}.context_length", 2048)),  # type: ignore[arg-type]
-        rope_base=float(_get(reader, f"{arch}.rope.freq_base", 10000.0)),  # type: ignore[arg-type]
-        rope_dim=int(_get(reader, f"{arch}.rope.dimension_count", head_dim)),  # type: ignore[arg-type]
-        rms_eps=float(_get(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),  # type: ignore[arg-type]
+        context_length=_int(reader, f"{arch}.context_length", 2048),
+        rope_base=_float(reader, f"{arch}.rope.freq_base", 10000.0),
+        rope_dim=_int(reader, f"{arch}.rope.dimension_count", head_dim),
+        rms_eps=_float(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5),
         tied_embeddings="output.weight" not in names,
         attn_bias="blk.0.attn_q.bias" in names,
-        sliding_window=int(_get(reader, f"{arch}.attention.sliding_window")) if gemma3 else 0,  # type: ignore[arg-type]
+        sliding_window=_int(reader, f"{arch}.attention.sliding_window") if gemma3 else 0,
         swa_pattern=GEMMA3_SWA_PATTERN if gemma3 else 0,
         rope_base_swa=GEMMA3_SWA_ROPE_BASE,
         rope_scale=rope_scale,
@@ -153,4 +169,4 @@ def _gemma3_rope_scale(reader: gguf.GGUFReader) -> float:
     kind = str(_get(reader, "gemma3.rope.scaling.type", "none"))
     if kind not in ("none", "linear"):
         raise ModelConfigError(f"unsupported RoPE scaling {kind!r}")
-    return float(_get(reader, "gemma3.rope.scaling.factor", 1.0)) if kind == "linear" else 1.0  # type: ignore[arg-type]
+    return _float(reader, "gemma3.rope.scaling.factor", 1.0) if kind == "linear" else 1.0

@@ -15,53 +15,50 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import gguf
-
+from shard.gguf_index import GGUFIndex, TensorInfo, open_index
 from shard.gguf_tensor import INT4_GROUP, int4_ok
 from shard.memory import WeightBytes
 
 _BLOCK = re.compile(r"blk\.(\d+)\.")
 
 
-def tensor_bytes(t: gguf.ReaderTensor, form: str, device: str) -> int:
+def tensor_bytes(t: TensorInfo, form: str, device: str) -> int:
     """Bytes one tensor holds in `form` on `device` (as a layer weight, not as an embedding)."""
-    n = int(t.n_elements)
+    n = t.n_elements
     cuda = device.startswith("cuda")
     if form == "full":
         return n * (2 if cuda else 4)
     if len(t.shape) < 2:  # norms and biases: dense
         return n * (2 if cuda else 4)
     if not cuda:
-        return int(t.n_bytes)
-    cols, rows = int(t.shape[0]), int(t.shape[1])  # gguf lists the fastest dimension first
-    if int4_ok(t.tensor_type.name, rows, cols):
+        return t.n_bytes
+    cols, rows = t.shape[0], t.shape[1]  # gguf lists the fastest dimension first
+    if int4_ok(t.type_name, rows, cols):
         return rows * cols // 2 + rows * (cols // INT4_GROUP) * 2 * 2
     return n * 2
 
 
-def weight_bytes(reader: gguf.GGUFReader, n_layers: int, form: str, device: str) -> WeightBytes:
+def weight_bytes(index: GGUFIndex, n_layers: int, form: str, device: str) -> WeightBytes:
     layers = [0] * n_layers
-    by_name = {t.name: t for t in reader.tensors}
-    for t in reader.tensors:
+    by_name = index.tensors
+    for t in by_name.values():
         m = _BLOCK.match(t.name)
         if m and int(m.group(1)) < n_layers:
             layers[int(m.group(1))] += tensor_bytes(t, form, device)
     embd = by_name["token_embd.weight"]
     cuda = device.startswith("cuda")
     # lookups read rows of the stored bytes (quantized), or of the dense matrix (full)
-    embed = tensor_bytes(embd, "full", device) if form == "full" else int(embd.n_bytes)
+    embed = tensor_bytes(embd, "full", device) if form == "full" else embd.n_bytes
     head_t = by_name.get("output.weight", embd)
     head = tensor_bytes(by_name["output_norm.weight"], form, device)
     if form == "full" or head_t is not embd or cuda:
         head += tensor_bytes(head_t, form, device)
     else:
-        head += int(embd.n_bytes)
+        head += embd.n_bytes
     # the same bytes serve lookups and the head: dense (full), or GGUF bytes read by ggml (CPU)
     shares = head_t is embd and (form == "full" or not cuda)
     return WeightBytes(layers=tuple(layers), embed=embed, head=head, head_shares_embed=shares)
 
 
 def model_weight_bytes(path: str | Path, n_layers: int, form: str, device: str) -> WeightBytes:
-    from shard.loader import open_reader  # the cached memory map
-
-    return weight_bytes(open_reader(path), n_layers, form, device)
+    return weight_bytes(open_index(path), n_layers, form, device)

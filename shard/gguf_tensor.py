@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import gguf
 import numpy as np
 
+from shard.gguf_index import TensorInfo
+
 # Types the torch engine runs (quantized on CPU through ggml; on CUDA, 4-bit types as int4).
 SUPPORTED_TYPES = frozenset({"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
                              "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"})  # fmt: skip
@@ -62,21 +64,19 @@ class RawTensor:
         return np.asarray(out, dtype=np.float32).reshape(self.rows, self.cols)
 
 
-def raw_tensor(t: gguf.ReaderTensor, rows: int, cols: int) -> RawTensor:
-    """Wraps a reader tensor as [rows, cols] raw bytes (no copy), checking its type and size."""
-    type_name = t.tensor_type.name
-    if type_name not in SUPPORTED_TYPES:
-        raise TensorTypeError(f"tensor {t.name} has type {type_name}, which this engine cannot run")
-    block, type_bytes = gguf.GGML_QUANT_SIZES[t.tensor_type]
+def raw_tensor(t: TensorInfo, data: np.ndarray, rows: int, cols: int) -> RawTensor:
+    """Wraps a tensor's bytes (uint8, a view of the map) as [rows, cols], checking type and size."""
+    if t.type_name not in SUPPORTED_TYPES:
+        raise TensorTypeError(f"tensor {t.name} has type {t.type_name}, which this engine cannot run")
+    block, type_bytes = gguf.GGML_QUANT_SIZES[t.qtype]
     if cols % block:
-        raise TensorTypeError(f"tensor {t.name} ({type_name}): {cols} columns is not a multiple of {block}")
+        raise TensorTypeError(f"tensor {t.name} ({t.type_name}): {cols} columns is not a multiple of {block}")
     row_bytes = cols // block * type_bytes
-    data = np.asarray(t.data).view(np.uint8).reshape(-1)
     if data.nbytes != rows * row_bytes:
         raise TensorTypeError(
-            f"tensor {t.name} ({type_name}): {data.nbytes} bytes, expected {rows * row_bytes} for [{rows}, {cols}]"
+            f"tensor {t.name} ({t.type_name}): {data.nbytes} bytes, expected {rows * row_bytes} for [{rows}, {cols}]"
         )
-    return RawTensor(t.name, type_name, rows, cols, data.reshape(rows, row_bytes))
+    return RawTensor(t.name, t.type_name, rows, cols, data.reshape(rows, row_bytes))
 
 
 @dataclass(frozen=True, slots=True)

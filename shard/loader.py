@@ -11,7 +11,6 @@ norm is a plain RMSNorm here, as in llama.cpp.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +18,8 @@ import gguf
 import numpy as np
 import torch
 
-from shard.config import ModelConfig, read_config
+from shard.config import ModelConfig
+from shard.gguf_index import TensorInfo, open_index
 from shard.gguf_tensor import RawTensor, TensorTypeError, raw_tensor
 from shard.spec import ShardSpec
 
@@ -69,32 +69,19 @@ def default_dtype(device: str | torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def open_reader(path: str | Path) -> gguf.GGUFReader:
-    """A memory-mapped reader, shared per file version: parsing the metadata (tokenizer arrays of
-    ~100k strings) costs ~3 s in gguf 0.19, far more than dequantizing a shard."""
-    stat = Path(path).stat()
-    return _cached_reader(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=4)
-def _cached_reader(path: str, size: int, mtime_ns: int) -> gguf.GGUFReader:
-    del size, mtime_ns  # part of the cache key only: a rewritten file gets a fresh reader
-    return gguf.GGUFReader(path, "r")
-
-
 def read_model_config(path: str | Path) -> ModelConfig:
-    return read_config(open_reader(path))
+    return open_index(path).model_config()
 
 
 def load_shard(path: str | Path, spec: ShardSpec) -> ShardWeights:
     """The tensors of `spec`'s layer range (plus embedding / head at the ends), as stored."""
-    reader = open_reader(path)
-    config = read_config(reader)
+    index = open_index(path)
+    config = index.model_config()
     if config.n_layers != spec.n_layers:
         raise ShardLoadError(f"spec says {spec.n_layers} layers, GGUF has {config.n_layers}")
-    tensors = {t.name: t for t in reader.tensors}
+    tensors = index.tensors
 
-    def tensor(name: str) -> gguf.ReaderTensor:
+    def tensor(name: str) -> TensorInfo:
         t = tensors.get(name)
         if t is None:
             raise ShardLoadError(f"GGUF lacks tensor {name}")
@@ -102,21 +89,24 @@ def load_shard(path: str | Path, spec: ShardSpec) -> ShardWeights:
 
     def matrix(name: str, rows: int, cols: int) -> RawTensor:
         t = tensor(name)
-        if tuple(int(d) for d in t.shape) != (cols, rows):  # gguf lists the fastest dimension first
-            raise ShardLoadError(f"{name}: shape {list(reversed(t.shape.tolist()))}, expected [{rows}, {cols}]")
+        if t.shape != (cols, rows):  # gguf lists the fastest dimension first
+            raise ShardLoadError(f"{name}: shape {list(reversed(t.shape))}, expected [{rows}, {cols}]")
         try:
-            return raw_tensor(t, rows, cols)
+            return raw_tensor(t, index.data(t), rows, cols)
         except TensorTypeError as e:
             raise ShardLoadError(str(e)) from None
 
     def get(name: str, shape: tuple[int, ...]) -> torch.Tensor:
         t = tensor(name)
+        n = int(np.prod(shape))
         try:
-            arr = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
-        except (NotImplementedError, ValueError) as e:
-            raise ShardLoadError(f"{name}: type {t.tensor_type.name} cannot be read ({e})") from None
-        if tuple(arr.shape) != shape:
-            raise ShardLoadError(f"{name}: shape {tuple(arr.shape)}, expected {shape}")
+            block, type_bytes = gguf.GGML_QUANT_SIZES[t.qtype]
+            if t.n_elements != n or n % block:
+                raise ValueError(f"{t.n_elements} values")
+            raw = index.data(t).reshape(1, n // block * type_bytes)
+            arr = np.asarray(gguf.quants.dequantize(raw, t.qtype), dtype=np.float32).reshape(shape)
+        except (NotImplementedError, ValueError, KeyError) as e:
+            raise ShardLoadError(f"{name}: type {t.type_name}, expected {shape} ({e})") from None
         if not np.isfinite(arr).all():
             raise ShardLoadError(f"{name}: values are not finite (a corrupt file?)")
         return torch.from_numpy(arr.copy())  # F32 tensors come back as views of the read-only map

@@ -10,7 +10,8 @@ import torch
 
 from engine.model_file import load_model_file
 from shard.footprint import model_weight_bytes
-from shard.loader import open_reader, read_model_config
+from shard.gguf_index import open_index
+from shard.loader import read_model_config
 from shard.memory import WeightBytes, estimate_shard_bytes
 from shard.spec import ShardSpec
 
@@ -60,9 +61,8 @@ def W_30() -> WeightBytes:  # noqa: N802 - a builder
 
 def test_quantized_figures_are_the_files_bytes(model) -> None:
     """SmolLM2 Q4_1 (98 MB file): quantized on CPU it holds its stored bytes; dequantized, 5x more."""
-    reader = open_reader(model.path)
     q = model_weight_bytes(model.path, 30, "quantized", "cpu")
-    tensor_bytes = sum(int(t.n_bytes) for t in reader.tensors)
+    tensor_bytes = sum(t.n_bytes for t in open_index(model.path).tensors.values())
     whole = q.shard_bytes(ShardSpec.whole_model(model.digest, 30))
     assert whole == tensor_bytes  # every tensor once; norms are F32 already
     full = model_weight_bytes(model.path, 30, "full", "cpu").shard_bytes(ShardSpec.whole_model(model.digest, 30))
