@@ -8,7 +8,6 @@ from typing import Any
 
 from discovery.advert import Addresses, AdvertError, FileAdvert, Load, ModelAdvert, NodeAdvert, Resources
 from discovery.envelope import (
-    DEFAULT_MESH_SECRET,
     MAX_ENVELOPE_BYTES,
     decode_signed,
     encode_signed,
@@ -17,7 +16,6 @@ from discovery.envelope import (
 from discovery.peer_table import ApplyResult, Peer, PeerTable, freshness_error
 
 __all__ = [
-    "DEFAULT_MESH_SECRET",
     "MAX_ENVELOPE_BYTES",
     "Addresses",
     "ChangeKind",

@@ -19,8 +19,6 @@ from discovery.identity import Identity, node_id_from_public_key, verify_signatu
 
 ENVELOPE_VERSION = 1
 MAX_ENVELOPE_BYTES = 16 * 1024
-# Anyone on the LAN can join a mesh that uses the default secret: it is for zero-config home meshes.
-DEFAULT_MESH_SECRET = "meshllm-default-lan-mesh"
 
 BEAT_VERSION = 2
 # a signature or MAC for one kind of message can never be replayed as another kind

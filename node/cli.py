@@ -14,10 +14,11 @@ import unicodedata
 from pathlib import Path
 from typing import TextIO
 
-from discovery.envelope import DEFAULT_MESH_SECRET
+from discovery.join_token import MAX_BOOTSTRAP, JoinToken, encode_token, is_bootstrap_addr
 from engine.model_file import DEFAULT_ALIAS, ModelFileError
 from engine.types import EngineLoadError
-from node.config import WEIGHTS, NodeConfig, default_data_dir
+from node.config import WEIGHTS, NodeConfig, default_data_dir, lan_mode
+from node.mesh_secret import MeshSecret, resolve_secret
 from node.peers_command import print_peers
 
 log = logging.getLogger("meshllm")
@@ -40,9 +41,15 @@ def _join_parser(sub: argparse._SubParsersAction) -> None:
     join.add_argument("--threads", type=int, default=None, help="CPU threads per engine")
     join.add_argument("--ctx-size", type=int, default=None, help="context window (default: the model's)")
     join.add_argument("--max-queue", type=int, default=16, help="requests waiting per model before 429")
+    join.add_argument("--lan", action="store_true",
+                      help="discover and be reachable on the LAN (default: loopback only); prints a join token")
+    join.add_argument("--token", default=None, help="join the mesh of the node that printed this token (implies --lan)")
     join.add_argument("--mesh-secret", default=None, help="shared by every node of one mesh (or MESHLLM_MESH_SECRET)")
     join.add_argument("--mesh-secret-file", type=Path, default=None, help="read the mesh secret from a file")
-    join.add_argument("--no-mdns", action="store_true", help="do not discover peers on the LAN by mDNS")
+    join.add_argument("--allow-node", action="append", default=[], metavar="NODE_ID",
+                      help="admit only these node ids as members (repeatable)")
+    join.add_argument("--no-mdns", action="store_true",
+                      help="no LAN or loopback discovery (mDNS, multicast): libp2p only")
     join.add_argument("--libp2p-port", type=int, default=None, help="run the libp2p host (DHT + gossipsub) on this port")
     join.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR",
                       help="a libp2p peer to join through (repeatable; turns libp2p on)")
@@ -85,35 +92,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _mesh_secret(args: argparse.Namespace) -> str:
-    if args.mesh_secret_file is not None:
-        try:
-            return args.mesh_secret_file.read_text().strip()
-        except OSError as e:
-            raise ValueError(f"cannot read the mesh secret file {args.mesh_secret_file}: {e.strerror}") from None
-    return args.mesh_secret or os.environ.get("MESHLLM_MESH_SECRET") or DEFAULT_MESH_SECRET
+def _mesh_secret(args: argparse.Namespace, data_dir: Path) -> MeshSecret:
+    return resolve_secret(
+        data_dir,
+        token=args.token,
+        secret=args.mesh_secret,
+        secret_file=args.mesh_secret_file,
+        env=os.environ.get("MESHLLM_MESH_SECRET"),
+    )
 
 
 def _config(args: argparse.Namespace) -> NodeConfig:
     explicit = args.shard or args.offer
     models: tuple[str, ...] = () if args.no_model or (explicit and not args.model) else tuple(args.model or (DEFAULT_ALIAS,))
+    data_dir = args.data_dir or default_data_dir()
+    secret = _mesh_secret(args, data_dir)
+    bootstrap = tuple(dict.fromkeys([*args.bootstrap, *secret.bootstrap]))
     libp2p_port = args.libp2p_port
-    if libp2p_port is None and args.bootstrap:
+    if libp2p_port is None and bootstrap:
         libp2p_port = 0
     return NodeConfig(
         models=models,
         http_host=args.http_host,
         http_port=args.http_port,
         grpc_port=args.grpc_port,
-        data_dir=args.data_dir or default_data_dir(),
+        data_dir=data_dir,
         name=args.name,
         threads=args.threads,
         ctx_size=args.ctx_size,
         max_queue=args.max_queue,
-        mesh_secret=_mesh_secret(args),
+        mesh_secret=secret.secret,
+        mesh_secret_source=secret.source,
+        lan=args.lan or args.token is not None,
+        allow_nodes=tuple(args.allow_node),
         mdns=not args.no_mdns,
         libp2p_port=libp2p_port,
-        bootstrap=tuple(args.bootstrap),
+        bootstrap=bootstrap,
         advertise_host=args.advertise_host,
         engine=args.engine,
         shards=tuple(args.shard),
@@ -168,6 +182,11 @@ async def _run_node(config: NodeConfig) -> None:
         models = ", ".join(lm.model.alias for lm in node.local.all()) or "no model"
         # Tests and scripts wait for this line.
         print(f"meshllm node {node.name} ({node.node_id}) ready at {node.http_url} serving {models}", flush=True)
+        if lan_mode(config) and config.mesh_secret_source in ("new", "data-dir", "token"):
+            boot = tuple(a for a in node.discovery.libp2p_addrs if is_bootstrap_addr(a))[:MAX_BOOTSTRAP]
+            token = encode_token(JoinToken(config.mesh_secret, boot))
+            # the token carries the mesh secret: whoever has it is a member
+            print(f"to join this mesh from another machine, run there:\n  meshllm node join --token {token}", flush=True)
         await stop.wait()
         log.info("shutting down")
     finally:

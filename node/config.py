@@ -27,8 +27,11 @@ class NodeConfig:
     threads: int | None = None
     ctx_size: int | None = None
     max_queue: int = 16
-    mesh_secret: str = "meshllm-default-lan-mesh"  # the documented default: a zero-config LAN mesh
-    mdns: bool = True
+    mesh_secret: str = ""  # required: there is no public default (node/mesh_secret.py picks one)
+    mesh_secret_source: str = "flag"  # where it came from: "token", "file", "flag", "env", "data-dir", "new"
+    lan: bool = False  # discover and be reachable on the LAN (also implied by a non-loopback host)
+    allow_nodes: tuple[str, ...] = ()  # when given, only these node ids are admitted as members
+    mdns: bool = True  # LAN/loopback discovery at all (mDNS + multicast); off: libp2p only
     libp2p_port: int | None = None  # None: libp2p off
     bootstrap: tuple[str, ...] = ()
     advertise_host: str = ""
@@ -58,6 +61,9 @@ class NodeConfig:
             parse_shard_arg(shard)
         if not self.mesh_secret:
             raise ValueError("the mesh secret must not be empty")
+        for node_id in self.allow_nodes:
+            if len(node_id) != 32 or any(c not in "0123456789abcdef" for c in node_id):
+                raise ValueError(f"--allow-node wants a node id (32 lowercase hex characters), got {node_id[:40]!r}")
         if self.libp2p_port is not None and not 0 <= self.libp2p_port <= 65535:
             raise ValueError("libp2p-port must be between 0 and 65535")
         if self.max_queue < 0:
@@ -74,6 +80,14 @@ class NodeConfig:
                 f"--http-host {self.http_host or '(all addresses)'} serves the API beyond this machine: "
                 "give --api-key KEY or --api-keys-file FILE, or --api-open to serve it without keys"
             )
+
+
+def lan_mode(config: NodeConfig) -> bool:
+    """Does this node take part in the LAN? Only when asked: --lan, or a non-loopback host to bind or
+    advertise. Otherwise it hears nothing from the LAN and tells it nothing (loopback discovery only)."""
+    if config.lan or not is_loopback(config.http_host):
+        return True
+    return bool(config.advertise_host) and not is_loopback(config.advertise_host)
 
 
 def is_loopback(host: str) -> bool:

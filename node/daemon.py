@@ -19,7 +19,7 @@ from discovery.peer_table import PeerTable
 from discovery.service import Discovery
 from engine.local_models import LocalModels
 from gateway.app import build_app
-from node.config import NodeConfig
+from node.config import NodeConfig, is_loopback, lan_mode
 from node.mesh_routes import add_mesh_routes
 from node.model_loader import ModelManager
 from node.resources import probe_resources
@@ -44,8 +44,15 @@ class Node:
         self.grpc_port = config.grpc_port
         self._grpc: grpc.aio.Server | None = None
         self._runner: web.AppRunner | None = None
-        host = config.advertise_host or config.http_host
+        self.lan = lan_mode(config)
+        disc_host = _discovery_host(config, self.lan)
+        host = config.advertise_host or disc_host
         self.advertise_host = announce_ips(host)[0] if host in WILDCARDS else host
+        # --lan with the API on loopback: peers still need our gRPC and GET /mesh/advert, so those two
+        # listen beyond loopback (the gRPC token guards the first; the second is a signed envelope)
+        self._mesh_site_needed = self.lan and is_loopback(config.http_host) and not is_loopback(self.advertise_host)
+        self.mesh_http_port = 0
+        self._mesh_runner: web.AppRunner | None = None
         token = derive_subkey(self.mesh_key, "grpc-token").hex()
         self.channels = PeerChannels(token)
         self.discovery = Discovery(
@@ -53,10 +60,12 @@ class Node:
             self.mesh_key,
             self.self_advert,
             self.table,
-            mdns=config.mdns,
+            mdns=config.mdns and self.lan,  # zeroconf only on a LAN: on loopback, multicast suffices
+            multicast=config.mdns,
+            allow_nodes=frozenset(config.allow_nodes) if config.allow_nodes else None,
             libp2p_port=config.libp2p_port,
             bootstrap=config.bootstrap,
-            host_ip=config.http_host,
+            host_ip=disc_host,
         )
         self.router = MeshRouter(self.name, self.local, self.self_advert, self.peer_adverts, self.channels, self.describe_self)
         self.service = NodeService(self.local, self.discovery.signed_advert, token, self.load_shard)
@@ -111,7 +120,8 @@ class Node:
 
             handlers |= PipelineService(self.local, self.channels, self._token, on_step=self._on_stage_step).handlers()
         server = build_server(handlers)
-        self.grpc_port = server.add_insecure_port(f"{_grpc_bind_host(self.config.http_host)}:{self.config.grpc_port}")
+        grpc_host = "0.0.0.0" if self._mesh_site_needed else _grpc_bind_host(self.config.http_host)
+        self.grpc_port = server.add_insecure_port(f"{grpc_host}:{self.config.grpc_port}")
         await server.start()
         self._grpc = server
         app = build_app(self.router)
@@ -120,8 +130,24 @@ class Node:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.http_host, self.config.http_port)
         await site.start()
-        self.http_port = self._runner.addresses[0][1]
+        self.http_port = self.mesh_http_port = self._runner.addresses[0][1]
+        if self._mesh_site_needed:
+            self._mesh_runner = await self._start_mesh_site()
         await self.discovery.start()
+
+    async def _start_mesh_site(self) -> web.AppRunner:
+        """Only GET /mesh/advert, on every address (an ephemeral port), for LAN peers' fetches."""
+        app = web.Application()
+
+        async def advert(_request: web.Request) -> web.StreamResponse:
+            return web.Response(body=self.discovery.signed_advert(), content_type="application/octet-stream")
+
+        app.router.add_get("/mesh/advert", advert)
+        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "0.0.0.0", 0).start()
+        self.mesh_http_port = runner.addresses[0][1]
+        return runner
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -130,6 +156,9 @@ class Node:
             log.debug("stop: http")
             await self._runner.cleanup()
             self._runner = None
+        if self._mesh_runner is not None:
+            await self._mesh_runner.cleanup()
+            self._mesh_runner = None
         if self._grpc is not None:
             log.debug("stop: grpc")
             await self._grpc.stop(GRPC_GRACE_S)
@@ -154,7 +183,7 @@ class Node:
             version=VERSION,
             public_key=self.identity.public_key_raw,
             addresses=Addresses(
-                http=f"{self.advertise_host}:{self.http_port}",
+                http=f"{self.advertise_host}:{self.mesh_http_port or self.http_port}",
                 grpc=f"{self.advertise_host}:{self.grpc_port}" if self._grpc is not None else "",
                 libp2p=tuple(self.discovery.libp2p_addrs),
             ),
@@ -207,6 +236,15 @@ class Node:
 
 def _context_of(engine: object) -> int:
     return int(getattr(engine, "n_ctx", 0) or getattr(engine, "max_context", 0))
+
+
+def _discovery_host(config: NodeConfig, lan: bool) -> str:
+    """Where discovery announces and listens: loopback unless the node takes part in the LAN."""
+    if not lan:
+        return "127.0.0.1" if config.http_host.lower() == "localhost" else config.http_host
+    if config.advertise_host:
+        return config.advertise_host
+    return config.http_host if not is_loopback(config.http_host) else "0.0.0.0"
 
 
 def _grpc_bind_host(http_host: str) -> str:

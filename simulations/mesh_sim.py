@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from discovery.advert import ModelAdvert
-from discovery.envelope import DEFAULT_MESH_SECRET, mesh_key_from_secret
+from discovery.envelope import mesh_key_from_secret
 from discovery.peer_table import PeerTable
 from placement import choose_holder as holder_mod
 from placement import from_adverts, plan, replan
@@ -75,7 +75,7 @@ class MeshSim:
         self.cfg = cfg
         self.rng = random.Random(seed)
         self.events = EventQueue()
-        self.mesh_key = mesh_key_from_secret(DEFAULT_MESH_SECRET)
+        self.mesh_key = mesh_key_from_secret("simulated-mesh")
         rng = self.rng
         n_obs = cfg.observers or cfg.n_nodes
         self.nodes: list[SimNode] = []

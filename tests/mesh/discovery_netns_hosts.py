@@ -71,10 +71,11 @@ class NsNode:
     host: Host
     http_port: int
     output: list[str] = field(default_factory=list)
+    http_host: str = ""  # where its HTTP listens inside the namespace; default: the veth address
 
     @property
     def url(self) -> str:
-        return f"http://{self.host.ip}:{self.http_port}"
+        return f"http://{self.http_host or self.host.ip}:{self.http_port}"
 
     def get_json(self, path: str) -> object:
         """GET url+path from inside the node's namespace; None when it does not answer."""
@@ -89,15 +90,21 @@ class NsNode:
         stop_proc(self.proc, sig, timeout_s)
 
 
-def spawn_in_ns(host: Host, data_dir: Path, name: str, *args: str, ready_timeout_s: float = 90) -> NsNode:
-    """`ip netns exec NS python -m node.cli node join ...` (ip execs, so proc is the node itself)."""
+def spawn_in_ns(
+    host: Host, data_dir: Path, name: str, *args: str, ready_timeout_s: float = 90, http_host: str = ""
+) -> NsNode:
+    """`ip netns exec NS python -m node.cli node join ...` (ip execs, so proc is the node itself).
+
+    HTTP listens on the veth address (the API open: these tests are about the mesh) unless
+    `http_host` says otherwise (e.g. "127.0.0.1" for a node with default settings)."""
     port = 8600  # each namespace has its own port space
+    where = ["--http-host", http_host] if http_host else ["--http-host", host.ip, "--api-open"]
     cmd = ["ip", "netns", "exec", host.ns, sys.executable, "-m", "node.cli", "node", "join",
-           "--http-host", host.ip, "--http-port", str(port), "--data-dir", str(data_dir),
+           *where, "--http-port", str(port), "--data-dir", str(data_dir),
            "--name", name, "--log-level", "WARNING", *args]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    node = NsNode(proc, host, port)
+    node = NsNode(proc, host, port, http_host=http_host)
     if wait_ready(proc, node.output, ready_timeout_s):
         return node
     node.stop(signal.SIGKILL)

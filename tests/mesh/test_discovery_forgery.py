@@ -63,7 +63,8 @@ async def _wait_rejects(url: str, want: set[str], timeout_s: float = COUNT_TIMEO
 
 def test_forged_adverts_over_mdns_are_refused_and_counted(node_factory: Callable[..., NodeProc]) -> None:
     secret = mesh_secret("forge")
-    args = ("--no-model", "--mesh-secret", secret)
+    # LAN mode on the loopback interface: zeroconf runs there, as it would on a LAN
+    args = ("--no-model", "--mesh-secret", secret, "--lan", "--advertise-host", "127.0.0.1")
     (node, _), (victim, _) = start_parallel(node_factory, [("target", *args), ("victim", *args)])
     victim_id = node_id(victim.url)
     forger = Identity.generate()
@@ -75,16 +76,20 @@ def test_forged_adverts_over_mdns_are_refused_and_counted(node_factory: Callable
         try:
             for body in forged.values():
                 fakes.append(await _fake_mdns_peer(lambda body=body: body))
-            # replay: a genuine advert of the victim, captured now and served once the node holds a newer one
+            # replay: a genuine advert of the victim, captured now and served once the node holds a newer one;
+            # it names the victim's address, not the server it came from: refused as address_mismatch
             captured = await asyncio.to_thread(_get_bytes, victim.url + "/mesh/advert")
+            # a newcomer makes the victim re-publish (a new seq) at once, so the capture becomes a replay
+            await asyncio.to_thread(node_factory, "newcomer", *args)
             await _victim_seq_after(node.url, victim_id, decode_signed(captured, mesh_key).seq)
             fakes.append(await _fake_mdns_peer(lambda: captured))
-            rejects = await _wait_rejects(node.url, {*forged, "replayed_seq"})
+            rejects = await _wait_rejects(node.url, {*forged, "address_mismatch"})
             print(f"rejected by reason: {rejects}")
             assert (await _json(node.url + "/health")) == {"status": "ok"}
             peers = await _json(node.url + "/mesh/peers")
-            assert [p["node_id"] for p in peers] == [victim_id], "only the genuine peer is listed"
-            assert peers[0]["name"] == "victim" and peers[0]["public_key"] != forger.public_key_raw.hex()
+            assert victim_id in [p["node_id"] for p in peers]
+            assert {p["name"] for p in peers} == {"victim", "newcomer"}, "only the genuine peers are listed"
+            assert forger.public_key_raw.hex() not in {p["public_key"] for p in peers}
         finally:
             for runner, mdns in fakes:
                 await mdns.async_stop()
