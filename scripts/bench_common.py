@@ -34,9 +34,11 @@ def stop_nodes(procs: list[subprocess.Popen]) -> None:
         p.wait()
 
 
-def stream_completion(url: str, tokens: int, prompt: str = PROMPT) -> tuple[float, float, int, str]:
+def stream_completion(
+    url: str, tokens: int, prompt: str = PROMPT, model: str = MODEL
+) -> tuple[float, float, int, str]:
     """Greedy streamed completion: (TTFT s, total s, completion tokens, serving node)."""
-    body = json.dumps({"model": MODEL, "prompt": prompt, "max_tokens": tokens, "temperature": 0,
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0,
                        "stream": True, "stream_options": {"include_usage": True}}).encode()
     req = urllib.request.Request(url + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
     start = time.perf_counter()

@@ -16,11 +16,13 @@ weight-bytes roofline from a measured device copy bandwidth.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +52,10 @@ def bench_memory(model: str, kv_sessions: int) -> None:
             proc = start_node(name.replace(".", ""), port, tmp, "--model", model, "--ctx-size", "2048",
                               "--threads", "2", "--no-mdns", *extra)
             try:
-                stream_completion(f"http://127.0.0.1:{port}", 32)
+                url = f"http://127.0.0.1:{port}"
+                with urllib.request.urlopen(url + "/v1/models", timeout=30) as resp:
+                    alias = json.loads(resp.read())["data"][0]["id"]
+                stream_completion(url, 32, model=alias)
                 rss[name] = _rss(proc.pid)
             finally:
                 stop_nodes([proc])
