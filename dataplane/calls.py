@@ -16,11 +16,10 @@ from core.errors import Unavailable
 from core.types import Chunk, GenerationRequest
 from dataplane import rpc
 from dataplane.channels import PeerChannels
+from dataplane.liveness import Silence, is_heartbeat
 from dataplane.status import from_rpc_error
 from dataplane.wire import decode_chunk, decode_embeddings, encode_request
 
-FIRST_FRAME_TIMEOUT_S = 60.0  # admission + prompt processing on a slow holder
-IDLE_FRAME_TIMEOUT_S = 30.0  # a holder that goes silent this long mid-stream has failed
 CALL_DEADLINE_S = 3600.0
 EMBED_TIMEOUT_S = 120.0
 LOAD_SHARD_TIMEOUT_S = 600.0  # dequantising a large range from disk takes a while
@@ -35,27 +34,36 @@ async def remote_generate(
     method: str = "Generate",
     extra: dict[str, Any] | None = None,
 ) -> AsyncIterator[Chunk]:
-    """Streams a holder's (or a pipeline's stage 0's) chunks."""
+    """Streams a holder's (or a pipeline's stage 0's) chunks. The holder heartbeats while it queues or
+    works; one silent for longer than `Silence.deadline_s()` (seconds, from the gaps measured on this
+    stream) is taken for hung (`Unavailable`: the router fails over or resumes elsewhere)."""
     payload = {**encode_request(digest, request), **(extra or {})}
     call = channels.channel(address).unary_stream(
         rpc.method_path(method), request_serializer=rpc.identity, response_deserializer=rpc.identity
     )(rpc.pack(payload), metadata=channels.metadata, timeout=CALL_DEADLINE_S)
-    timeout = FIRST_FRAME_TIMEOUT_S
+    silence = Silence()
+    silence.start()
     try:
         frames = call.__aiter__()
         while True:
+            timeout = silence.deadline_s()
             try:
                 async with asyncio.timeout(timeout):  # not wait_for: it can swallow a cancel on 3.11
                     raw = await anext(frames)
             except StopAsyncIteration:
                 return
             except TimeoutError:
-                raise Unavailable(f"no frame from {address} for {timeout:.0f} s") from None
-            timeout = IDLE_FRAME_TIMEOUT_S
+                raise Unavailable(f"no frame from {address} for {timeout:.1f} s") from None
+            silence.heard()
             try:
-                yield decode_chunk(rpc.unpack_map(raw))
+                obj = rpc.unpack_map(raw)
+                if is_heartbeat(obj):
+                    continue
+                chunk = decode_chunk(obj)
             except rpc.PayloadError as e:
                 raise Unavailable(f"bad frame from {address}: {e}") from None
+            yield chunk
+            silence.start()  # our consumer's pace is no silence of the holder's
     except grpc.aio.AioRpcError as e:
         raise from_rpc_error(e) from None
     finally:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import grpc
@@ -11,7 +11,10 @@ import grpc
 from core.errors import BadRequest, MeshError, ModelNotFound, Refused
 from core.serving import aclose
 from dataplane import rpc
+from dataplane.liveness import Beating
+from dataplane.load_gate import LoadGate
 from dataplane.local import embed_local, local_stream
+from dataplane.stage_sessions import peer_host
 from dataplane.status import abort
 from dataplane.wire import (
     decode_embed_request,
@@ -38,11 +41,13 @@ class NodeService:
         signed_advert: Callable[[], bytes],
         token: str,
         load_shard: Callable[[str, int, int], Awaitable[None]],
+        load_gate: LoadGate | None = None,
     ) -> None:
         self._local = local
         self._signed_advert = signed_advert
         self._token = token
         self._load_shard = load_shard
+        self._gate = load_gate or LoadGate()
 
     def handlers(self) -> dict[str, grpc.RpcMethodHandler]:
         return {
@@ -53,7 +58,8 @@ class NodeService:
         }
 
     async def get_advert(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        # Adverts are signed and HMAC-bound to the mesh, so they need no token: the receiver checks.
+        # Signed and HMAC-bound, but it names our models and addresses: members only (issue 11, 15).
+        await authorise(context, self._token)
         return self._signed_advert()
 
     async def _decode_for_whole_model(
@@ -70,16 +76,21 @@ class NodeService:
             await abort(context, ModelNotFound(digest, [], f"model {digest[:12]} is not held here"))
         return local, payload
 
-    async def generate(self, request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+    async def generate(self, request: bytes, context: grpc.aio.ServicerContext) -> None:
+        """Streams the chunks, with heartbeats while queued or silent (`liveness.py`)."""
         local, generation = await self._decode_for_whole_model(request, context, decode_request)
+        error: MeshError | None = None
         stream = local_stream(local, generation)
-        try:
-            async for chunk in stream:
-                yield rpc.pack(encode_chunk(chunk))
-        except MeshError as e:
-            await abort(context, e)
-        finally:
-            await aclose(stream)
+        async with Beating(context) as out:
+            try:
+                async for chunk in stream:
+                    await out.write(rpc.pack(encode_chunk(chunk)))
+            except MeshError as e:
+                error = e
+            finally:
+                await aclose(stream)
+        if error is not None:
+            await abort(context, error)
 
     async def embed(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         local, texts = await self._decode_for_whole_model(request, context, decode_embed_request)
@@ -97,7 +108,10 @@ class NodeService:
         except rpc.PayloadError as e:
             await abort(context, BadRequest(str(e)))
         try:
-            await self._load_shard(digest, start, end)
+            async with self._gate.admit(peer_host(context.peer()), digest, start, end):
+                await self._load_shard(digest, start, end)
         except ValueError as e:  # not offered, over budget, another range held, bad range
             await abort(context, Refused(str(e)))
+        except MeshError as e:  # the gate: too many loads asked by this peer, or one already running
+            await abort(context, e)
         return rpc.pack({"ok": True})

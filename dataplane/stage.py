@@ -1,7 +1,8 @@
 """Pipeline stages over gRPC: stage 0 drives the token loop, each stage pushes activations onward.
 
 `PipelineGenerate` (unary-stream, at stage 0): a Generate request plus the chain
-[[grpc address, start, end], ...]. Stage 0 tokenises, runs its layers and opens `Forward`
+[[node id, start, end], ...]; each stage resolves the next node id in its own PeerTable
+(`next_stage.py`), never an address from the request. Stage 0 tokenises, runs its layers and opens `Forward`
 (stream-stream) to stage 1 with a header; every stage runs its layers on each activation and pushes
 the result to the next stage. The last stage samples, turns the token into text (`TokenOutput`: EOS,
 stop strings, max_tokens) and answers; the answer travels back along the open streams to stage 0,
@@ -10,6 +11,12 @@ which feeds the token into the next step and streams the chunk to the gateway.
 A stage's session is admitted by its model's runner like a whole-model request (the same bounded
 queue, the same `Busy` → 429) and counted in its load. Closing or cancelling any stream cancels the
 others, and every stage frees the session's KV slot in `finally`.
+
+Hostile members (issue 11): activations are checked against the stage (hidden size, dtype, token
+count) on their first frame, before anything is buffered, and by the engine before batching, so a
+bad step fails its own session only; one peer holds at most `per_peer_cap` sessions, and a session
+idle for longer than its cadence allows is closed (`stage_sessions.py`); server streams heartbeat
+and next stages are watched for silence (`liveness.py`).
 """
 
 from __future__ import annotations
@@ -20,39 +27,44 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
-from typing import Any
 
 import grpc
 import torch
 
-from core.errors import BadRequest, Busy, MeshError, ModelNotFound, Unavailable
+from core.errors import BadRequest, Busy, Internal, MeshError, ModelNotFound, Unavailable
 from core.types import Chunk, SamplingParams
 from dataplane import rpc
 from dataplane.channels import PeerChannels
+from dataplane.liveness import Beating
+from dataplane.next_stage import NextStage
 from dataplane.service import authorise
+from dataplane.stage_sessions import FRAME_TIMEOUT_S, SessionBook, peer_host, per_peer_cap
 from dataplane.stage_wire import Header, Hop, decode_chain, decode_header, decode_reply, encode_reply
-from dataplane.status import abort, from_rpc_error
+from dataplane.status import abort
 from dataplane.wire import decode_request, encode_chunk
 from engine.local_models import LocalModel, LocalModels
 from engine.token_output import TokenOutput
 from engine.torch_engine import SessionError, SessionLimitError, TorchShardEngine
 from engine.torch_generate import prompt_tokens
 from engine.types import check_context
-from shard.activation_wire import ActivationAssembler, ActivationError, encode_activation
+from shard.activation_wire import ActivationAssembler, ActivationError, ActivationLimits
 from shard.spec import ShardSpec
 
 log = logging.getLogger(__name__)
-STEP_TIMEOUT_S = 60.0  # a neighbour silent this long has failed
 _DECODE_ERRORS = (rpc.PayloadError, ActivationError)
 
 
 class PipelineService:
     def __init__(self, local: LocalModels, channels: PeerChannels, token: str,
-                 on_step: Callable[[str, int, float], None] | None = None) -> None:
+                 on_step: Callable[[str, int, float], None] | None = None, *,
+                 per_peer: int | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self._local = local
         self._channels = channels
         self._token = token
         self._on_step = on_step or (lambda digest, n_positions, compute_s: None)
+        self._per_peer = per_peer
+        self._clock = clock
+        self._books: dict[str, SessionBook] = {}  # by model digest (one engine each)
         self.sessions_opened = 0
 
     def handlers(self) -> dict[str, grpc.RpcMethodHandler]:
@@ -69,6 +81,13 @@ class PipelineService:
             if hop.end <= n_layers and hop.start < hop.end and local.shard == ShardSpec(digest, hop.start, hop.end, n_layers):
                 return local, local.runner.engine
         raise ModelNotFound(digest, [], f"layers [{hop.start}, {hop.end}) of {digest[:12]} are not held here")
+
+    def _book(self, engine: TorchShardEngine) -> SessionBook:
+        digest = engine.model.digest
+        if digest not in self._books:
+            cap = self._per_peer or per_peer_cap(engine.max_sessions)
+            self._books[digest] = SessionBook(cap, self._clock)
+        return self._books[digest]
 
     def _open(self, engine: TorchShardEngine, sid: str, params: SamplingParams | None) -> None:
         try:
@@ -94,32 +113,13 @@ class PipelineService:
                 out, compute_s = timed()
             else:  # off the loop; concurrent sessions' steps are batched by the engine
                 out, compute_s = await asyncio.to_thread(timed)
-        except SessionError as e:
-            raise BadRequest(str(e)) from None
+        except SessionError as e:  # includes an input that does not fit this stage
+            raise BadRequest(str(e), code="invalid_activation") from None
+        except Exception:
+            log.exception("stage step of %s failed", sid)
+            raise Internal("the stage step failed") from None
         self._on_step(engine.model.digest, x.shape[0], compute_s)
         return out
-
-    def _next_call(self, address: str) -> grpc.aio.StreamStreamCall:
-        return self._channels.channel(address).stream_stream(
-            rpc.method_path("Forward"), request_serializer=rpc.identity, response_deserializer=rpc.identity
-        )(metadata=self._channels.metadata)
-
-    async def _ask_next(self, call: grpc.aio.StreamStreamCall, x: torch.Tensor, pos: int) -> dict[str, Any]:
-        for frame in encode_activation(x, pos):
-            await call.write(rpc.pack({"a": frame}))
-        try:
-            async with asyncio.timeout(STEP_TIMEOUT_S):  # not wait_for: it can swallow a cancel on 3.11
-                raw = await call.read()
-        except TimeoutError:
-            raise Unavailable("next stage timed out", code="pipeline_failed") from None
-        except grpc.aio.AioRpcError as e:
-            error = from_rpc_error(e)
-            if isinstance(error, Busy):
-                raise error from None  # the next stage's queue is full: the client retries later
-            raise Unavailable(f"next stage failed: {e.code().name} {e.details()}", code="pipeline_failed") from None
-        if raw is grpc.aio.EOF:
-            raise Unavailable("next stage closed the stream", code="pipeline_failed")
-        return rpc.unpack_map(raw)
 
     def _sample(self, engine: TorchShardEngine, sid: str, h: torch.Tensor, output: TokenOutput) -> tuple[Chunk, int]:
         """The last stage's half of the token loop: sample, then text, EOS, stop strings, max_tokens."""
@@ -127,8 +127,14 @@ class PipelineService:
         return output.push(token), token
 
     # --- stage 0 -------------------------------------------------------------------------------
-    async def pipeline_generate(self, request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+    async def pipeline_generate(self, request: bytes, context: grpc.aio.ServicerContext) -> None:
         await authorise(context, self._token)
+        async with Beating(context) as out:
+            error = await self._generate(request, out, peer_host(context.peer()))
+        if error is not None:
+            await abort(context, error)
+
+    async def _generate(self, request: bytes, out: Beating, peer: str) -> MeshError | None:
         try:
             obj = rpc.unpack_map(request)
             digest, generation = decode_request(obj)
@@ -137,79 +143,103 @@ class PipelineService:
             ids = await asyncio.to_thread(prompt_tokens, engine, generation)  # chat template + tokenizer
             max_new = check_context(engine.max_context, len(ids), generation.params.max_tokens, what="this pipeline's")
             async with local.runner.admit(), aclosing(
-                self._drive(engine, digest, chain, ids, max_new, generation.params)
+                self._drive(engine, digest, chain, ids, max_new, generation.params, peer)
             ) as chunks:
                 async for chunk in chunks:
-                    yield rpc.pack(encode_chunk(chunk))
+                    await out.write(rpc.pack(encode_chunk(chunk)))
         except rpc.PayloadError as e:
-            await abort(context, BadRequest(str(e)))
+            return BadRequest(str(e))
         except MeshError as e:
-            await abort(context, e)
+            return e
+        except Exception:
+            log.exception("pipeline stage 0 failed")
+            return Internal("the pipeline stage failed")
+        return None
 
     async def _drive(self, engine: TorchShardEngine, digest: str, chain: list[Hop], ids: list[int], max_new: int,
-                     params: SamplingParams) -> AsyncGenerator[Chunk, None]:
+                     params: SamplingParams, peer: str) -> AsyncGenerator[Chunk, None]:
         sid = f"p-{uuid.uuid4().hex}"
         single = len(chain) == 1
-        call = None
+        book = self._book(engine)
+        book.open(sid, peer)
+        nxt = None
         try:
             self._open(engine, sid, params if single else None)
             output = TokenOutput(engine.tokenizer, params.stop, len(ids), max_new) if single else None
             if not single:
-                call = self._next_call(chain[1].address)
-                header = Header(sid, digest, chain[1:], params, len(ids), max_new)
-                await call.write(rpc.pack({"h": header.encode()}))
+                nxt = NextStage(self._channels, Header(sid, digest, chain[1:], params, len(ids), max_new))
             x, pos = torch.tensor(ids), 0
             while True:
                 h = await self._run(engine, sid, x, pos)
+                book.step(sid)
                 pos += x.shape[0]
                 if output is not None:  # one stage holds it all: sample here
                     chunk, token = self._sample(engine, sid, h, output)
                 else:
-                    assert call is not None
-                    chunk, token = decode_reply(await self._ask_next(call, h, pos - x.shape[0]))
+                    assert nxt is not None
+                    chunk, token = decode_reply(await nxt.ask(h, pos - x.shape[0]))
                 yield chunk
                 if chunk.finish_reason is not None:
                     return
                 x = torch.tensor([token])
+        except rpc.PayloadError as e:
+            raise Unavailable(f"the pipeline answered badly: {e}", code="pipeline_failed") from None
         finally:
+            book.close(sid)
             engine.close_session(sid)
-            if call is not None:
-                call.cancel()
+            if nxt is not None:
+                nxt.close()
 
     # --- stages 1..n-1 -------------------------------------------------------------------------
-    async def forward(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+    async def forward(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
         await authorise(context, self._token)
-        frames = requests.__aiter__()
-        try:
-            header = decode_header(await _next_map(frames))
-            local, engine = self._stage(header.model, header.chain[0])
-            async with local.runner.admit(), aclosing(self._relay(engine, header, frames)) as replies:
-                async for reply in replies:
-                    yield rpc.pack(reply)
-        except TimeoutError:
-            await abort(context, Unavailable("previous stage went silent", code="pipeline_failed"))
-        except _DECODE_ERRORS as e:
-            await abort(context, BadRequest(str(e)))
-        except MeshError as e:
-            await abort(context, e)
+        async with Beating(context) as out:
+            error = await self._forward(requests.__aiter__(), out, peer_host(context.peer()))
+        if error is not None:
+            await abort(context, error)
 
-    async def _relay(self, engine: TorchShardEngine, header: Header, frames: AsyncIterator[bytes]) -> AsyncGenerator[dict[str, Any], None]:
-        last = len(header.chain) == 1
-        sid = header.sid
-        call = None
-        self._open(engine, sid, header.params if last else None)
+    async def _forward(self, frames: AsyncIterator[bytes], out: Beating, peer: str) -> MeshError | None:
         try:
+            async with asyncio.timeout(FRAME_TIMEOUT_S):
+                header = decode_header(await _next_map(frames))
+            local, engine = self._stage(header.model, header.chain[0])
+            async with local.runner.admit():
+                await self._relay(engine, header, frames, out, peer)
+        except StopAsyncIteration:
+            return None  # the previous stage hung up
+        except TimeoutError:
+            return Unavailable("previous stage went silent", code="pipeline_failed")
+        except _DECODE_ERRORS as e:
+            return BadRequest(str(e), code="invalid_activation")
+        except MeshError as e:
+            return e
+        except Exception:
+            log.exception("pipeline stage failed")
+            return Internal("the pipeline stage failed")
+        return None
+
+    async def _relay(self, engine: TorchShardEngine, header: Header, frames: AsyncIterator[bytes], out: Beating,
+                     peer: str) -> None:
+        last = len(header.chain) == 1
+        sid = f"f-{uuid.uuid4().hex}"  # ours: a peer cannot pick (or collide with) a session id here
+        book = self._book(engine)
+        book.open(sid, peer)
+        nxt = None
+        try:
+            self._open(engine, sid, header.params if last else None)
             output = TokenOutput(engine.tokenizer, header.params.stop, header.prompt_len, header.max_new) if last else None
             if not last:
-                call = self._next_call(header.chain[1].address)
-                await call.write(rpc.pack({"h": header.onward().encode()}))
-            assembler = ActivationAssembler()
+                nxt = NextStage(self._channels, header.onward())
+            assembler = ActivationAssembler(ActivationLimits(engine.config.hidden_size, engine.max_context))
             while True:
+                timeout_s = FRAME_TIMEOUT_S if assembler.in_progress else book.idle_timeout_s(sid)
                 try:
-                    async with asyncio.timeout(STEP_TIMEOUT_S):
+                    async with asyncio.timeout(timeout_s):
                         obj = await _next_map(frames)
                 except StopAsyncIteration:
                     return  # the previous stage finished or hung up
+                except TimeoutError:
+                    raise Unavailable(f"no step for {timeout_s:.0f} s: session closed", code="pipeline_failed") from None
                 frame = obj.get("a")
                 if not isinstance(frame, dict):
                     raise rpc.PayloadError("expected an activation frame")
@@ -217,17 +247,19 @@ class PipelineService:
                 if done is None:
                     continue
                 pos, x = done
-                h = await self._run(engine, sid, x.to(engine.device), pos)
+                book.step(sid)
+                h = await self._run(engine, sid, x.to(engine.device, dtype=engine.shard.dtype), pos)
                 if output is not None:
-                    yield encode_reply(*self._sample(engine, sid, h, output))
+                    await out.write(rpc.pack(encode_reply(*self._sample(engine, sid, h, output))))
                 else:
-                    assert call is not None
-                    yield await self._ask_next(call, h, pos)
+                    assert nxt is not None
+                    await out.write(rpc.pack(await nxt.ask(h, pos)))
         finally:
+            book.close(sid)
             engine.close_session(sid)
-            if call is not None:
-                call.cancel()
+            if nxt is not None:
+                nxt.close()
 
 
-async def _next_map(frames: AsyncIterator[bytes]) -> dict[str, Any]:
+async def _next_map(frames: AsyncIterator[bytes]) -> dict:
     return rpc.unpack_map(await anext(frames))

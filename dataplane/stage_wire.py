@@ -1,7 +1,13 @@
-"""Payloads of the pipeline calls: the chain of stages, the `Forward` header and a stage's reply."""
+"""Payloads of the pipeline calls: the chain of stages, the `Forward` header and a stage's reply.
+
+A chain names nodes by their node id, never by address: every stage resolves the next node id in its
+own PeerTable (`PeerChannels.address_of`), so a request cannot make a node connect to an address of
+its choosing (issue 11, finding 6).
+"""
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -10,18 +16,19 @@ from dataplane.rpc import PayloadError
 from dataplane.wire import DIGEST, decode_chunk, decode_request, encode_chunk
 
 MAX_CHAIN = 64
+NODE_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 @dataclass(frozen=True, slots=True)
 class Hop:
-    """One stage of a chain: the node's gRPC address and the layers [start, end) it runs there."""
+    """One stage of a chain: the node's id and the layers [start, end) it runs there."""
 
-    address: str
+    node: str
     start: int
     end: int
 
     def encode(self) -> list[Any]:
-        return [self.address, self.start, self.end]
+        return [self.node, self.start, self.end]
 
 
 def encode_chain(hops: list[Hop]) -> list[list[Any]]:
@@ -33,9 +40,9 @@ def decode_chain(value: Any) -> list[Hop]:
         raise PayloadError("chain must be a non-empty list")
     out = []
     for hop in value:
-        if not (isinstance(hop, list) and len(hop) == 3 and isinstance(hop[0], str) and len(hop[0]) <= 256
-                and all(isinstance(v, int) and v >= 0 for v in hop[1:])):
-            raise PayloadError("chain entries are [address, start, end]")
+        if not (isinstance(hop, list) and len(hop) == 3 and isinstance(hop[0], str) and NODE_ID.match(hop[0])
+                and all(isinstance(v, int) and 0 <= v <= 1 << 16 for v in hop[1:]) and hop[1] < hop[2]):
+            raise PayloadError("chain entries are [node id, start, end]")
         out.append(Hop(hop[0], hop[1], hop[2]))
     return out
 

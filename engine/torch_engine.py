@@ -159,6 +159,7 @@ class TorchShardEngine:
         with self._lock:
             for sid, x, pos in zip(session_ids, inputs, positions, strict=True):
                 s = self._get(sid)
+                self._check_input(sid, x)  # before batching: a bad step fails its own caller only
                 if s.busy:
                     raise SessionError(f"session {sid!r} already has a step in flight")
                 if not 0 <= pos <= s.n_past or pos + x.shape[0] > self.max_context:
@@ -175,11 +176,11 @@ class TorchShardEngine:
         finally:
             with self._lock:
                 for sid, x, pos in zip(session_ids, inputs, positions, strict=True):
-                    s = self._sessions.get(sid)
-                    if s is not None:  # else closed meanwhile (cancel): nothing to update
-                        s.busy = False
+                    done = self._sessions.get(sid)
+                    if done is not None:  # else closed meanwhile (cancel): nothing to update
+                        done.busy = False
                         if outputs is not None:
-                            s.n_past = pos + x.shape[0]
+                            done.n_past = pos + x.shape[0]
         return outputs
 
     def prefill_stage(self, session_id: str, x: torch.Tensor, start_pos: int) -> torch.Tensor:
@@ -247,15 +248,44 @@ class TorchShardEngine:
         if not self.spec.whole:
             raise RuntimeError(f"{what} needs the whole model; this engine holds {self.spec}")
 
+    def _check_input(self, sid: str, x: torch.Tensor) -> None:
+        """A step's input must be what this shard runs: token ids [T] in the vocabulary on the first
+        stage, hidden states [T, hidden] of a float dtype otherwise (a peer's activations are hostile)."""
+        c = self.config
+        if self.spec.start == 0:
+            ok = (x.dim() == 1 and x.shape[0] >= 1 and not x.is_floating_point() and not x.is_complex()
+                  and int(x.min()) >= 0 and int(x.max()) < c.vocab_size)
+            want = f"token ids [T] below {c.vocab_size}"
+        else:
+            ok = x.dim() == 2 and x.shape[0] >= 1 and x.shape[1] == c.hidden_size and x.is_floating_point()
+            want = f"hidden states [T, {c.hidden_size}]"
+        if not ok:
+            raise SessionError(f"session {sid!r}: this stage takes {want}, not {x.dtype} {list(x.shape)}")
+
     def _run_batch(self, batch: list[Step]) -> None:
-        """Prompts run one by one; single-token steps of distinct sessions run as one decode."""
+        """Prompts run one by one; single-token steps of distinct sessions run as one decode. Each step
+        gets its own result or error: one failing step never fails another session's."""
         singles = [s for s in batch if s.x.shape[0] == 1 and s.last == "last"]
         for s in batch:
             if s.x.shape[0] > 1 or s.last != "last":
-                s.result = self.shard.prefill(s.slot, s.x, s.start_pos, last=s.last)  # type: ignore[arg-type]
-        if singles:
+                try:
+                    s.result = self.shard.prefill(s.slot, s.x, s.start_pos, last=s.last)  # type: ignore[arg-type]
+                except Exception as e:  # noqa: BLE001 - this step's failure, handed to its caller
+                    s.error = e
+        if not singles:
+            return
+        try:
             out = self.shard.decode(
                 [s.slot for s in singles], torch.cat([s.x for s in singles]), [s.start_pos for s in singles]
             )
-            for i, s in enumerate(singles):
-                s.result = out[i : i + 1]
+        except Exception:  # noqa: BLE001 - find the culprit: each step alone (rewrites the same positions)
+            if len(singles) == 1:
+                raise
+            for s in singles:
+                try:
+                    s.result = self.shard.decode([s.slot], s.x, [s.start_pos])
+                except Exception as e:  # noqa: BLE001
+                    s.error = e
+            return
+        for i, s in enumerate(singles):
+            s.result = out[i : i + 1]

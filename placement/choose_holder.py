@@ -1,7 +1,9 @@
 """Which node should serve a request for a whole model: pure ranking over adverts.
 
-Score = load (active + queued, plus the requests this gateway has in flight there, against
-capacity); self wins ties (no hop); a holder that failed recently is backed off exponentially; and
+This node serves its own users itself whenever it holds the model whole and has a free slot: another
+node's advert is only a claim (it may be a member lying to read the prompts), and our own engine is
+no claim (issue 11, finding 3). Among peers, score = load (active + queued, plus the requests this
+gateway has in flight there, against capacity); a holder that failed recently is backed off exponentially; and
 requests that share a conversation prefix go to the same holder among equally loaded ones
 (rendezvous hashing), so that holder's KV cache already holds the prefix.
 """
@@ -15,7 +17,6 @@ from dataclasses import dataclass
 from discovery.advert import NodeAdvert
 
 MAX_BACKOFF_S = 30.0
-SELF_BONUS = 0.01  # smaller than any load step of a node with capacity < 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,17 +79,18 @@ def rank_holders(
         rows.append((backed_off, busy, capacity, advert.node_id))
 
     def score(row: tuple[bool, int, int, str]) -> float:
-        _, busy, capacity, node_id = row
-        return busy / capacity - (SELF_BONUS if node_id == self_id else 0.0)
+        _, busy, capacity, _ = row
+        return busy / capacity
 
-    healthy = sorted((r for r in rows if not r[0]), key=lambda r: (score(r), r[3]))
+    mine = [r for r in rows if r[3] == self_id and not r[0]]  # a free slot here: no one else is asked first
+    healthy = sorted((r for r in rows if not r[0] and r[3] != self_id), key=lambda r: (score(r), r[3]))
     if prefix_key is not None and healthy:
         least = min(r[1] for r in healthy)
         near = [r for r in healthy if r[1] <= least + affinity_slack]
         near.sort(key=lambda r: _rendezvous(prefix_key, r[3]), reverse=True)
         healthy = near + [r for r in healthy if r not in near]
     backed = sorted((r for r in rows if r[0]), key=lambda r: (score(r), r[3]))
-    return HolderRanking(tuple(r[3] for r in healthy + backed), tuple(sorted(saturated)))
+    return HolderRanking(tuple(r[3] for r in mine + healthy + backed), tuple(sorted(saturated)))
 
 
 def choose_holder(

@@ -11,7 +11,7 @@ import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from discovery.advert import NodeAdvert
+from discovery.advert import ModelAdvert, NodeAdvert
 from placement.speed import ms_per_layer
 
 HOP_MS = 1.0  # per hop on a LAN: gRPC + serialisation of one token's activation
@@ -38,25 +38,37 @@ def layer_ms(advert: NodeAdvert, n_layers: int) -> float:
 
 
 def route_pipeline(
-    model_digest: str, adverts: Sequence[NodeAdvert], *, exclude: frozenset[str] = frozenset()
+    model_digest: str, adverts: Sequence[NodeAdvert], *, exclude: frozenset[str] = frozenset(), with_load: bool = True
 ) -> PipelineRoute | None:
-    """The cheapest chain covering [0, n_layers), or None. `exclude` drops nodes (e.g. failed ones)."""
+    """The cheapest chain covering [0, n_layers), or None. `exclude` drops nodes (e.g. failed ones);
+    `with_load=False` ignores queues (whether a chain exists at all, as the catalog asks)."""
+    held = [(a, m) for a in adverts if a.node_id not in exclude for m in a.models if m.digest == model_digest]
+    return route_over(held, with_load=with_load)
+
+
+def held_by_digest(adverts: Sequence[NodeAdvert]) -> dict[str, list[tuple[NodeAdvert, ModelAdvert]]]:
+    """Every held range, grouped by model digest, in one pass over the adverts."""
+    out: dict[str, list[tuple[NodeAdvert, ModelAdvert]]] = {}
+    for advert in adverts:
+        for m in advert.models:
+            out.setdefault(m.digest, []).append((advert, m))
+    return out
+
+
+def route_over(held: Sequence[tuple[NodeAdvert, ModelAdvert]], *, with_load: bool = True) -> PipelineRoute | None:
+    """The cheapest chain over these held ranges of one model (Dijkstra over layer boundaries)."""
     edges: dict[int, list[tuple[int, float, str]]] = {}
     n_layers = 0
-    for advert in adverts:
-        if advert.node_id in exclude:
+    for advert, m in held:
+        n_layers = m.n_layers
+        if not 0 <= m.start < m.end <= m.n_layers:
+            continue  # a range that cannot be part of a chain of this model
+        busy = advert.load.active + advert.load.queued if with_load else 0
+        if with_load and advert.load.capacity > 0 and busy >= advert.load.capacity:
             continue
-        for m in advert.models:
-            if m.digest != model_digest:
-                continue
-            n_layers = m.n_layers
-            busy = advert.load.active + advert.load.queued
-            full = advert.load.capacity > 0 and busy >= advert.load.capacity
-            if full:
-                continue
-            held_layers = m.end - m.start
-            cost = layer_ms(advert, held_layers) * held_layers + HOP_MS + LOAD_PENALTY_MS * busy
-            edges.setdefault(m.start, []).append((m.end, cost, advert.node_id))
+        held_layers = m.end - m.start
+        cost = layer_ms(advert, held_layers) * held_layers + HOP_MS + LOAD_PENALTY_MS * busy
+        edges.setdefault(m.start, []).append((m.end, cost, advert.node_id))
     if n_layers == 0:
         return None
     best: dict[int, float] = {0: 0.0}

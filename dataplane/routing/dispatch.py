@@ -52,7 +52,7 @@ class Dispatcher:
     ) -> T | None:
         """`open_on` on the best holder, retried per the policy; None when nobody holds it whole."""
         while True:
-            ranking = rank_holders(target.digest, view.peers, view.me, self._clock(), self.failures,
+            ranking = rank_holders(target.digest, view.holding(target.digest), view.me, self._clock(), self.failures,
                                    inflight=self.inflight, prefix_key=key)
             decision = next_try(ranking.ranked, bool(ranking.saturated), attempts)
             if isinstance(decision, NoHolder):

@@ -22,7 +22,7 @@ from dataplane.routing.dispatch import Dispatcher, prefix_key
 from dataplane.routing.placing import Placer
 from dataplane.routing.resume import Served, resuming
 from dataplane.routing.retry import Attempts
-from dataplane.routing.view import MeshView, Target, list_models, resolve
+from dataplane.routing.view import Catalog, MeshView, Target, catalog_key, list_models, resolve
 from dataplane.stage_wire import Hop, encode_chain
 from discovery.advert import NodeAdvert
 from engine.local_models import LocalModels
@@ -50,10 +50,27 @@ class MeshRouter:
         self._describe_self = describe_self
         self.dispatch = Dispatcher(local, channels, clock)
         self.placer = Placer(channels)
+        self._catalog: tuple[tuple, Catalog] | None = None  # (catalog_key, catalog): one per set of adverts
+        if not channels.has_directory:
+            channels.set_directory(self.grpc_address_of)  # stages resolve next hops in our PeerTable
 
     def view(self) -> MeshView:
-        """One consistent picture of the mesh: our advert built once, one snapshot of the peers."""
-        return MeshView(self._self_advert(), tuple(self._peer_adverts()))
+        """One consistent picture of the mesh: our advert built once, one snapshot of the peers, and the
+        catalog of that set of adverts (computed when the set changed, else reused)."""
+        me, peers = self._self_advert(), tuple(self._peer_adverts())
+        key = catalog_key(me, peers)
+        if self._catalog is None or self._catalog[0] != key:
+            view = MeshView(me, peers)
+            self._catalog = (key, view.catalog)
+            return view
+        return MeshView(me, peers, self._catalog[1])
+
+    def grpc_address_of(self, node_id: str) -> str | None:
+        """A peer's advertised gRPC address, from the PeerTable alone."""
+        for advert in self._peer_adverts():
+            if advert.node_id == node_id:
+                return advert.addresses.grpc or None
+        return None
 
     def list_models(self) -> list[ModelListing]:
         return list_models(self.view())
@@ -102,7 +119,7 @@ class MeshRouter:
     async def _open_pipeline(self, view: MeshView, target: Target, available: list[str],
                              request: GenerationRequest) -> Generation:
         """No node holds the model whole: drive the cheapest chain of layer ranges from its stage 0."""
-        route = route_pipeline(target.digest, view.adverts)
+        route = route_pipeline(target.digest, view.holding(target.digest))
         if route is None:
             route = await self.placer.place(target, view, available)
         else:
@@ -110,9 +127,10 @@ class MeshRouter:
         adverts = [view.advert(s.node_id) for s in route.stages]
         if any(a is None for a in adverts):
             raise Unavailable("a node of the planned pipeline left the mesh", code="pipeline_failed")
-        chain = [Hop(a.addresses.grpc, s.start, s.end) for a, s in zip(adverts, route.stages, strict=True) if a is not None]
+        chain = [Hop(s.node_id, s.start, s.end) for s in route.stages]
         names = "+".join(a.name for a in adverts if a is not None)
-        stream = remote_generate(self._channels, chain[0].address, target.digest, request,
+        assert adverts[0] is not None
+        stream = remote_generate(self._channels, adverts[0].addresses.grpc, target.digest, request,
                                  method="PipelineGenerate", extra={"chain": encode_chain(chain)})
         try:
             head = await first_chunk(stream)

@@ -11,13 +11,26 @@ from dataclasses import dataclass, field
 
 from core.serving import ModelListing
 from discovery.advert import NodeAdvert
-from placement.route_pipeline import route_pipeline
+from placement.route_pipeline import held_by_digest, route_over
+
+
+@dataclass(frozen=True, slots=True)
+class Catalog:
+    """What a set of adverts offers: the listings and, per model, who holds ranges of it. Built once
+    per set of adverts (`catalog_key`), not per request (issue 11, finding 4)."""
+
+    listings: tuple[ModelListing, ...]
+    holders: dict[str, tuple[str, ...]]  # digest -> node ids holding some range of it
+
+    def holder_ids(self, digest: str) -> tuple[str, ...]:
+        return self.holders.get(digest, ())
 
 
 @dataclass(frozen=True, slots=True)
 class MeshView:
     me: NodeAdvert
     peers: tuple[NodeAdvert, ...]
+    _catalog: Catalog | None = field(default=None, repr=False, compare=False)
     _by_id: dict[str, NodeAdvert] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -32,6 +45,23 @@ class MeshView:
     def advert(self, node_id: str) -> NodeAdvert | None:
         return self._by_id.get(node_id)
 
+    @property
+    def catalog(self) -> Catalog:
+        if self._catalog is None:
+            object.__setattr__(self, "_catalog", build_catalog(self.adverts))
+        assert self._catalog is not None
+        return self._catalog
+
+    def holding(self, digest: str) -> list[NodeAdvert]:
+        """The current adverts of the nodes holding some range of `digest` (ours first)."""
+        return [a for n in self.catalog.holder_ids(digest) if (a := self._by_id.get(n)) is not None]
+
+
+def catalog_key(me: NodeAdvert, peers: tuple[NodeAdvert, ...]) -> tuple:
+    """What the catalog depends on: our models and files, and each peer advert's identity. A peer's
+    new advert has a new seq; loads are left out (the catalog ignores them)."""
+    return (me.node_id, me.name, me.models, me.files, tuple((a.node_id, a.seq, a.issued_at) for a in peers))
+
 
 @dataclass(frozen=True, slots=True)
 class Target:
@@ -43,31 +73,36 @@ class Target:
 
 
 def list_models(view: MeshView) -> list[ModelListing]:
-    """Models held whole somewhere, models whose layer ranges chain into a full pipeline, and models
-    only offered (loaded on the first request)."""
-    adverts = view.adverts
-    by_digest: dict[str, tuple[Target, int, list[str]]] = {}
-    for advert in adverts:
-        for m in advert.models:
-            _, _, whole = by_digest.setdefault(m.digest, (Target(m.digest, m.alias, m.ctx), m.n_layers, []))
-            if m.whole:
-                whole.append(advert.name)
+    return list(view.catalog.listings)
+
+
+def build_catalog(adverts: list[NodeAdvert]) -> Catalog:
+    """Models held whole somewhere, models whose layer ranges chain into a full pipeline (queues
+    ignored), and models only offered (loaded on the first request). One pass over the adverts plus
+    one shortest path per model over that model's ranges alone."""
+    held = held_by_digest(adverts)
+    names = {a.node_id: a.name for a in reversed(adverts)}  # ours wins a duplicate id
     listings = []
-    for target, n_layers, whole in sorted(by_digest.values(), key=lambda v: v[0].alias):
+    targets = []
+    for digest, pairs in held.items():
+        first = pairs[0][1]
+        targets.append((first.alias, digest, first, pairs))
+    for alias, digest, first, pairs in sorted(targets, key=lambda t: (t[0], t[1])):
+        whole = list(dict.fromkeys(names[a.node_id] for a, m in pairs if m.whole))
         if whole:
-            listings.append(ModelListing(target.alias, target.digest, n_layers, target.context_length, tuple(whole)))
-        elif (route := route_pipeline(target.digest, adverts)) is not None:
-            names = {a.node_id: a.name for a in adverts}
+            listings.append(ModelListing(alias, digest, first.n_layers, first.ctx, tuple(whole)))
+        elif (route := route_over(pairs, with_load=False)) is not None:
             chain = tuple(names[s.node_id] for s in route.stages)
-            listings.append(ModelListing(target.alias, target.digest, n_layers, target.context_length, chain))
+            listings.append(ModelListing(alias, digest, first.n_layers, first.ctx, chain))
     offered: dict[str, tuple[str, int, int]] = {}
     for advert in adverts:
         for f in advert.files:
-            if f.digest not in by_digest:
+            if f.digest not in held:
                 offered.setdefault(f.digest, (f.alias, f.n_layers, f.ctx))
     for digest, (alias, n_layers, ctx) in sorted(offered.items(), key=lambda kv: kv[1][0]):
         listings.append(ModelListing(alias, digest, n_layers, ctx, ()))
-    return listings
+    holders = {d: tuple(dict.fromkeys(a.node_id for a, _ in pairs)) for d, pairs in held.items()}
+    return Catalog(tuple(listings), holders)
 
 
 def resolve(listings: list[ModelListing], name: str) -> Target | None:

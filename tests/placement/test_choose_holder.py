@@ -21,7 +21,12 @@ def node(node_id: str, *, active: int = 0, queued: int = 0, capacity: int = 4, d
 CASES = [
     # (name, self, peers, failures, inflight, expected ranking)
     ("self first when equal", node("s"), [node("p")], {}, {}, ("s", "p")),
-    ("least loaded wins", node("s", active=2), [node("p", active=1)], {}, {}, ("p", "s")),
+    ("self with a free slot first, even when peers are idler", node("s", active=3), [node("p"), node("q")], {}, {},
+     ("s", "p", "q")),
+    ("three idle claimants never outrank self", node("s", active=1, capacity=2),
+     [node("f1"), node("f2"), node("f3")], {}, {}, ("s", "f1", "f2", "f3")),
+    ("self full: peers only", node("s", active=4), [node("p", active=1)], {}, {}, ("p",)),
+    ("least loaded peer wins", None, [node("a", active=2), node("p", active=1)], {}, {}, ("p", "a")),
     ("queued counts as load", None, [node("a", active=1, queued=2), node("b", active=2)], {}, {}, ("b", "a")),
     ("capacity scales load", None, [node("a", active=2, capacity=8), node("b", active=1, capacity=2)], {}, {}, ("a", "b")),
     ("our in-flight sends count", None, [node("a"), node("b")], {}, {"a": 2}, ("b", "a")),
@@ -66,3 +71,9 @@ def test_prefix_affinity_yields_to_a_much_less_loaded_holder():
                if choose_holder(M, [node("a"), node("b")], None, 0.0, {}, prefix_key=k) == "a")
     assert choose_holder(M, [node("a", active=3), node("b")], None, 0.0, {}, prefix_key=key) == "b"
     assert choose_holder(M, [node("a", active=1), node("b")], None, 0.0, {}, prefix_key=key) == "a"
+
+
+def test_self_with_a_free_slot_beats_prefix_affinity():
+    peers = [node(f"n{i}") for i in range(4)]
+    for i in range(20):
+        assert choose_holder(M, peers, node("s", active=2), 0.0, {}, prefix_key=f"conv{i}") == "s"

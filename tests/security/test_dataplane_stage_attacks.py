@@ -1,0 +1,151 @@
+"""A member attacks pipeline stages over gRPC (issue 11, findings 6, 7, 9, 10): chains naming
+addresses, lying activation shapes, huge announced tensors, a SIGSTOPped stage. Each attack fails,
+and the mesh keeps serving."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import signal
+import time
+import urllib.request
+
+import grpc
+import pytest
+
+from dataplane import rpc
+from discovery.envelope import derive_subkey, mesh_key_from_secret
+
+MODEL = "smollm2-135m-instruct"
+HIDDEN = 576
+SECRET = "dp-" + secrets.token_hex(4)
+TOKEN = derive_subkey(mesh_key_from_secret(SECRET), "grpc-token").hex()
+META = ((rpc.AUTH_KEY, TOKEN),)
+
+
+def get_json(url: str):
+    with urllib.request.urlopen(url, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def complete(url: str, max_tokens: int = 8) -> dict:
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": max_tokens, "temperature": 0}
+    req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        return json.loads(resp.read())
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.fixture(scope="module")
+def mesh(module_node_factory):
+    nodes = {
+        "G": module_node_factory("G", "--no-model", "--mesh-secret", SECRET),
+        "S1": module_node_factory("S1", "--shard", f"{MODEL}:0-7", "--threads", "1", "--mesh-secret", SECRET),
+        "S2": module_node_factory("S2", "--shard", f"{MODEL}:7-30", "--threads", "1", "--mesh-secret", SECRET),
+    }
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        models = get_json(nodes["G"].url + "/v1/models")["data"]
+        if models and models[0]["meshllm"]["nodes"] == ["S1", "S2"]:
+            break
+        time.sleep(0.2)
+    me = {n: get_json(nodes[n].url + "/mesh/self") for n in ("S1", "S2")}
+    return nodes, {n: (a["node_id"], a["addresses"]["grpc"]) for n, a in me.items()}
+
+
+async def _pipeline_generate(address: str, chain: list) -> grpc.StatusCode:
+    async with grpc.aio.insecure_channel(address, options=rpc.CHANNEL_OPTIONS) as channel:
+        call = channel.unary_stream(rpc.method_path("PipelineGenerate"), request_serializer=rpc.identity,
+                                    response_deserializer=rpc.identity)
+        payload = {"model": "0" * 64, "prompt": "hi", "params": {"max_tokens": 2}, "chain": chain}
+        try:
+            async for _ in call(rpc.pack(payload), metadata=META, timeout=20):
+                pass
+        except grpc.aio.AioRpcError as e:
+            return e.code()
+    return grpc.StatusCode.OK
+
+
+async def _forward(address: str, messages: list[dict]) -> tuple[grpc.StatusCode, str]:
+    async with grpc.aio.insecure_channel(address, options=rpc.CHANNEL_OPTIONS) as channel:
+        call = channel.stream_stream(rpc.method_path("Forward"), request_serializer=rpc.identity,
+                                     response_deserializer=rpc.identity)(metadata=META, timeout=20)
+        try:
+            for m in messages:
+                await call.write(rpc.pack(m))
+            while True:
+                raw = await call.read()
+                if raw is grpc.aio.EOF:
+                    break
+        except grpc.aio.AioRpcError as e:
+            return e.code(), e.details() or ""
+        return grpc.StatusCode.OK, ""
+
+
+def header(s2_id: str, digest: str) -> dict:
+    params = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "seed": None, "stop": [],
+              "max_tokens": 4, "presence_penalty": 0.0, "frequency_penalty": 0.0}
+    return {"h": {"sid": "x", "model": digest, "chain": [[s2_id, 7, 30]], "params": params, "prompt_len": 1,
+                  "max_new": 4}}
+
+
+def act(shape: list[int], data: bytes, n: int = 1) -> dict:
+    return {"a": {"pos": 0, "dtype": "float32", "shape": shape, "i": 0, "n": n, "data": data}}
+
+
+def test_chains_naming_addresses_are_refused(mesh):
+    nodes, ids = mesh
+    s1_id, s1_addr = ids["S1"]
+    assert asyncio.run(_pipeline_generate(s1_addr, [[s1_id, 0, 7], ["127.0.0.1:22", 7, 30]])) == \
+        grpc.StatusCode.INVALID_ARGUMENT
+    assert asyncio.run(_pipeline_generate(s1_addr, [["10.1.2.3:50051", 0, 7]])) == grpc.StatusCode.INVALID_ARGUMENT
+    assert complete(nodes["G"].url)["choices"][0]["text"]
+
+
+def test_lying_and_huge_activations_fail_alone_and_memory_stays(mesh):
+    nodes, ids = mesh
+    s2_id, s2_addr = ids["S2"]
+    digest = get_json(nodes["G"].url + "/v1/models")["data"][0]["meshllm"]["digest"]
+    before = rss_bytes(nodes["S2"].proc.pid)
+    code, details = asyncio.run(_forward(s2_addr, [header(s2_id, digest), act([1, 577], b"\0" * 577 * 4)]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "shape" in details and "Traceback" not in details
+    for _ in range(4):  # 256 MiB announced, one frame sent: refused before any buffering
+        code, _ = asyncio.run(_forward(s2_addr, [header(s2_id, digest), act([65536, 1024], b"\0" * (1 << 20), n=256)]))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert rss_bytes(nodes["S2"].proc.pid) - before < 64 << 20
+    assert complete(nodes["G"].url)["choices"][0]["text"]
+
+
+def test_a_stopped_stage_is_detected_within_5_s(mesh):
+    """Runs last: SIGSTOPs the last stage mid-stream."""
+    nodes, _ = mesh
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 1000, "temperature": 0, "stream": True}
+    req = urllib.request.Request(nodes["G"].url + "/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    resp = urllib.request.urlopen(req, timeout=60)
+    for i, _ in enumerate(resp):
+        if i >= 4:
+            break
+    nodes["S2"].proc.send_signal(signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    try:
+        error = None
+        for line in resp:
+            if line.startswith(b"data: {") and b'"error"' in line:
+                error = json.loads(line[6:])["error"]
+                break
+        detected_s = time.monotonic() - stopped_at
+    finally:
+        nodes["S2"].proc.send_signal(signal.SIGCONT)
+        resp.close()
+    assert error is not None
+    assert detected_s < 5.5, f"took {detected_s:.1f} s"
