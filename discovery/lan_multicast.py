@@ -100,6 +100,7 @@ class AdvertMulticast:
         )
         for ip in self._ips:
             send = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
+            send.bind((ip, 0))  # not 0.0.0.0: a send-only socket must not listen on every interface
             send.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(ip))
             send.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, MULTICAST_TTL)
             send.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)  # peers on this host too
