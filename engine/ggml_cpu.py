@@ -29,6 +29,8 @@ GGML_TYPES = {
     "Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "BF16": 30,
 }  # fmt: skip
 _GGML_TYPE_I32 = 26
+# types ggml can write that the engine does not run: tests make files with them to check refusals
+_WRITE_ONLY_TYPES = {"IQ4_NL": 20}
 ROW_INVARIANT_ROWS = 16  # up to this many input rows, each row is multiplied on its own (see matmul)
 _GRAPH_NODES = 4 * ROW_INVARIANT_ROWS * 2  # parts x rows x (view + product), with room
 _CTX_BYTES = 512 * 1024  # tensor headers and one small graph per call
@@ -104,11 +106,15 @@ def available() -> bool:
 
 def row_bytes(type_name: str, n_cols: int) -> int:
     """Bytes of one row of `n_cols` elements stored as `type_name` (ggml's own arithmetic)."""
-    return int(_lib().base.ggml_row_size(GGML_TYPES[type_name], n_cols))
+    return int(_lib().base.ggml_row_size(_code(type_name), n_cols))
+
+
+def _code(type_name: str) -> int:
+    return GGML_TYPES.get(type_name, _WRITE_ONLY_TYPES.get(type_name, -1))
 
 
 def block_size(type_name: str) -> int:
-    return int(_lib().base.ggml_blck_size(GGML_TYPES[type_name]))
+    return int(_lib().base.ggml_blck_size(_code(type_name)))
 
 
 def quantize(type_name: str, values: np.ndarray) -> np.ndarray:
@@ -119,9 +125,7 @@ def quantize(type_name: str, values: np.ndarray) -> np.ndarray:
     if cols % block_size(type_name):
         raise ValueError(f"{type_name} rows hold whole blocks of {block_size(type_name)}, not {cols}")
     out = np.empty((rows, row_bytes(type_name, cols)), dtype=np.uint8)
-    n = _lib().base.ggml_quantize_chunk(
-        GGML_TYPES[type_name], values.ctypes.data, out.ctypes.data, 0, rows, cols, None
-    )
+    n = _lib().base.ggml_quantize_chunk(_code(type_name), values.ctypes.data, out.ctypes.data, 0, rows, cols, None)
     if n != out.nbytes:
         raise RuntimeError(f"ggml_quantize_chunk wrote {n} bytes, expected {out.nbytes}")
     return out

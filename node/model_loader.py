@@ -9,8 +9,9 @@ from collections.abc import Callable
 
 from discovery.advert import FileAdvert
 from engine.local_models import LocalModel
-from engine.model_file import ModelFile, load_model_file
+from engine.model_file import ModelFile, ModelFileError, load_model_file
 from engine.runner import EngineRunner
+from engine.types import EngineLoadError
 from node.config import NodeConfig, parse_shard_arg
 from shard.memory import estimate_shard_bytes, kv_bytes_per_token_per_layer
 from shard.spec import ShardSpec
@@ -22,6 +23,11 @@ KV_DTYPE_BYTES = 2  # the torch engine's KV cache is 16-bit
 
 class BudgetError(ValueError):
     """What the node was asked to load does not fit its --memory-budget."""
+
+
+# what one unloadable model raises: the torch loader's ShardLoadError and ModelConfigError are
+# ValueErrors (caught as such, so a gateway-only node never imports torch to name them)
+_LOAD_ERRORS: tuple[type[Exception], ...] = (ModelFileError, EngineLoadError, ValueError)
 
 
 def torch_shard_bytes(model: ModelFile, spec: ShardSpec, config: NodeConfig, context: int) -> int:
@@ -106,42 +112,83 @@ class ModelManager:
         return LocalModel(model, self._runner(engine, parallel=c.kv_sessions), "torch", spec.start, spec.end)
 
     def load_initial(self) -> list[LocalModel]:
-        """Blocking: every --model (whole, or offered when it exceeds the budget), --shard and --offer."""
+        """Blocking: every --model (whole, or offered when it exceeds the budget), --shard and --offer.
+
+        A model that cannot be loaded (unreadable, an unsupported tensor type, a corrupt tensor) is
+        logged in one line naming what is wrong, and the node serves the others; only when nothing
+        at all could be loaded does the first error stop the node."""
         loaded: list[LocalModel] = []
+        failed: list[tuple[str, Exception]] = []
         c = self.config
         for name in c.models:
-            model = load_model_file(name, c.data_dir)
-            whole = ShardSpec.whole_model(model.digest, model.n_layers)
-            # mmapped llama.cpp weights; its KV cache is small next to them at these context sizes
-            need = torch_shard_bytes(model, whole, c, self.context) if c.engine == "torch" else model.size_bytes
             try:
-                self._reserve(model.alias, need)
-            except BudgetError as e:
-                log.warning("%s; offering its layers to the mesh instead", e)
-                self._offered[model.digest] = model
+                local = self._load_whole(name)
+            except _LOAD_ERRORS as e:
+                failed.append((f"not serving {name}", e))
                 continue
+            if local is not None:
+                loaded.append(local)
+        for arg in c.shards:
+            try:
+                loaded.append(self._load_shard_arg(arg))
+            except _LOAD_ERRORS as e:
+                failed.append((f"not serving --shard {arg}", e))
+        for name in c.offers:
+            try:
+                model = load_model_file(name, c.data_dir)
+            except ModelFileError as e:
+                failed.append((f"not offering {name}", e))
+                continue
+            self._offered[model.digest] = model
+        if failed and not loaded and not self._offered:
+            raise failed[0][1]  # nothing to serve: the node stops with this one line
+        for what, e in failed:
+            log.error("%s: %s", what, e)
+        return loaded
+
+    def _load_whole(self, name: str) -> LocalModel | None:
+        """A --model: loaded whole, or offered to the mesh (None) when it exceeds the budget."""
+        c = self.config
+        model = load_model_file(name, c.data_dir)
+        whole = ShardSpec.whole_model(model.digest, model.n_layers)
+        # mmapped llama.cpp weights; its KV cache is small next to them at these context sizes
+        need = torch_shard_bytes(model, whole, c, self.context) if c.engine == "torch" else model.size_bytes
+        try:
+            self._reserve(model.alias, need)
+        except BudgetError as e:
+            log.warning("%s; offering its layers to the mesh instead", e)
+            self._offered[model.digest] = model
+            return None
+        try:
             if c.engine == "torch":
-                loaded.append(self._torch(model, whole))
+                local = self._torch(model, whole)
             else:
                 from engine.llama_cpp_engine import LlamaCppEngine
 
                 engine = LlamaCppEngine(model, n_ctx=c.ctx_size, threads=c.threads)
-                loaded.append(LocalModel(model, self._runner(engine), engine.engine_name))
-            log.info("loaded %s (%s, %d layers, %s)", model.alias, model.short_digest, model.n_layers, c.engine)
-        for arg in c.shards:
-            name, start, end = parse_shard_arg(arg)
-            model = load_model_file(name, c.data_dir)
-            if end > model.n_layers:
-                raise ValueError(f"--shard {arg}: {model.alias} has only {model.n_layers} layers")
-            spec = ShardSpec(model.digest, start, end, model.n_layers)
-            self._reserve(f"layers [{start}, {end}) of {model.alias}",
-                          torch_shard_bytes(model, spec, c, self.context))
-            loaded.append(self._torch(model, spec))
-            log.info("loaded layers [%d, %d) of %s", start, end, model.alias)
-        for name in c.offers:
-            model = load_model_file(name, c.data_dir)
-            self._offered[model.digest] = model
-        return loaded
+                local = LocalModel(model, self._runner(engine), engine.engine_name)
+        except BaseException:
+            self._used_bytes -= need
+            raise
+        log.info("loaded %s (%s, %d layers, %s)", model.alias, model.short_digest, model.n_layers, c.engine)
+        return local
+
+    def _load_shard_arg(self, arg: str) -> LocalModel:
+        c = self.config
+        name, start, end = parse_shard_arg(arg)
+        model = load_model_file(name, c.data_dir)
+        if end > model.n_layers:
+            raise ValueError(f"--shard {arg}: {model.alias} has only {model.n_layers} layers")
+        spec = ShardSpec(model.digest, start, end, model.n_layers)
+        need = torch_shard_bytes(model, spec, c, self.context)
+        self._reserve(f"layers [{start}, {end}) of {model.alias}", need)
+        try:
+            local = self._torch(model, spec)
+        except BaseException:
+            self._used_bytes -= need
+            raise
+        log.info("loaded layers [%d, %d) of %s", start, end, model.alias)
+        return local
 
     def load_range(self, digest: str, start: int, end: int) -> LocalModel:
         """Blocking: loads layers [start, end) of an offered file, within the budget (LoadShard)."""

@@ -27,10 +27,11 @@ MIXES = {"Q4_K_M": {"attn_v": "Q6_K", "ffn_down": "Q6_K"}}
 
 def write_synthetic_llama(
     path: Path, preset: str, type_name: str = "Q4_1", seed: int = 0, *, tokenizer: bool = True,
-    mix: str = "",
+    mix: str = "", iq4_nl_tensor: str = "",
 ) -> Path:  # fmt: skip
     """`tokenizer`: copy SmolLM2's tokenizer (needs the embedded model); else a bare 4096-token vocab
-    that only the shard loader reads. `mix`: a per-tensor type recipe from MIXES over `type_name`."""
+    that only the shard loader reads. `mix`: a per-tensor type recipe from MIXES over `type_name`.
+    `iq4_nl_tensor`: one tensor (e.g. "blk.1.ffn_up") written as IQ4_NL, a type the engine refuses."""
     from engine import ggml_cpu
 
     n_layers, hidden, heads, kv_heads, ffn, base = PRESETS[preset]
@@ -65,6 +66,8 @@ def write_synthetic_llama(
 
     def matrix(name: str, rows: int, cols: int, qtype: str = "") -> None:
         qtype = qtype or overrides.get(name.split(".")[-2], type_name)
+        if iq4_nl_tensor and name == iq4_nl_tensor + ".weight":
+            qtype = "IQ4_NL"
         values = (rng.standard_normal((rows, cols), dtype=np.float32) * 0.02).astype(np.float32)
         data = ggml_cpu.quantize(qtype, values)
         w.add_tensor(name, data, raw_shape=(rows, data.shape[1]), raw_dtype=gguf.GGMLQuantizationType[qtype])

@@ -24,7 +24,7 @@ from shard.gguf_tensor import RawTensor, TensorTypeError, raw_tensor
 from shard.spec import ShardSpec
 
 
-class ShardLoadError(Exception):
+class ShardLoadError(ValueError):
     """The GGUF lacks a tensor the shard needs, a tensor has an unexpected shape, or a type the
     engine cannot run; the message names the tensor."""
 
