@@ -3,7 +3,8 @@
 A server stream (Generate, PipelineGenerate, Forward's replies) writes a heartbeat frame `{"hb": 1}`
 whenever it has written nothing for `HEARTBEAT_S`, so a live peer is never silent for long, even while
 it queues or processes a long prompt. A client waits for the next frame (heartbeat or not) at most
-`Silence.deadline_s()`: a multiple of the longest gap it has measured on that stream, with a floor. A
+`Silence.deadline_s()`: a multiple of the usual gap it has measured on that stream (and half again the
+longest), with a floor. A
 holder or stage that is SIGSTOPped or wedged is detected within about `HUNG_FLOOR_S` (issue 11,
 finding 10), and one whose own loop is slow gets proportionally longer.
 """
@@ -21,9 +22,10 @@ import grpc
 
 from dataplane import rpc
 
-HEARTBEAT_S = 1.0
-HUNG_FLOOR_S = 3.5
-HUNG_FACTOR = 3.0
+HEARTBEAT_S = 0.5
+HUNG_FLOOR_S = 3.0
+HUNG_FACTOR = 4.0  # x the usual gap (EWMA)
+LONGEST_FACTOR = 1.5  # x the longest gap seen
 HUNG_CEILING_S = 60.0
 HEARTBEAT = rpc.pack({"hb": 1})
 
@@ -34,11 +36,13 @@ def is_heartbeat(obj: dict[str, Any]) -> bool:
 
 @dataclass(slots=True)
 class Silence:
-    """How long a stream may stay silent: HUNG_FACTOR x the longest gap seen, within [floor, ceiling]."""
+    """How long a stream may stay silent: HUNG_FACTOR x the usual gap or LONGEST_FACTOR x the longest,
+    within [floor, ceiling]."""
 
     clock: Callable[[], float] = time.monotonic
     floor_s: float = HUNG_FLOOR_S
     longest_gap_s: float = 0.0
+    usual_gap_s: float = 0.0
     _last: float | None = field(default=None)
 
     def start(self) -> None:
@@ -48,11 +52,14 @@ class Silence:
     def heard(self) -> None:
         now = self.clock()
         if self._last is not None:
-            self.longest_gap_s = max(self.longest_gap_s, now - self._last)
+            gap = now - self._last
+            self.longest_gap_s = max(self.longest_gap_s, gap)
+            self.usual_gap_s = 0.7 * self.usual_gap_s + 0.3 * gap
         self._last = now
 
     def deadline_s(self) -> float:
-        return min(HUNG_CEILING_S, max(self.floor_s, HUNG_FACTOR * self.longest_gap_s))
+        grown = max(HUNG_FACTOR * self.usual_gap_s, LONGEST_FACTOR * self.longest_gap_s)
+        return min(HUNG_CEILING_S, max(self.floor_s, grown))
 
 
 class Beating:

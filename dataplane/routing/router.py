@@ -89,9 +89,14 @@ class MeshRouter:
         target, available = self._resolve(view, model)
         attempts = Attempts()
         served = await self._open(view, target, available, request, attempts)
+        latest = [served]
 
         async def reopen(resumed: GenerationRequest) -> Served:
-            return await self._open(self.view(), target, available, resumed, attempts)
+            # A failed pipeline is not reopened over (likely) the same stages: only whole-model holders
+            # may resume it, so a hung stage costs one detection, not one per retry.
+            pipeline_ok = latest[-1].node_id is not None
+            latest.append(await self._open(self.view(), target, available, resumed, attempts, pipeline_ok=pipeline_ok))
+            return latest[-1]
 
         def on_failure(node_id: str) -> None:
             self.dispatch.record_failure(node_id)
@@ -102,7 +107,7 @@ class MeshRouter:
         return generation
 
     async def _open(self, view: MeshView, target: Target, available: list[str], request: GenerationRequest,
-                    attempts: Attempts) -> Served:
+                    attempts: Attempts, *, pipeline_ok: bool = True) -> Served:
         attempts = replace(attempts, tried=0, failed=[])  # a fresh try budget; the exclusions carry on
         served: list[str] = []
 
@@ -114,6 +119,8 @@ class MeshRouter:
         generation = await self.dispatch.first_holder(view, target, prefix_key(request), attempts, on)
         if generation is not None:
             return Served(generation, served[-1])
+        if not pipeline_ok:
+            raise Unavailable("the pipeline failed and no whole-model holder can resume it", code="pipeline_failed")
         return Served(await self._open_pipeline(view, target, available, request), None)
 
     async def _open_pipeline(self, view: MeshView, target: Target, available: list[str],

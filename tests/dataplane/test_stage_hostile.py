@@ -148,9 +148,10 @@ def test_silence_deadline_has_a_floor_and_grows_with_measured_gaps():
         now[0] += 0.5
         s.heard()
     assert s.deadline_s() == HUNG_FLOOR_S
-    now[0] += 4.0
-    s.heard()
-    assert s.deadline_s() == pytest.approx(12.0)
+    for _ in range(20):  # a slow peer: 4 s between frames
+        now[0] += 4.0
+        s.heard()
+    assert s.deadline_s() == pytest.approx(16.0, rel=0.01)
 
 
 def test_load_gate_caps_each_peer_and_the_ranges_loaded():

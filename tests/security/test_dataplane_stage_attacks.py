@@ -147,5 +147,6 @@ def test_a_stopped_stage_is_detected_within_5_s(mesh):
     finally:
         nodes["S2"].proc.send_signal(signal.SIGCONT)
         resp.close()
+    print(f"stopped stage detected in {detected_s:.2f} s")
     assert error is not None
-    assert detected_s < 5.5, f"took {detected_s:.1f} s"
+    assert detected_s < 5.0, f"took {detected_s:.1f} s"
