@@ -13,11 +13,12 @@ and runs it on the CPU backend. Not thread-safe: one `GgmlCpu` per engine, whose
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import glob
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -219,12 +220,9 @@ class GgmlCpu:
         outs = [torch.empty((m, n), dtype=torch.float32) for n in out_features]
         per_row = 1 < m <= ROW_INVARIANT_ROWS
         b = self._b
-        ctx = b.ggml_init(_InitParams(_CTX_BYTES, ctypes.addressof(self._scratch), True))
-        bufs = []
-        try:
+        with self._graph() as (ctx, graph, bufs):
             xt = b.ggml_new_tensor_2d(ctx, 0, k, m)
             bufs.append(self._bind(xt, x))
-            graph = b.ggml_new_graph_custom(ctx, _GRAPH_NODES, False)
             for w, out in zip(weights, outs, strict=True):
                 if not per_row:
                     y = b.ggml_mul_mat(ctx, w, xt)
@@ -240,12 +238,7 @@ class GgmlCpu:
                     if b.ggml_backend_tensor_alloc(obuf, y, out.data_ptr() + i * row_out) != 0:
                         raise RuntimeError("could not bind a ggml tensor")
                     b.ggml_build_forward_expand(graph, y)
-            if b.ggml_backend_graph_compute(self._backend, graph) != 0:
-                raise RuntimeError("ggml graph compute failed")
-        finally:
-            for buf in bufs:
-                b.ggml_backend_buffer_free(buf)
-            b.ggml_free(ctx)
+            self._compute(graph)
         return outs
 
     def get_rows(self, weight: int, ids: torch.Tensor, cols: int) -> torch.Tensor:
@@ -253,22 +246,31 @@ class GgmlCpu:
         ids = _aligned_tensor(ids.to(torch.int32))
         out = torch.empty((ids.shape[0], cols), dtype=torch.float32)
         b = self._b
-        ctx = b.ggml_init(_InitParams(_CTX_BYTES, ctypes.addressof(self._scratch), True))
-        bufs = []
-        try:
+        with self._graph() as (ctx, graph, bufs):
             it = b.ggml_new_tensor_2d(ctx, _GGML_TYPE_I32, ids.shape[0], 1)
             bufs.append(self._bind(it, ids))
             y = b.ggml_get_rows(ctx, weight, it)
             bufs.append(self._bind(y, out))
-            graph = b.ggml_new_graph_custom(ctx, _GRAPH_NODES, False)
             b.ggml_build_forward_expand(graph, y)
-            if b.ggml_backend_graph_compute(self._backend, graph) != 0:
-                raise RuntimeError("ggml graph compute failed")
+            self._compute(graph)
+        return out
+
+    @contextlib.contextmanager
+    def _graph(self) -> Iterator[tuple[int, int, list[int]]]:
+        """A per-call context over the scratch memory, its graph, and the buffers to free after."""
+        b = self._b
+        ctx = b.ggml_init(_InitParams(_CTX_BYTES, ctypes.addressof(self._scratch), True))
+        bufs: list[int] = []
+        try:
+            yield ctx, b.ggml_new_graph_custom(ctx, _GRAPH_NODES, False), bufs
         finally:
             for buf in bufs:
                 b.ggml_backend_buffer_free(buf)
             b.ggml_free(ctx)
-        return out
+
+    def _compute(self, graph: int) -> None:
+        if self._b.ggml_backend_graph_compute(self._backend, graph) != 0:
+            raise RuntimeError("ggml graph compute failed")
 
     def _bind(self, tensor: int, t: torch.Tensor) -> int:
         ptr, n = t.data_ptr(), t.numel() * t.element_size()

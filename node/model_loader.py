@@ -142,8 +142,8 @@ class ModelManager:
             self._offered[model.digest] = model
         if failed and not loaded and not self._offered:
             raise failed[0][1]  # nothing to serve: the node stops with this one line
-        for what, e in failed:
-            log.error("%s: %s", what, e)
+        for what, error in failed:
+            log.error("%s: %s", what, error)
         return loaded
 
     def _load_whole(self, name: str) -> LocalModel | None:
@@ -179,30 +179,26 @@ class ModelManager:
         model = load_model_file(name, c.data_dir)
         if end > model.n_layers:
             raise ValueError(f"--shard {arg}: {model.alias} has only {model.n_layers} layers")
-        spec = ShardSpec(model.digest, start, end, model.n_layers)
-        need = torch_shard_bytes(model, spec, c, self.context)
-        self._reserve(f"layers [{start}, {end}) of {model.alias}", need)
+        local = self._torch_within_budget(model, ShardSpec(model.digest, start, end, model.n_layers))
+        log.info("loaded layers [%d, %d) of %s", start, end, model.alias)
+        return local
+
+    def _torch_within_budget(self, model: ModelFile, spec: ShardSpec) -> LocalModel:
+        """Reserves the range's bytes, loads it, and gives the bytes back if loading fails."""
+        need = torch_shard_bytes(model, spec, self.config, self.context)
+        self._reserve(f"layers [{spec.start}, {spec.end}) of {model.alias}", need)
         try:
-            local = self._torch(model, spec)
+            return self._torch(model, spec)
         except BaseException:
             self._used_bytes -= need
             raise
-        log.info("loaded layers [%d, %d) of %s", start, end, model.alias)
-        return local
 
     def load_range(self, digest: str, start: int, end: int) -> LocalModel:
         """Blocking: loads layers [start, end) of an offered file, within the budget (LoadShard)."""
         model = self._offered.get(digest)
         if model is None:
             raise ValueError(f"model {digest[:12]} is not offered here")
-        spec = ShardSpec(model.digest, start, end, model.n_layers)
         with self._lock:
-            need = torch_shard_bytes(model, spec, self.config, self.context)
-            self._reserve(f"layers [{start}, {end}) of {model.alias}", need)
-            try:
-                local = self._torch(model, spec)
-            except BaseException:
-                self._used_bytes -= need
-                raise
+            local = self._torch_within_budget(model, ShardSpec(model.digest, start, end, model.n_layers))
         log.info("loaded layers [%d, %d) of %s on request", start, end, model.alias)
         return local
