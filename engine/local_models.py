@@ -14,22 +14,15 @@ class LocalModel:
     model: ModelFile
     runner: EngineRunner
     engine: str  # "llama.cpp" | "torch"
-    start: int = 0
-    end: int = -1  # -1: the whole model
+    shard: ShardSpec  # the layers held: the one layer-range type of placement, the wire and adverts
 
-    @property
-    def layer_range(self) -> tuple[int, int]:
-        return self.start, self.model.n_layers if self.end < 0 else self.end
+    def __post_init__(self) -> None:
+        if self.shard.model_digest != self.model.digest or self.shard.n_layers != self.model.n_layers:
+            raise ValueError(f"{self.shard} is not a range of {self.model.alias}")
 
     @property
     def whole(self) -> bool:
-        return self.layer_range == (0, self.model.n_layers)
-
-    @property
-    def shard(self) -> ShardSpec:
-        """The layers held, as the one layer-range type shared with placement, the wire and adverts."""
-        start, end = self.layer_range
-        return ShardSpec(self.model.digest, start, end, self.model.n_layers)
+        return self.shard.whole
 
 
 class LocalModels:

@@ -212,7 +212,7 @@ class TorchShardEngine:
         self._require_whole("embed")
         out = []
         for i, text in enumerate(texts):
-            ids = self.tokenizer.encode(text)[: self.max_context] or [self.tokenizer.bos_id]
+            ids = self.tokenizer.encode_parts([(text, False)])[: self.max_context] or [self.tokenizer.bos_id]
             sid = f"_embed-{threading.get_ident()}-{i}"
             self.open_session(sid, wait_s=60.0)
             try:
@@ -227,7 +227,7 @@ class TorchShardEngine:
         return out
 
     def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer.encode(text))
+        return len(self.tokenizer.encode_parts([(text, False)]))  # client text: no special tokens
 
     def close(self) -> None:
         with self._lock:

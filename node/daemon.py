@@ -85,9 +85,9 @@ class Node:
         async with self._load_lock:
             held = self.local.resolve(digest)
             if held is not None:
-                if held.layer_range == (start, end):
+                if (held.shard.start, held.shard.end) == (start, end):
                     return
-                raise ValueError(f"this node already holds layers {held.layer_range} of {digest[:12]}")
+                raise ValueError(f"this node already holds {held.shard}")
             local = await asyncio.to_thread(self.models.load_range, digest, start, end)
             self.local.add(local)
         self.discovery.publish_soon()
@@ -124,7 +124,7 @@ class Node:
         self.grpc_port = server.add_insecure_port(f"{grpc_host}:{self.config.grpc_port}")
         await server.start()
         self._grpc = server
-        app = build_app(self.router)
+        app = build_app(self.router, api_keys=self.config.api_keys, api_keys_file=self.config.api_keys_file)
         add_mesh_routes(app, self)
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await self._runner.setup()
@@ -192,8 +192,8 @@ class Node:
                     digest=lm.model.digest,
                     alias=lm.model.alias,
                     n_layers=lm.model.n_layers,
-                    start=lm.layer_range[0],
-                    end=lm.layer_range[1],
+                    start=lm.shard.start,
+                    end=lm.shard.end,
                     engine=lm.engine,
                     ctx=_context_of(lm.runner.engine),
                 )

@@ -109,7 +109,7 @@ class ModelManager:
         engine = TorchShardEngine(model, spec=spec, device=c.device, threads=c.threads, weights=weights,
                                   max_sessions=c.kv_sessions, max_context=self.context)
         # As many requests in flight as KV slots: the engine batches their decode steps.
-        return LocalModel(model, self._runner(engine, parallel=c.kv_sessions), "torch", spec.start, spec.end)
+        return LocalModel(model, self._runner(engine, parallel=c.kv_sessions), "torch", spec)
 
     def load_initial(self) -> list[LocalModel]:
         """Blocking: every --model (whole, or offered when it exceeds the budget), --shard and --offer.
@@ -166,7 +166,7 @@ class ModelManager:
                 from engine.llama_cpp_engine import LlamaCppEngine
 
                 engine = LlamaCppEngine(model, n_ctx=c.ctx_size, threads=c.threads)
-                local = LocalModel(model, self._runner(engine), engine.engine_name)
+                local = LocalModel(model, self._runner(engine), engine.engine_name, whole)
         except BaseException:
             self._used_bytes -= need
             raise
