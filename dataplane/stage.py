@@ -39,7 +39,7 @@ from dataplane.liveness import Beating
 from dataplane.next_stage import NextStage
 from dataplane.service import authorise
 from dataplane.stage_sessions import FRAME_TIMEOUT_S, SessionBook, peer_host, per_peer_cap
-from dataplane.stage_wire import Header, Hop, decode_chain, decode_header, decode_reply, encode_reply
+from dataplane.stage_wire import Header, decode_chain, decode_header, decode_reply, encode_reply
 from dataplane.status import abort
 from dataplane.wire import decode_request, encode_chunk
 from engine.local_models import LocalModel, LocalModels
@@ -47,6 +47,7 @@ from engine.token_output import TokenOutput
 from engine.torch_engine import SessionError, SessionLimitError, TorchShardEngine
 from engine.torch_generate import prompt_tokens
 from engine.types import check_context
+from placement.cluster import Stage
 from shard.activation_wire import ActivationAssembler, ActivationError, ActivationLimits
 from shard.spec import ShardSpec
 
@@ -74,7 +75,7 @@ class PipelineService:
         }
 
     # --- helpers ---------------------------------------------------------------------------------
-    def _stage(self, digest: str, hop: Hop) -> tuple[LocalModel, TorchShardEngine]:
+    def _stage(self, digest: str, hop: Stage) -> tuple[LocalModel, TorchShardEngine]:
         local = self._local.resolve(digest)
         if local is not None and isinstance(local.runner.engine, TorchShardEngine):
             n_layers = local.model.n_layers
@@ -156,7 +157,7 @@ class PipelineService:
             return Internal("the pipeline stage failed")
         return None
 
-    async def _drive(self, engine: TorchShardEngine, digest: str, chain: list[Hop], ids: list[int], max_new: int,
+    async def _drive(self, engine: TorchShardEngine, digest: str, chain: list[Stage], ids: list[int], max_new: int,
                      params: SamplingParams, peer: str) -> AsyncGenerator[Chunk, None]:
         sid = f"p-{uuid.uuid4().hex}"
         single = len(chain) == 1

@@ -14,28 +14,18 @@ from typing import Any
 from core.types import Chunk, SamplingParams
 from dataplane.rpc import PayloadError
 from dataplane.wire import DIGEST, decode_chunk, decode_request, encode_chunk
+from placement.cluster import Stage
 
 MAX_CHAIN = 64
 NODE_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
-@dataclass(frozen=True, slots=True)
-class Hop:
-    """One stage of a chain: the node's id and the layers [start, end) it runs there."""
-
-    node: str
-    start: int
-    end: int
-
-    def encode(self) -> list[Any]:
-        return [self.node, self.start, self.end]
+def encode_chain(hops: list[Stage]) -> list[list[Any]]:
+    """A chain on the wire: [[node id, start, end], ...] (placement's Stage, one per hop)."""
+    return [[h.node, h.start, h.end] for h in hops]
 
 
-def encode_chain(hops: list[Hop]) -> list[list[Any]]:
-    return [h.encode() for h in hops]
-
-
-def decode_chain(value: Any) -> list[Hop]:
+def decode_chain(value: Any) -> list[Stage]:
     if not isinstance(value, list) or not 0 < len(value) <= MAX_CHAIN:
         raise PayloadError("chain must be a non-empty list")
     out = []
@@ -43,7 +33,7 @@ def decode_chain(value: Any) -> list[Hop]:
         if not (isinstance(hop, list) and len(hop) == 3 and isinstance(hop[0], str) and NODE_ID.match(hop[0])
                 and all(isinstance(v, int) and 0 <= v <= 1 << 16 for v in hop[1:]) and hop[1] < hop[2]):
             raise PayloadError("chain entries are [node id, start, end]")
-        out.append(Hop(hop[0], hop[1], hop[2]))
+        out.append(Stage(hop[0], hop[1], hop[2]))
     return out
 
 
@@ -53,7 +43,7 @@ class Header:
 
     sid: str
     model: str
-    chain: list[Hop]
+    chain: list[Stage]
     params: SamplingParams
     prompt_len: int
     max_new: int

@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from shard.spec import ShardSpec
+
 # Caps: an advert is a small pointer-sized record; anything bigger is a peer misbehaving.
 MAX_MODELS = 64
 MAX_LIBP2P_ADDRS = 16
@@ -58,6 +60,11 @@ class ModelAdvert:
     @property
     def whole(self) -> bool:
         return self.start == 0 and self.end == self.n_layers
+
+    @property
+    def shard(self) -> ShardSpec:
+        """The advertised range as the one layer-range type the engine and placement use."""
+        return ShardSpec(self.digest, self.start, self.end, self.n_layers)
 
 
 @dataclass(frozen=True, slots=True)

@@ -71,6 +71,10 @@ class EngineRunner:
     def load(self) -> LoadFigures:
         return LoadFigures(self._active, self._queued, self.capacity)
 
+    def current_retry_after_s(self) -> int:
+        """What a 429 from this runner would say now (the router's answer when it finds it full)."""
+        return retry_after_s(self._queued, self.parallel, self._service_s_ema)
+
     @property
     def tokens_per_s(self) -> float:
         """Smoothed decode speed observed on real requests (0 until the first one)."""

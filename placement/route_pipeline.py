@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from discovery.advert import ModelAdvert, NodeAdvert
+from placement.cluster import Stage
 from placement.speed import ms_per_layer
 
 HOP_MS = 1.0  # per hop on a LAN: gRPC + serialisation of one token's activation
@@ -20,15 +21,8 @@ LOAD_PENALTY_MS = 5.0  # per request already active or queued on the node
 
 
 @dataclass(frozen=True, slots=True)
-class PipelineStage:
-    node_id: str
-    start: int
-    end: int
-
-
-@dataclass(frozen=True, slots=True)
 class PipelineRoute:
-    stages: tuple[PipelineStage, ...]
+    stages: tuple[Stage, ...]  # the one "layers [start, end) on a node" type, as in plans and on the wire
     est_ms_per_token: float
 
 
@@ -92,6 +86,6 @@ def route_over(held: Sequence[tuple[NodeAdvert, ModelAdvert]], *, with_load: boo
     at = n_layers
     while at > 0:
         start, node_id = back[at]
-        stages.append(PipelineStage(node_id, start, at))
+        stages.append(Stage(node_id, start, at))
         at = start
     return PipelineRoute(tuple(reversed(stages)), best[n_layers])

@@ -265,7 +265,7 @@ class MeshSim:
         peers = [p.advert for p in _table(gw).snapshot(now)]
         if req.kind == "pipeline":
             chain = pipeline_mod.route_pipeline(_digest(self.cfg.pipeline_model), [gw.advert(now, self.cfg.ttl_s), *peers])
-            if chain is None or self.pipeline is None or not all(self.by_id[s.node_id].alive for s in chain.stages):
+            if chain is None or self.pipeline is None or not all(self.by_id[s.node].alive for s in chain.stages):
                 self.events.after(TIMEOUT_S * 2, self.route, req)  # no chain seen yet, or a dead stage: time out
             else:
                 self.pipeline.submit(req)

@@ -15,7 +15,7 @@ ALLOWED: dict[str, set[str]] = {
     "core": set(),
     "shard": {"core"},
     "engine": {"core", "shard"},
-    "discovery": {"core"},
+    "discovery": {"core", "shard"},  # shard.spec: the layer-range type of adverts
     "placement": {"core", "discovery"},
     "dataplane": {"core", "shard", "engine", "discovery", "placement"},
     "gateway": {"core", "engine"},

@@ -54,6 +54,9 @@ class Dispatcher:
         while True:
             ranking = rank_holders(target.digest, view.holding(target.digest), view.me, self._clock(), self.failures,
                                    inflight=self.inflight, prefix_key=key)
+            if ranking.saturated and (held := self.local.resolve(target.digest)) is not None:
+                # full here too: say when our own queue is likely to have room, not a flat 1 s
+                attempts.retry_after_s = max(attempts.retry_after_s, held.runner.current_retry_after_s())
             decision = next_try(ranking.ranked, bool(ranking.saturated), attempts)
             if isinstance(decision, NoHolder):
                 return None

@@ -14,7 +14,7 @@ from dataplane.channels import PeerChannels
 from dataplane.routing.view import MeshView, Target
 from placement.cluster import PlacementError
 from placement.offer_plan import plan_offer
-from placement.route_pipeline import PipelineRoute, PipelineStage
+from placement.route_pipeline import PipelineRoute
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class Placer:
                 ))
             except MeshError as e:
                 raise CannotPlace(f"loading {target.alias} failed: {e}", code="load_failed") from None
-            route = PipelineRoute(tuple(PipelineStage(s.node, s.start, s.end) for s in plan.stages), plan.time_per_token_ms)
+            route = PipelineRoute(tuple(plan.stages), plan.time_per_token_ms)
             self._placed[target.digest] = route
             return route
 

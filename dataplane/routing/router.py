@@ -23,7 +23,7 @@ from dataplane.routing.placing import Placer
 from dataplane.routing.resume import Served, resuming
 from dataplane.routing.retry import Attempts
 from dataplane.routing.view import Catalog, MeshView, Target, catalog_key, list_models, resolve
-from dataplane.stage_wire import Hop, encode_chain
+from dataplane.stage_wire import encode_chain
 from discovery.advert import NodeAdvert
 from engine.local_models import LocalModels
 from placement.route_pipeline import route_pipeline
@@ -131,10 +131,10 @@ class MeshRouter:
             route = await self.placer.place(target, view, available)
         else:
             self.placer.forget(target.digest)
-        adverts = [view.advert(s.node_id) for s in route.stages]
+        adverts = [view.advert(s.node) for s in route.stages]
         if any(a is None for a in adverts):
             raise Unavailable("a node of the planned pipeline left the mesh", code="pipeline_failed")
-        chain = [Hop(s.node_id, s.start, s.end) for s in route.stages]
+        chain = list(route.stages)
         names = "+".join(a.name for a in adverts if a is not None)
         assert adverts[0] is not None
         stream = remote_generate(self._channels, adverts[0].addresses.grpc, target.digest, request,

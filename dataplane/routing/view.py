@@ -92,7 +92,7 @@ def build_catalog(adverts: list[NodeAdvert]) -> Catalog:
         if whole:
             listings.append(ModelListing(alias, digest, first.n_layers, first.ctx, tuple(whole)))
         elif (route := route_over(pairs, with_load=False)) is not None:
-            chain = tuple(names[s.node_id] for s in route.stages)
+            chain = tuple(names[s.node] for s in route.stages)
             listings.append(ModelListing(alias, digest, first.n_layers, first.ctx, chain))
     offered: dict[str, tuple[str, int, int]] = {}
     for advert in adverts:
