@@ -93,7 +93,7 @@ def open_envelope(data: object, mesh_key: bytes) -> tuple[int, bytes, bytes]:
     if not isinstance(env, list) or len(env) != 4:
         raise AdvertError("malformed", "envelope must be a 4-item array")
     version, payload, signature, mac = env
-    if isinstance(version, bool) or version not in _MAC_DOMAINS:
+    if type(version) is not int or version not in _MAC_DOMAINS:  # a list or map would not even hash
         raise AdvertError("bad_version", repr(version)[:20])
     if not (isinstance(payload, bytes) and isinstance(signature, bytes) and isinstance(mac, bytes)):
         raise AdvertError("bad_type", "payload, signature and mac must be bytes")

@@ -92,7 +92,8 @@ class ActivationAssembler:
 
     def add(self, frame: dict[str, Any]) -> tuple[int, torch.Tensor] | None:
         pos, dtype, shape, i, n, data = (frame.get(k) for k in ("pos", "dtype", "shape", "i", "n", "data"))
-        if not (isinstance(pos, int) and pos >= 0 and dtype in _DTYPES and isinstance(data, bytes)):
+        if not (type(pos) is int and pos >= 0 and isinstance(dtype, str) and dtype in _DTYPES
+                and isinstance(data, bytes)):
             raise ActivationError("bad activation frame")
         if not (isinstance(shape, list) and 1 <= len(shape) <= 4 and all(isinstance(d, int) and 0 <= d < 1 << 31 for d in shape)):
             raise ActivationError("bad activation shape")
