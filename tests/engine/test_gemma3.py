@@ -7,6 +7,7 @@ import llama_cpp
 import numpy as np
 import pytest
 import torch
+from engine_chain import greedy_chain
 from gemma3_file import gemma3_270m_model
 
 from engine.arch_gemma3 import CHAT_TEMPLATE
@@ -121,7 +122,7 @@ def test_prompt_past_sliding_window_matches_llama_cpp(whole, llama) -> None:
 def test_decode_past_sliding_window_batched_equals_alone(whole) -> None:
     """Sessions at positions around and past the window: decode's masks agree with prefill's slices."""
     prompts = [_long_chat(whole, 505), _chat(whole, CHATS[0])]  # the first crosses 512 while decoding
-    alone = [_greedy([whole], f"alone{i}", p, 12)[0] for i, p in enumerate(prompts)]
+    alone = [greedy_chain([whole], f"alone{i}", p, 12)[0] for i, p in enumerate(prompts)]
     sids = [f"b{i}" for i in range(len(prompts))]
     for s in sids:
         whole.open_session(s, GREEDY)
@@ -137,25 +138,6 @@ def test_decode_past_sliding_window_batched_equals_alone(whole) -> None:
         for s in sids:
             whole.close_session(s)
     assert out == alone
-
-
-def _greedy(chain: list[TorchShardEngine], sid: str, ids: list[int], n: int) -> tuple[list[int], torch.Tensor]:
-    """Drives a chain of stages as the pipeline does: hidden states forward, the token back to stage 0."""
-    for e in chain:
-        e.open_session(sid, GREEDY if e is chain[-1] else None)
-    try:
-        x, pos, out, first_logits = torch.tensor(ids), 0, [], None
-        for _ in range(n):
-            for e in chain:
-                x = e.prefill_stage(sid, x, pos)
-            first_logits = x if first_logits is None else first_logits
-            pos += len(ids) if not out else 1
-            out.append(chain[-1].sample([sid], x)[0])
-            x = torch.tensor(out[-1:])
-        return out, first_logits
-    finally:
-        for e in chain:
-            e.close_session(sid)
 
 
 @pytest.fixture(scope="module")
@@ -176,14 +158,14 @@ def stages(model):
 
 @pytest.fixture(scope="module")
 def reference(whole):
-    return _greedy([whole], "whole", _chat(whole, CHATS[1]), 64)
+    return greedy_chain([whole], "whole", _chat(whole, CHATS[1]), 64)
 
 
 # stage boundaries off the global layers (5, 11, 17): stage [5, 12) starts with a global layer
 @pytest.mark.parametrize("bounds", [[0, 5, 18], [0, 5, 12, 18]], ids=["2-way", "3-way"])
 def test_split_equals_whole_model(whole, stages, reference, bounds) -> None:
     ref_tokens, ref_logits = reference
-    tokens, logits = _greedy(stages(bounds), "split", _chat(whole, CHATS[1]), 64)
+    tokens, logits = greedy_chain(stages(bounds), "split", _chat(whole, CHATS[1]), 64)
     torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-4)
     assert tokens == ref_tokens
 

@@ -6,6 +6,7 @@ import llama_cpp
 import numpy as np
 import pytest
 import torch
+from engine_chain import greedy_chain
 
 from engine.model_file import load_model_file
 from engine.torch_engine import SessionError, SessionLimitError, TorchShardEngine
@@ -54,28 +55,7 @@ def stages(model):
 @pytest.fixture(scope="module")
 def reference(whole):
     """Whole-model greedy tokens (64) and prompt logits."""
-    return _greedy([whole], "whole", whole.tokenizer.encode(PROMPT), 64)
-
-
-def _greedy(
-    chain: list[TorchShardEngine], sid: str, ids: list[int], n: int
-) -> tuple[list[int], torch.Tensor]:
-    """Drives a chain of stages as the pipeline will: hidden states forward, token back to stage 0."""
-    for e in chain:
-        e.open_session(sid, GREEDY if e is chain[-1] else None)
-    try:
-        x, pos, out, first_logits = torch.tensor(ids), 0, [], None
-        for _ in range(n):
-            for e in chain:
-                x = e.prefill_stage(sid, x, pos)
-            first_logits = x if first_logits is None else first_logits
-            pos += len(ids) if not out else 1
-            out.append(chain[-1].sample([sid], x)[0])
-            x = torch.tensor(out[-1:])
-        return out, first_logits
-    finally:
-        for e in chain:
-            e.close_session(sid)
+    return greedy_chain([whole], "whole", whole.tokenizer.encode(PROMPT), 64)
 
 
 def _text(chunks) -> str:
@@ -102,7 +82,7 @@ def test_prompt_logits_match_llama_cpp(model, whole, reference) -> None:
 @pytest.mark.parametrize("bounds", [[0, 11, 30], [0, 11, 19, 30]], ids=["2-way", "3-way"])
 def test_uneven_split_equals_whole_model(whole, stages, reference, bounds) -> None:
     ref_tokens, ref_logits = reference
-    tokens, logits = _greedy(stages(bounds), "split", whole.tokenizer.encode(PROMPT), 64)
+    tokens, logits = greedy_chain(stages(bounds), "split", whole.tokenizer.encode(PROMPT), 64)
     torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-5)
     assert tokens == ref_tokens
 
@@ -110,7 +90,7 @@ def test_uneven_split_equals_whole_model(whole, stages, reference, bounds) -> No
 def test_batched_decode_equals_each_alone(whole) -> None:
     prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "1, 2, 3, 4,"]
     ids = [whole.tokenizer.encode(p) for p in prompts]
-    alone = [_greedy([whole], f"alone{i}", p, 12)[0] for i, p in enumerate(ids)]
+    alone = [greedy_chain([whole], f"alone{i}", p, 12)[0] for i, p in enumerate(ids)]
     sids = [f"b{i}" for i in range(4)]
     for s in sids:
         whole.open_session(s, GREEDY)
