@@ -27,7 +27,7 @@ LOAD_SHARD_TIMEOUT_S = 600.0  # dequantising a large range from disk takes a whi
 
 async def remote_generate(
     channels: PeerChannels,
-    address: str,
+    node_id: str,
     digest: str,
     request: GenerationRequest,
     *,
@@ -38,7 +38,8 @@ async def remote_generate(
     works; one silent for longer than `Silence.deadline_s()` (seconds, from the gaps measured on this
     stream) is taken for hung (`Unavailable`: the router fails over or resumes elsewhere)."""
     payload = {**encode_request(digest, request), **(extra or {})}
-    call = channels.channel(address).unary_stream(
+    address = node_id[:8]  # what error messages name
+    call = (await _channel(channels, node_id)).unary_stream(
         rpc.method_path(method), request_serializer=rpc.identity, response_deserializer=rpc.identity
     )(rpc.pack(payload), metadata=channels.metadata, timeout=CALL_DEADLINE_S)
     silence = Silence()
@@ -70,8 +71,15 @@ async def remote_generate(
         call.cancel()  # a client that hung up stops the holder's generation
 
 
-async def _unary(channels: PeerChannels, address: str, method: str, payload: dict[str, Any], timeout_s: float) -> bytes:
-    call = channels.channel(address).unary_unary(
+async def _channel(channels: PeerChannels, node_id: str) -> grpc.aio.Channel:
+    channel = await channels.connect(node_id)
+    if channel is None:
+        raise Unavailable(f"node {node_id[:8]} is no member this node can call")
+    return channel
+
+
+async def _unary(channels: PeerChannels, node_id: str, method: str, payload: dict[str, Any], timeout_s: float) -> bytes:
+    call = (await _channel(channels, node_id)).unary_unary(
         rpc.method_path(method), request_serializer=rpc.identity, response_deserializer=rpc.identity
     )
     try:
@@ -81,14 +89,14 @@ async def _unary(channels: PeerChannels, address: str, method: str, payload: dic
 
 
 async def remote_embed(
-    channels: PeerChannels, address: str, digest: str, texts: list[str]
+    channels: PeerChannels, node_id: str, digest: str, texts: list[str]
 ) -> tuple[list[list[float]], int]:
-    raw = await _unary(channels, address, "Embed", {"model": digest, "input": texts}, EMBED_TIMEOUT_S)
+    raw = await _unary(channels, node_id, "Embed", {"model": digest, "input": texts}, EMBED_TIMEOUT_S)
     try:
         return decode_embeddings(rpc.unpack_map(raw))
     except rpc.PayloadError as e:
-        raise Unavailable(f"bad embeddings from {address}: {e}") from None
+        raise Unavailable(f"bad embeddings from {node_id[:8]}: {e}") from None
 
 
-async def remote_load_shard(channels: PeerChannels, address: str, digest: str, start: int, end: int) -> None:
-    await _unary(channels, address, "LoadShard", {"model": digest, "start": start, "end": end}, LOAD_SHARD_TIMEOUT_S)
+async def remote_load_shard(channels: PeerChannels, node_id: str, digest: str, start: int, end: int) -> None:
+    await _unary(channels, node_id, "LoadShard", {"model": digest, "start": start, "end": end}, LOAD_SHARD_TIMEOUT_S)

@@ -1,32 +1,54 @@
-"""PeerChannels: one long-lived gRPC channel per peer address, the mesh token every call carries, and
-the directory that turns a node id into the address its advert names.
+"""PeerChannels: one long-lived gRPC channel per peer, the mesh token every call carries, and the
+directory that turns a node id into the address and certificate its signed advert names.
 
 Addresses come only from the directory (the PeerTable's verified adverts, installed by the router),
 never from a request: a stage told to forward to node X connects to X's advertised address or
-refuses (issue 11, finding 6).
+refuses (issue 11, finding 6). With mTLS (the default), the channel pins X's advertised certificate
+and checks the node id as the server name, so whoever answers at that address must hold X's key.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import grpc
 
 from dataplane import rpc
+from dataplane.tls import MeshTls
 
-Directory = Callable[[str], str | None]  # node id -> advertised gRPC address, None when not a member
+
+class Endpoint(NamedTuple):
+    address: str  # "host:port" from the node's advert
+    cert: str  # the PEM certificate from the same advert ("" when it names none)
 
 
-def _nobody(node_id: str) -> str | None:
+Directory = Callable[[str], Endpoint | None]  # node id -> its advertised endpoint, None when not a member
+# A member we just learned of may not have our advert yet (it comes with our next publish, about 0.2 s
+# later), and until then its server refuses our certificate: a new channel's first calls wait this long
+# for the handshake to succeed (gRPC retries it, rpc.CHANNEL_OPTIONS backoff) before they go ahead.
+FRESH_CONNECT_S = 3.0
+
+
+def _nobody(node_id: str) -> Endpoint | None:
     return None
 
 
 class PeerChannels:
-    """One long-lived channel per peer address (HTTP/2 multiplexes all calls to it)."""
+    """One long-lived channel per peer endpoint (HTTP/2 multiplexes all calls to it).
 
-    def __init__(self, token: str, directory: Directory | None = None) -> None:
+    `tls` None is the explicit `--insecure-data-plane` (plaintext, token only); otherwise every channel
+    is mTLS and a peer whose advert carries no certificate is not called at all.
+    """
+
+    def __init__(self, token: str, directory: Directory | None = None, tls: MeshTls | None = None) -> None:
         self._token = token
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._tls = tls
+        self._channels: dict[tuple[str, str, str], grpc.aio.Channel] = {}  # (node id, address, cert)
+        self._closing: set[asyncio.Task] = set()
+        self._fresh: dict[tuple[str, str, str], float] = {}  # new mTLS channels: key -> wait-until (monotonic)
         self._directory: Directory = directory or _nobody
         self.has_directory = directory is not None
 
@@ -34,28 +56,72 @@ class PeerChannels:
         self._directory = directory
         self.has_directory = True
 
-    def address_of(self, node_id: str) -> str | None:
-        """The gRPC address `node_id` advertises, or None when it is no member we know."""
-        address = self._directory(node_id)
-        return address or None
+    def channel_to(self, node_id: str) -> grpc.aio.Channel | None:
+        """The channel to member `node_id` at its advertised address (pinned to its advertised
+        certificate under mTLS), or None when it is no member we can call."""
+        found = self._lookup(node_id)
+        return found[1] if found is not None else None
 
-    def channel(self, address: str) -> grpc.aio.Channel:
-        channel = self._channels.get(address)
+    def _lookup(self, node_id: str) -> tuple[tuple[str, str, str], grpc.aio.Channel] | None:
+        endpoint = self._directory(node_id)
+        if endpoint is None or not endpoint.address:
+            return None
+        if self._tls is None:
+            key = (node_id, endpoint.address, "")
+        elif not endpoint.cert:
+            return None
+        else:
+            key = (node_id, endpoint.address, endpoint.cert)
+        channel = self._channels.get(key)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=rpc.CHANNEL_OPTIONS)
-            self._channels[address] = channel
+            self._retire(node_id)  # the node restarted (new certificate) or moved: its old channel goes
+            channel = self._open(node_id, endpoint)
+            self._channels[key] = channel
+            if self._tls is not None:
+                self._fresh[key] = time.monotonic() + FRESH_CONNECT_S
+        return key, channel
+
+    async def connect(self, node_id: str) -> grpc.aio.Channel | None:
+        """`channel_to`, and on a new mTLS channel a wait (at most FRESH_CONNECT_S from its creation)
+        until its first handshake succeeds; a call made after that wait fails as it would have."""
+        found = self._lookup(node_id)
+        if found is None:
+            return None
+        key, channel = found
+        until = self._fresh.get(key)
+        if until is not None:
+            try:
+                async with asyncio.timeout(max(0.0, until - time.monotonic())):
+                    await channel.channel_ready()
+            except TimeoutError:
+                pass
+            self._fresh.pop(key, None)
         return channel
+
+    def _retire(self, node_id: str) -> None:
+        for key in [k for k in self._channels if k[0] == node_id]:
+            self._fresh.pop(key, None)
+            task = asyncio.get_running_loop().create_task(self._channels.pop(key).close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    def _open(self, node_id: str, endpoint: Endpoint) -> grpc.aio.Channel:
+        if self._tls is None:
+            return grpc.aio.insecure_channel(endpoint.address, options=rpc.CHANNEL_OPTIONS)
+        options = [*rpc.CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", node_id)]
+        return grpc.aio.secure_channel(endpoint.address, self._tls.channel_credentials(endpoint.cert), options=options)
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
         return ((rpc.AUTH_KEY, self._token),)
 
-    async def forget(self, address: str) -> None:
-        channel = self._channels.pop(address, None)
-        if channel is not None:
-            await channel.close()
+    async def forget(self, node_id: str) -> None:
+        for key in [k for k in self._channels if k[0] == node_id]:
+            self._fresh.pop(key, None)
+            await self._channels.pop(key).close()
 
     async def close(self) -> None:
         for channel in self._channels.values():
             await channel.close()
         self._channels.clear()
+        self._fresh.clear()

@@ -1,6 +1,6 @@
 """The call from one pipeline stage to the next: resolved in our own PeerTable, watched for silence.
 
-The next stage is named by node id; its address is what its advert says (`PeerChannels.address_of`),
+The next stage is named by node id; its address is what its advert says (`PeerChannels.channel_to`),
 so a request cannot point a stage at an address of its choosing, and a node that is no member we know
 is refused. The call opens with the first activation (so the header and the tensor travel together),
 every read waits at most `Silence.deadline_s()` (the next stage heartbeats while it works), and what
@@ -40,10 +40,10 @@ class NextStage:
         return Unavailable(f"next stage {self.node[:8]} {why}", code="pipeline_failed")
 
     async def _open(self) -> grpc.aio.StreamStreamCall:
-        address = self._channels.address_of(self.node)
-        if address is None:
+        channel = await self._channels.connect(self.node)
+        if channel is None:
             raise self._failed("is not a member this node knows")
-        call = self._channels.channel(address).stream_stream(
+        call = channel.stream_stream(
             rpc.method_path("Forward"), request_serializer=rpc.identity, response_deserializer=rpc.identity
         )(metadata=self._channels.metadata)
         self._call = call

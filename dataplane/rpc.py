@@ -24,6 +24,10 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
+    # reconnect soon after a refused handshake (a member that has not heard our advert yet), and never
+    # back off for minutes: members come and go on a LAN
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 5_000),
 ]
 SERVER_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -81,7 +85,18 @@ def check_token(context: grpc.aio.ServicerContext, token: str) -> bool:
     return False
 
 
+def peer_node_id(context: grpc.aio.ServicerContext) -> str | None:
+    """The node id the client's certificate names (its only SAN) under mTLS; None on plaintext."""
+    names = (context.auth_context() or {}).get("x509_subject_alternative_name") or []
+    if len(names) != 1:
+        return None
+    name = names[0]
+    return name.decode("ascii", "replace") if isinstance(name, bytes) else str(name)
+
+
 def build_server(handlers: dict[str, grpc.RpcMethodHandler]) -> grpc.aio.Server:
+    """The server; its port is added by the caller: secure (mTLS, `dataplane.tls`) unless the node was
+    started with `--insecure-data-plane`."""
     server = grpc.aio.server(options=SERVER_OPTIONS)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     return server

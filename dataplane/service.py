@@ -29,9 +29,18 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-async def authorise(context: grpc.aio.ServicerContext, token: str) -> None:
+IsMember = Callable[[str], bool]  # under mTLS: is this node id a current member (in our PeerTable)?
+
+
+async def authorise(context: grpc.aio.ServicerContext, token: str, is_member: IsMember | None = None) -> None:
+    """The mesh token on every call; under mTLS also the client certificate's node id, still a member
+    now (the handshake checked it when the connection opened, which may be long ago)."""
     if not rpc.check_token(context, token):
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, "not a member of this mesh")
+    if is_member is not None:
+        peer = rpc.peer_node_id(context)
+        if peer is None or not is_member(peer):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "not a current member of this mesh")
 
 
 class NodeService:
@@ -42,10 +51,12 @@ class NodeService:
         token: str,
         load_shard: Callable[[str, int, int], Awaitable[None]],
         load_gate: LoadGate | None = None,
+        is_member: IsMember | None = None,
     ) -> None:
         self._local = local
         self._signed_advert = signed_advert
         self._token = token
+        self._is_member = is_member
         self._load_shard = load_shard
         self._gate = load_gate or LoadGate()
 
@@ -59,14 +70,14 @@ class NodeService:
 
     async def get_advert(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         # Signed and HMAC-bound, but it names our models and addresses: members only (issue 11, 15).
-        await authorise(context, self._token)
+        await authorise(context, self._token, self._is_member)
         return self._signed_advert()
 
     async def _decode_for_whole_model(
         self, request: bytes, context: grpc.aio.ServicerContext, decode: Callable[[dict], tuple[str, T]]
     ) -> tuple[LocalModel, T]:
         """Token check, payload decoding and the model lookup shared by the whole-model calls."""
-        await authorise(context, self._token)
+        await authorise(context, self._token, self._is_member)
         try:
             digest, payload = decode(rpc.unpack_map(request))
         except rpc.PayloadError as e:
@@ -102,7 +113,7 @@ class NodeService:
 
     async def load_shard(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         """Loads layers [start, end) of a GGUF this node offers, as a planner elsewhere decided."""
-        await authorise(context, self._token)
+        await authorise(context, self._token, self._is_member)
         try:
             digest, start, end = decode_load_shard(rpc.unpack_map(request))
         except rpc.PayloadError as e:

@@ -37,7 +37,7 @@ from dataplane import rpc
 from dataplane.channels import PeerChannels
 from dataplane.liveness import Beating
 from dataplane.next_stage import NextStage
-from dataplane.service import authorise
+from dataplane.service import IsMember, authorise
 from dataplane.stage_sessions import FRAME_TIMEOUT_S, SessionBook, peer_host, per_peer_cap
 from dataplane.stage_wire import Header, decode_chain, decode_header, decode_reply, encode_reply
 from dataplane.status import abort
@@ -58,10 +58,12 @@ _DECODE_ERRORS = (rpc.PayloadError, ActivationError)
 class PipelineService:
     def __init__(self, local: LocalModels, channels: PeerChannels, token: str,
                  on_step: Callable[[str, int, float], None] | None = None, *,
-                 per_peer: int | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 per_peer: int | None = None, clock: Callable[[], float] = time.monotonic,
+                 is_member: IsMember | None = None) -> None:
         self._local = local
         self._channels = channels
         self._token = token
+        self._is_member = is_member
         self._on_step = on_step or (lambda digest, n_positions, compute_s: None)
         self._per_peer = per_peer
         self._clock = clock
@@ -129,7 +131,7 @@ class PipelineService:
 
     # --- stage 0 -------------------------------------------------------------------------------
     async def pipeline_generate(self, request: bytes, context: grpc.aio.ServicerContext) -> None:
-        await authorise(context, self._token)
+        await authorise(context, self._token, self._is_member)
         async with Beating(context) as out:
             error = await self._generate(request, out, peer_host(context.peer()))
         if error is not None:
@@ -193,7 +195,7 @@ class PipelineService:
 
     # --- stages 1..n-1 -------------------------------------------------------------------------
     async def forward(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
-        await authorise(context, self._token)
+        await authorise(context, self._token, self._is_member)
         async with Beating(context) as out:
             error = await self._forward(requests.__aiter__(), out, peer_host(context.peer()))
         if error is not None:

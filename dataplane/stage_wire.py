@@ -1,7 +1,7 @@
 """Payloads of the pipeline calls: the chain of stages, the `Forward` header and a stage's reply.
 
 A chain names nodes by their node id, never by address: every stage resolves the next node id in its
-own PeerTable (`PeerChannels.address_of`), so a request cannot make a node connect to an address of
+own PeerTable (`PeerChannels.channel_to`), so a request cannot make a node connect to an address of
 its choosing (issue 11, finding 6).
 """
 

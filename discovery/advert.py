@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from discovery.tls_cert import MAX_CERT_CHARS, cert_matches
 from shard.spec import ShardSpec
 
 # Caps: an advert is a small pointer-sized record; anything bigger is a peer misbehaving.
@@ -117,6 +118,7 @@ class NodeAdvert:
     issued_at: float  # sender's wall clock, seconds since the epoch
     ttl_s: float  # receivers drop the peer ttl_s after the last advert; 0 means goodbye
     files: tuple[FileAdvert, ...] = ()  # GGUFs offered for layer ranges on request
+    tls_cert: str = ""  # PEM of the node's data-plane certificate (discovery/tls_cert.py); "" = none
 
     def to_dict(self) -> dict[str, Any]:
         return advert_to_dict(self)
@@ -173,6 +175,7 @@ def advert_to_dict(a: NodeAdvert) -> dict[str, Any]:
             }
             for f in a.files
         ],
+        "tls_cert": a.tls_cert,
     }
 
 
@@ -269,8 +272,12 @@ def advert_from_dict(d: Any) -> NodeAdvert:
     if not all(isinstance(a, str) and len(a) <= MAX_ADDR_CHARS for a in libp2p):
         raise AdvertError("bad_type", "libp2p addresses must be short strings")
     pub_hex = _str(d, "public_key", 64, _HEX_DIGEST)
+    node_id = _str(d, "node_id", 32, _HEX_ID)
+    tls_cert = _str(d, "tls_cert", MAX_CERT_CHARS) if "tls_cert" in d else ""
+    if tls_cert and not cert_matches(tls_cert, node_id):
+        raise AdvertError("bad_cert", "tls_cert is not a P-256 certificate for this node id")
     return NodeAdvert(
-        node_id=_str(d, "node_id", 32, _HEX_ID),
+        node_id=node_id,
         name=_str(d, "name", MAX_NAME_CHARS),
         version=_str(d, "version", MAX_SHORT_CHARS),
         public_key=bytes.fromhex(pub_hex),
@@ -294,4 +301,5 @@ def advert_from_dict(d: Any) -> NodeAdvert:
         issued_at=_float(d, "issued_at"),
         ttl_s=_float(d, "ttl_s", MAX_TTL_S),
         files=tuple(_file(f) for f in _list(d, "files", MAX_MODELS)),
+        tls_cert=tls_cert,
     )

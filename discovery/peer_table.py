@@ -251,6 +251,15 @@ class PeerTable:
                 gone.append(node_id)
         return gone
 
+    def is_member(self, node_id: str, now: float) -> bool:
+        peer = self._peers.get(node_id)
+        return peer is not None and peer.expires_at() >= now
+
+    def tls_certs(self, now: float) -> list[str]:
+        """The data-plane certificates of the live members. Called from a gRPC core thread: it copies
+        the values in one C call, so the loop may change the table meanwhile (RuntimeError at worst)."""
+        return [p.advert.tls_cert for p in list(self._peers.values()) if p.advert.tls_cert and p.expires_at() >= now]
+
     def snapshot(self, now: float) -> list[Peer]:
         """Live peers at `now` (not yet expired, even if expire() has not run), sorted by node_id."""
         return sorted(

@@ -73,6 +73,8 @@ def _join_parser(sub: argparse._SubParsersAction) -> None:
                       help="API keys with per-key model allowlists and rate limits (see docs/security.md)")
     join.add_argument("--api-open", action="store_true",
                       help="serve /v1/* without keys even on a non-loopback --http-host")
+    join.add_argument("--insecure-data-plane", action="store_true",
+                      help="plaintext gRPC between members, the mesh token only (debugging; default: mTLS)")
     join.add_argument("--log-level", default="INFO")
 
 
@@ -138,6 +140,7 @@ def _config(args: argparse.Namespace) -> NodeConfig:
         kv_sessions=args.kv_sessions,
         api_keys=tuple(args.api_key) + ((os.environ["MESHLLM_API_KEY"],) if os.environ.get("MESHLLM_API_KEY") else ()),
         api_keys_file=args.api_keys_file,
+        insecure_data_plane=args.insecure_data_plane,
         api_open=args.api_open,
     )
 

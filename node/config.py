@@ -45,6 +45,7 @@ class NodeConfig:
     api_keys: tuple[str, ...] = ()  # bearer keys that may use /v1/* (any model, no rate limit)
     api_keys_file: Path | None = None  # more keys, with model allowlists and limits (docs/security.md)
     api_open: bool = False  # serve /v1/* without keys on a non-loopback address, deliberately
+    insecure_data_plane: bool = False  # plaintext gRPC between members (token only): debugging, never default
 
     def __post_init__(self) -> None:
         for port_name in ("http_port", "grpc_port"):

@@ -11,6 +11,7 @@ import grpc
 from aiohttp import web
 
 from dataplane import MeshRouter, NodeService, PeerChannels, build_server
+from dataplane.tls import MeshTls
 from discovery.advert import Addresses, Load, ModelAdvert, NodeAdvert, Resources
 from discovery.envelope import derive_subkey, mesh_key_from_secret
 from discovery.identity import Identity
@@ -54,7 +55,10 @@ class Node:
         self.mesh_http_port = 0
         self._mesh_runner: web.AppRunner | None = None
         token = derive_subkey(self.mesh_key, "grpc-token").hex()
-        self.channels = PeerChannels(token)
+        # mTLS between members unless --insecure-data-plane: our certificate rides in our signed advert;
+        # we accept as clients only the certificates of the members in our PeerTable right now
+        self.tls = None if config.insecure_data_plane else MeshTls(self.node_id, lambda: self.table.tls_certs(time.time()))
+        self.channels = PeerChannels(token, tls=self.tls)
         self.discovery = Discovery(
             self.identity,
             self.mesh_key,
@@ -68,7 +72,9 @@ class Node:
             host_ip=disc_host,
         )
         self.router = MeshRouter(self.name, self.local, self.self_advert, self.peer_adverts, self.channels, self.describe_self)
-        self.service = NodeService(self.local, self.discovery.signed_advert, token, self.load_shard)
+        self._is_member = None if self.tls is None else (lambda node_id: self.table.is_member(node_id, time.time()))
+        self.service = NodeService(self.local, self.discovery.signed_advert, token, self.load_shard,
+                                   is_member=self._is_member)
         self._token = token
         self._stage_rate = 0.0
         self._stage_steps = 0
@@ -118,10 +124,16 @@ class Node:
             # torch is imported only by nodes that can hold layer ranges (seconds of start-up saved).
             from dataplane.stage import PipelineService
 
-            handlers |= PipelineService(self.local, self.channels, self._token, on_step=self._on_stage_step).handlers()
+            handlers |= PipelineService(self.local, self.channels, self._token, on_step=self._on_stage_step,
+                                        is_member=self._is_member).handlers()
         server = build_server(handlers)
         grpc_host = "0.0.0.0" if self._mesh_site_needed else _grpc_bind_host(self.config.http_host)
-        self.grpc_port = server.add_insecure_port(f"{grpc_host}:{self.config.grpc_port}")
+        address = f"{grpc_host}:{self.config.grpc_port}"
+        if self.tls is None:
+            log.warning("--insecure-data-plane: gRPC between members is plaintext, guarded by the mesh token only")
+            self.grpc_port = server.add_insecure_port(address)
+        else:
+            self.grpc_port = server.add_secure_port(address, self.tls.server_credentials())
         await server.start()
         self._grpc = server
         app = build_app(self.router, api_keys=self.config.api_keys, api_keys_file=self.config.api_keys_file)
@@ -217,6 +229,7 @@ class Node:
             issued_at=0.0,
             ttl_s=0.0,
             files=self._file_adverts,
+            tls_cert=self.tls.cert_pem if self.tls is not None else "",
         )
 
     def peer_adverts(self) -> list[NodeAdvert]:

@@ -83,7 +83,7 @@ class Dispatcher:
         if not advert.addresses.grpc:
             raise Unavailable(f"{advert.node_id[:8]} has no data-plane address")
         stream = self._tracked(advert.node_id,
-                               remote_generate(self._channels, advert.addresses.grpc, target.digest, request))
+                               remote_generate(self._channels, advert.node_id, target.digest, request))
         first = await first_chunk(stream)
         return Generation(served_by=advert.name, first=first, rest=stream, model=target.alias)
 
@@ -106,7 +106,7 @@ class Dispatcher:
                 if local is None:
                     raise Unavailable("model no longer held here")
                 return await embed_local(advert.name, local, texts)
-            vectors, tokens = await remote_embed(self._channels, advert.addresses.grpc, target.digest, texts)
+            vectors, tokens = await remote_embed(self._channels, advert.node_id, target.digest, texts)
             return Embeddings(advert.name, vectors, tokens)
 
         result = await self.first_holder(view, target, prefix_key(probe), Attempts(), on)

@@ -43,7 +43,7 @@ class Placer:
             log.info("placing %s: %s", target.alias, ", ".join(f"{name[s.node]}[{s.start}:{s.end})" for s in plan.stages))
             try:
                 await asyncio.gather(*(
-                    remote_load_shard(self._channels, _grpc(view, s.node), target.digest, s.start, s.end)
+                    remote_load_shard(self._channels, s.node, target.digest, s.start, s.end)
                     for s in plan.stages
                 ))
             except MeshError as e:
@@ -52,7 +52,3 @@ class Placer:
             self._placed[target.digest] = route
             return route
 
-
-def _grpc(view: MeshView, node_id: str) -> str:
-    advert = view.advert(node_id)
-    return advert.addresses.grpc if advert is not None else ""

@@ -17,7 +17,7 @@ from core.errors import Busy, ModelNotFound, Refused, Unavailable
 from core.serving import Embeddings, Generation, ModelListing, first_chunk
 from core.types import GenerationRequest
 from dataplane.calls import remote_generate
-from dataplane.channels import PeerChannels
+from dataplane.channels import Endpoint, PeerChannels
 from dataplane.routing.dispatch import Dispatcher, prefix_key
 from dataplane.routing.placing import Placer
 from dataplane.routing.resume import Served, resuming
@@ -52,7 +52,7 @@ class MeshRouter:
         self.placer = Placer(channels)
         self._catalog: tuple[tuple, Catalog] | None = None  # (catalog_key, catalog): one per set of adverts
         if not channels.has_directory:
-            channels.set_directory(self.grpc_address_of)  # stages resolve next hops in our PeerTable
+            channels.set_directory(self.grpc_endpoint_of)  # stages resolve next hops in our PeerTable
 
     def view(self) -> MeshView:
         """One consistent picture of the mesh: our advert built once, one snapshot of the peers, and the
@@ -65,11 +65,11 @@ class MeshRouter:
             return view
         return MeshView(me, peers, self._catalog[1])
 
-    def grpc_address_of(self, node_id: str) -> str | None:
-        """A peer's advertised gRPC address, from the PeerTable alone."""
+    def grpc_endpoint_of(self, node_id: str) -> Endpoint | None:
+        """A peer's advertised gRPC address and TLS certificate, from the PeerTable alone."""
         for advert in self._peer_adverts():
             if advert.node_id == node_id:
-                return advert.addresses.grpc or None
+                return Endpoint(advert.addresses.grpc, advert.tls_cert) if advert.addresses.grpc else None
         return None
 
     def list_models(self) -> list[ModelListing]:
@@ -137,7 +137,7 @@ class MeshRouter:
         chain = list(route.stages)
         names = "+".join(a.name for a in adverts if a is not None)
         assert adverts[0] is not None
-        stream = remote_generate(self._channels, adverts[0].addresses.grpc, target.digest, request,
+        stream = remote_generate(self._channels, adverts[0].node_id, target.digest, request,
                                  method="PipelineGenerate", extra={"chain": encode_chain(chain)})
         try:
             head = await first_chunk(stream)

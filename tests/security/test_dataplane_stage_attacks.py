@@ -10,9 +10,11 @@ import secrets
 import signal
 import time
 import urllib.request
+from dataclasses import dataclass
 
 import grpc
 import pytest
+from mesh_member import Member
 
 from dataplane import rpc
 from discovery.envelope import derive_subkey, mesh_key_from_secret
@@ -52,18 +54,32 @@ def mesh(module_node_factory):
         "S1": module_node_factory("S1", "--shard", f"{MODEL}:0-7", "--threads", "1", "--mesh-secret", SECRET),
         "S2": module_node_factory("S2", "--shard", f"{MODEL}:7-30", "--threads", "1", "--mesh-secret", SECRET),
     }
+    member = Member(SECRET)  # the attacker is a member: its certificate gets it through mTLS
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         models = get_json(nodes["G"].url + "/v1/models")["data"]
-        if models and models[0]["meshllm"]["nodes"] == ["S1", "S2"]:
+        listed = all(member.node_id in {p["node_id"] for p in get_json(nodes[n].url + "/mesh/peers")} for n in ("S1", "S2"))
+        if listed and models and models[0]["meshllm"]["nodes"] == ["S1", "S2"]:
             break
         time.sleep(0.2)
     me = {n: get_json(nodes[n].url + "/mesh/self") for n in ("S1", "S2")}
-    return nodes, {n: (a["node_id"], a["addresses"]["grpc"]) for n, a in me.items()}
+    yield nodes, {n: Peer(member, a["node_id"], a["addresses"]["grpc"], a["tls_cert"]) for n, a in me.items()}
+    member.stop()
 
 
-async def _pipeline_generate(address: str, chain: list) -> grpc.StatusCode:
-    async with grpc.aio.insecure_channel(address, options=rpc.CHANNEL_OPTIONS) as channel:
+@dataclass(frozen=True)
+class Peer:
+    member: Member
+    node_id: str
+    address: str
+    cert: str
+
+    def channel(self) -> grpc.aio.Channel:
+        return self.member.aio_channel(self.node_id, self.address, self.cert)
+
+
+async def _pipeline_generate(peer: Peer, chain: list) -> grpc.StatusCode:
+    async with peer.channel() as channel:
         call = channel.unary_stream(rpc.method_path("PipelineGenerate"), request_serializer=rpc.identity,
                                     response_deserializer=rpc.identity)
         payload = {"model": "0" * 64, "prompt": "hi", "params": {"max_tokens": 2}, "chain": chain}
@@ -75,8 +91,8 @@ async def _pipeline_generate(address: str, chain: list) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
-async def _forward(address: str, messages: list[dict]) -> tuple[grpc.StatusCode, str]:
-    async with grpc.aio.insecure_channel(address, options=rpc.CHANNEL_OPTIONS) as channel:
+async def _forward(peer: Peer, messages: list[dict]) -> tuple[grpc.StatusCode, str]:
+    async with peer.channel() as channel:
         call = channel.stream_stream(rpc.method_path("Forward"), request_serializer=rpc.identity,
                                      response_deserializer=rpc.identity)(metadata=META, timeout=20)
         try:
@@ -104,22 +120,23 @@ def act(shape: list[int], data: bytes, n: int = 1) -> dict:
 
 def test_chains_naming_addresses_are_refused(mesh):
     nodes, ids = mesh
-    s1_id, s1_addr = ids["S1"]
-    assert asyncio.run(_pipeline_generate(s1_addr, [[s1_id, 0, 7], ["127.0.0.1:22", 7, 30]])) == \
+    s1 = ids["S1"]
+    assert asyncio.run(_pipeline_generate(s1, [[s1.node_id, 0, 7], ["127.0.0.1:22", 7, 30]])) == \
         grpc.StatusCode.INVALID_ARGUMENT
-    assert asyncio.run(_pipeline_generate(s1_addr, [["10.1.2.3:50051", 0, 7]])) == grpc.StatusCode.INVALID_ARGUMENT
+    assert asyncio.run(_pipeline_generate(s1, [["10.1.2.3:50051", 0, 7]])) == grpc.StatusCode.INVALID_ARGUMENT
     assert complete(nodes["G"].url)["choices"][0]["text"]
 
 
 def test_lying_and_huge_activations_fail_alone_and_memory_stays(mesh):
     nodes, ids = mesh
-    s2_id, s2_addr = ids["S2"]
+    s2 = ids["S2"]
+    s2_id = s2.node_id
     digest = get_json(nodes["G"].url + "/v1/models")["data"][0]["meshllm"]["digest"]
     before = rss_bytes(nodes["S2"].proc.pid)
-    code, details = asyncio.run(_forward(s2_addr, [header(s2_id, digest), act([1, 577], b"\0" * 577 * 4)]))
+    code, details = asyncio.run(_forward(s2, [header(s2_id, digest), act([1, 577], b"\0" * 577 * 4)]))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "shape" in details and "Traceback" not in details
     for _ in range(4):  # 256 MiB announced, one frame sent: refused before any buffering
-        code, _ = asyncio.run(_forward(s2_addr, [header(s2_id, digest), act([65536, 1024], b"\0" * (1 << 20), n=256)]))
+        code, _ = asyncio.run(_forward(s2, [header(s2_id, digest), act([65536, 1024], b"\0" * (1 << 20), n=256)]))
         assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert rss_bytes(nodes["S2"].proc.pid) - before < 64 << 20
     assert complete(nodes["G"].url)["choices"][0]["text"]
