@@ -12,13 +12,21 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "smollm2-135m-instruct"
 PROMPT = "Once upon a time, in a small village by the sea, there lived"
+# --data-plane: the node flags of each data plane; "both" runs the two meshes side by side, alternating
+DATA_PLANE_FLAGS = {"mtls": (), "insecure": ("--insecure-data-plane",)}
+DATA_PLANE_CHOICES = ("mtls", "insecure", "both")
 
 
-def start_node(name: str, port: int, data_dir: str, *extra: str) -> subprocess.Popen:
-    """`meshllm node join` in its own data dir; returns once its ready line is printed."""
+def data_planes(choice: str) -> list[str]:
+    return list(DATA_PLANE_FLAGS) if choice == "both" else [choice]
+
+
+def start_node(name: str, port: int, data_dir: str, *extra: str, subdir: str = "") -> subprocess.Popen:
+    """`meshllm node join` in its own data dir (data_dir/subdir, default data_dir/name); returns once
+    its ready line is printed."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "node.cli", "node", "join", "--http-port", str(port), "--data-dir",
-         f"{data_dir}/{name}", "--name", name, "--log-level", "WARNING", *extra],
+         f"{data_dir}/{subdir or name}", "--name", name, "--log-level", "WARNING", *extra],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )
     for line in proc.stdout:
