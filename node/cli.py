@@ -65,6 +65,8 @@ def _join_parser(sub: argparse._SubParsersAction) -> None:
     join.add_argument("--device", default="cpu", help="torch device for the torch engine (cpu, cuda)")
     join.add_argument("--weights", choices=WEIGHTS, default="quantized",
                       help="torch engine weights: keep the GGUF's quantized blocks, or dequantize them in full")
+    join.add_argument("--kv-dtype", choices=("16", "32"), default="16",
+                      help="torch engine KV cache: 16-bit (fp16 on CPU, bf16 on CUDA) or fp32")
     join.add_argument("--kv-sessions", type=int, default=4, metavar="N",
                       help="KV cache slots (concurrent sequences) of the torch engine")
     join.add_argument("--api-key", action="append", default=[], metavar="KEY",
@@ -138,6 +140,7 @@ def _config(args: argparse.Namespace) -> NodeConfig:
         device=args.device,
         weights=args.weights,
         kv_sessions=args.kv_sessions,
+        kv_dtype=args.kv_dtype,
         api_keys=tuple(args.api_key) + ((os.environ["MESHLLM_API_KEY"],) if os.environ.get("MESHLLM_API_KEY") else ()),
         api_keys_file=args.api_keys_file,
         insecure_data_plane=args.insecure_data_plane,

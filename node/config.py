@@ -42,6 +42,7 @@ class NodeConfig:
     device: str = "cpu"  # torch device of the torch engine
     weights: str = "quantized"  # torch engine weights: "quantized" (GGUF blocks kept) or "full" (dequantized)
     kv_sessions: int = 4  # KV cache slots (concurrent sequences) of the torch engine
+    kv_dtype: str = "16"  # torch engine KV cache: "16" (fp16 on CPU, bf16 on CUDA) or "32" (fp32)
     api_keys: tuple[str, ...] = ()  # bearer keys that may use /v1/* (any model, no rate limit)
     api_keys_file: Path | None = None  # more keys, with model allowlists and limits (docs/security.md)
     api_open: bool = False  # serve /v1/* without keys on a non-loopback address, deliberately
@@ -73,6 +74,8 @@ class NodeConfig:
             raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}")
         if self.kv_sessions < 1:
             raise ValueError("kv-sessions must be >= 1")
+        if self.kv_dtype not in ("16", "32"):
+            raise ValueError("kv-dtype must be 16 or 32")
         for key in self.api_keys:
             if not key or len(key) > 256 or not key.isprintable() or any(c.isspace() for c in key):
                 raise ValueError("an API key must be 1 to 256 printable characters without spaces")

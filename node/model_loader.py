@@ -18,7 +18,8 @@ from shard.spec import ShardSpec
 
 log = logging.getLogger(__name__)
 TORCH_CONTEXT = 2048  # default reserved context per KV slot of the torch engine (--ctx-size)
-KV_DTYPE_BYTES = 2  # the torch engine's KV cache is 16-bit
+def _kv_dtype_bytes(config: NodeConfig) -> int:
+    return 4 if config.kv_dtype == "32" else 2  # --kv-dtype: 16-bit by default
 
 
 class BudgetError(ValueError):
@@ -38,7 +39,7 @@ def torch_shard_bytes(model: ModelFile, spec: ShardSpec, config: NodeConfig, con
     mc = read_model_config(model.path)
     weights = model_weight_bytes(model.path, mc.n_layers, config.weights, config.device)
     return estimate_shard_bytes(
-        mc, spec, weights, kv_dtype_bytes=KV_DTYPE_BYTES, context_tokens=min(context, mc.context_length),
+        mc, spec, weights, kv_dtype_bytes=_kv_dtype_bytes(config), context_tokens=min(context, mc.context_length),
         n_sessions=config.kv_sessions,
     ).total
 
@@ -60,7 +61,7 @@ def file_advert(model: ModelFile, config: NodeConfig, context: int) -> FileAdver
         layer_bytes=max(w.layers),
         embed_bytes=w.embed,
         head_bytes=w.head,  # on a last stage that is not also the first, a tied head is held apart
-        kv_bytes_per_token_per_layer=kv_bytes_per_token_per_layer(mc, KV_DTYPE_BYTES),
+        kv_bytes_per_token_per_layer=kv_bytes_per_token_per_layer(mc, _kv_dtype_bytes(config)),
         ctx=min(context, mc.context_length) * config.kv_sessions,  # KV tokens reserved over all slots
     )
 
@@ -101,12 +102,16 @@ class ModelManager:
                             on_load_change=self._on_load_change)
 
     def _torch(self, model: ModelFile, spec: ShardSpec) -> LocalModel:
+        import torch  # torch loads only on nodes that use it
+
         from engine.linear import WeightsForm
-        from engine.torch_engine import TorchShardEngine  # torch loads only on nodes that use it
+        from engine.torch_engine import TorchShardEngine
 
         c = self.config
         weights: WeightsForm = "full" if c.weights == "full" else "quantized"  # NodeConfig validated it
+        kv_dtype = torch.float32 if c.kv_dtype == "32" else None  # None: the engine's 16-bit default
         engine = TorchShardEngine(model, spec=spec, device=c.device, threads=c.threads, weights=weights,
+                                  kv_dtype=kv_dtype,
                                   max_sessions=c.kv_sessions, max_context=self.context)
         # As many requests in flight as KV slots: the engine batches their decode steps.
         return LocalModel(model, self._runner(engine, parallel=c.kv_sessions), "torch", spec)
