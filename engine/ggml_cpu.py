@@ -97,14 +97,6 @@ def _lib() -> _Lib:
     return _Lib(base, cpu)
 
 
-def available() -> bool:
-    try:
-        _lib()
-    except (GgmlUnavailable, OSError, IndexError, AttributeError):
-        return False
-    return True
-
-
 def row_bytes(type_name: str, n_cols: int) -> int:
     """Bytes of one row of `n_cols` elements stored as `type_name` (ggml's own arithmetic)."""
     return int(_lib().base.ggml_row_size(_code(type_name), n_cols))
@@ -181,17 +173,10 @@ class GgmlCpu:
         if not self._backend:
             raise GgmlUnavailable("ggml_backend_cpu_init failed")
         lib.cpu.ggml_backend_cpu_set_n_threads(self._backend, max(1, n_threads))
-        self._n_threads = max(1, n_threads)
-        self._set_threads = lib.cpu.ggml_backend_cpu_set_n_threads
         # persistent headers of the weights, each bound into a buffer over its own bytes
         self._wctx = self._b.ggml_init(_InitParams(64 * 1024 * 1024, None, True))
         self._weights: list[tuple[int, int, np.ndarray]] = []  # (tensor, buffer, keep-alive array)
         self._scratch = ctypes.create_string_buffer(_CTX_BYTES)
-
-    def set_threads(self, n_threads: int) -> None:
-        if n_threads != self._n_threads:
-            self._set_threads(self._backend, max(1, n_threads))
-            self._n_threads = max(1, n_threads)
 
     def register(self, w: GgmlWeight) -> int:
         """Makes a ggml tensor over `w.data` (no copy); returns its handle for `matmul`/`get_rows`."""

@@ -113,11 +113,6 @@ class Int4Linear:
         scales_zeros = torch.from_numpy(sz).to(device, torch.bfloat16).transpose(0, 1).contiguous()
         return cls(pack_tinygemm(q), scales_zeros, tuple(out_features), bias)
 
-    def dequantized(self) -> torch.Tensor:
-        """bf16 [N, K]: the int4 op against an identity (exact: one nonzero term per output)."""
-        eye = torch.eye(self.in_features, device=self.tiny.device, dtype=torch.bfloat16)
-        return torch._weight_int4pack_mm(eye, self.tiny, INT4_GROUP, self.scales_zeros).T
-
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         lead = x.shape[:-1]
         y = torch._weight_int4pack_mm(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), self.tiny, INT4_GROUP, self.scales_zeros)

@@ -180,22 +180,23 @@ class ShardModel:
             c.n_kv_heads, device=self.device
         )  # [B, Hkv]
         write_rows = (heads * self.max_context + pos[:, None]).flatten()  # [B * Hkv]
-        keys_at = torch.arange(n_keys, device=self.device)
-        read_rows = (heads[:, :, None] * self.max_context + keys_at).flatten()  # [B * Hkv * n_keys]
         h = self._embed(x).unsqueeze(1)  # [B, 1, hidden]
         cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]  # [B, 1, 1, D]
         cos_swa, sin_swa = self.cos_swa[pos][:, None, None], self.sin_swa[pos][:, None, None]
-        # additive mask [B, 1, 1, n_keys]: 0 where key <= the session's position, -inf past it
-        mask = torch.zeros(b, 1, 1, n_keys, device=self.device, dtype=self.dtype)
-        mask.masked_fill_((keys_at[None, :] > pos[:, None])[:, None, None], float("-inf"))
-        mask_swa = mask
-        if any(self.sliding) and max(positions) >= self.window:  # and keys window or more behind
-            too_old = (pos[:, None] - keys_at[None, :] >= self.window)[:, None, None]
-            mask_swa = mask.masked_fill(too_old, float("-inf"))
+        per_session = self.device.type == "cpu"  # CPU attends per session (_attend_each): no gather, no mask
+        if not per_session:
+            keys_at = torch.arange(n_keys, device=self.device)
+            read_rows = (heads[:, :, None] * self.max_context + keys_at).flatten()  # [B * Hkv * n_keys]
+            # additive mask [B, 1, 1, n_keys]: 0 where key <= the session's position, -inf past it
+            mask = torch.zeros(b, 1, 1, n_keys, device=self.device, dtype=self.dtype)
+            mask.masked_fill_((keys_at[None, :] > pos[:, None])[:, None, None], float("-inf"))
+            mask_swa = mask
+            if any(self.sliding) and max(positions) >= self.window:  # and keys window or more behind
+                too_old = (pos[:, None] - keys_at[None, :] >= self.window)[:, None, None]
+                mask_swa = mask.masked_fill(too_old, float("-inf"))
         scale = c.attn_scale
         rep = c.n_heads // c.n_kv_heads
         gathered = (b, c.n_kv_heads, n_keys, c.head_dim)
-        per_session = self.device.type == "cpu"
         for i, layer in enumerate(self.layers):
             kc, vc = self.k_cache[i].view(-1, c.head_dim), self.v_cache[i].view(-1, c.head_dim)
 

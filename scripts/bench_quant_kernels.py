@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/bench_quant_kernels.py                      # CPU, 1 thread
     .venv/bin/python scripts/bench_quant_kernels.py --threads 2 --rows 1 4 16
+    .venv/bin/python scripts/bench_quant_kernels.py --errors --n 96 --k 512   # each form's error
     python scripts/bench_quant_kernels.py --device cuda --rows 1 8 32   # GPU: int4 vs bf16 vs dequant
 
 CPU sides: fp32 and bf16 dense (torch), ggml on GGUF bytes (Q4_0, Q4_1, Q4_K, Q6_K, Q8_0), torch's
@@ -88,6 +89,31 @@ def cuda_sides(n: int, k: int, m: int) -> list[tuple[str, Callable[[], object], 
     ]
 
 
+def print_errors(n: int, k: int) -> None:
+    """Relative error of each CPU form against fp32 dequantized weights, and of the CUDA int4 form's
+    bf16 scale/zero rounding (computed on the CPU; exact in fp32 before that rounding)."""
+    from engine import ggml_cpu
+    from engine.ggml_cpu import GgmlCpu
+    from engine.linear import GgmlLinear
+    from shard.gguf_tensor import INT4_TYPES, RawTensor, int4_dequantize, to_int4_groups
+
+    ggml = GgmlCpu(torch.get_num_threads())
+    w = (np.random.default_rng(0).standard_normal((n, k)) * 0.05).astype(np.float32)
+    x = torch.randn(5, k, generator=torch.Generator().manual_seed(1))
+    for t in sorted(ggml_cpu.GGML_TYPES):
+        raw = RawTensor("w", t, n, k, ggml_cpu.quantize(t, w))
+        ref = x @ torch.from_numpy(raw.dequantize()).T
+        (y,) = GgmlLinear(ggml, [raw], None)(x)
+        line = f"  {t:5s} ggml x @ W.T: {float((y - ref).norm() / ref.norm()):.1e} relative"
+        if t in INT4_TYPES:
+            g = to_int4_groups(raw)
+            as_bf16 = type(g)(g.q, *(torch.from_numpy(a).bfloat16().float().numpy() for a in (g.scales, g.zeros)))
+            exact = raw.dequantize()
+            line += (f"; int4 groups exact to {np.abs(int4_dequantize(g) - exact).max():.0e}, bf16 scale/zero "
+                     f"{np.linalg.norm(int4_dequantize(as_bf16) - exact) / np.linalg.norm(exact):.1e}")
+        print(line)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cpu")
@@ -95,8 +121,12 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=8192, help="output features")
     ap.add_argument("--k", type=int, default=2048, help="input features")
     ap.add_argument("--rows", type=int, nargs="+", default=[1], help="input rows (batch) to time")
+    ap.add_argument("--errors", action="store_true", help="print each form's error instead of timing (CPU)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.errors:
+        print_errors(args.n, args.k)
+        return
     dev = torch.device(args.device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine())
     print(f"{name}, torch {torch.__version__}, {args.threads} thread(s), W [{args.n}, {args.k}]")

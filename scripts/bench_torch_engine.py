@@ -3,6 +3,7 @@
     .venv/bin/python scripts/bench_torch_engine.py memory             # node RSS: torch vs llama.cpp
     .venv/bin/python scripts/bench_torch_engine.py cpu [--threads 2]  # decode tok/s vs llama.cpp, same GGUF
     python scripts/bench_torch_engine.py gpu --preset llama3-8b       # H200: int4 vs bf16, batch 1/8/32
+    .venv/bin/python scripts/bench_torch_engine.py parity smollm2-135m-instruct PATH.gguf  # vs llama.cpp
 
 memory: starts a `--engine torch` node and a llama.cpp node on the same GGUF with `--ctx-size 2048`,
 sends each one request, and reads VmRSS of each process.
@@ -126,6 +127,37 @@ def bench_cpu(threads: int, tokens: int, synthetic: bool) -> None:
             tok_s, per_token = _torch_side(model, form, threads, tokens)
             print(f"  torch {form:9s} {tok_s:6.1f} tok/s  {tok_s / llama:5.2f}x llama.cpp  "
                   f"{per_token / 1e6:6.0f} MB/token  {tok_s * per_token / 1e9:5.1f} GB/s of weights")
+
+
+# -- parity ---------------------------------------------------------------------------------------
+
+PARITY_PROMPTS = {  # the model's own chat markup, rendered by hand so both engines get the same ids
+    "llama": "<|im_start|>user\nTell me a long story about a dragon and a knight.<|im_end|>\n<|im_start|>assistant\n",
+    "gemma3": "<start_of_turn>user\nWhat is the capital of France?<end_of_turn>\n<start_of_turn>model\n",
+}
+
+
+def bench_parity(models: list[str], threads: int) -> None:
+    """Last-position prompt logits of the torch engine (both weight forms) against llama.cpp."""
+    import llama_cpp
+
+    from engine.model_file import load_model_file
+    from engine.torch_engine import TorchShardEngine
+
+    torch.set_num_threads(threads)
+    for name in models:
+        m = load_model_file(name)
+        llm = llama_cpp.Llama(m.path, n_ctx=512, logits_all=True, verbose=False, n_threads=threads)
+        ids = llm.tokenize(PARITY_PROMPTS[m.architecture].encode(), special=True)
+        llm.eval(ids)
+        ref = np.array(llm.scores[len(ids) - 1])
+        for form in ("quantized", "full"):
+            e = TorchShardEngine(m, max_sessions=1, max_context=512, weights=form, threads=threads)
+            out = e.shard.prefill(0, torch.tensor(ids), 0).float().numpy()[0]
+            cos = float(out @ ref / np.linalg.norm(out) / np.linalg.norm(ref))
+            print(f"{m.alias} {form:9s} same top-1: {out.argmax() == ref.argmax()}  cosine {cos:.5f}  "
+                  f"max abs diff {np.abs(out - ref).max():.2f}")
+            e.close()
 
 
 # -- GPU ------------------------------------------------------------------------------------------
@@ -281,6 +313,9 @@ def main() -> None:
     c.add_argument("--threads", type=int, default=2)
     c.add_argument("--tokens", type=int, default=64)
     c.add_argument("--no-synthetic", action="store_true", help="SmolLM2 only")
+    p = sub.add_parser("parity")
+    p.add_argument("models", nargs="+", help="aliases or GGUF paths")
+    p.add_argument("--threads", type=int, default=2)
     g = sub.add_parser("gpu")
     g.add_argument("--preset", choices=sorted(PRESETS), default="llama3-8b")
     g.add_argument("--tokens", type=int, default=32)
@@ -289,6 +324,8 @@ def main() -> None:
     os.environ.setdefault("MESHLLM_QUIET", "1")
     if args.what == "memory":
         bench_memory(args.model, args.kv_sessions)
+    elif args.what == "parity":
+        bench_parity(args.models, args.threads)
     elif args.what == "cpu":
         bench_cpu(args.threads, args.tokens, not args.no_synthetic)
     else:
