@@ -111,6 +111,8 @@ class Discovery:
             identity, mesh_key, advert_source, table, clock=clock, ttl_s=ttl_s, refresh_s=refresh_s
         )
         self.beats_unknown = 0  # heartbeats from nodes not in the table (cannot be verified): ignored
+        self.received: dict[str, int] = {}  # adverts and heartbeats handed to receive(), by source (ours)
+        self.received_bytes = 0
         self._goodbye: bytes | None = None
         self._mdns: Mdns | None = None
         self._multicast: AdvertMulticast | None = None
@@ -140,6 +142,11 @@ class Discovery:
     def advert_fetches(self) -> int:
         """HTTP advert fetches made (on discovery, removal, and for peers not refreshed otherwise)."""
         return self._lan.fetches
+
+    @property
+    def multicast_sent_bytes(self) -> int:
+        """Bytes of adverts and heartbeats sent by multicast (libp2p and mDNS keep no count)."""
+        return self._multicast.sent_bytes if self._multicast is not None else 0
 
     @property
     def rejects(self) -> dict[str, int]:
@@ -245,6 +252,8 @@ class Discovery:
         HTTP address matches its origin is *verified* (PeerTable keeps it over unverified ones). A
         `fetched` advert must match: an mDNS pointer cannot make us take an advert from elsewhere.
         """
+        self.received[source] = self.received.get(source, 0) + 1  # sources are our own few names
+        self.received_bytes += len(data)
         try:
             advert = decode_message(data, self._mesh_key)
         except AdvertError as e:

@@ -19,6 +19,7 @@ from core.types import Chunk, GenerationRequest
 from gateway import openai_responses as out
 from gateway.api_keys import ApiKey, ApiKeys
 from gateway.errors import ApiError, bad_request, http_error
+from gateway.metrics import METRICS_KEY, RequestTrack
 from gateway.openai_requests import ParsedGeneration, parse_chat, parse_completion, parse_embeddings
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ NODE_HEADER = "X-Meshllm-Node"
 BACKEND_KEY = web.AppKey("backend", Backend)
 KEYS_KEY = web.AppKey("api_keys", ApiKeys)
 CALLER_KEY = web.RequestKey("api_key", ApiKey)  # the request's key, once authenticated
+KEYED_PATHS = frozenset({"/metrics", "/mesh/stats"})  # what API clients asked for: behind the keys too
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -61,9 +63,11 @@ def _unauthorized(message: str) -> ApiError:
 
 @web.middleware
 async def api_key_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """/v1/* needs `Authorization: Bearer KEY` when the node has keys; /health and /mesh/* do not."""
+    """/v1/*, /metrics and /mesh/stats need `Authorization: Bearer KEY` when the node has keys; /health,
+    the dashboard page and the rest of /mesh/* do not (peers fetch /mesh/advert)."""
     keys = request.app[KEYS_KEY]
-    if not keys.enabled or not request.path.startswith("/v1/"):
+    api = request.path.startswith("/v1/")
+    if not keys.enabled or not (api or request.path in KEYED_PATHS):
         return await handler(request)
     scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not presented.strip():
@@ -71,7 +75,7 @@ async def api_key_middleware(request: web.Request, handler: Handler) -> web.Stre
     key = keys.match(presented.strip())
     if key is None:
         raise _unauthorized("Incorrect API key provided.")
-    wait_s = keys.admit(key, time.monotonic())
+    wait_s = keys.admit(key, time.monotonic()) if api else None  # a scrape is not an API request
     if wait_s is not None:
         raise ApiError(429, f"Rate limit of {key.rpm} requests per minute reached for this key.",
                        type="rate_limit_error", code="rate_limit_exceeded",
@@ -131,14 +135,26 @@ async def _generate(request: web.Request, parsed: ParsedGeneration, chat: bool) 
     backend = request.app[BACKEND_KEY]
     cid = out.new_id("chatcmpl" if chat else "cmpl")
     created = int(time.time())
-    generation = await backend.open_generation(parsed.model, _request_of(parsed, cid))
+    metrics = request.app.get(METRICS_KEY)  # absent: metrics off (--no-metrics, or a bare app)
+    track = metrics.track(cid) if metrics is not None else None
+    try:
+        generation = await backend.open_generation(parsed.model, _request_of(parsed, cid))
+    except MeshError as e:
+        if track is not None and metrics is not None:
+            track.model = metrics.model_label(parsed.model)  # only a model already served names a series
+            track.finish(str(http_error(e).status))
+        raise
     model = generation.model or parsed.model
+    if track is not None:
+        track.opened(generation.model, generation.served_by)
     try:
         if not parsed.stream:
             texts: list[str] = []
             ids: list[int] = []
             last = Chunk()
             async for chunk in generation.chunks():
+                if track is not None:
+                    track.chunk(chunk)
                 texts.append(chunk.text)
                 ids.extend(chunk.token_ids)
                 last = chunk
@@ -150,6 +166,7 @@ async def _generate(request: web.Request, parsed: ParsedGeneration, chat: bool) 
             )
             if parsed.return_token_ids:
                 body["choices"][0]["token_ids"] = ids
+            _finish(track, "200")
             return web.json_response(body, headers={NODE_HEADER: generation.served_by, **generation.extra_headers})
 
         response = await _start_stream(request, generation)
@@ -158,6 +175,8 @@ async def _generate(request: web.Request, parsed: ParsedGeneration, chat: bool) 
         last = Chunk()
         try:
             async for chunk in generation.chunks():
+                if track is not None:
+                    track.chunk(chunk)
                 last = chunk
                 if chunk.text or (parsed.return_token_ids and chunk.token_ids):
                     payload = (
@@ -172,6 +191,7 @@ async def _generate(request: web.Request, parsed: ParsedGeneration, chat: bool) 
             # Headers are gone already: the error travels as a stream event, then the stream ends.
             await response.write(out.sse(http_error(e).body()))
             await response.write(out.sse("[DONE]"))
+            _finish(track, "stream_error")
             return response
         finish = str(last.finish_reason or "stop")
         final = (
@@ -189,9 +209,22 @@ async def _generate(request: web.Request, parsed: ParsedGeneration, chat: bool) 
             await response.write(out.sse(usage_chunk))
         await response.write(out.sse("[DONE]"))
         await response.write_eof()
+        _finish(track, "200")
         return response
+    except MeshError as e:  # before any byte of a non-streamed answer: the client gets an HTTP error
+        _finish(track, str(http_error(e).status))
+        raise
+    except asyncio.CancelledError:  # the client went away
+        _finish(track, "cancelled")
+        raise
     finally:
+        _finish(track, "500")  # a no-op unless nothing above said how it ended
         await generation.aclose()
+
+
+def _finish(track: RequestTrack | None, status: str) -> None:
+    if track is not None:
+        track.finish(status)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:

@@ -18,6 +18,7 @@ from discovery.join_token import MAX_BOOTSTRAP, JoinToken, encode_token, is_boot
 from engine.model_file import DEFAULT_ALIAS, ModelFileError
 from engine.types import EngineLoadError
 from node.config import WEIGHTS, NodeConfig, default_data_dir, lan_mode
+from node.log_format import LOG_FORMATS, setup_logging
 from node.mesh_secret import MeshSecret, resolve_secret
 from node.peers_command import print_peers
 
@@ -77,7 +78,11 @@ def _join_parser(sub: argparse._SubParsersAction) -> None:
                       help="serve /v1/* without keys even on a non-loopback --http-host")
     join.add_argument("--insecure-data-plane", action="store_true",
                       help="plaintext gRPC between members, the mesh token only (debugging; default: mTLS)")
+    join.add_argument("--no-metrics", action="store_true",
+                      help="no /metrics, /mesh/stats or per-request timing (to measure what they cost)")
     join.add_argument("--log-level", default="INFO")
+    join.add_argument("--log-format", choices=LOG_FORMATS, default="text",
+                      help="json: one JSON object a line (requests carry their fields: id, model, route, timings)")
 
 
 def _peers_parser(commands: argparse._SubParsersAction) -> None:
@@ -145,6 +150,7 @@ def _config(args: argparse.Namespace) -> NodeConfig:
         api_keys_file=args.api_keys_file,
         insecure_data_plane=args.insecure_data_plane,
         api_open=args.api_open,
+        metrics=not args.no_metrics,
     )
 
 
@@ -202,10 +208,7 @@ async def _run_node(config: NodeConfig) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(args, "log_level", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(getattr(args, "log_level", "INFO"), getattr(args, "log_format", "text"))
     try:
         if args.command == "node" and args.node_command == "join":
             asyncio.run(_run_node(_config(args)))

@@ -47,6 +47,7 @@ class NodeConfig:
     api_keys_file: Path | None = None  # more keys, with model allowlists and limits (docs/security.md)
     api_open: bool = False  # serve /v1/* without keys on a non-loopback address, deliberately
     insecure_data_plane: bool = False  # plaintext gRPC between members (token only): debugging, never default
+    metrics: bool = True  # /metrics, /mesh/stats and per-request timing (--no-metrics: off, for comparison)
 
     def __post_init__(self) -> None:
         for port_name in ("http_port", "grpc_port"):

@@ -23,6 +23,7 @@ from gateway.app import build_app
 from node.config import NodeConfig, is_loopback, lan_mode
 from node.mesh_routes import add_mesh_routes
 from node.model_loader import ModelManager
+from node.observability import Observability
 from node.resources import probe_resources
 from node.version import VERSION
 
@@ -72,6 +73,7 @@ class Node:
             host_ip=disc_host,
         )
         self.router = MeshRouter(self.name, self.local, self.self_advert, self.peer_adverts, self.channels, self.describe_self)
+        self.observability = Observability(self)  # /metrics, /mesh/stats, the dashboard
         self._is_member = None if self.tls is None else (lambda node_id: self.table.is_member(node_id, time.time()))
         self.service = NodeService(self.local, self.discovery.signed_advert, token, self.load_shard,
                                    is_member=self._is_member)
@@ -104,6 +106,7 @@ class Node:
 
     def _on_stage_step(self, digest: str, n_positions: int, compute_s: float) -> None:
         """Decode steps of pipeline stages: their rate is the speed a shard-only node advertises."""
+        self.observability.on_stage_step(digest, n_positions, compute_s)
         if n_positions != 1 or compute_s <= 0:
             return  # prompt steps say little about decode speed
         self._stage_steps += 1
@@ -138,6 +141,7 @@ class Node:
         self._grpc = server
         app = build_app(self.router, api_keys=self.config.api_keys, api_keys_file=self.config.api_keys_file)
         add_mesh_routes(app, self)
+        self.observability.attach(app)
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.http_host, self.config.http_port)
@@ -240,6 +244,7 @@ class Node:
         for key in ("seq", "issued_at", "ttl_s"):
             me.pop(key, None)
         me["rejected_adverts"] = self.discovery.rejects
+        me["loading"] = self.models.progress.snapshot()  # model and range loads, for the dashboard
         me["pipeline"] = {
             "decode_steps": self._stage_steps,
             "decode_step_ms": round(1000 * self._stage_compute_s / self._stage_steps, 3) if self._stage_steps else 0.0,

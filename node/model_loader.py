@@ -13,6 +13,8 @@ from engine.model_file import ModelFile, ModelFileError, load_model_file
 from engine.runner import EngineRunner
 from engine.types import EngineLoadError
 from node.config import NodeConfig, parse_shard_arg
+from node.load_progress import LoadProgress
+from node.timed_runner import TimedRunner, queue_wait_histogram
 from shard.memory import estimate_shard_bytes, kv_bytes_per_token_per_layer
 from shard.spec import ShardSpec
 
@@ -76,6 +78,8 @@ class ModelManager:
         self._offered: dict[str, ModelFile] = {}
         self._lock = threading.Lock()
         self.context = config.ctx_size or TORCH_CONTEXT
+        self.queue_wait = queue_wait_histogram()  # registered by the node with its other metrics
+        self.progress = LoadProgress()
 
     @property
     def budget_free_bytes(self) -> int:
@@ -97,9 +101,9 @@ class ModelManager:
             )
         self._used_bytes += need_bytes
 
-    def _runner(self, engine: object, parallel: int = 1) -> EngineRunner:
-        return EngineRunner(engine, parallel=parallel, max_queue=self.config.max_queue,  # type: ignore[arg-type]
-                            on_load_change=self._on_load_change)
+    def _runner(self, engine: object, model: ModelFile, parallel: int = 1) -> EngineRunner:
+        return TimedRunner(engine, parallel=parallel, max_queue=self.config.max_queue,
+                           on_load_change=self._on_load_change, waits=self.queue_wait, model=model.alias)
 
     def _torch(self, model: ModelFile, spec: ShardSpec) -> LocalModel:
         import torch  # torch loads only on nodes that use it
@@ -114,7 +118,7 @@ class ModelManager:
                                   kv_dtype=kv_dtype,
                                   max_sessions=c.kv_sessions, max_context=self.context)
         # As many requests in flight as KV slots: the engine batches their decode steps.
-        return LocalModel(model, self._runner(engine, parallel=c.kv_sessions), "torch", spec)
+        return LocalModel(model, self._runner(engine, model, parallel=c.kv_sessions), "torch", spec)
 
     def load_initial(self) -> list[LocalModel]:
         """Blocking: every --model (whole, or offered when it exceeds the budget), --shard and --offer.
@@ -165,13 +169,14 @@ class ModelManager:
             self._offered[model.digest] = model
             return None
         try:
-            if c.engine == "torch":
-                local = self._torch(model, whole)
-            else:
-                from engine.llama_cpp_engine import LlamaCppEngine
+            with self.progress.track(model.alias, need):
+                if c.engine == "torch":
+                    local = self._torch(model, whole)
+                else:
+                    from engine.llama_cpp_engine import LlamaCppEngine
 
-                engine = LlamaCppEngine(model, n_ctx=c.ctx_size, threads=c.threads)
-                local = LocalModel(model, self._runner(engine), engine.engine_name, whole)
+                    engine = LlamaCppEngine(model, n_ctx=c.ctx_size, threads=c.threads)
+                    local = LocalModel(model, self._runner(engine, model), engine.engine_name, whole)
         except BaseException:
             self._used_bytes -= need
             raise
@@ -193,7 +198,8 @@ class ModelManager:
         need = torch_shard_bytes(model, spec, self.config, self.context)
         self._reserve(f"layers [{spec.start}, {spec.end}) of {model.alias}", need)
         try:
-            return self._torch(model, spec)
+            with self.progress.track(f"{model.alias} layers {spec.start}-{spec.end}", need):
+                return self._torch(model, spec)
         except BaseException:
             self._used_bytes -= need
             raise
