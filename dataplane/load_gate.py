@@ -3,7 +3,9 @@
 `LoadShard` lets any member make an offering node load a range of a GGUF: seconds of disk and CPU,
 and memory until the process ends. The gate serialises loads, lets a peer (its host) start at most
 `per_peer` loads per `window_s`, and caps how many distinct ranges peers can make this node load at
-all. Asking again for a range already loaded is free (placement retries are idempotent).
+all. Asking again for a range already loaded is free (placement retries are idempotent). A range
+the node unloads again (idle, `node/idle_unload.py`) leaves the count, so the cap bounds what is held
+at once; the per-peer window still bounds how often a peer can make the node load.
 """
 
 from __future__ import annotations
@@ -46,6 +48,10 @@ class LoadGate:
             self._history.pop(next(iter(self._history)))
         history.append(now)
         self._history[peer] = history
+
+    def unloaded(self, digest: str, start: int, end: int) -> None:
+        """The node dropped this range: it no longer counts towards `max_ranges`."""
+        self._loaded.discard((digest, start, end))
 
     @asynccontextmanager
     async def admit(self, peer: str, digest: str, start: int, end: int) -> AsyncIterator[None]:

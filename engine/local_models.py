@@ -34,6 +34,10 @@ class LocalModels:
             raise ValueError(f"model {local.model.alias} ({local.model.short_digest}) is loaded twice")
         self._by_digest[local.model.digest] = local
 
+    def remove(self, digest: str) -> LocalModel | None:
+        """Takes a model out (an idle range loaded on request); the caller closes its runner."""
+        return self._by_digest.pop(digest, None)
+
     def all(self) -> list[LocalModel]:
         return list(self._by_digest.values())
 

@@ -78,6 +78,10 @@ def _join_parser(sub: argparse._SubParsersAction) -> None:
                       help="serve /v1/* without keys even on a non-loopback --http-host")
     join.add_argument("--insecure-data-plane", action="store_true",
                       help="plaintext gRPC between members, the mesh token only (debugging; default: mTLS)")
+    join.add_argument("--unload-idle-s", type=float, default=600.0, metavar="S",
+                      help="unload a range the mesh made this node load (LoadShard) once unused this long")
+    join.add_argument("--unload-check-s", type=float, default=60.0, metavar="S",
+                      help="how often to look for such idle ranges")
     join.add_argument("--no-metrics", action="store_true",
                       help="no /metrics, /mesh/stats or per-request timing (to measure what they cost)")
     join.add_argument("--log-level", default="INFO")
@@ -151,6 +155,8 @@ def _config(args: argparse.Namespace) -> NodeConfig:
         insecure_data_plane=args.insecure_data_plane,
         api_open=args.api_open,
         metrics=not args.no_metrics,
+        unload_idle_s=args.unload_idle_s,
+        unload_check_s=args.unload_check_s,
     )
 
 

@@ -48,6 +48,8 @@ class NodeConfig:
     api_open: bool = False  # serve /v1/* without keys on a non-loopback address, deliberately
     insecure_data_plane: bool = False  # plaintext gRPC between members (token only): debugging, never default
     metrics: bool = True  # /metrics, /mesh/stats and per-request timing (--no-metrics: off, for comparison)
+    unload_idle_s: float = 600.0  # a range loaded on request (LoadShard) and unused this long is unloaded
+    unload_check_s: float = 60.0  # how often idle ranges are looked for
 
     def __post_init__(self) -> None:
         for port_name in ("http_port", "grpc_port"):
@@ -77,6 +79,9 @@ class NodeConfig:
             raise ValueError("kv-sessions must be >= 1")
         if self.kv_dtype not in ("16", "32"):
             raise ValueError("kv-dtype must be 16 or 32")
+        # gateways reuse a fresh placement for up to 5 s (dataplane/routing/placing.py): unload no sooner
+        if self.unload_idle_s < 10 or self.unload_check_s <= 0:
+            raise ValueError("unload-idle-s must be >= 10 and unload-check-s > 0")
         for key in self.api_keys:
             if not key or len(key) > 256 or not key.isprintable() or any(c.isspace() for c in key):
                 raise ValueError("an API key must be 1 to 256 printable characters without spaces")

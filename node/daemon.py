@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import socket
 import time
@@ -11,6 +12,7 @@ import grpc
 from aiohttp import web
 
 from dataplane import MeshRouter, NodeService, PeerChannels, build_server
+from dataplane.load_gate import LoadGate
 from dataplane.tls import MeshTls
 from discovery.advert import Addresses, Load, ModelAdvert, NodeAdvert, Resources
 from discovery.envelope import derive_subkey, mesh_key_from_secret
@@ -19,8 +21,10 @@ from discovery.netaddr import WILDCARDS, announce_ips
 from discovery.peer_table import PeerTable
 from discovery.service import Discovery
 from engine.local_models import LocalModels
+from engine.runner import EngineRunner
 from gateway.app import build_app
 from node.config import NodeConfig, is_loopback, lan_mode
+from node.idle_unload import RangeUse, Usage, idle_ranges
 from node.mesh_routes import add_mesh_routes
 from node.model_loader import ModelManager
 from node.observability import Observability
@@ -75,8 +79,13 @@ class Node:
         self.router = MeshRouter(self.name, self.local, self.self_advert, self.peer_adverts, self.channels, self.describe_self)
         self.observability = Observability(self)  # /metrics, /mesh/stats, the dashboard
         self._is_member = None if self.tls is None else (lambda node_id: self.table.is_member(node_id, time.time()))
+        self._gate = LoadGate()
         self.service = NodeService(self.local, self.discovery.signed_advert, token, self.load_shard,
-                                   is_member=self._is_member)
+                                   load_gate=self._gate, is_member=self._is_member)
+        # ranges loaded on request (LoadShard) and when each model was last used: idle ones are unloaded
+        self._requested: set[str] = set()
+        self._usage = Usage()
+        self._unload_task: asyncio.Task[None] | None = None
         self._token = token
         self._stage_rate = 0.0
         self._stage_steps = 0
@@ -87,6 +96,7 @@ class Node:
     def _load_models(self) -> None:
         for local in self.models.load_initial():
             self.local.add(local)
+            self._usage.touch(local.model.digest, time.monotonic())  # idle from now on, but never unloaded
 
     async def load_shard(self, digest: str, start: int, end: int) -> None:
         """LoadShard: load layers of an offered GGUF (idempotent for the range already held)."""
@@ -98,7 +108,42 @@ class Node:
                 raise ValueError(f"this node already holds {held.shard}")
             local = await asyncio.to_thread(self.models.load_range, digest, start, end)
             self.local.add(local)
+            self._requested.add(digest)
+            self._usage.touch(digest, time.monotonic())
         self.discovery.publish_soon()
+
+    async def unload_idle(self, now_s: float) -> list[str]:
+        """Unloads the ranges loaded on request that have served nothing for --unload-idle-s."""
+        async with self._load_lock:  # never while LoadShard adds a range
+            self._touch_busy(now_s)
+            uses = [RangeUse(lm.model.digest, lm.model.digest in self._requested,
+                             self._usage.last_s(lm.model.digest, now_s), lm.runner.load.active + lm.runner.load.queued)
+                    for lm in self.local.all()]
+            # decided and removed in one step of the loop: no request can be admitted in between
+            dropped = [lm for d in idle_ranges(uses, now_s, self.config.unload_idle_s)
+                       if (lm := self.local.remove(d)) is not None]
+        if dropped:
+            self.discovery.publish_soon()  # peers stop routing here before the engines go
+        for lm in dropped:
+            self._requested.discard(lm.model.digest)
+            self._usage.forget(lm.model.digest)
+            self._gate.unloaded(lm.model.digest, lm.shard.start, lm.shard.end)
+            await asyncio.to_thread(_close_and_collect, lm.runner)
+            self.models.release_range(lm)
+            log.info("unloaded idle layers [%d, %d) of %s", lm.shard.start, lm.shard.end, lm.model.alias)
+        return [lm.model.digest for lm in dropped]
+
+    async def _unload_idle_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.unload_check_s)
+            try:
+                await self.unload_idle(time.monotonic())
+            except Exception:
+                log.exception("unloading idle ranges failed")
+
+    def _touch_busy(self, now_s: float) -> None:
+        self._usage.observe([lm.model.digest for lm in self.local.all() if lm.runner.load.active or lm.runner.load.queued],
+                            now_s)
 
     def _may_run_stages(self) -> bool:
         c = self.config
@@ -107,6 +152,7 @@ class Node:
     def _on_stage_step(self, digest: str, n_positions: int, compute_s: float) -> None:
         """Decode steps of pipeline stages: their rate is the speed a shard-only node advertises."""
         self.observability.on_stage_step(digest, n_positions, compute_s)
+        self._usage.touch(digest, time.monotonic())
         if n_positions != 1 or compute_s <= 0:
             return  # prompt steps say little about decode speed
         self._stage_steps += 1
@@ -116,6 +162,7 @@ class Node:
 
     def _on_load_change(self) -> None:
         # Routing elsewhere reads our load from adverts: push a fresh one (debounced by discovery).
+        self._touch_busy(time.monotonic())
         if self._runner is not None:
             self.discovery.publish_soon()
 
@@ -150,6 +197,7 @@ class Node:
         if self._mesh_site_needed:
             self._mesh_runner = await self._start_mesh_site()
         await self.discovery.start()
+        self._unload_task = asyncio.create_task(self._unload_idle_loop(), name="unload-idle")
 
     async def _start_mesh_site(self) -> web.AppRunner:
         """Only GET /mesh/advert, on every address (an ephemeral port), for LAN peers' fetches."""
@@ -166,6 +214,10 @@ class Node:
         return runner
 
     async def stop(self) -> None:
+        if self._unload_task is not None:
+            self._unload_task.cancel()
+            await asyncio.gather(self._unload_task, return_exceptions=True)
+            self._unload_task = None
         if self._runner is not None:
             log.debug("stop: discovery (goodbye)")
             await self.discovery.stop()  # goodbye first, so peers stop routing here at once
@@ -250,6 +302,12 @@ class Node:
             "decode_step_ms": round(1000 * self._stage_compute_s / self._stage_steps, 3) if self._stage_steps else 0.0,
         }
         return me
+
+
+def _close_and_collect(runner: EngineRunner) -> None:
+    """Blocking: stops the runner and its engine, then collects the weights' reference cycles now."""
+    runner.close()
+    gc.collect()
 
 
 def _context_of(engine: object) -> int:

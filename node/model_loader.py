@@ -213,3 +213,9 @@ class ModelManager:
             local = self._torch_within_budget(model, ShardSpec(model.digest, start, end, model.n_layers))
         log.info("loaded layers [%d, %d) of %s on request", start, end, model.alias)
         return local
+
+    def release_range(self, local: LocalModel) -> None:
+        """Gives back the budget a load_range took, once that range is unloaded (idle)."""
+        need = torch_shard_bytes(local.model, local.shard, self.config, self.context)
+        with self._lock:
+            self._used_bytes = max(0, self._used_bytes - need)
