@@ -1,18 +1,15 @@
-"""The `meshllm` command line: `meshllm node join ...`, `meshllm peers ...`."""
+"""The `meshllm` command line: `meshllm node join ...`, `meshllm peers`, `meshllm status`, `meshllm chat`."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
-import io
 import logging
 import os
 import signal
 import sys
-import unicodedata
 from pathlib import Path
-from typing import TextIO
 
 from discovery.join_token import MAX_BOOTSTRAP, JoinToken, encode_token, is_bootstrap_addr
 from engine.model_file import DEFAULT_ALIAS, ModelFileError
@@ -21,6 +18,9 @@ from node.config import WEIGHTS, NodeConfig, default_data_dir, lan_mode
 from node.log_format import LOG_FORMATS, setup_logging
 from node.mesh_secret import MeshSecret, resolve_secret
 from node.peers_command import print_peers
+from node.terminal import TerminalSafe, terminal_safe
+
+__all__ = ["build_parser", "main", "terminal_safe"]
 
 log = logging.getLogger("meshllm")
 
@@ -102,7 +102,27 @@ def build_parser() -> argparse.ArgumentParser:
     node_sub = node.add_subparsers(dest="node_command", required=True)
     _join_parser(node_sub)
     _peers_parser(commands)
+    _status_parser(commands)
+    _chat_parser(commands)
     return parser
+
+
+def _status_parser(commands: argparse._SubParsersAction) -> None:
+    status = commands.add_parser("status", help="one screen: this node, its peers, models and routes, loads")
+    status.add_argument("--url", default="http://127.0.0.1:8600", help="the node to ask")
+    status.add_argument("--api-key", default=None, help="for a node with API keys (or MESHLLM_API_KEY)")
+    status.add_argument("--json", action="store_true", help="print JSON instead of a screen")
+
+
+def _chat_parser(commands: argparse._SubParsersAction) -> None:
+    chat = commands.add_parser("chat", help="chat with a model of the mesh (one prompt, or a conversation)")
+    chat.add_argument("model", nargs="?", default=None, help="default: the first model the node lists")
+    chat.add_argument("prompt", nargs="?", default=None, help="answer this one prompt and exit (for scripts)")
+    chat.add_argument("--url", default="http://127.0.0.1:8600", help="the node to talk to")
+    chat.add_argument("--api-key", default=None, help="for a node with API keys (or MESHLLM_API_KEY)")
+    chat.add_argument("--system", default=None, help="a system message")
+    chat.add_argument("--max-tokens", type=int, default=None)
+    chat.add_argument("--temperature", type=float, default=None)
 
 
 def _mesh_secret(args: argparse.Namespace, data_dir: Path) -> MeshSecret:
@@ -160,33 +180,6 @@ def _config(args: argparse.Namespace) -> NodeConfig:
     )
 
 
-class _TerminalSafe(io.TextIOBase):
-    """A stdout that a peer cannot drive: control characters (ESC, C1, bidi overrides...) become '?'.
-
-    Whatever a peer advertised (names, aliases, addresses) is printed through it; one character in,
-    one out, so table columns stay aligned. Newlines and tabs are ours and pass."""
-
-    def __init__(self, target: TextIO) -> None:
-        self._target = target
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, s: str) -> int:
-        self._target.write(terminal_safe(s))
-        return len(s)
-
-    def flush(self) -> None:
-        self._target.flush()
-
-
-def terminal_safe(text: str) -> str:
-    return "".join(
-        c if c in "\n\t" or unicodedata.category(c) not in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp") else "?"
-        for c in text
-    )
-
-
 async def _run_node(config: NodeConfig) -> None:
     from node.daemon import Node  # heavy imports (llama.cpp) only for the commands that need them
 
@@ -211,6 +204,10 @@ async def _run_node(config: NodeConfig) -> None:
         await node.stop()
 
 
+def _api_key(args: argparse.Namespace) -> str | None:
+    return args.api_key or os.environ.get("MESHLLM_API_KEY") or None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -219,8 +216,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "node" and args.node_command == "join":
             asyncio.run(_run_node(_config(args)))
         elif args.command == "peers":
-            with contextlib.redirect_stdout(_TerminalSafe(sys.stdout)):
+            with contextlib.redirect_stdout(TerminalSafe(sys.stdout)):
                 return print_peers(args.url, as_json=args.json)
+        elif args.command == "status":
+            from node.status_command import print_status
+
+            with contextlib.redirect_stdout(TerminalSafe(sys.stdout)):
+                return print_status(args.url, api_key=_api_key(args), as_json=args.json)
+        elif args.command == "chat":
+            from node.chat_command import run_chat
+
+            params = {k: v for k, v in (("max_tokens", args.max_tokens), ("temperature", args.temperature))
+                      if v is not None}
+            return run_chat(args.url, args.model, args.prompt, api_key=_api_key(args), system=args.system,
+                            params=params)
     except (ModelFileError, EngineLoadError, ValueError) as e:
         print(f"meshllm: error: {e}", file=sys.stderr)
         return 2
