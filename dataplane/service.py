@@ -14,7 +14,7 @@ from dataplane import rpc
 from dataplane.liveness import Beating
 from dataplane.load_gate import LoadGate
 from dataplane.local import embed_local, local_stream
-from dataplane.stage_sessions import peer_host
+from dataplane.stage_sessions import peer_key
 from dataplane.status import abort
 from dataplane.wire import (
     decode_embed_request,
@@ -119,7 +119,7 @@ class NodeService:
         except rpc.PayloadError as e:
             await abort(context, BadRequest(str(e)))
         try:
-            async with self._gate.admit(peer_host(context.peer()), digest, start, end):
+            async with self._gate.admit(peer_key(context), digest, start, end):
                 await self._load_shard(digest, start, end)
         except ValueError as e:  # not offered, over budget, another range held, bad range
             await abort(context, Refused(str(e)))

@@ -38,7 +38,7 @@ from dataplane.channels import PeerChannels
 from dataplane.liveness import Beating
 from dataplane.next_stage import NextStage
 from dataplane.service import IsMember, authorise
-from dataplane.stage_sessions import FRAME_TIMEOUT_S, SessionBook, peer_host, per_peer_cap
+from dataplane.stage_sessions import FRAME_TIMEOUT_S, SessionBook, peer_key, per_peer_cap
 from dataplane.stage_wire import Header, decode_chain, decode_header, decode_reply, encode_reply
 from dataplane.status import abort
 from dataplane.wire import decode_request, encode_chunk
@@ -133,7 +133,7 @@ class PipelineService:
     async def pipeline_generate(self, request: bytes, context: grpc.aio.ServicerContext) -> None:
         await authorise(context, self._token, self._is_member)
         async with Beating(context) as out:
-            error = await self._generate(request, out, peer_host(context.peer()))
+            error = await self._generate(request, out, peer_key(context))
         if error is not None:
             await abort(context, error)
 
@@ -197,7 +197,7 @@ class PipelineService:
     async def forward(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
         await authorise(context, self._token, self._is_member)
         async with Beating(context) as out:
-            error = await self._forward(requests.__aiter__(), out, peer_host(context.peer()))
+            error = await self._forward(requests.__aiter__(), out, peer_key(context))
         if error is not None:
             await abort(context, error)
 

@@ -1,10 +1,12 @@
 """The book of a stage's sessions: a cap per peer, and idle deadlines from each session's step cadence.
 
-KV slots are few (8 by default). One member must not hold them all: a peer (the host a call comes
-from; without mTLS the only identity a member cannot choose) may hold at most `per_peer` sessions at
-once (loopback callers are exempt: a cap by host cannot tell apart the processes of one machine, and a
-one-machine mesh runs every stage there), and a session whose next step is later than `IDLE_FACTOR` x its usual gap (at least
-`IDLE_FLOOR_S`) is closed, freeing its slot (issue 11, finding 8). Pure; the clock is passed in.
+KV slots are few (8 by default). One member must not hold them all: a peer may hold at most
+`per_peer` sessions at once. A peer is the node id its client certificate proves under mTLS
+(`peer_key`), so nodes sharing a machine or a NAT are told apart; without mTLS
+(--insecure-data-plane) it is the host a call comes from, the only identity a member cannot choose,
+and loopback hosts are exempt there (a cap by host cannot tell apart the processes of one machine). A
+session whose next step is later than `IDLE_FACTOR` x its usual gap (at least `IDLE_FLOOR_S`) is
+closed, freeing its slot (issue 11, finding 8). Pure; the clock is passed in.
 """
 
 from __future__ import annotations
@@ -14,7 +16,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import grpc
+
 from core.errors import Busy
+from dataplane.rpc import peer_node_id
+
+NODE_PREFIX = "node:"  # keys of peers known by node id; any other key is a host
 
 IDLE_FLOOR_S = 10.0  # a session with a steady cadence is closed after this long without a step, at least
 IDLE_FACTOR = 20.0
@@ -36,6 +43,12 @@ def peer_host(peer: str) -> str:
     if kind == "ipv4":
         return rest.rpartition(":")[0]
     return peer  # unix sockets and others: the whole string
+
+
+def peer_key(context: grpc.aio.ServicerContext) -> str:
+    """Who a call counts against: 'node:<id>' when mTLS proved the client's node id, else its host."""
+    node_id = peer_node_id(context)
+    return NODE_PREFIX + node_id if node_id else peer_host(context.peer())
 
 
 def is_loopback(host: str) -> bool:
@@ -61,7 +74,8 @@ class SessionBook:
 
     def open(self, sid: str, peer: str) -> None:
         """Books `sid` for `peer`, or raises Busy when that peer already holds its share."""
-        if not is_loopback(peer) and self.held_by(peer) >= self.per_peer:
+        exempt = not peer.startswith(NODE_PREFIX) and is_loopback(peer)  # a host key on loopback only
+        if not exempt and self.held_by(peer) >= self.per_peer:
             raise Busy(1, f"this peer already holds {self.per_peer} stage sessions here")
         self._sessions[sid] = _Entry(peer, self.clock())
 

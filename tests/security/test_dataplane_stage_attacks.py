@@ -13,6 +13,7 @@ import urllib.request
 from dataclasses import dataclass
 
 import grpc
+import psutil
 import pytest
 from mesh_member import Member
 
@@ -40,11 +41,7 @@ def complete(url: str, max_tokens: int = 8) -> dict:
 
 
 def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
+    return psutil.Process(pid).memory_info().rss
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +139,51 @@ def test_lying_and_huge_activations_fail_alone_and_memory_stays(mesh):
     assert complete(nodes["G"].url)["choices"][0]["text"]
 
 
+async def _hold_sessions(peer: Peer, s2_id: str, digest: str, n: int, then) -> list[grpc.StatusCode | None]:
+    """Opens n Forward sessions on S2 (a header each, no activation yet), one by one, runs `then()` in a
+    thread while they are held, and hangs up. A session's status is None while it stays open."""
+    async with peer.channel() as channel:
+        method = channel.stream_stream(rpc.method_path("Forward"), request_serializer=rpc.identity,
+                                       response_deserializer=rpc.identity)
+        calls, codes = [], []
+        for _ in range(n):
+            call = method(metadata=META, timeout=25)
+            await call.write(rpc.pack(header(s2_id, digest)))
+            calls.append(call)
+            try:  # refused at once, or held: heartbeats come every 0.5 s while it waits for a step
+                await asyncio.wait_for(call.read(), 3)
+                codes.append(None)
+            except grpc.aio.AioRpcError as e:
+                codes.append(e.code())
+        await asyncio.to_thread(then)
+        for call in calls:
+            call.cancel()
+    return codes
+
+
+def test_one_member_holds_at_most_its_share_of_slots_even_from_loopback(mesh):
+    """The cap counts the node id the member's certificate proves, not its host: loopback, where every
+    node of this mesh lives, is not exempt. The other members' requests still find a slot, and the
+    stage's memory returns once the sessions close."""
+    nodes, ids = mesh
+    s2 = ids["S2"]
+    digest = get_json(nodes["G"].url + "/v1/models")["data"][0]["meshllm"]["digest"]
+    pid = nodes["S2"].proc.pid
+    complete(nodes["G"].url)  # warm: the first request's allocations are not the attack's
+    before = rss_bytes(pid)
+    answers = []
+    codes = asyncio.run(_hold_sessions(s2, s2.node_id, digest, 4, lambda: answers.append(complete(nodes["G"].url))))
+    # S2 runs 4 KV slots (--kv-sessions default): one peer holds at most 3
+    assert codes == [None, None, None, grpc.StatusCode.RESOURCE_EXHAUSTED], codes
+    assert answers and answers[0]["choices"][0]["text"]  # served while the member held its 3 slots
+    time.sleep(1.0)  # the stage closes the hung-up sessions
+    for _ in range(3):
+        assert complete(nodes["G"].url)["choices"][0]["text"]  # every slot is free again
+    grown = rss_bytes(pid) - before
+    print(f"S2 RSS after the sessions closed: {grown / 2**20:+.1f} MiB")
+    assert grown < 64 << 20
+
+
 def test_a_stopped_stage_is_detected_within_5_s(mesh):
     """Runs last: SIGSTOPs the last stage mid-stream."""
     nodes, _ = mesh
@@ -167,3 +209,4 @@ def test_a_stopped_stage_is_detected_within_5_s(mesh):
     print(f"stopped stage detected in {detected_s:.2f} s")
     assert error is not None
     assert detected_s < 5.0, f"took {detected_s:.1f} s"
+
