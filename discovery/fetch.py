@@ -1,4 +1,10 @@
-"""Fetching a peer's signed advert over HTTP (`GET /mesh/advert`), with a timeout and a size cap."""
+"""Fetching a peer's signed advert over HTTP (`GET /mesh/advert`), with a timeout and a size cap.
+
+A node on a LAN answers `GET /mesh/advert` only to members: the request carries `ADVERT_TOKEN_HEADER`,
+a token derived from the mesh secret for this purpose alone. HTTP is plaintext, so a LAN sniffer can
+read it, as it can read the adverts that travel by multicast; that is why it is not the gRPC token: a
+sniffed advert token fetches adverts and nothing else.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +12,15 @@ from collections.abc import Awaitable, Callable
 
 import aiohttp
 
-from discovery.envelope import MAX_ENVELOPE_BYTES
+from discovery.envelope import MAX_ENVELOPE_BYTES, derive_subkey
 
 FETCH_TIMEOUT_S = 2.0
+ADVERT_TOKEN_HEADER = "X-Meshllm-Mesh"
+
+
+def advert_token(mesh_key: bytes) -> str:
+    """What a member sends with `GET /mesh/advert`; 64 hex characters."""
+    return derive_subkey(mesh_key, "advert-fetch").hex()
 
 # (host, port_http, port_grpc) -> the raw signed envelope; raises FetchError (or OSError/timeout)
 FetchAdvert = Callable[[str, int, int], Awaitable[bytes]]
@@ -25,8 +37,9 @@ class AdvertTooLarge(FetchError):
 class HttpAdvertFetcher:
     """One pooled aiohttp session for all peers; call close() when discovery stops."""
 
-    def __init__(self, timeout_s: float = FETCH_TIMEOUT_S) -> None:
+    def __init__(self, timeout_s: float = FETCH_TIMEOUT_S, token: str = "") -> None:
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._headers = {ADVERT_TOKEN_HEADER: token} if token else {}
         self._session: aiohttp.ClientSession | None = None
 
     async def __call__(self, host: str, port_http: int, port_grpc: int) -> bytes:
@@ -34,7 +47,7 @@ class HttpAdvertFetcher:
             self._session = aiohttp.ClientSession(timeout=self._timeout)
         url = f"http://{_host_for_url(host)}:{port_http}/mesh/advert"
         try:
-            async with self._session.get(url, allow_redirects=False) as resp:  # no redirects: only that address
+            async with self._session.get(url, allow_redirects=False, headers=self._headers) as resp:  # no redirects: only that address
                 if resp.status != 200:
                     raise FetchError(f"{url}: HTTP {resp.status}")
                 data = await _read_capped(resp.content, MAX_ENVELOPE_BYTES)

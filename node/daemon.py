@@ -16,6 +16,7 @@ from dataplane.load_gate import LoadGate
 from dataplane.tls import MeshTls
 from discovery.advert import Addresses, Load, ModelAdvert, NodeAdvert, Resources
 from discovery.envelope import derive_subkey, mesh_key_from_secret
+from discovery.fetch import HttpAdvertFetcher, advert_token
 from discovery.identity import Identity
 from discovery.netaddr import WILDCARDS, announce_ips
 from discovery.peer_table import PeerTable
@@ -25,7 +26,7 @@ from engine.runner import EngineRunner
 from gateway.app import build_app
 from node.config import NodeConfig, is_loopback, lan_mode
 from node.idle_unload import RangeUse, Usage, idle_ranges
-from node.mesh_routes import add_mesh_routes
+from node.mesh_routes import add_mesh_routes, advert_handler
 from node.model_loader import ModelManager
 from node.observability import Observability
 from node.resources import probe_resources
@@ -64,6 +65,9 @@ class Node:
         # we accept as clients only the certificates of the members in our PeerTable right now
         self.tls = None if config.insecure_data_plane else MeshTls(self.node_id, lambda: self.table.tls_certs(time.time()))
         self.channels = PeerChannels(token, tls=self.tls)
+        # GET /mesh/advert: we fetch with the mesh's advert token, and on a LAN answer only those who send it
+        self._fetcher = HttpAdvertFetcher(token=advert_token(self.mesh_key))
+        self.advert_token_required = advert_token(self.mesh_key) if self.lan else None
         self.discovery = Discovery(
             self.identity,
             self.mesh_key,
@@ -75,6 +79,7 @@ class Node:
             libp2p_port=config.libp2p_port,
             bootstrap=config.bootstrap,
             host_ip=disc_host,
+            fetch_advert=self._fetcher,
         )
         self.router = MeshRouter(self.name, self.local, self.self_advert, self.peer_adverts, self.channels, self.describe_self)
         self.observability = Observability(self)  # /metrics, /mesh/stats, the dashboard
@@ -202,11 +207,7 @@ class Node:
     async def _start_mesh_site(self) -> web.AppRunner:
         """Only GET /mesh/advert, on every address (an ephemeral port), for LAN peers' fetches."""
         app = web.Application()
-
-        async def advert(_request: web.Request) -> web.StreamResponse:
-            return web.Response(body=self.discovery.signed_advert(), content_type="application/octet-stream")
-
-        app.router.add_get("/mesh/advert", advert)
+        app.router.add_get("/mesh/advert", advert_handler(self.discovery.signed_advert, self.advert_token_required))
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, "0.0.0.0", 0).start()
@@ -233,6 +234,7 @@ class Node:
             self._grpc = None
         log.debug("stop: channels and engines")
         await self.channels.close()
+        await self._fetcher.close()
         await asyncio.to_thread(self.local.close)
         log.debug("stop: done")
 

@@ -19,6 +19,7 @@ from discovery_forgeries import forgeries, signed
 from discovery_mesh_helpers import get_json, mesh_secret, node_id, start_parallel
 
 from discovery.envelope import decode_signed, derive_subkey, mesh_key_from_secret
+from discovery.fetch import ADVERT_TOKEN_HEADER, advert_token
 from discovery.identity import Identity
 from discovery.libp2p_host import Libp2pHost
 from discovery.mdns import Mdns
@@ -78,7 +79,7 @@ def test_forged_adverts_over_mdns_are_refused_and_counted(node_factory: Callable
                 fakes.append(await _fake_mdns_peer(lambda body=body: body))
             # replay: a genuine advert of the victim, captured now and served once the node holds a newer one;
             # it names the victim's address, not the server it came from: refused as address_mismatch
-            captured = await asyncio.to_thread(_get_bytes, victim.url + "/mesh/advert")
+            captured = await asyncio.to_thread(_get_bytes, victim.url + "/mesh/advert", advert_token(mesh_key))
             # a newcomer makes the victim re-publish (a new seq) at once, so the capture becomes a replay
             await asyncio.to_thread(node_factory, "newcomer", *args)
             await _victim_seq_after(node.url, victim_id, decode_signed(captured, mesh_key).seq)
@@ -140,10 +141,10 @@ def test_forged_adverts_over_libp2p_are_refused_and_counted(node_factory: Callab
     assert node.proc.poll() is None
 
 
-def _get_bytes(url: str) -> bytes:
+def _get_bytes(url: str, token: str) -> bytes:
     import urllib.request
 
-    with urllib.request.urlopen(url, timeout=5) as resp:
+    with urllib.request.urlopen(urllib.request.Request(url, headers={ADVERT_TOKEN_HEADER: token}), timeout=5) as resp:
         return resp.read()
 
 

@@ -17,13 +17,15 @@ from dataplane import rpc
 from dataplane.tls import MeshTls
 from discovery.advert import Addresses, Load, NodeAdvert, Resources
 from discovery.envelope import decode_signed, derive_subkey, encode_signed, mesh_key_from_secret
+from discovery.fetch import ADVERT_TOKEN_HEADER, advert_token
 from discovery.identity import Identity
 from discovery.lan_multicast import GROUP, PORT
 
 
 def node_endpoint(url: str, mesh_key: bytes) -> tuple[str, str, str]:
     """(node id, gRPC address, certificate PEM) from a node's own signed advert at GET /mesh/advert."""
-    with urllib.request.urlopen(url + "/mesh/advert", timeout=10) as resp:
+    request = urllib.request.Request(url + "/mesh/advert", headers={ADVERT_TOKEN_HEADER: advert_token(mesh_key)})
+    with urllib.request.urlopen(request, timeout=10) as resp:
         advert = decode_signed(resp.read(), mesh_key)
     return advert.node_id, advert.addresses.grpc, advert.tls_cert
 
