@@ -8,6 +8,10 @@ pays only a lock round trip; N streams in flight decode together, so one weight 
 Threads resubmit at slightly different times (sampling, detokenizing), so a leader that finds fewer
 steps queued than sessions open waits up to `gather_s` for the rest before it runs: without that,
 four streams settle into batches of one or two.
+
+A batch may leave a step unfinished (a long prompt runs one chunk per batch, between other
+sessions' decode steps: continuous batching with chunked prefill). Such a step goes back to the
+front of the queue, and its thread keeps waiting or leads the next batch.
 """
 
 from __future__ import annotations
@@ -30,7 +34,12 @@ class Step:
     last: str = "last"  # ShardModel.prefill's `last`; "hidden" for embeddings
     result: torch.Tensor | None = None
     error: BaseException | None = None
-    done: bool = field(default=False)
+    done: bool = field(default=False)  # set by run_batch with result or error
+    offset: int = 0  # positions of x already run (chunked prefill)
+    parts: list[torch.Tensor] = field(default_factory=list)  # outputs of the chunks run so far
+
+    def finish(self, result: torch.Tensor | None = None, error: BaseException | None = None) -> None:
+        self.result, self.error, self.done = result, error, True
 
 
 class StepCombiner:
@@ -41,7 +50,7 @@ class StepCombiner:
         expected: Callable[[], int] = lambda: 1,
         gather_s: float = 0.0,
     ) -> None:
-        self._run_batch = run_batch  # sets result (or error) on every step it is given
+        self._run_batch = run_batch  # finishes (result or error) the steps it completes, advances others
         self._expected = expected  # how many steps a full batch would hold (open sessions)
         self._gather_s = gather_s
         self._cond = threading.Condition()
@@ -65,6 +74,7 @@ class StepCombiner:
                     self._run(batch)
                 finally:
                     self._cond.acquire()
+                    self._queue[:0] = [s for s in batch if not s.done]  # unfinished prompts go first
                     self._running = False
                     self._cond.notify_all()
         for s in steps:
@@ -89,6 +99,4 @@ class StepCombiner:
         except BaseException as e:  # noqa: BLE001 - hand the failure to every waiter, not only the leader
             for s in batch:
                 if not s.done:
-                    s.error = e
-        for s in batch:
-            s.done = True
+                    s.finish(error=e)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.kv_cache import KVCacheFull
 from engine.linear import WEIGHTS_FORMS, LinearFactory, WeightsForm
 from engine.model_file import ModelFile
 from engine.sampling import SamplerState, sample
@@ -24,6 +25,9 @@ from engine.types import Chunk, GenerationRequest, SamplingParams
 from shard.config import ModelConfig
 from shard.loader import default_dtype, load_shard
 from shard.spec import ShardSpec
+
+_CHUNK_CPU = 128  # ~0.1 s of SmolLM2 prefill on 2 cores: the longest a decode step waits for a prompt
+_CHUNK_CUDA = 512  # compute-bound already at 8B; larger only delays other sessions' tokens
 
 
 class SessionError(Exception):
@@ -40,6 +44,7 @@ class _Session:
     n_past: int = 0  # positions [0, n_past) are in the KV cache
     sampler: SamplerState | None = None
     busy: bool = False
+    closed: bool = False  # closed while a step was in flight: its slot is freed when the step ends
 
 
 class TorchShardEngine:
@@ -56,6 +61,9 @@ class TorchShardEngine:
         batch_wait_s: float = 0.002,
         weights: WeightsForm = "quantized",
         kv_dtype: torch.dtype | None = None,
+        kv_tokens: int | None = None,
+        prefill_chunk: int | None = None,
+        cuda_graphs: bool = True,
     ) -> None:
         if weights not in WEIGHTS_FORMS:
             raise ValueError(f"weights must be one of {WEIGHTS_FORMS}")
@@ -78,8 +86,13 @@ class TorchShardEngine:
         self.weights_form: WeightsForm = weights
         self.shard = ShardModel(
             shard_weights, LinearFactory(weights, dev, act, self._ggml), max_sessions=max_sessions,
-            max_context=min(max_context, self.config.context_length), kv_dtype=kv_dtype,
+            max_context=min(max_context, self.config.context_length), kv_dtype=kv_dtype, kv_tokens=kv_tokens,
+            cuda_graphs=cuda_graphs,
         )
+        # prompt positions per batch: a long prompt runs in chunks between other sessions' decode steps
+        self.prefill_chunk = prefill_chunk or (_CHUNK_CPU if self.shard.device.type == "cpu" else _CHUNK_CUDA)
+        if self.prefill_chunk < 1:
+            raise ValueError("prefill_chunk must be >= 1")
         del shard_weights
         self.device = self.shard.device
         self.tokenizer = GGUFTokenizer(model_file.path)
@@ -126,14 +139,26 @@ class TorchShardEngine:
             self._sessions[session_id] = _Session(slot=self._free.pop(), sampler=sampler)
 
     def close_session(self, session_id: str) -> bool:
-        """Frees the session's KV slot; returns False when it was not open (closing twice is fine)."""
+        """Frees the session's KV slot and blocks (once its step in flight, if any, ends); returns False
+        when it was not open (closing twice is fine)."""
         with self._lock:
             session = self._sessions.pop(session_id, None)
             if session is None:
                 return False
-            self._free.append(session.slot)
-            self._slot_freed.notify()
+            session.closed = True
+            if not session.busy:
+                self._free_slot(session.slot)
             return True
+
+    def _free_slot(self, slot: int) -> None:
+        """Holding the lock: the slot's blocks back to the pool, the slot to the free list."""
+        self.shard.release(slot)
+        self._free.append(slot)
+        self._slot_freed.notify()
+
+    @property
+    def kv_free_blocks(self) -> int:
+        return self.shard.kv.free_blocks
 
     def session_length(self, session_id: str) -> int:
         """Positions of the session already in the KV cache (the next input starts there)."""
@@ -155,7 +180,7 @@ class TorchShardEngine:
             raise ValueError("session_ids, inputs and positions must have the same length")
         if len(set(session_ids)) != len(session_ids):
             raise SessionError("a session may appear once per call")
-        steps = []
+        steps, sessions = [], []
         with self._lock:
             for sid, x, pos in zip(session_ids, inputs, positions, strict=True):
                 s = self._get(sid)
@@ -168,19 +193,20 @@ class TorchShardEngine:
                         f"{s.n_past} cached positions within the context of {self.max_context}"
                     )
                 steps.append(Step(slot=s.slot, x=x, start_pos=pos))
-            for sid in session_ids:
-                self._sessions[sid].busy = True
+                sessions.append(s)
+            for s in sessions:
+                s.busy = True
         outputs = None
         try:
             outputs = self._combiner.submit(steps)
         finally:
             with self._lock:
-                for sid, x, pos in zip(session_ids, inputs, positions, strict=True):
-                    done = self._sessions.get(sid)
-                    if done is not None:  # else closed meanwhile (cancel): nothing to update
-                        done.busy = False
-                        if outputs is not None:
-                            done.n_past = pos + x.shape[0]
+                for s, x, pos in zip(sessions, inputs, positions, strict=True):
+                    s.busy = False
+                    if s.closed:  # closed meanwhile (cancel): its blocks were kept for this step
+                        self._free_slot(s.slot)
+                    elif outputs is not None:
+                        s.n_past = pos + x.shape[0]
         return outputs
 
     def prefill_stage(self, session_id: str, x: torch.Tensor, start_pos: int) -> torch.Tensor:
@@ -263,15 +289,32 @@ class TorchShardEngine:
             raise SessionError(f"session {sid!r}: this stage takes {want}, not {x.dtype} {list(x.shape)}")
 
     def _run_batch(self, batch: list[Step]) -> None:
-        """Prompts run one by one; single-token steps of distinct sessions run as one decode. Each step
-        gets its own result or error: one failing step never fails another session's."""
-        singles = [s for s in batch if s.x.shape[0] == 1 and s.last == "last"]
+        """One scheduler iteration: every queued single-token step of distinct sessions as one decode,
+        then prompt chunks of up to `prefill_chunk` positions, oldest first, `prefill_chunk` in all.
+        A prompt left unfinished stays queued for the next iteration. Each step gets its own result or
+        error: one failing step never fails another session's."""
         for s in batch:
-            if s.x.shape[0] > 1 or s.last != "last":
+            if s.offset == 0:  # a step's blocks, before it joins a batch: a full pool fails this step only
                 try:
-                    s.result = self.shard.prefill(s.slot, s.x, s.start_pos, last=s.last)  # type: ignore[arg-type]
-                except Exception as e:  # noqa: BLE001 - this step's failure, handed to its caller
-                    s.error = e
+                    self.shard.kv.ensure(s.slot, s.start_pos + s.x.shape[0])
+                except (KVCacheFull, ValueError) as e:
+                    s.finish(error=SessionError(str(e)) if isinstance(e, KVCacheFull) else e)
+        live = [s for s in batch if not s.done]
+        singles = [s for s in live if s.x.shape[0] == 1 and s.last == "last"]
+        self._decode(singles)
+        # Chunks are cut at fixed offsets of each prompt, whatever else is queued: ggml rounds an
+        # M-row product by M, so a prompt's numbers (and tokens) must not depend on its neighbours.
+        used = 0
+        for s in live:
+            if s.done:
+                continue
+            n = min(s.x.shape[0] - s.offset, self.prefill_chunk)
+            if used and used + n > self.prefill_chunk:
+                break
+            used += n
+            self._prefill_chunk(s, n)
+
+    def _decode(self, singles: list[Step]) -> None:
         if not singles:
             return
         try:
@@ -283,9 +326,25 @@ class TorchShardEngine:
                 raise
             for s in singles:
                 try:
-                    s.result = self.shard.decode([s.slot], s.x, [s.start_pos])
+                    s.finish(self.shard.decode([s.slot], s.x, [s.start_pos]))
                 except Exception as e:  # noqa: BLE001
-                    s.error = e
+                    s.finish(error=e)
             return
         for i, s in enumerate(singles):
-            s.result = out[i : i + 1]
+            s.finish(out[i : i + 1])
+
+    def _prefill_chunk(self, s: Step, n: int) -> None:
+        """Runs positions [offset, offset + n) of a step's input; finishes the step after its last chunk."""
+        final = s.offset + n == s.x.shape[0]
+        keep_all = not self.spec.is_last or s.last in ("all", "hidden")  # every position's output
+        last = s.last if final or keep_all else "none"  # no head matmul for a prompt's early chunks
+        try:
+            out = self.shard.prefill(s.slot, s.x[s.offset : s.offset + n], s.start_pos + s.offset, last=last)  # type: ignore[arg-type]
+        except Exception as e:  # noqa: BLE001 - this step's failure, handed to its caller
+            s.finish(error=e)
+            return
+        s.offset += n
+        if keep_all:
+            s.parts.append(out)
+        if final:
+            s.finish(torch.cat(s.parts) if keep_all and len(s.parts) > 1 else (s.parts[0] if keep_all else out))

@@ -1,15 +1,21 @@
-"""A layer range in plain torch with a slotted KV cache; the block of each architecture is in its own
+"""A layer range in plain torch over a paged KV cache; the block of each architecture is in its own
 module (engine/arch_llama.py: llama, mistral, qwen2; engine/arch_gemma3.py), chosen by the config.
 
-gpt-fast style: the KV cache is preallocated per layer as [slots, kv_heads, max_context, head_dim]
-and written at each token's position. A slot holds one session (one request), so several sessions
-are in flight at once; `decode` runs one new token of each of several sessions (each at its own
-position) in a single forward, which is what lets throughput grow with concurrent streams.
+K and V live in fixed-size blocks (engine/kv_cache.py) that sessions take as they grow; a "slot" is a
+session's row of the block table. `prefill` runs new positions of one session (a prompt, or a chunk
+of one); `decode` runs one new token of each of several sessions, each at its own position, in one
+forward, which is what lets throughput grow with concurrent streams.
+
+On CUDA a decode step has static shapes: positions, slots and block numbers are device tensors, and
+attention reads keys where they lie through the block table (engine/paged_attention.py), so the
+step is captured once per batch-size bucket in a CUDA graph and replayed (engine/decode_graphs.py).
+On CPU the same step runs eagerly, attention one session at a time over exactly its own keys: ggml's
+8-bit activations turn the last-bit differences of a padded, masked batch into different tokens, and
+concurrent requests must not change each other's output.
 
 The first stage takes token ids, later stages take hidden states; the last stage returns logits.
-Positions are host-side ints (the caller's bookkeeping), so the step loop never reads the device.
-Sliding-window layers (Gemma 3) mask keys at or beyond `sliding_window` positions behind the query
-and use their own RoPE table; their cache still reserves `max_context` per slot.
+Sliding-window layers (Gemma 3) skip keys `sliding_window` or more positions behind the query and use
+their own RoPE table; their cache still keeps every position.
 """
 
 from __future__ import annotations
@@ -23,18 +29,29 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from engine import arch_gemma3, arch_llama
 from engine.arch_llama import rms_norm
+from engine.decode_graphs import DecodeGraphs
+from engine.kv_cache import PagedKVCache
 from engine.linear import LinearFactory
+from engine.paged_attention import (
+    decode_attention_cuda,
+    decode_attention_dense,
+    decode_attention_host,
+    triton_supported,
+)
 from shard.config import ModelConfig
 from shard.loader import ShardWeights
 from shard.spec import ShardSpec
 
-LastOutput = Literal["last", "all", "hidden"]
+LastOutput = Literal["last", "all", "hidden", "none"]  # "none": fill the cache only
 # architecture -> module with make_layer(LayerWeights) and block(config, layer, h, cos, sin, attend)
 _ARCH_MODULES = {"gemma3": arch_gemma3}
+_BLOCK_SIZE = 32  # positions per KV block: tl.dot needs >= 16; larger wastes more of a last block
 
 
 class ShardModel:
-    """Layers `[spec.start, spec.end)` with a KV cache of `max_sessions` slots x `max_context` tokens."""
+    """Layers `[spec.start, spec.end)` with a paged KV cache: `max_sessions` sessions of up to
+    `max_context` positions each, sharing a pool of `kv_tokens` positions (default: enough for all
+    sessions at full length)."""
 
     def __init__(
         self,
@@ -44,6 +61,9 @@ class ShardModel:
         max_sessions: int = 8,
         max_context: int = 2048,
         kv_dtype: torch.dtype | None = None,
+        kv_tokens: int | None = None,
+        block_size: int | None = None,
+        cuda_graphs: bool = True,
     ) -> None:
         c = weights.config
         if max_sessions < 1 or not 1 <= max_context <= c.context_length:
@@ -63,15 +83,13 @@ class ShardModel:
         self.layers: list[Any] = [self._arch.make_layer(lw, linears) for lw in weights.layers]
         weights.layers = []  # drop the loader's references now rather than when the caller lets go
         # 16-bit KV by default: fp16 on CPU (llama.cpp's cache type), the activation dtype on CUDA.
-        # CPU SDPA is ~7x slower in 16-bit, so attention reads the slot's keys upcast to fp32.
+        # CPU SDPA is ~7x slower in 16-bit, so attention reads a session's keys upcast to fp32.
         self.kv_dtype = kv_dtype or (torch.float16 if self.device.type == "cpu" else self.dtype)
-        cache_shape = (max_sessions, c.n_kv_heads, max_context, c.head_dim)
-        # CPU attention reads only positions a session has written (per-session decode, prefill up to
-        # its end), so the cache can start unwritten: its pages become resident as sessions grow, as
-        # paged KV would. CUDA's batched decode reads masked keys past a session (0 x garbage = NaN).
-        new = torch.empty if self.device.type == "cpu" else torch.zeros
-        self.k_cache = [new(cache_shape, device=self.device, dtype=self.kv_dtype) for _ in self.layers]
-        self.v_cache = [new(cache_shape, device=self.device, dtype=self.kv_dtype) for _ in self.layers]
+        self.kv = PagedKVCache(
+            len(self.layers), c.n_kv_heads, c.head_dim, max_sessions=max_sessions, max_context=max_context,
+            pool_tokens=kv_tokens or max_sessions * max_context, block_size=block_size or _BLOCK_SIZE,
+            device=self.device, dtype=self.kv_dtype,
+        )
         self.sliding = [c.is_sliding(i) for i in range(self.spec.start, self.spec.end)]  # per local layer
         self.window = c.sliding_window
         # RoPE tables [max_context, head_dim]: global layers, and sliding ones (own base, no scaling)
@@ -85,6 +103,11 @@ class ShardModel:
             self.cos_swa, self.sin_swa = rope_table(
                 c.rope_base_swa, c.rope_dim, max_context, 1.0, None, self.device, self.dtype, interleaved=il
             )
+        on_cuda = self.device.type == "cuda"
+        self._triton = on_cuda and triton_supported(c.head_dim, c.n_heads, c.n_kv_heads)
+        self.graphs: DecodeGraphs | None = None
+        if on_cuda and cuda_graphs:
+            self.graphs = DecodeGraphs(self._decode_on_device, max_sessions, c.hidden_size, self.device, self.dtype)
 
     # -- public steps -------------------------------------------------------------------------
 
@@ -97,7 +120,12 @@ class ShardModel:
         x: token ids [T] on the first stage, hidden states [T, hidden] otherwise.
         Returns hidden [T, hidden] on non-last stages; on the last stage logits [1, vocab] for
         `last="last"`, [T, vocab] for "all", or the final-normed hidden [T, hidden] for "hidden".
+        Raises KVCacheFull when the pool has no block for the new positions.
         """
+        t = x.shape[0]
+        if not 0 <= slot < self.max_sessions or t < 1 or start_pos < 0 or start_pos + t > self.max_context:
+            raise ValueError(f"slot {slot} positions [{start_pos}, {start_pos + t}) out of range")
+        self.kv.ensure(slot, start_pos + t)
         with _attention_backends(self.device):
             return self._prefill(slot, x, start_pos, last)
 
@@ -108,33 +136,54 @@ class ShardModel:
         x: token ids [B] on the first stage, hidden states [B, hidden] otherwise.
         Returns hidden [B, hidden], or logits [B, vocab] on the last stage.
         """
+        b = len(slots)
+        if b != len(positions) or b != x.shape[0] or b == 0:
+            raise ValueError("slots, positions and x must have the same, non-zero length")
+        if len(set(slots)) != b or not all(0 <= s < self.max_sessions for s in slots):
+            raise ValueError(f"bad slots {slots}")
+        if min(positions) < 0 or max(positions) >= self.max_context:
+            raise ValueError(f"positions {positions} out of range")
+        for s, p in zip(slots, positions, strict=True):
+            self.kv.ensure(s, p + 1)
+        h = self._embed(x)  # [B, hidden]; host-side embedding rows on CUDA, so outside any graph
+        if self.device.type == "cpu":
+            return self._decode_on_host(h, slots, positions)
+        self.kv.sync_table()
+        idx = torch.tensor([positions, slots], dtype=torch.int64).pin_memory()  # one copy in
+        if self.graphs is not None:
+            return self.graphs.run(h, idx, self.kv.pad_slot)
         with _attention_backends(self.device):
-            return self._decode(slots, x, positions)
+            return self._decode_on_device(h, idx.to(self.device, non_blocking=True))
+
+    def release(self, slot: int) -> None:
+        """Returns the session's KV blocks to the pool (its positions are forgotten)."""
+        self.kv.release(slot)
+
+    # -- steps ----------------------------------------------------------------------------------
 
     def _prefill(self, slot: int, x: torch.Tensor, start_pos: int, last: LastOutput) -> torch.Tensor:
         t = x.shape[0]
         end = start_pos + t
-        if not 0 <= slot < self.max_sessions or t < 1 or start_pos < 0 or end > self.max_context:
-            raise ValueError(f"slot {slot} positions [{start_pos}, {end}) out of range")
         h = self._embed(x).unsqueeze(0)  # [1, T, hidden]
         pos = torch.arange(start_pos, end, device=self.device)
         cos, sin = self.cos[pos][None, None], self.sin[pos][None, None]  # [1, 1, T, D]
         cos_swa, sin_swa = self.cos_swa[pos][None, None], self.sin_swa[pos][None, None]
         keys_full = self._prefill_keys(start_pos, pos, 0)  # (first key, mask [1, 1, T, keys] | None)
         keys_swa = self._prefill_keys(start_pos, pos, self.window) if any(self.sliding) else keys_full
+        write = self.kv.write_index(slot, start_pos, end).to(self.device)
         scale = self.config.attn_scale
         for i, layer in enumerate(self.layers):
-            kc, vc = self.k_cache[i], self.v_cache[i]
+            kc, vc = self.kv.k[i].flatten(0, 1), self.kv.v[i].flatten(0, 1)  # [blocks * size, Hkv, D]
             lo, mask = keys_swa if self.sliding[i] else keys_full
 
             def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-                kc[slot, :, start_pos:end] = k[0]  # noqa: B023 - called within this iteration
-                vc[slot, :, start_pos:end] = v[0]  # noqa: B023
+                kc.index_copy_(0, write, k[0].transpose(0, 1).to(kc.dtype))  # noqa: B023 - this iteration's
+                vc.index_copy_(0, write, v[0].transpose(0, 1).to(vc.dtype))  # noqa: B023
+                keys, values = self.kv.gather(i, slot, lo, end)  # noqa: B023 - [Hkv, end - lo, D]
                 # contiguous copies: CPU SDPA with enable_gqa is ~10x slower on strided views
-                keys = kc[slot : slot + 1, :, lo:end].to(q.dtype).contiguous()  # noqa: B023 - [1, Hkv, end - lo, D]
-                values = vc[slot : slot + 1, :, lo:end].to(q.dtype).contiguous()  # noqa: B023
                 return F.scaled_dot_product_attention(
-                    q, keys, values, attn_mask=mask, is_causal=mask is None and t > 1,  # noqa: B023
+                    q, keys.to(q.dtype).contiguous()[None], values.to(q.dtype).contiguous()[None],
+                    attn_mask=mask, is_causal=mask is None and t > 1,  # noqa: B023
                     scale=scale, enable_gqa=True,
                 )
 
@@ -158,96 +207,65 @@ class ShardModel:
         age = pos[:, None] - torch.arange(lo, end, device=self.device)[None, :]  # [T, end - lo]
         return lo, ((age >= 0) & (age < window))[None, None]
 
-    def _decode(self, slots: list[int], x: torch.Tensor, positions: list[int]) -> torch.Tensor:
-        b = len(slots)
-        if b != len(positions) or b != x.shape[0]:
-            raise ValueError("slots, positions and x must have the same length")
-        if b == 1 and self.device.type != "cpu":
-            # views of the cache, no gather. On CPU a lone session takes the batched path too, so a
-            # session's step is the same computation alone or in a batch: ggml's 8-bit activations
-            # turn the last-bit differences of two attention kernels into different tokens.
-            return self._prefill(slots[0], x, positions[0], "last")
-        if len(set(slots)) != b or not all(0 <= s < self.max_sessions for s in slots):
-            raise ValueError(f"bad slots {slots}")
-        if min(positions) < 0 or max(positions) >= self.max_context:
-            raise ValueError(f"positions {positions} out of range")
+    def _decode_on_host(self, h: torch.Tensor, slots: list[int], positions: list[int]) -> torch.Tensor:
+        """CPU decode: writes and attention from host bookkeeping, each session over its own keys."""
         c = self.config
-        n_keys = max(positions) + 1  # attend over the longest session; shorter ones are masked
-        pos = torch.tensor(positions, device=self.device)
-        # Row indices into a layer's cache seen as [slots * Hkv * max_context, D], computed once per
-        # step, so each layer writes and gathers with one index_copy_ / index_select kernel.
-        heads = torch.tensor(slots, device=self.device)[:, None] * c.n_kv_heads + torch.arange(
-            c.n_kv_heads, device=self.device
-        )  # [B, Hkv]
-        write_rows = (heads * self.max_context + pos[:, None]).flatten()  # [B * Hkv]
-        h = self._embed(x).unsqueeze(1)  # [B, 1, hidden]
-        cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]  # [B, 1, 1, D]
-        cos_swa, sin_swa = self.cos_swa[pos][:, None, None], self.sin_swa[pos][:, None, None]
-        per_session = self.device.type == "cpu"  # CPU attends per session (_attend_each): no gather, no mask
-        if not per_session:
-            keys_at = torch.arange(n_keys, device=self.device)
-            read_rows = (heads[:, :, None] * self.max_context + keys_at).flatten()  # [B * Hkv * n_keys]
-            # additive mask [B, 1, 1, n_keys]: 0 where key <= the session's position, -inf past it
-            mask = torch.zeros(b, 1, 1, n_keys, device=self.device, dtype=self.dtype)
-            mask.masked_fill_((keys_at[None, :] > pos[:, None])[:, None, None], float("-inf"))
-            mask_swa = mask
-            if any(self.sliding) and max(positions) >= self.window:  # and keys window or more behind
-                too_old = (pos[:, None] - keys_at[None, :] >= self.window)[:, None, None]
-                mask_swa = mask.masked_fill(too_old, float("-inf"))
-        scale = c.attn_scale
-        rep = c.n_heads // c.n_kv_heads
-        gathered = (b, c.n_kv_heads, n_keys, c.head_dim)
+        write = torch.cat([self.kv.write_index(s, p, p + 1) for s, p in zip(slots, positions, strict=True)])
+        pos = torch.tensor(positions)
+        rope_full = self.cos[pos][:, None, None], self.sin[pos][:, None, None]  # [B, 1, 1, D]
+        rope_swa = self.cos_swa[pos][:, None, None], self.sin_swa[pos][:, None, None]
+        h = h.unsqueeze(1)  # [B, 1, hidden]
         for i, layer in enumerate(self.layers):
-            kc, vc = self.k_cache[i].view(-1, c.head_dim), self.v_cache[i].view(-1, c.head_dim)
+            kc, vc = self.kv.k[i].flatten(0, 1), self.kv.v[i].flatten(0, 1)
+            window = self.window if self.sliding[i] else 0
 
             def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-                # k, v: [B, Hkv, 1, D], written at (slot_b, :, pos_b)
-                kc.index_copy_(0, write_rows, k.reshape(-1, c.head_dim).to(kc.dtype))  # noqa: B023
-                vc.index_copy_(0, write_rows, v.reshape(-1, c.head_dim).to(vc.dtype))  # noqa: B023
-                if per_session:
-                    return self._attend_each(i, slots, positions, q)  # noqa: B023
-                keys = kc.index_select(0, read_rows).view(gathered).to(q.dtype)  # noqa: B023 - [B, Hkv, n_keys, D]
-                values = vc.index_select(0, read_rows).view(gathered).to(q.dtype)  # noqa: B023
-                # one query per head: fold each KV group's query heads into the query axis, which
-                # needs no GQA support from the kernel (CUDA's masked GQA falls back to math)
-                o = F.scaled_dot_product_attention(
-                    q.reshape(b, c.n_kv_heads, rep, c.head_dim), keys, values,
-                    attn_mask=mask_swa if self.sliding[i] else mask, scale=scale,  # noqa: B023
-                )  # o: [B, Hkv, rep, D]
-                return o.reshape(b, c.n_heads, 1, c.head_dim)
+                kc.index_copy_(0, write, k[:, :, 0].to(kc.dtype))  # noqa: B023 - k: [B, Hkv, 1, D]
+                vc.index_copy_(0, write, v[:, :, 0].to(vc.dtype))  # noqa: B023
+                o = decode_attention_host(
+                    q[:, :, 0], self.kv, i, slots, positions, window=window, scale=c.attn_scale  # noqa: B023
+                )
+                return o[:, :, None]
 
-            rope = (cos_swa, sin_swa) if self.sliding[i] else (cos, sin)
+            rope = rope_swa if self.sliding[i] else rope_full
             h = self._arch.block(c, layer, h, *rope, attend)
         return self._finish(h[:, 0], "all")
 
-    def _attend_each(self, layer: int, slots: list[int], positions: list[int], q: torch.Tensor) -> torch.Tensor:
-        """CPU decode attention, one session at a time over exactly its own keys (q: [B, H, 1, D]).
+    def _decode_on_device(self, h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """CUDA decode with fixed shapes and no host sync: h [B, hidden], idx [2, B] int64 on the device
+        (positions, slots). Captured per batch bucket by DecodeGraphs; padded rows use the pad slot."""
+        c, kv = self.config, self.kv
+        pos, slots = idx[0], idx[1]
+        table = kv.table_dev.index_select(0, slots)  # [B, max_blocks] int32
+        block = table.gather(1, (pos // kv.block_size)[:, None])[:, 0].long()
+        write = block * kv.block_size + pos % kv.block_size  # [B]
+        seq_lens = (pos + 1).to(torch.int32)
+        rope_full = self.cos[pos][:, None, None], self.sin[pos][:, None, None]  # [B, 1, 1, D]
+        rope_swa = self.cos_swa[pos][:, None, None], self.sin_swa[pos][:, None, None]
+        h = h.unsqueeze(1)
+        for i, layer in enumerate(self.layers):
+            kc, vc = kv.k[i], kv.v[i]
+            kf, vf = kc.flatten(0, 1), vc.flatten(0, 1)
+            window = self.window if self.sliding[i] else 0
 
-        A padded, masked batch gives the same values up to the last bit, and ggml's 8-bit activations
-        turn such bits into different tokens; alone and batched must agree, since concurrent requests
-        must not change each other's output. On CPU this costs ~50 us per session and layer, next to
-        matmuls that cost the same per session batched or not."""
-        kc, vc = self.k_cache[layer], self.v_cache[layer]
-        window = self.window if self.sliding[layer] else 0
-        out = []
-        for b, (slot, p) in enumerate(zip(slots, positions, strict=True)):
-            lo = max(0, p - window + 1) if window else 0
-            keys = kc[slot : slot + 1, :, lo : p + 1].to(q.dtype).contiguous()  # [1, Hkv, keys, D]
-            values = vc[slot : slot + 1, :, lo : p + 1].to(q.dtype).contiguous()
-            out.append(F.scaled_dot_product_attention(
-                q[b : b + 1], keys, values, scale=self.config.attn_scale, enable_gqa=True
-            ))  # fmt: skip
-        return torch.cat(out)  # [B, H, 1, D]
+            def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                kf.index_copy_(0, write, k[:, :, 0].to(kf.dtype))  # noqa: B023
+                vf.index_copy_(0, write, v[:, :, 0].to(vf.dtype))  # noqa: B023
+                # a head size the kernel does not tile: exact, but reads every block of the table
+                attention = decode_attention_cuda if self._triton else decode_attention_dense
+                o = attention(
+                    q[:, :, 0], kc, vc, table, seq_lens, window=window, scale=c.attn_scale  # noqa: B023
+                )
+                return o[:, :, None]
 
-    def clear_slot(self, slot: int) -> None:
-        """Zeroes a slot's cache; not needed for correctness (positions beyond a session are masked)."""
-        for kc, vc in zip(self.k_cache, self.v_cache, strict=True):
-            kc[slot].zero_()
-            vc[slot].zero_()
+            rope = rope_swa if self.sliding[i] else rope_full
+            h = self._arch.block(c, layer, h, *rope, attend)
+        return self._finish(h[:, 0], "all")
 
     # -- pieces -------------------------------------------------------------------------------
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Token ids [T] (first stage) or hidden states [T, hidden] -> [T, hidden] on the device."""
         if self.spec.is_first:
             if x.dtype not in (torch.int32, torch.int64) or x.dim() != 1:
                 raise ValueError("the first stage takes token ids [T]")
@@ -263,6 +281,8 @@ class ShardModel:
         """h: [N, hidden] -> hidden (middle stages), or normed hidden / float32 logits (last stage)."""
         if not self.spec.is_last:
             return h
+        if last == "none":
+            return h[:0]
         if last == "last":
             h = h[-1:]
         assert self.output_norm is not None and self.output is not None  # the last stage has them

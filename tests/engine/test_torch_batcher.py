@@ -18,7 +18,7 @@ def test_concurrent_steps_run_as_one_batch() -> None:
     def run(batch: list[Step]) -> None:
         sizes.append(len(batch))
         for s in batch:
-            s.result = s.x * 10
+            s.finish(s.x * 10)
 
     combiner = StepCombiner(run, expected=lambda: 4, gather_s=5.0)
     results: dict[int, int] = {}
@@ -35,7 +35,7 @@ def test_concurrent_steps_run_as_one_batch() -> None:
 
 
 def test_single_stream_does_not_wait() -> None:
-    combiner = StepCombiner(lambda b: [setattr(s, "result", s.x) for s in b], expected=lambda: 1, gather_s=60)
+    combiner = StepCombiner(lambda b: [s.finish(s.x) for s in b], expected=lambda: 1, gather_s=60)
     assert [int(r) for r in combiner.submit([_step(1), _step(2)])] == [1, 2]
 
 
@@ -44,7 +44,7 @@ def test_failure_reaches_every_step_and_the_combiner_recovers() -> None:
         if any(int(s.x) == 13 for s in batch):
             raise RuntimeError("bad step")
         for s in batch:
-            s.result = s.x
+            s.finish(s.x)
 
     combiner = StepCombiner(run)
     with pytest.raises(RuntimeError):

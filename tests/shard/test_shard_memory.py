@@ -101,7 +101,7 @@ gc.collect()
 before = rss()
 e = TorchShardEngine(model, spec=spec, max_sessions=int(sessions), max_context=int(ctx), weights=form,
                      threads=1)
-for kc, vc in zip(e.shard.k_cache, e.shard.v_cache):  # pages count once touched: touch them as a full run would
+for kc, vc in zip(e.shard.kv.k, e.shard.kv.v):  # pages count once touched: touch them as a full run would
     kc.fill_(1); vc.fill_(1)
 x = torch.arange(8) if spec.is_first else torch.zeros(8, config.hidden_size)
 e.open_session("s")

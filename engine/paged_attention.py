@@ -1,0 +1,109 @@
+"""Decode attention over the paged KV cache: one query token per session, keys found by block table.
+
+CUDA: a Triton split-K ("flash decoding") kernel. Its grid is (sessions, kv heads, splits); each
+program walks only the blocks of its split that hold the session's keys, for all the query heads of
+one KV head (GQA), and a few torch ops merge the splits. Lengths and block numbers are read from
+device tensors, so the launch has fixed shapes and replays from a CUDA graph as sessions grow.
+There is no per-step gather of K/V: each key is read once, where it lies.
+
+CPU: one scaled_dot_product_attention per session over exactly its own keys (the batch-invariance
+reason is in ShardModel's docstring). Both take the same inputs, so tests compare them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from engine.kv_cache import PagedKVCache
+
+_TARGET_SPLITS = 16  # enough programs to fill a GPU at batch 1; more only adds merge work
+
+
+def splits_for(max_blocks: int) -> tuple[int, int]:
+    """(blocks per split, number of splits) for a table of `max_blocks` columns."""
+    per = max(1, -(-max_blocks // _TARGET_SPLITS))
+    return per, -(-max_blocks // per)
+
+
+def triton_supported(head_dim: int, n_heads: int, n_kv_heads: int) -> bool:
+    """The kernel's tiles need a power-of-two head size of 16..256 and at most 16 query heads per KV head."""
+    rep = n_heads // n_kv_heads
+    return 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0 and 1 <= rep <= 16
+
+
+def decode_attention_cuda(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    window: int,
+    scale: float,
+) -> torch.Tensor:
+    """q [B, H, D]; caches [n_blocks, block_size, Hkv, D]; table [B, max_blocks] int32 (block ids);
+    seq_lens [B] int32 (keys 0..len-1 exist). Keys older than `window` are skipped (0: none).
+    Returns [B, H, D] in q's dtype. No host sync."""
+    from engine.paged_attention_triton import paged_decode  # triton: CUDA machines only
+
+    return paged_decode(q, k_cache, v_cache, table, seq_lens, window=window, scale=scale)
+
+
+def decode_attention_host(
+    q: torch.Tensor,
+    kv: PagedKVCache,
+    layer: int,
+    slots: list[int],
+    positions: list[int],
+    *,
+    window: int,
+    scale: float,
+) -> torch.Tensor:
+    """The same attention with host bookkeeping: q [B, H, D] -> [B, H, D]; session b in slots[b]
+    attends to its keys [max(0, p - window + 1), p] (p = positions[b])."""
+    out = []
+    for b, (slot, p) in enumerate(zip(slots, positions, strict=True)):
+        lo = max(0, p - window + 1) if window else 0
+        k, v = kv.gather(layer, slot, lo, p + 1)  # [Hkv, L, D]
+        # contiguous copies in q's dtype: CPU SDPA is far slower in 16-bit and on strided views
+        k, v = k.to(q.dtype).contiguous(), v.to(q.dtype).contiguous()
+        o = F.scaled_dot_product_attention(
+            q[b : b + 1, :, None], k[None], v[None], scale=scale, enable_gqa=True
+        )  # [1, H, 1, D]
+        out.append(o[:, :, 0])
+    return torch.cat(out)
+
+
+def decode_attention_dense(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    window: int,
+    scale: float,
+) -> torch.Tensor:
+    """`decode_attention_cuda`'s contract in plain torch: every session reads all of its table's
+    blocks and masks what it does not own. Fixed shapes (graph-safe) but reads max_context keys per
+    session: the fallback where the kernel does not apply, and the kernel's reference in tests."""
+    b, h, d = q.shape
+    _, bs, hkv, _ = k_cache.shape
+    rows = table.long()  # [B, max_blocks]
+    n = rows.shape[1] * bs
+    keys = k_cache[rows].reshape(b, n, hkv, d).transpose(1, 2).to(q.dtype)  # [B, Hkv, n, D]
+    values = v_cache[rows].reshape(b, n, hkv, d).transpose(1, 2).to(q.dtype)
+    at = torch.arange(n, device=q.device)
+    lens = seq_lens.long()[:, None]
+    ok = at[None, :] < lens
+    if window:
+        ok &= at[None, :] >= lens - window
+    rep = h // hkv
+    # blocks hold stale numbers past a session's end (even NaN from an earlier owner): zero them
+    keep = ok[:, None, :, None]
+    keys, values = keys.masked_fill(~keep, 0), values.masked_fill(~keep, 0)
+    o = F.scaled_dot_product_attention(
+        q.reshape(b, hkv, rep, d), keys, values, attn_mask=ok[:, None, None], scale=scale
+    )  # [B, Hkv, rep, D]
+    return o.reshape(b, h, d)
