@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engine.arch_llama import Attend, rms_norm, rope
+from engine.arch_llama import Attend, rms_norm
 from engine.builtin_templates import GEMMA3_CHAT_TEMPLATE
 from engine.linear import Linear, LinearFactory
 from shard.config import ModelConfig
@@ -58,9 +58,7 @@ def make_layer(lw: LayerWeights, lin: LinearFactory) -> Gemma3Layer:
     )
 
 
-def block(
-    c: ModelConfig, layer: Gemma3Layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend
-) -> torch.Tensor:
+def block(c: ModelConfig, layer: Gemma3Layer, h: torch.Tensor, attend: Attend) -> torch.Tensor:
     """h: [B, T, hidden] -> [B, T, hidden]."""
     b, t, _ = h.shape
     eps = c.rms_eps
@@ -69,8 +67,7 @@ def block(
     q = rms_norm(q.view(b, t, c.n_heads, c.head_dim), layer.q_norm, eps).transpose(1, 2)  # [B, H, T, D]
     k = rms_norm(k.view(b, t, c.n_kv_heads, c.head_dim), layer.k_norm, eps).transpose(1, 2)  # [B, Hkv, T, D]
     v = v.view(b, t, c.n_kv_heads, c.head_dim).transpose(1, 2)  # v: [B, Hkv, T, D]
-    q, k = rope(q, cos, sin, interleaved=False), rope(k, cos, sin, interleaved=False)
-    o = attend(q, k, v)  # o: [B, H, T, D]
+    o = attend(q, k, v)  # o: [B, H, T, D]; RoPE by the caller (NEOX: rope_interleaved is False here)
     (o,) = layer.wo(o.transpose(1, 2).reshape(b, t, c.q_size))
     h = h + rms_norm(o, layer.post_attn_norm, eps)
     x = rms_norm(h, layer.ffn_norm, eps)

@@ -1,7 +1,7 @@
 """The Llama-family block (llama, mistral, qwen2): pre-norm GQA attention, SwiGLU FFN.
 
-Every weight matmul is a `Linear` (engine/linear.py: quantized or dense) on a field of `LlamaLayer`; the attention itself (KV cache,
-masks, scale) is the `attend` callback that `ShardModel` passes in, so a block knows no cache layout.
+Every weight matmul is a `Linear` (engine/linear.py: quantized or dense) on a field of `LlamaLayer`; the attention itself (RoPE,
+KV cache, masks, scale) is the `attend` callback that `ShardModel` passes in, so a block knows no cache layout.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from engine.linear import Linear, LinearFactory
 from shard.config import ModelConfig
 from shard.loader import LayerWeights
 
-# attend(q [B, H, T, D], k [B, Hkv, T, D], v [B, Hkv, T, D]) -> o [B, H, T, D]
+# attend(q [B, H, T, D], k [B, Hkv, T, D], v [B, Hkv, T, D]) -> o [B, H, T, D]; q and k arrive before
+# RoPE: the caller applies it with its position tables (on CUDA decode, fused with the cache write)
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -41,9 +42,7 @@ def make_layer(lw: LayerWeights, lin: LinearFactory) -> LlamaLayer:
     )
 
 
-def block(
-    c: ModelConfig, layer: LlamaLayer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend
-) -> torch.Tensor:
+def block(c: ModelConfig, layer: LlamaLayer, h: torch.Tensor, attend: Attend) -> torch.Tensor:
     """h: [B, T, hidden] -> [B, T, hidden]."""
     b, t, _ = h.shape
     x = rms_norm(h, layer.attn_norm, c.rms_eps)
@@ -51,7 +50,6 @@ def block(
     q = q.view(b, t, c.n_heads, c.head_dim).transpose(1, 2)  # q: [B, H, T, D]
     k = k.view(b, t, c.n_kv_heads, c.head_dim).transpose(1, 2)  # k: [B, Hkv, T, D]
     v = v.view(b, t, c.n_kv_heads, c.head_dim).transpose(1, 2)  # v: [B, Hkv, T, D]
-    q, k = rope(q, cos, sin, c.rope_interleaved), rope(k, cos, sin, c.rope_interleaved)
     o = attend(q, k, v)  # o: [B, H, T, D]
     h = h + layer.wo(o.transpose(1, 2).reshape(b, t, c.q_size))[0]
     x = rms_norm(h, layer.ffn_norm, c.rms_eps)

@@ -50,6 +50,25 @@ def decode_attention_cuda(
     return paged_decode(q, k_cache, v_cache, table, seq_lens, window=window, scale=scale)
 
 
+def rope_and_cache(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    pos: torch.Tensor,
+    write: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    interleaved: bool,
+) -> torch.Tensor:
+    """CUDA decode: RoPE at `pos` [B] on q [B, H, D] and k [B, Hkv, D], k and v written to cache rows
+    `write` [B]; one kernel where torch takes a dozen. Returns the rotated q. No host sync."""
+    from engine.paged_attention_triton import rope_and_cache as run
+
+    return run(q, k, v, cos, sin, pos, write, k_cache, v_cache, interleaved)
+
+
 def decode_attention_host(
     q: torch.Tensor,
     kv: PagedKVCache,

@@ -1,9 +1,14 @@
-"""The Triton kernel behind `paged_attention.decode_attention_cuda` (imported only on CUDA machines).
+"""The Triton kernels of CUDA decode (imported only where they run: CUDA, or Triton's interpreter).
 
-Program (b, g, s): session b, KV head g, split s. It loads the REP query heads that share KV head g
-(padded to 16 rows for tl.dot), walks the blocks [s * PER, (s + 1) * PER) that hold keys of the
-session (inside the sliding window when there is one) with an online softmax, and writes the
-split's running max, sum and weighted values. `paged_decode` merges the splits.
+- `_split_kernel`, program (b, g, s): session b, KV head g, split s. It loads the REP query heads
+  that share KV head g (padded to 16 rows for tl.dot), walks the blocks [s * PER, (s + 1) * PER)
+  that hold keys of the session (inside the sliding window when there is one) with an online
+  softmax, and writes the split's running max, sum and weighted values.
+- `_merge_kernel`, program (b, h): the splits of one query head, merged into its output.
+- `_rope_cache_kernel`, program (b, head): RoPE of one q or k head at the session's position, and
+  for a k head the write of k and v into the session's cache row.
+Each replaces a chain of small torch kernels: a decode step launches per layer about 15 kernels, not
+35, which is most of what a replayed CUDA graph still spends outside the matmuls.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import triton.language as tl
 
 from engine.paged_attention import splits_for
 
-_NEG = -1.0e30  # finite: an empty split merges with weight exp(-1e30 - m) = 0, never NaN
+_NEG = tl.constexpr(-1.0e30)  # finite: an empty split merges with weight exp(-1e30 - m) = 0, never NaN
 
 
 @triton.jit
@@ -100,6 +105,93 @@ def paged_decode(
         REP=rep, REP_P=max(16, triton.next_power_of_2(rep)), D=d, BS=bs, PER=per,
         num_warps=4, num_stages=2,
     )
-    w = torch.exp(m - m.amax(-1, keepdim=True))  # [B, H, S]
-    out = (acc * w[..., None]).sum(2) / (lsum * w).sum(-1)[..., None]
-    return out.to(q.dtype)
+    out = torch.empty_like(q)
+    _merge_kernel[(b, h)](
+        acc, m, lsum, out,
+        acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1), out.stride(0), out.stride(1),
+        S=splits, S_P=triton.next_power_of_2(splits), D=d, num_warps=4,
+    )
+    return out
+
+
+@triton.jit
+def _merge_kernel(
+    ACC, M, L, OUT,
+    s_ab, s_ah, s_as, s_mb, s_mh, s_ob, s_oh,
+    S: tl.constexpr, S_P: tl.constexpr, D: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    sp = tl.arange(0, S_P)
+    d = tl.arange(0, D)
+    ok = sp < S
+    m = tl.load(M + b * s_mb + h * s_mh + sp, mask=ok, other=_NEG)
+    lsum = tl.load(L + b * s_mb + h * s_mh + sp, mask=ok, other=0.0)
+    acc = tl.load(ACC + b * s_ab + h * s_ah + sp[:, None] * s_as + d[None, :], mask=ok[:, None], other=0.0)
+    w = tl.exp(m - tl.max(m, 0))  # [S_P]
+    o = tl.sum(acc * w[:, None], 0) / tl.sum(lsum * w, 0)
+    tl.store(OUT + b * s_ob + h * s_oh + d, o.to(OUT.dtype.element_ty))
+
+
+@triton.jit
+def _rope_cache_kernel(
+    Q, K, V, COS, SIN, POS, WRITE, KC, VC, QO,
+    s_qb, s_qh, s_kb, s_kh, s_vb, s_vh, s_cp, s_cr, s_ch, s_ob, s_oh,
+    H: tl.constexpr, HALF: tl.constexpr, INTERLEAVED: tl.constexpr,
+):
+    b = tl.program_id(0)
+    hh = tl.program_id(1)  # 0..H-1: a query head; H..H+Hkv-1: a KV head
+    p = tl.load(POS + b)
+    i = tl.arange(0, HALF)
+    if INTERLEAVED:  # pairs (x[2i], x[2i + 1]): llama.cpp's NORM layout
+        lo_i = 2 * i
+        hi_i = 2 * i + 1
+    else:  # pairs (x[i], x[i + D/2]): rotate_half
+        lo_i = i
+        hi_i = i + HALF
+    c = tl.load(COS + p * s_cp + lo_i).to(tl.float32)  # the tables hold each angle at both places
+    sn = tl.load(SIN + p * s_cp + lo_i).to(tl.float32)
+    if hh < H:
+        x0 = tl.load(Q + b * s_qb + hh * s_qh + lo_i).to(tl.float32)
+        x1 = tl.load(Q + b * s_qb + hh * s_qh + hi_i).to(tl.float32)
+        tl.store(QO + b * s_ob + hh * s_oh + lo_i, (x0 * c - x1 * sn).to(QO.dtype.element_ty))
+        tl.store(QO + b * s_ob + hh * s_oh + hi_i, (x1 * c + x0 * sn).to(QO.dtype.element_ty))
+    else:
+        g = hh - H
+        row = tl.load(WRITE + b)
+        x0 = tl.load(K + b * s_kb + g * s_kh + lo_i).to(tl.float32)
+        x1 = tl.load(K + b * s_kb + g * s_kh + hi_i).to(tl.float32)
+        dst = row * s_cr + g * s_ch
+        tl.store(KC + dst + lo_i, (x0 * c - x1 * sn).to(KC.dtype.element_ty))
+        tl.store(KC + dst + hi_i, (x1 * c + x0 * sn).to(KC.dtype.element_ty))
+        v0 = tl.load(V + b * s_vb + g * s_vh + lo_i)
+        v1 = tl.load(V + b * s_vb + g * s_vh + hi_i)
+        tl.store(VC + dst + lo_i, v0.to(VC.dtype.element_ty))
+        tl.store(VC + dst + hi_i, v1.to(VC.dtype.element_ty))
+
+
+def rope_and_cache(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    pos: torch.Tensor,
+    write: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    interleaved: bool,
+) -> torch.Tensor:
+    b, h, d = q.shape
+    hkv = k.shape[1]
+    if q.stride(2) != 1 or k.stride(2) != 1 or v.stride(2) != 1 or cos.stride(1) != 1:
+        raise ValueError("rope_and_cache needs the head dimension contiguous")
+    kc, vc = k_cache.flatten(0, 1), v_cache.flatten(0, 1)  # [rows, Hkv, D]
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    _rope_cache_kernel[(b, h + hkv)](
+        q, k, v, cos, sin, pos, write, kc, vc, out,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
+        kc.stride(0), kc.stride(1), out.stride(0), out.stride(1),
+        H=h, HALF=d // 2, INTERLEAVED=interleaved, num_warps=1,
+    )
+    return out

@@ -28,14 +28,15 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from engine import arch_gemma3, arch_llama
-from engine.arch_llama import rms_norm
+from engine.arch_llama import rms_norm, rope
 from engine.decode_graphs import DecodeGraphs
-from engine.kv_cache import PagedKVCache
+from engine.kv_cache import PagedKVCache, blocks_for
 from engine.linear import LinearFactory
 from engine.paged_attention import (
     decode_attention_cuda,
     decode_attention_dense,
     decode_attention_host,
+    rope_and_cache,
     triton_supported,
 )
 from shard.config import ModelConfig
@@ -43,7 +44,7 @@ from shard.loader import ShardWeights
 from shard.spec import ShardSpec
 
 LastOutput = Literal["last", "all", "hidden", "none"]  # "none": fill the cache only
-# architecture -> module with make_layer(LayerWeights) and block(config, layer, h, cos, sin, attend)
+# architecture -> module with make_layer(LayerWeights) and block(config, layer, h, attend)
 _ARCH_MODULES = {"gemma3": arch_gemma3}
 _BLOCK_SIZE = 32  # positions per KV block: tl.dot needs >= 16; larger wastes more of a last block
 
@@ -85,9 +86,10 @@ class ShardModel:
         # 16-bit KV by default: fp16 on CPU (llama.cpp's cache type), the activation dtype on CUDA.
         # CPU SDPA is ~7x slower in 16-bit, so attention reads a session's keys upcast to fp32.
         self.kv_dtype = kv_dtype or (torch.float16 if self.device.type == "cpu" else self.dtype)
+        bs = block_size or _BLOCK_SIZE
         self.kv = PagedKVCache(
             len(self.layers), c.n_kv_heads, c.head_dim, max_sessions=max_sessions, max_context=max_context,
-            pool_tokens=kv_tokens or max_sessions * max_context, block_size=block_size or _BLOCK_SIZE,
+            pool_tokens=kv_tokens or max_sessions * blocks_for(max_context, bs) * bs, block_size=bs,
             device=self.device, dtype=self.kv_dtype,
         )
         self.sliding = [c.is_sliding(i) for i in range(self.spec.start, self.spec.end)]  # per local layer
@@ -171,12 +173,15 @@ class ShardModel:
         keys_full = self._prefill_keys(start_pos, pos, 0)  # (first key, mask [1, 1, T, keys] | None)
         keys_swa = self._prefill_keys(start_pos, pos, self.window) if any(self.sliding) else keys_full
         write = self.kv.write_index(slot, start_pos, end).to(self.device)
-        scale = self.config.attn_scale
+        scale, il = self.config.attn_scale, self.config.rope_interleaved
         for i, layer in enumerate(self.layers):
             kc, vc = self.kv.k[i].flatten(0, 1), self.kv.v[i].flatten(0, 1)  # [blocks * size, Hkv, D]
             lo, mask = keys_swa if self.sliding[i] else keys_full
 
+            r = (cos_swa, sin_swa) if self.sliding[i] else (cos, sin)
+
             def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                q, k = rope(q, *r, il), rope(k, *r, il)  # noqa: B023 - called within this iteration
                 kc.index_copy_(0, write, k[0].transpose(0, 1).to(kc.dtype))  # noqa: B023 - this iteration's
                 vc.index_copy_(0, write, v[0].transpose(0, 1).to(vc.dtype))  # noqa: B023
                 keys, values = self.kv.gather(i, slot, lo, end)  # noqa: B023 - [Hkv, end - lo, D]
@@ -187,8 +192,7 @@ class ShardModel:
                     scale=scale, enable_gqa=True,
                 )
 
-            rope = (cos_swa, sin_swa) if self.sliding[i] else (cos, sin)
-            h = self._arch.block(self.config, layer, h, *rope, attend)
+            h = self._arch.block(self.config, layer, h, attend)
         return self._finish(h[0], last)
 
     def _prefill_keys(self, start_pos: int, pos: torch.Tensor, window: int) -> tuple[int, torch.Tensor | None]:
@@ -215,11 +219,14 @@ class ShardModel:
         rope_full = self.cos[pos][:, None, None], self.sin[pos][:, None, None]  # [B, 1, 1, D]
         rope_swa = self.cos_swa[pos][:, None, None], self.sin_swa[pos][:, None, None]
         h = h.unsqueeze(1)  # [B, 1, hidden]
+        il = c.rope_interleaved
         for i, layer in enumerate(self.layers):
             kc, vc = self.kv.k[i].flatten(0, 1), self.kv.v[i].flatten(0, 1)
             window = self.window if self.sliding[i] else 0
+            r = rope_swa if self.sliding[i] else rope_full
 
             def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                q, k = rope(q, *r, il), rope(k, *r, il)  # noqa: B023
                 kc.index_copy_(0, write, k[:, :, 0].to(kc.dtype))  # noqa: B023 - k: [B, Hkv, 1, D]
                 vc.index_copy_(0, write, v[:, :, 0].to(vc.dtype))  # noqa: B023
                 o = decode_attention_host(
@@ -227,8 +234,7 @@ class ShardModel:
                 )
                 return o[:, :, None]
 
-            rope = rope_swa if self.sliding[i] else rope_full
-            h = self._arch.block(c, layer, h, *rope, attend)
+            h = self._arch.block(c, layer, h, attend)
         return self._finish(h[:, 0], "all")
 
     def _decode_on_device(self, h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -240,26 +246,27 @@ class ShardModel:
         block = table.gather(1, (pos // kv.block_size)[:, None])[:, 0].long()
         write = block * kv.block_size + pos % kv.block_size  # [B]
         seq_lens = (pos + 1).to(torch.int32)
-        rope_full = self.cos[pos][:, None, None], self.sin[pos][:, None, None]  # [B, 1, 1, D]
-        rope_swa = self.cos_swa[pos][:, None, None], self.sin_swa[pos][:, None, None]
+        il = c.rope_interleaved
         h = h.unsqueeze(1)
         for i, layer in enumerate(self.layers):
             kc, vc = kv.k[i], kv.v[i]
-            kf, vf = kc.flatten(0, 1), vc.flatten(0, 1)
             window = self.window if self.sliding[i] else 0
+            tables = (self.cos_swa, self.sin_swa) if self.sliding[i] else (self.cos, self.sin)
 
             def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-                kf.index_copy_(0, write, k[:, :, 0].to(kf.dtype))  # noqa: B023
-                vf.index_copy_(0, write, v[:, :, 0].to(vf.dtype))  # noqa: B023
+                if self._triton:  # RoPE of q and k and the cache write in one kernel, then attention
+                    q1 = rope_and_cache(q[:, :, 0], k[:, :, 0], v[:, :, 0], *tables, pos, write, kc, vc, il)  # noqa: B023
+                    o = decode_attention_cuda(q1, kc, vc, table, seq_lens, window=window, scale=c.attn_scale)  # noqa: B023
+                    return o[:, :, None]
                 # a head size the kernel does not tile: exact, but reads every block of the table
-                attention = decode_attention_cuda if self._triton else decode_attention_dense
-                o = attention(
-                    q[:, :, 0], kc, vc, table, seq_lens, window=window, scale=c.attn_scale  # noqa: B023
-                )
+                cos, sin = (t[pos][:, None, None] for t in tables)  # noqa: B023
+                q, k = rope(q, cos, sin, il), rope(k, cos, sin, il)
+                kc.flatten(0, 1).index_copy_(0, write, k[:, :, 0].to(kc.dtype))  # noqa: B023
+                vc.flatten(0, 1).index_copy_(0, write, v[:, :, 0].to(vc.dtype))  # noqa: B023
+                o = decode_attention_dense(q[:, :, 0], kc, vc, table, seq_lens, window=window, scale=c.attn_scale)  # noqa: B023
                 return o[:, :, None]
 
-            rope = rope_swa if self.sliding[i] else rope_full
-            h = self._arch.block(c, layer, h, *rope, attend)
+            h = self._arch.block(c, layer, h, attend)
         return self._finish(h[:, 0], "all")
 
     # -- pieces -------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
     .venv/bin/python scripts/bench_torch_engine.py memory             # node RSS: torch vs llama.cpp
     .venv/bin/python scripts/bench_torch_engine.py cpu [--threads 2]  # decode tok/s vs llama.cpp, same GGUF
-    python scripts/bench_torch_engine.py gpu --preset llama3-8b       # H200: int4 vs bf16, batch 1/8/32
+    python scripts/bench_torch_engine.py gpu --preset llama3-8b       # H200: graphs vs eager, int4 vs bf16, vs HF
+    python scripts/bench_torch_engine.py gpu-engine --model PATH      # H200: generate at 1 and 32 streams
     .venv/bin/python scripts/bench_torch_engine.py parity smollm2-135m-instruct PATH.gguf  # vs llama.cpp
 
 memory: starts a `--engine torch` node and a llama.cpp node on the same GGUF with `--ctx-size 2048`,
@@ -10,8 +11,10 @@ sends each one request, and reads VmRSS of each process.
 cpu: greedy decode of the same prompt through TorchShardEngine (quantized and full weights) and
 LlamaCppEngine with the same thread count, on SmolLM2 and on a synthetic Llama-1B GGUF
 (scripts/synthetic_gguf.py), reporting tok/s, the weight bytes each token reads, and ratios.
-gpu: ShardModel.decode on random weights of a preset's shapes, int4 (quantized) against bf16, with the
-weight-bytes roofline from a measured device copy bandwidth.
+gpu: ShardModel.decode on random weights of a preset's shapes: CUDA graphs against the same step eager,
+int4 (quantized) against bf16, and HF transformers (static cache + torch.compile) on the same shapes,
+with shares of a measured device copy bandwidth (weights and KV cache read per step).
+gpu-engine: TorchShardEngine.generate on CUDA with 1 and N concurrent streams (threads), text out.
 """
 
 from __future__ import annotations
@@ -241,66 +244,135 @@ def _copy_bandwidth(dev: torch.device) -> float:
     return 2 * x.numel() * 10 / (time.perf_counter() - t0)  # read + write
 
 
-def bench_gpu(preset: str, tokens: int, batches: list[int]) -> None:
+def _kv_bytes_per_token(model) -> int:  # noqa: ANN001
+    c = model.config
+    return 2 * len(model.layers) * c.n_kv_heads * c.head_dim * model.kv_dtype.itemsize
+
+
+def _time_decode(model, slots: list[int], start: int, tokens: int) -> float:  # noqa: ANN001
+    """Seconds per batched decode step at positions start.. (3 warm-up steps first, which also capture
+    the bucket's graph); the positions are rewritten on each call, so every batch reads the same cache."""
+    x = torch.randint(0, 1000, (len(slots),))
+    for step in range(3):
+        model.decode(slots, x, [start + step] * len(slots))
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for step in range(tokens):
+        model.decode(slots, x, [start + 3 + step] * len(slots))
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / tokens
+
+
+def bench_gpu(preset: str, tokens: int, batches: list[int], context: int, hf_batches: list[int]) -> None:
+    """ShardModel.decode, CUDA graphs against the same fixed-shape step eager, bf16 and int4, against
+    HF transformers (static cache + torch.compile) on the same shapes; shares of the measured copy
+    bandwidth count the weights and the KV cache each step reads."""
     from engine.torch_model import ShardModel
 
     dev = torch.device("cuda")
     bw = _copy_bandwidth(dev)
     print(f"{preset} on {torch.cuda.get_device_name(dev)}, torch {torch.__version__}; "
-          f"copy bandwidth {bw / 1e12:.2f} TB/s")
+          f"copy bandwidth {bw / 1e12:.2f} TB/s; {context} tokens cached per session, {tokens} steps timed")
     results: dict[tuple[str, int], float] = {}
     for form in ("full", "quantized"):
         model = ShardModel(synthetic_weights(preset), _SyntheticLinears(form, dev),  # type: ignore[arg-type]
-                           max_sessions=max(batches), max_context=1024)
+                           max_sessions=max(batches), max_context=context + tokens + 8)
         weight_bytes = sum(la.qkv.nbytes + la.wo.nbytes + la.gate_up.nbytes + la.down.nbytes
                            for la in model.layers) + model.output.nbytes  # type: ignore[union-attr]
+        kv_token = _kv_bytes_per_token(model)
         label = "bf16" if form == "full" else "int4"
-        print(f"  {label}: {weight_bytes / 1e9:.2f} GB of weights read per step; batch-1 roofline "
-              f"{bw / weight_bytes:.0f} tok/s")
+        print(f"  {label}: {weight_bytes / 1e9:.2f} GB of weights per step; batch-1 roofline "
+              f"{bw / (weight_bytes + context * kv_token):.0f} tok/s")
+        for s in range(max(batches)):
+            model.prefill(s, torch.randint(0, 1000, (context,)), 0, last="none")
+        graphs = model.graphs
         for batch in batches:
             slots = list(range(batch))
-            for s in slots:
-                model.prefill(s, torch.randint(0, 1000, (512,)), 0)
-            x = torch.randint(0, 1000, (batch,))
-            for step in range(3):
-                model.decode(slots, x, [512 + step] * batch)
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for step in range(tokens):
-                model.decode(slots, x, [515 + step] * batch)
-            torch.cuda.synchronize()
-            dt = (time.perf_counter() - t0) / tokens
-            results[label, batch] = batch / dt
-            print(f"    batch {batch:2d}: {1000 * dt:6.2f} ms/step {batch / dt:8.1f} tok/s  "
-                  f"{weight_bytes / dt / bw:5.1%} of the weight roofline")
-        # the same batch-1 step replayed from one CUDA graph (fixed position): the device time alone,
-        # without the ~1,000 kernel launches per step that make eager decode host-bound
-        x1 = torch.tensor([7], device=dev)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                model.decode([0], x1, [600])
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            model.decode([0], x1, [600])
-        for _ in range(3):
-            graph.replay()
+            step_bytes = weight_bytes + batch * context * kv_token
+            for mode in ("graph", "eager"):
+                model.graphs = graphs if mode == "graph" else None
+                dt = _time_decode(model, slots, context, tokens)
+                results[f"{label}-{mode}", batch] = batch / dt
+                print(f"    batch {batch:3d} {mode:5s}: {1000 * dt:6.2f} ms/step {batch / dt:8.1f} tok/s  "
+                      f"{step_bytes / dt / bw:5.1%} of the copy bandwidth")
+        model.graphs = graphs
+        del model
+        torch.cuda.empty_cache()
+    for batch in hf_batches:
+        try:
+            results["hf", batch] = _hf_static_compile(preset, batch, context, tokens)
+            print(f"  HF transformers static cache + compile, batch {batch:3d}: {results['hf', batch]:8.1f} tok/s")
+        except Exception as e:  # noqa: BLE001 - the reference is optional; say why it is missing
+            print(f"  HF transformers batch {batch}: not measured ({type(e).__name__}: {str(e)[:200]})")
+        torch.cuda.empty_cache()
+    print("  ratios (graph):")
+    for batch in batches:
+        line = (f"    batch {batch:3d}: bf16 graph/eager {results['bf16-graph', batch] / results['bf16-eager', batch]:.2f}x"
+                f"  int4/bf16 {results['int4-graph', batch] / results['bf16-graph', batch]:.2f}x")
+        if ("hf", batch) in results:
+            line += f"  bf16/HF {results['bf16-graph', batch] / results['hf', batch]:.2f}x"
+        print(line)
+
+
+def _hf_static_compile(preset: str, batch: int, context: int, tokens: int) -> float:
+    """Decode tok/s of HF transformers' Llama with random bf16 weights of the preset's shapes, static
+    cache and torch.compile(mode="reduce-overhead"): the time of `tokens` extra generated tokens."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    n, h, heads, kv, ffn, vocab, base = PRESETS[preset]
+    cfg = LlamaConfig(hidden_size=h, intermediate_size=ffn, num_hidden_layers=n, num_attention_heads=heads,
+                      num_key_value_heads=kv, vocab_size=vocab, rope_theta=base,
+                      max_position_embeddings=context + 2 * tokens + 64)
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(cfg).eval()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    model.generation_config.cache_implementation = "static"
+    model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+    ids = torch.randint(0, 1000, (batch, context), device="cuda")
+
+    def run(n_new: int) -> float:
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        for _ in range(tokens):
-            graph.replay()
+        model.generate(ids, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=0)
         torch.cuda.synchronize()
-        dt = (time.perf_counter() - t0) / tokens
-        results[label + "-graph", 1] = 1 / dt
-        print(f"    batch  1 in one CUDA graph: {1000 * dt:6.2f} ms/step {1 / dt:8.1f} tok/s  "
-              f"{weight_bytes / dt / bw:5.1%} of the weight roofline")
-        del model, graph
-        torch.cuda.empty_cache()
-    for batch in batches:
-        print(f"  batch {batch:2d}: int4 / bf16 = {results['int4', batch] / results['bf16', batch]:.2f}x")
-    print(f"  batch  1, one CUDA graph: int4 / bf16 = {results['int4-graph', 1] / results['bf16-graph', 1]:.2f}x")
+        return time.perf_counter() - t0
+
+    for _ in range(2):  # compile prefill and decode graphs
+        run(tokens + 8)
+    short, long = run(8), run(tokens + 8)
+    return batch * tokens / (long - short)
+
+
+def bench_gpu_engine(model_path: str, tokens: int, batches: list[int]) -> None:
+    """End to end through TorchShardEngine.generate on CUDA: one thread per stream, text out."""
+    from engine.model_file import load_model_file
+    from engine.torch_engine import TorchShardEngine
+    from engine.types import GenerationRequest, SamplingParams
+
+    model = load_model_file(model_path)
+    engine = TorchShardEngine(model, device="cuda", max_sessions=max(batches), max_context=1024)
+    print(f"{model.alias} through TorchShardEngine.generate on {torch.cuda.get_device_name()}, "
+          f"{tokens} greedy tokens per stream")
+
+    def stream(i: int, out: list[float]) -> None:
+        req = GenerationRequest(f"b{i}", SamplingParams(temperature=0, max_tokens=tokens), prompt=PROMPT)
+        n = sum(1 for _ in engine.generate(req, threading.Event()))
+        out.append(n)
+
+    for batch in [1, *batches]:  # the first round warms up (captures the graphs)
+        counts: list[float] = []
+        threads = [threading.Thread(target=stream, args=(i, counts)) for i in range(batch)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        dt = time.perf_counter() - t0
+        print(f"  {batch:3d} streams: {sum(counts) / dt:8.1f} tok/s in all, {sum(counts) / dt / batch:6.1f} per stream")
+    engine.close()
 
 
 def main() -> None:
@@ -319,7 +391,13 @@ def main() -> None:
     g = sub.add_parser("gpu")
     g.add_argument("--preset", choices=sorted(PRESETS), default="llama3-8b")
     g.add_argument("--tokens", type=int, default=32)
-    g.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    g.add_argument("--context", type=int, default=512)
+    g.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64, 128])
+    g.add_argument("--hf-batches", type=int, nargs="*", default=[1, 64])
+    e = sub.add_parser("gpu-engine")
+    e.add_argument("--model", default="smollm2-135m-instruct")
+    e.add_argument("--tokens", type=int, default=128)
+    e.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     args = ap.parse_args()
     os.environ.setdefault("MESHLLM_QUIET", "1")
     if args.what == "memory":
@@ -328,8 +406,10 @@ def main() -> None:
         bench_parity(args.models, args.threads)
     elif args.what == "cpu":
         bench_cpu(args.threads, args.tokens, not args.no_synthetic)
+    elif args.what == "gpu":
+        bench_gpu(args.preset, args.tokens, args.batches, args.context, args.hf_batches)
     else:
-        bench_gpu(args.preset, args.tokens, args.batches)
+        bench_gpu_engine(args.model, args.tokens, args.batches)
 
 
 if __name__ == "__main__":

@@ -281,13 +281,30 @@ for heads, kv_heads, dim, block, dtype in [(4, 2, 16, 16, torch.float32), (9, 3,
         a = paged_decode(q, kv.k[0], kv.v[0], kv.table[slots].int(), lens.int(), window=window, scale=0.2)
         b = decode_attention_dense(q, kv.k[0], kv.v[0], kv.table[slots], lens, window=window, scale=0.2)
         worst = max(worst, (a.float() - b.float()).abs().max().item())
+
+from engine.arch_llama import rope
+from engine.paged_attention_triton import rope_and_cache
+from engine.torch_model import rope_table
+
+for interleaved in (True, False):  # RoPE fused with the cache write, against torch's rope + index_copy
+    kv = PagedKVCache(1, 2, 64, max_sessions=2, max_context=64, pool_tokens=128, block_size=16,
+                      device=torch.device("cpu"), dtype=torch.float32)
+    cos, sin = rope_table(10000.0, 64, 64, 1.0, None, torch.device("cpu"), torch.float32, interleaved=interleaved)
+    q, k, v = torch.randn(3, 6, 64, generator=g), torch.randn(3, 2, 64, generator=g), torch.randn(3, 2, 64, generator=g)
+    pos, write = torch.tensor([5, 0, 63]), torch.tensor([17, 3, 100])
+    q1 = rope_and_cache(q, k, v, cos, sin, pos, write, kv.k[0], kv.v[0], interleaved)
+    c, s_ = cos[pos][:, None], sin[pos][:, None]
+    worst = max(worst, (q1 - rope(q, c, s_, interleaved)).abs().max().item())
+    worst = max(worst, (kv.k[0].flatten(0, 1)[write] - rope(k, c, s_, interleaved)).abs().max().item())
+    worst = max(worst, (kv.v[0].flatten(0, 1)[write] - v).abs().max().item())
 print(worst)
 """
 
 
-def test_the_triton_decode_kernel_matches_dense_attention() -> None:
-    """The CUDA kernel itself, run by Triton's interpreter on CPU: GQA of 2, 3 and 4 heads per KV head,
-    head sizes 16/64/256, sliding windows, a long session over many splits and a pad row."""
+def test_the_triton_decode_kernels_match_torch() -> None:
+    """The CUDA kernels themselves, run by Triton's interpreter on CPU. Attention: GQA of 2, 3 and 4
+    heads per KV head, head sizes 16/64/256, sliding windows, a long session over many splits, a pad
+    row and stale NaN past a session's end. RoPE + cache write: both pair layouts."""
     pytest.importorskip("triton")
     import subprocess
     import sys
