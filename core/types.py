@@ -12,6 +12,9 @@ class FinishReason(enum.StrEnum):
     LENGTH = "length"
 
 
+MAX_GRAMMAR_CHARS = 256 << 10
+
+
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
     """OpenAI sampling parameters. `max_tokens=None` means "until the context is full"."""
@@ -25,6 +28,12 @@ class SamplingParams:
     max_tokens: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # (token id, bias) pairs added to the logits before anything else (OpenAI: -100..100).
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    # None: no log probabilities; k (0..20): the sampled token's logprob and the k most likely.
+    logprobs: int | None = None
+    # A llguidance grammar (JSON text, from engine/grammar.py) that masks the logits at each step.
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.temperature <= 2.0:
@@ -43,12 +52,19 @@ class SamplingParams:
             raise ValueError("frequency_penalty must be between -2 and 2")
         if len(self.stop) > 4:
             raise ValueError("at most 4 stop sequences")
+        if len(self.logit_bias) > 1024 or not all(-100.0 <= b <= 100.0 and t >= 0 for t, b in self.logit_bias):
+            raise ValueError("logit_bias: at most 1024 token ids, biases between -100 and 100")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise ValueError("logprobs must be between 0 and 20")
+        if self.grammar is not None and len(self.grammar) > MAX_GRAMMAR_CHARS:
+            raise ValueError(f"the grammar is longer than {MAX_GRAMMAR_CHARS} characters")
 
 
 @dataclass(frozen=True, slots=True)
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose KV the engine reused instead of computing
 
     @property
     def total_tokens(self) -> int:
@@ -72,6 +88,15 @@ class GenerationRequest:
             raise ValueError("set exactly one of prompt or messages")
 
 
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A sampled token's log probability and the most likely alternatives, as bytes of text."""
+
+    piece: bytes
+    logprob: float
+    top: tuple[tuple[bytes, float], ...] = ()
+
+
 @dataclass(slots=True)
 class Chunk:
     """A piece of generated output. The last chunk of a generation carries finish_reason and usage."""
@@ -80,3 +105,4 @@ class Chunk:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token id, when asked for

@@ -43,9 +43,10 @@ from dataplane.stage_wire import Header, decode_chain, decode_header, decode_rep
 from dataplane.status import abort
 from dataplane.wire import decode_request, encode_chunk
 from engine.local_models import LocalModel, LocalModels
+from engine.sampling import SamplerState, sample
 from engine.token_output import TokenOutput
 from engine.torch_engine import SessionError, SessionLimitError, TorchShardEngine
-from engine.torch_generate import prompt_tokens
+from engine.torch_generate import prompt_tokens, sampler_state
 from engine.types import check_context
 from placement.cluster import Stage
 from shard.activation_wire import ActivationAssembler, ActivationError, ActivationLimits
@@ -124,10 +125,11 @@ class PipelineService:
         self._on_step(engine.model.digest, x.shape[0], compute_s)
         return out
 
-    def _sample(self, engine: TorchShardEngine, sid: str, h: torch.Tensor, output: TokenOutput) -> tuple[Chunk, int]:
-        """The last stage's half of the token loop: sample, then text, EOS, stop strings, max_tokens."""
-        token = engine.sample([sid], h)[0]
-        return output.push(token), token
+    def _sample(self, state: SamplerState, h: torch.Tensor, output: TokenOutput) -> tuple[Chunk, int]:
+        """The last stage's half of the token loop: sample (grammar, logprobs: `state`), then text,
+        EOS, stop strings, max_tokens."""
+        token = sample([state], h)[0]
+        return output.push_sampled(token, state), token
 
     # --- stage 0 -------------------------------------------------------------------------------
     async def pipeline_generate(self, request: bytes, context: grpc.aio.ServicerContext) -> None:
@@ -169,6 +171,7 @@ class PipelineService:
         try:
             self._open(engine, sid, params if single else None)
             output = TokenOutput(engine.tokenizer, params.stop, len(ids), max_new) if single else None
+            state = sampler_state(params, engine.model.path, engine.device) if single else None
             if not single:
                 nxt = NextStage(self._channels, Header(sid, digest, chain[1:], params, len(ids), max_new))
             x, pos = torch.tensor(ids), 0
@@ -176,8 +179,8 @@ class PipelineService:
                 h = await self._run(engine, sid, x, pos)
                 book.step(sid)
                 pos += x.shape[0]
-                if output is not None:  # one stage holds it all: sample here
-                    chunk, token = self._sample(engine, sid, h, output)
+                if output is not None and state is not None:  # one stage holds it all: sample here
+                    chunk, token = self._sample(state, h, output)
                 else:
                     assert nxt is not None
                     chunk, token = decode_reply(await nxt.ask(h, pos - x.shape[0]))
@@ -231,6 +234,7 @@ class PipelineService:
         try:
             self._open(engine, sid, header.params if last else None)
             output = TokenOutput(engine.tokenizer, header.params.stop, header.prompt_len, header.max_new) if last else None
+            state = sampler_state(header.params, engine.model.path, engine.device) if last else None
             if not last:
                 nxt = NextStage(self._channels, header.onward())
             assembler = ActivationAssembler(ActivationLimits(engine.config.hidden_size, engine.max_context))
@@ -252,8 +256,8 @@ class PipelineService:
                 pos, x = done
                 book.step(sid)
                 h = await self._run(engine, sid, x.to(engine.device, dtype=engine.shard.dtype), pos)
-                if output is not None:
-                    await out.write(rpc.pack(encode_reply(*self._sample(engine, sid, h, output))))
+                if output is not None and state is not None:
+                    await out.write(rpc.pack(encode_reply(*self._sample(state, h, output))))
                 else:
                     assert nxt is not None
                     await out.write(rpc.pack(await nxt.ask(h, pos)))

@@ -10,7 +10,7 @@ from typing import Any
 
 from dataplane.rpc import PayloadError
 from engine.chat_template import ROLES
-from engine.types import Chunk, FinishReason, GenerationRequest, SamplingParams, Usage
+from engine.types import Chunk, FinishReason, GenerationRequest, SamplingParams, TokenLogprob, Usage
 
 DIGEST = re.compile(r"^[0-9a-f]{64}$")
 MAX_TEXT_CHARS = 4 << 20
@@ -25,7 +25,11 @@ _PARAM_TYPES: dict[str, tuple[type, ...]] = {
     "max_tokens": (int, type(None)),
     "presence_penalty": (float, int),
     "frequency_penalty": (float, int),
+    "logit_bias": (list,),
+    "logprobs": (int, type(None)),
+    "grammar": (str, type(None)),
 }
+MAX_TOP_LOGPROBS = 20
 
 
 def encode_request(digest: str, request: GenerationRequest) -> dict[str, Any]:
@@ -60,6 +64,11 @@ def decode_request(obj: dict[str, Any]) -> tuple[str, GenerationRequest]:
     stop = params_in.get("stop", [])
     if not all(isinstance(s, str) and len(s) <= 256 for s in stop):
         raise PayloadError("params.stop must hold strings")
+    bias = params_in.get("logit_bias", [])
+    if len(bias) > 1024 or not all(
+        isinstance(b, list) and len(b) == 2 and type(b[0]) is int and type(b[1]) in (int, float) for b in bias
+    ):
+        raise PayloadError("params.logit_bias must hold [token id, bias] pairs")
     messages_in = obj.get("messages")
     messages = None
     if messages_in is not None:
@@ -72,7 +81,8 @@ def decode_request(obj: dict[str, Any]) -> tuple[str, GenerationRequest]:
             messages.append({"role": m["role"], "content": _text(m.get("content"), "content")})
     prompt = obj.get("prompt")
     try:
-        params = SamplingParams(**{**params_in, "stop": tuple(stop)})
+        params = SamplingParams(**{**params_in, "stop": tuple(stop),
+                                   "logit_bias": tuple((t, float(b)) for t, b in bias)})
         request = GenerationRequest(
             request_id=_text(obj.get("rid", ""), "rid", 128),
             params=params,
@@ -90,8 +100,23 @@ def encode_chunk(chunk: Chunk) -> dict[str, Any]:
     if chunk.finish_reason is not None:
         frame["f"] = str(chunk.finish_reason)
     if chunk.usage is not None:
-        frame["u"] = [chunk.usage.prompt_tokens, chunk.usage.completion_tokens]
+        frame["u"] = [chunk.usage.prompt_tokens, chunk.usage.completion_tokens, chunk.usage.cached_tokens]
+    if chunk.logprobs:
+        frame["lp"] = [[lp.piece, lp.logprob, [list(alt) for alt in lp.top]] for lp in chunk.logprobs]
     return frame
+
+
+def _logprob(obj: Any) -> TokenLogprob:
+    if not (isinstance(obj, list) and len(obj) == 3 and isinstance(obj[0], bytes) and len(obj[0]) <= 256
+            and isinstance(obj[1], float) and isinstance(obj[2], list) and len(obj[2]) <= MAX_TOP_LOGPROBS):
+        raise PayloadError("bad logprobs")
+    top = []
+    for alt in obj[2]:
+        if not (isinstance(alt, list) and len(alt) == 2 and isinstance(alt[0], bytes) and len(alt[0]) <= 256
+                and isinstance(alt[1], float)):
+            raise PayloadError("bad logprobs")
+        top.append((alt[0], alt[1]))
+    return TokenLogprob(obj[0], obj[1], tuple(top))
 
 
 def decode_chunk(obj: dict[str, Any]) -> Chunk:
@@ -108,9 +133,14 @@ def decode_chunk(obj: dict[str, Any]) -> Chunk:
             raise PayloadError("bad finish reason") from None
     if "u" in obj:
         u = obj["u"]
-        if not (isinstance(u, list) and len(u) == 2 and all(isinstance(x, int) and x >= 0 for x in u)):
+        if not (isinstance(u, list) and len(u) in (2, 3) and all(isinstance(x, int) and x >= 0 for x in u)):
             raise PayloadError("bad usage")
-        chunk.usage = Usage(u[0], u[1])
+        chunk.usage = Usage(*u)
+    if "lp" in obj:
+        lps = obj["lp"]
+        if not isinstance(lps, list) or len(lps) > len(ids):
+            raise PayloadError("bad logprobs")
+        chunk.logprobs = [_logprob(lp) for lp in lps]
     return chunk
 
 

@@ -1,25 +1,36 @@
 """LlamaCppEngine: a whole GGUF model run by llama-cpp-python.
 
-We drive `Llama.generate` token by token (not `create_completion`) so that we own detokenisation,
-stop strings, usage counts and cancellation, and so that the token ids are visible to tests.
-`generate` keeps llama.cpp's KV cache between calls and reuses the longest common prefix, which is
-what makes prefix-affinity routing worthwhile.
+We run llama.cpp's forward pass ourselves (`Llama.eval`, one token at a time after the prompt) and
+sample from its logits with `engine/sampling.py`, the sampler every engine uses: so that we own
+detokenisation, stop strings, usage, cancellation, logit_bias, log probabilities and grammars.
+
+The KV cache stays between calls and the longest common prefix is reused (what makes prefix-affinity
+routing worthwhile), except for a seeded request: llama.cpp computes a prompt's logits differently
+(other batch shapes, other kernels) when part of it comes from the cache, so the same seed gave other
+text after a request that shared the prompt's prefix. A seeded request therefore prefills from
+scratch, unless the cache holds exactly the prompt of the last from-scratch prefill (saved with its
+logits): then the saved logits are bitwise what a fresh prefill gives, and `n` choices or repeated
+seeded requests share one prefill.
 """
 
 from __future__ import annotations
 
 import codecs
 import contextlib
+import ctypes
 import os
-import random
 import threading
 from collections.abc import Callable, Iterator
 
 import llama_cpp
+import numpy as np
+import torch
 
 from core.errors import BadRequest
 from engine.chat_template import PromptPart, chat_prompt_parts
+from engine.constraint import vocabulary
 from engine.model_file import ModelFile
+from engine.sampling import SamplerState, sample
 from engine.token_output import TokenOutput
 from engine.types import Chunk, ContextLengthExceeded, EngineLoadError, GenerationRequest, check_context
 
@@ -80,6 +91,9 @@ class _Detokenizer:
     def stream(self) -> _Pieces:
         return _Pieces(self._llm)
 
+    def token_bytes(self, token: int) -> bytes:
+        return self._llm.detokenize([token], special=False)
+
 
 class LlamaCppEngine:
     engine_name = "llama.cpp"
@@ -92,6 +106,9 @@ class LlamaCppEngine:
         self._embed_lock = threading.Lock()
         self._embedder: llama_cpp.Llama | None = None
         self._llm = self._load(embedding=False, n_ctx=self.n_ctx)
+        self._n_vocab = self._llm.n_vocab()
+        # The prompt of the last from-scratch prefill and its last logits (see the module docstring).
+        self._fresh: tuple[list[int], np.ndarray] | None = None
         vocab = self._llm._model.vocab
         self._eog = lambda tok: bool(llama_cpp.llama_vocab_is_eog(vocab, tok))
         self.bos_token = self._token_text(self._llm.token_bos())
@@ -158,30 +175,47 @@ class LlamaCppEngine:
     def generate(self, request: GenerationRequest, cancel: threading.Event) -> Iterator[Chunk]:
         tokens, max_new = self.prepare(request)
         p = request.params
-        output = TokenOutput(_Detokenizer(self._llm, self._eog), p.stop, len(tokens), max_new)
+        vocab = vocabulary(self.model.path) if p.grammar is not None else None
+        state = SamplerState(p, vocabulary=vocab)
         with self._lock:
-            self._llm.set_seed(p.seed if p.seed is not None else random.getrandbits(31))
-            stream = self._llm.generate(
-                tokens,
-                temp=p.temperature,
-                top_k=p.top_k,
-                top_p=p.top_p,
-                min_p=p.min_p,
-                repeat_penalty=1.0,
-                presence_penalty=p.presence_penalty,
-                frequency_penalty=p.frequency_penalty,
-                reset=True,
-            )
-            try:
-                for token in stream:
-                    if cancel.is_set():
-                        return
-                    chunk = output.push(token)  # EOS, stop strings, max_tokens: as the torch engines
-                    yield chunk
-                    if chunk.finish_reason is not None:
-                        return
-            finally:
-                stream.close()
+            logits, cached = self._prefill(tokens, reuse=p.seed is None)
+            output = TokenOutput(_Detokenizer(self._llm, self._eog), p.stop, len(tokens), max_new, cached_tokens=cached)
+            while not cancel.is_set():
+                token = sample([state], logits[None])[0]
+                chunk = output.push_sampled(token, state)  # EOS, stop strings, max_tokens: as the torch engines
+                yield chunk
+                if chunk.finish_reason is not None:
+                    return
+                self._llm.eval([token])
+                logits = self._last_logits()
+
+    def _last_logits(self) -> torch.Tensor:
+        """The logits of the last evaluated position, copied out of llama.cpp's buffer: [vocab]."""
+        ptr = llama_cpp.llama_get_logits_ith(self._llm._ctx.ctx, -1)
+        view = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(self._n_vocab,))
+        return torch.from_numpy(view.copy())
+
+    def _prefill(self, tokens: list[int], *, reuse: bool) -> tuple[torch.Tensor, int]:
+        """Evaluates the prompt, reusing the cache's common prefix when `reuse`; returns the last
+        position's logits and how many prompt tokens came from the cache."""
+        llm = self._llm
+        cached = list(llm._input_ids[: len(tokens)])
+        if self._fresh is not None and self._fresh[0] == tokens and cached == tokens:
+            llm.n_tokens = len(tokens)  # the next eval drops the KV beyond the prompt
+            return torch.from_numpy(self._fresh[1].copy()), len(tokens)
+        keep = 0
+        if reuse:
+            while keep < len(cached) and cached[keep] == tokens[keep]:
+                keep += 1
+            keep = min(keep, len(tokens) - 1)  # at least one token is evaluated, for its logits
+        if self._fresh is not None and keep < len(self._fresh[0]):
+            self._fresh = None  # positions of the saved prompt are about to be recomputed
+        llm.n_tokens = keep
+        llm.eval(tokens[keep:])
+        logits = self._last_logits()
+        if keep == 0:
+            self._fresh = (list(tokens), logits.numpy().copy())
+        return logits, keep
 
     def embed(self, texts: list[str]) -> list[list[float]]:
         with self._embed_lock:

@@ -10,8 +10,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from engine.chat_template import chat_prompt_parts
+from engine.constraint import vocabulary
+from engine.sampling import SamplerState, sample
 from engine.token_output import TokenOutput
-from engine.types import Chunk, GenerationRequest, check_context
+from engine.types import Chunk, GenerationRequest, SamplingParams, check_context
 
 if TYPE_CHECKING:
     from engine.torch_engine import TorchShardEngine
@@ -63,13 +65,21 @@ def _loop(
     params = request.params
     limit = check_context(engine.max_context, len(ids), params.max_tokens)
     output = TokenOutput(engine.tokenizer, params.stop, len(ids), limit)
+    # Our own sampler state (not the session's): it carries the grammar, built with the vocabulary,
+    # and the per-token log probabilities that `push_sampled` puts on the chunk.
+    state = sampler_state(params, engine.model.path, engine.device)
     x, pos = torch.tensor(ids), 0
     while not cancel.is_set():
         logits = engine.prefill_stage(sid, x, pos)  # [1, vocab]
         pos += x.shape[0]
-        token = engine.sample([sid], logits)[0]
-        chunk = output.push(token)  # EOS, stop strings, max_tokens: as a pipeline's last stage
+        token = sample([state], logits)[0]
+        chunk = output.push_sampled(token, state)  # EOS, stop strings, max_tokens: as a pipeline's last stage
         yield chunk
         if chunk.finish_reason is not None:
             return
         x = torch.tensor([token])
+
+
+def sampler_state(params: SamplingParams, model_path: str, device: str | torch.device) -> SamplerState:
+    """A sampler for the token loop; a grammar needs the model's vocabulary."""
+    return SamplerState(params, device, vocabulary=vocabulary(model_path) if params.grammar is not None else None)

@@ -4,7 +4,7 @@ one context-length check every engine and the pipeline's stage 0 use."""
 from __future__ import annotations
 
 from core.errors import ContextTooLong
-from core.types import Chunk, FinishReason, GenerationRequest, SamplingParams, Usage
+from core.types import Chunk, FinishReason, GenerationRequest, SamplingParams, TokenLogprob, Usage
 
 __all__ = [
     "Chunk",
@@ -13,6 +13,7 @@ __all__ = [
     "FinishReason",
     "GenerationRequest",
     "SamplingParams",
+    "TokenLogprob",
     "Usage",
     "check_context",
 ]

@@ -14,11 +14,12 @@ from typing import Any
 from aiohttp import web
 
 from core.errors import MeshError
-from core.serving import Backend, Generation
+from core.serving import Backend, Generation, ModelListing
 from core.types import Chunk, GenerationRequest
 from gateway import openai_responses as out
 from gateway.api_keys import ApiKey, ApiKeys
 from gateway.errors import ApiError, bad_request, http_error
+from gateway.openai_generate import respond_joined, respond_streamed
 from gateway.metrics import METRICS_KEY, RequestTrack
 from gateway.openai_requests import ParsedGeneration, parse_chat, parse_completion, parse_embeddings
 
@@ -113,8 +114,8 @@ async def _json_body(request: web.Request) -> Any:
         raise bad_request("Malformed JSON body: nested too deeply.") from None
 
 
-def _request_of(parsed: ParsedGeneration, request_id: str) -> GenerationRequest:
-    return GenerationRequest(request_id, parsed.params, prompt=parsed.prompt, messages=parsed.messages)
+def _request_of(parsed: ParsedGeneration, request_id: str, index: int = 0) -> GenerationRequest:
+    return GenerationRequest(request_id, parsed.choice_params(index), prompt=parsed.prompt, messages=parsed.messages)
 
 
 async def _start_stream(request: web.Request, generation: Generation) -> web.StreamResponse:
@@ -148,68 +149,20 @@ async def _generate(request: web.Request, parsed: ParsedGeneration, chat: bool) 
     if track is not None:
         track.opened(generation.model, generation.served_by)
     try:
+        def on_chunk(chunk: Chunk) -> None:
+            if track is not None:
+                track.chunk(chunk)
+
+        async def open_choice(index: int) -> Generation:  # choices after the first (n > 1)
+            return await backend.open_generation(parsed.model, _request_of(parsed, cid, index))
+
         if not parsed.stream:
-            texts: list[str] = []
-            ids: list[int] = []
-            last = Chunk()
-            async for chunk in generation.chunks():
-                if track is not None:
-                    track.chunk(chunk)
-                texts.append(chunk.text)
-                ids.extend(chunk.token_ids)
-                last = chunk
-            finish = str(last.finish_reason or "stop")
-            body = (
-                out.chat_completion(cid, model, "".join(texts), finish, last.usage)
-                if chat
-                else out.text_completion(cid, model, created, "".join(texts), finish, last.usage)
-            )
-            if parsed.return_token_ids:
-                body["choices"][0]["token_ids"] = ids
+            body = await respond_joined(parsed, chat, cid, created, model, generation, open_choice, on_chunk)
             _finish(track, "200")
             return web.json_response(body, headers={NODE_HEADER: generation.served_by, **generation.extra_headers})
-
         response = await _start_stream(request, generation)
-        if chat:
-            await response.write(out.sse(out.chat_chunk(cid, model, created, {"role": "assistant", "content": ""}, None)))
-        last = Chunk()
-        try:
-            async for chunk in generation.chunks():
-                if track is not None:
-                    track.chunk(chunk)
-                last = chunk
-                if chunk.text or (parsed.return_token_ids and chunk.token_ids):
-                    payload = (
-                        out.chat_chunk(cid, model, created, {"content": chunk.text}, None)
-                        if chat
-                        else out.text_completion(cid, model, created, chunk.text, None, None)
-                    )
-                    if parsed.return_token_ids:
-                        payload["choices"][0]["token_ids"] = chunk.token_ids
-                    await response.write(out.sse(payload))
-        except MeshError as e:
-            # Headers are gone already: the error travels as a stream event, then the stream ends.
-            await response.write(out.sse(http_error(e).body()))
-            await response.write(out.sse("[DONE]"))
-            _finish(track, "stream_error")
-            return response
-        finish = str(last.finish_reason or "stop")
-        final = (
-            out.chat_chunk(cid, model, created, {}, finish)
-            if chat
-            else out.text_completion(cid, model, created, "", finish, None)
-        )
-        await response.write(out.sse(final))
-        if parsed.include_usage:
-            usage_chunk = (
-                out.chat_chunk(cid, model, created, {}, None, last.usage)
-                if chat
-                else {**out.text_completion(cid, model, created, "", None, last.usage), "choices": []}
-            )
-            await response.write(out.sse(usage_chunk))
-        await response.write(out.sse("[DONE]"))
-        await response.write_eof()
-        _finish(track, "200")
+        ok = await respond_streamed(response, parsed, chat, cid, created, model, generation, open_choice, on_chunk)
+        _finish(track, "200" if ok else "stream_error")
         return response
     except MeshError as e:  # before any byte of a non-streamed answer: the client gets an HTTP error
         _finish(track, str(http_error(e).status))
@@ -239,31 +192,45 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     parsed = parse_embeddings(await _json_body(request))
     _check_model(request, parsed.model)
     result = await request.app[BACKEND_KEY].embed(parsed.model, list(parsed.inputs))
-    body = out.embeddings(parsed.model, result.vectors, parsed.encoding_format, result.prompt_tokens)
+    vectors = [out.truncate_embedding(v, parsed.dimensions) for v in result.vectors]
+    body = out.embeddings(parsed.model, vectors, parsed.encoding_format, result.prompt_tokens)
     return web.json_response(body, headers={NODE_HEADER: result.served_by})
 
 
-async def models(request: web.Request) -> web.StreamResponse:
+def _listings(request: web.Request) -> list[ModelListing]:
     listings = request.app[BACKEND_KEY].list_models()
     key: ApiKey | None = request.get(CALLER_KEY)
     if key is not None:
         listings = [m for m in listings if key.allows((m.alias, m.digest))]
-    data = [
-        {
-            "id": m.alias,
-            "object": "model",
-            "created": 0,
-            "owned_by": "meshllm",
-            "meshllm": {
-                "digest": m.digest,
-                "n_layers": m.n_layers,
-                "context_length": m.context_length,
-                "nodes": list(m.nodes),
-            },
-        }
-        for m in listings
-    ]
-    return web.json_response({"object": "list", "data": data})
+    return listings
+
+
+def _model_object(m: ModelListing) -> dict:
+    return {
+        "id": m.alias,
+        "object": "model",
+        "created": 0,
+        "owned_by": "meshllm",
+        "meshllm": {
+            "digest": m.digest,
+            "n_layers": m.n_layers,
+            "context_length": m.context_length,
+            "nodes": list(m.nodes),
+        },
+    }
+
+
+async def models(request: web.Request) -> web.StreamResponse:
+    return web.json_response({"object": "list", "data": [_model_object(m) for m in _listings(request)]})
+
+
+async def model_by_id(request: web.Request) -> web.StreamResponse:
+    """GET /v1/models/{id}: by alias, digest or a 12+ character digest prefix."""
+    wanted = request.match_info["model_id"]
+    for m in _listings(request):
+        if wanted in (m.alias, m.digest) or (len(wanted) >= 12 and m.digest.startswith(wanted)):
+            return web.json_response(_model_object(m))
+    raise ApiError(404, f"The model '{wanted[:256]}' does not exist.", param="model", code="model_not_found")
 
 
 async def health(request: web.Request) -> web.StreamResponse:
@@ -297,6 +264,7 @@ def build_app(
     app.on_response_prepare.append(_add_node_header)
     app.router.add_get("/health", health)
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/models/{model_id}", model_by_id)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/embeddings", embeddings)

@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from engine.chat_template import ROLES
+from engine.grammar import GrammarError, json_object_grammar, json_schema_grammar
 from engine.types import SamplingParams
 from gateway.errors import bad_request
+from gateway.tool_calls import ToolChoice, parse_tools, render_tool_calls, tool_prompt
 
 MAX_MESSAGES = 1024
 MAX_TEXT_CHARS = 1_000_000  # per message / prompt; the body cap bounds the total anyway
 MAX_TOKENS_CAP = 1 << 20  # above any context length we could serve
 MAX_EMBED_INPUTS = 256
 MAX_STOP = 4
+MAX_N = 8
+MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS = 1024
+COMPLETION_MAX_TOKENS_DEFAULT = 16  # OpenAI's default for /v1/completions (chat has none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +32,15 @@ class ParsedGeneration:
     messages: tuple[dict[str, str], ...] | None = None
     prompt: str | None = None
     return_token_ids: bool = False  # extension (as in vLLM): the generated token ids with the text
+    n: int = 1
+    tools: ToolChoice | None = None  # set when the answer is to be read for tool calls
+
+    def choice_params(self, index: int) -> SamplingParams:
+        """Choice `index` of `n`: its own seed (seed + index) so that choices differ but a seeded
+        request is reproducible."""
+        if index == 0 or self.params.seed is None:
+            return self.params
+        return replace(self.params, seed=(self.params.seed + index) % (1 << 63))
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +48,7 @@ class ParsedEmbeddings:
     model: str
     inputs: tuple[str, ...]
     encoding_format: str
+    dimensions: int | None = None  # truncate each vector to this many and renormalise
 
 
 def _text(value: str, param: str) -> str:
@@ -103,20 +119,64 @@ def _stop(body: dict[str, Any]) -> tuple[str, ...]:
     return tuple(_text(s, "stop") for s in stop)
 
 
-def _unsupported(body: dict[str, Any]) -> None:
-    n = body.get("n")
-    if n is not None and n != 1:
-        raise bad_request("Only n=1 is supported.", param="n")
-    if body.get("tools") or body.get("functions"):
-        raise bad_request("Tool and function calling are not supported.", param="tools")
-    if body.get("logprobs") not in (None, False, 0):
-        raise bad_request("logprobs are not supported.", param="logprobs")
+def _n(body: dict[str, Any]) -> int:
+    return _integer(body, "n", 1, MAX_N) or 1
 
 
-def _sampling(body: dict[str, Any]) -> SamplingParams:
+def _logit_bias(body: dict[str, Any]) -> tuple[tuple[int, float], ...]:
+    bias = body.get("logit_bias")
+    if bias is None:
+        return ()
+    if not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS:
+        raise bad_request(f"'logit_bias' must map at most {MAX_LOGIT_BIAS} token ids to biases.", param="logit_bias")
+    out = []
+    for key, value in bias.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 9):
+            raise bad_request(f"'logit_bias' keys must be token ids; got {key[:20]!r}.", param="logit_bias")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not -100 <= value <= 100:
+            raise bad_request("'logit_bias' values must be numbers between -100 and 100.", param="logit_bias")
+        out.append((int(key), float(value)))
+    return tuple(sorted(out))
+
+
+def _chat_logprobs(body: dict[str, Any]) -> int | None:
+    wanted = _bool(body, "logprobs")
+    top = _integer(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+    if top is not None and not wanted:
+        raise bad_request("'top_logprobs' needs 'logprobs': true.", param="top_logprobs")
+    return (top or 0) if wanted else None
+
+
+def _response_format(body: dict[str, Any]) -> str | None:
+    """The grammar for `response_format`; a schema llguidance cannot compile is a 400 naming why."""
+    fmt = body.get("response_format")
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
+        raise bad_request("'response_format.type' must be 'text', 'json_object' or 'json_schema'.",
+                          param="response_format")
+    try:
+        if fmt["type"] == "json_object":
+            return json_object_grammar()
+        if fmt["type"] == "json_schema":
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+                raise bad_request("'response_format.json_schema' must be an object with a 'schema' object.",
+                                  param="response_format.json_schema")
+            return json_schema_grammar(spec.get("schema", {}), strict=spec.get("strict") is not False)
+    except GrammarError as e:
+        raise bad_request(f"response_format: the schema cannot be used: {e}", param="response_format.json_schema",
+                          code="invalid_schema") from None
+    return None
+
+
+def _sampling(body: dict[str, Any], *, logprobs: int | None = None, grammar: str | None = None,
+              default_max_tokens: int | None = None) -> SamplingParams:
     max_tokens = _integer(body, "max_completion_tokens", 1, MAX_TOKENS_CAP)
     if max_tokens is None:
         max_tokens = _integer(body, "max_tokens", 1, MAX_TOKENS_CAP)
+    if max_tokens is None:
+        max_tokens = default_max_tokens
     return SamplingParams(
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
         top_p=_number(body, "top_p", 1.0, 1e-9, 1.0),
@@ -127,6 +187,9 @@ def _sampling(body: dict[str, Any]) -> SamplingParams:
         max_tokens=max_tokens,
         presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
         frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        logit_bias=_logit_bias(body),
+        logprobs=logprobs,
+        grammar=grammar,
     )
 
 
@@ -142,6 +205,10 @@ def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
 
 def _content(message: dict[str, Any], index: int) -> str:
     content = message.get("content")
+    if message.get("role") == "assistant" and message.get("tool_calls") is not None:
+        # A call the model made earlier goes back in the form the model writes it.
+        calls = render_tool_calls(message["tool_calls"], f"messages[{index}].tool_calls")
+        return (content + "\n" if isinstance(content, str) and content else "") + calls
     if content is None and message.get("role") == "assistant":
         return ""
     if isinstance(content, str):
@@ -187,12 +254,29 @@ def parse_chat(raw: Any) -> ParsedGeneration:
             )
         # 'developer' is OpenAI's newer name for 'system'; chat templates know only the latter.
         parsed.append({"role": "system" if role == "developer" else role, "content": _content(message, i)})
-    _unsupported(body)
+    if body.get("functions") is not None or body.get("function_call") is not None:
+        raise bad_request("'functions' is deprecated and not supported: use 'tools'.", param="functions")
+    tools = parse_tools(body)
+    grammar = _response_format(body)
+    if tools is not None and grammar is not None:
+        raise bad_request("'response_format' cannot be combined with tools that may be called.",
+                          param="response_format")
+    if tools is not None:
+        grammar = tools.grammar
+        parsed = _with_system_text(parsed, tool_prompt(tools))
     stream, include_usage = _stream_flags(body)
+    params = _sampling(body, logprobs=_chat_logprobs(body), grammar=grammar)
     return ParsedGeneration(
-        model, _sampling(body), stream, include_usage, messages=tuple(parsed),
-        return_token_ids=_bool(body, "return_token_ids"),
+        model, params, stream, include_usage, messages=tuple(parsed),
+        return_token_ids=_bool(body, "return_token_ids"), n=_n(body), tools=tools,
     )
+
+
+def _with_system_text(messages: list[dict[str, str]], text: str) -> list[dict[str, str]]:
+    """The tools' description goes into the system message (one is added when there is none)."""
+    if messages and messages[0]["role"] == "system":
+        return [{"role": "system", "content": messages[0]["content"] + "\n\n" + text}, *messages[1:]]
+    return [{"role": "system", "content": text}, *messages]
 
 
 def parse_completion(raw: Any) -> ParsedGeneration:
@@ -206,12 +290,20 @@ def parse_completion(raw: Any) -> ParsedGeneration:
     if len(prompt) > MAX_TEXT_CHARS:
         raise bad_request("'prompt' is too long.", param="prompt")
     _text(prompt, "prompt")
-    if body.get("echo") or body.get("suffix") or (body.get("best_of") not in (None, 1)):
-        raise bad_request("echo, suffix and best_of are not supported.")
-    _unsupported(body)
+    for key in ("echo", "suffix"):
+        if body.get(key):
+            raise bad_request(f"'{key}' is not supported.", param=key)
+    if body.get("best_of") not in (None, 1):
+        raise bad_request("'best_of' is not supported (use 'n').", param="best_of")
+    if body.get("tools") is not None:
+        raise bad_request("'tools' are for /v1/chat/completions.", param="tools")
+    logprobs = _integer(body, "logprobs", 0, MAX_TOP_LOGPROBS)
     stream, include_usage = _stream_flags(body)
+    params = _sampling(body, logprobs=logprobs, grammar=_response_format(body),
+                       default_max_tokens=COMPLETION_MAX_TOKENS_DEFAULT)
     return ParsedGeneration(
-        model, _sampling(body), stream, include_usage, prompt=prompt, return_token_ids=_bool(body, "return_token_ids")
+        model, params, stream, include_usage, prompt=prompt, return_token_ids=_bool(body, "return_token_ids"),
+        n=_n(body),
     )
 
 
@@ -237,4 +329,4 @@ def parse_embeddings(raw: Any) -> ParsedEmbeddings:
     fmt = body.get("encoding_format", "float") or "float"
     if fmt not in ("float", "base64"):
         raise bad_request("'encoding_format' must be 'float' or 'base64'.", param="encoding_format")
-    return ParsedEmbeddings(model, tuple(inputs), fmt)
+    return ParsedEmbeddings(model, tuple(inputs), fmt, _integer(body, "dimensions", 1, 1 << 16))

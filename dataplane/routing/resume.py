@@ -67,7 +67,7 @@ async def _resuming(
                     text += chunk.text
                     n_tokens += len(chunk.token_ids)
                     if chunk.usage is not None:
-                        chunk.usage = Usage(max(0, chunk.usage.prompt_tokens), n_tokens)
+                        chunk.usage = Usage(max(0, chunk.usage.prompt_tokens), n_tokens, chunk.usage.cached_tokens)
                     yield chunk
                 return
             except Unavailable as e:

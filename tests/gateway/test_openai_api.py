@@ -143,7 +143,7 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", json.dumps({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}).encode(), 400, "role"),
     ("/v1/chat/completions", json.dumps({"model": MODEL, "messages": [{"role": "user", "content": 5}]}).encode(), 400, "content"),
     ("/v1/chat/completions", json.dumps({"model": MODEL, "messages": MESSAGES, "stop": [1]}).encode(), 400, "stop"),
-    ("/v1/chat/completions", json.dumps({"model": MODEL, "messages": MESSAGES, "n": 3}).encode(), 400, "n"),
+    ("/v1/chat/completions", json.dumps({"model": MODEL, "messages": MESSAGES, "n": 9}).encode(), 400, "n"),
     ("/v1/chat/completions", json.dumps({"model": "no-such-model", "messages": MESSAGES}).encode(), 404, "model"),
     ("/v1/completions", json.dumps({"model": MODEL, "prompt": 12}).encode(), 400, "prompt"),
     ("/v1/embeddings", json.dumps({"model": MODEL, "input": [1, 2]}).encode(), 400, "input"),
