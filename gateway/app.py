@@ -19,8 +19,8 @@ from core.types import Chunk, GenerationRequest
 from gateway import openai_responses as out
 from gateway.api_keys import ApiKey, ApiKeys
 from gateway.errors import ApiError, bad_request, http_error
-from gateway.openai_generate import respond_joined, respond_streamed
 from gateway.metrics import METRICS_KEY, RequestTrack
+from gateway.openai_generate import respond_joined, respond_streamed
 from gateway.openai_requests import ParsedGeneration, parse_chat, parse_completion, parse_embeddings
 
 log = logging.getLogger(__name__)
