@@ -3,18 +3,21 @@
 A server stream (Generate, PipelineGenerate, Forward's replies) writes a heartbeat frame `{"hb": 1}`
 whenever it has written nothing for `HEARTBEAT_S`, so a live peer is never silent for long, even while
 it queues or processes a long prompt. A client waits for the next frame (heartbeat or not) at most
-`Silence.deadline_s()`: a multiple of the usual gap it has measured on that stream (and half again the
-longest), with a floor. A
-holder or stage that is SIGSTOPped or wedged is detected within about `HUNG_FLOOR_S` (issue 11,
-finding 10), and one whose own loop is slow gets proportionally longer.
+`Silence.deadline_s()`: `HUNG_FACTOR` x the p95 of the recent gaps it has measured on that stream
+(`step_deadline_s`, pure), with a floor. A holder or stage that is SIGSTOPped or wedged is detected
+within about `HUNG_FLOOR_S` (issue 14: a hung stage is declared failed within 3 s on loopback), and
+one whose own steps are slow gets proportionally longer. Dead connections without a stream in flight
+are caught by gRPC keepalive (`rpc.CHANNEL_OPTIONS`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,9 +26,9 @@ import grpc
 from dataplane import rpc
 
 HEARTBEAT_S = 0.5
-HUNG_FLOOR_S = 3.0
-HUNG_FACTOR = 4.0  # x the usual gap (EWMA)
-LONGEST_FACTOR = 1.5  # x the longest gap seen
+HUNG_FLOOR_S = 2.0  # 4 heartbeats missed: under 3 s to detect, with room to re-route and re-prefill
+HUNG_FACTOR = 4.0  # x the p95 of the recent gaps
+GAP_WINDOW = 64  # recent gaps the p95 is taken over
 HUNG_CEILING_S = 60.0
 HEARTBEAT = rpc.pack({"hb": 1})
 
@@ -34,15 +37,27 @@ def is_heartbeat(obj: dict[str, Any]) -> bool:
     return obj.get("hb") == 1 and len(obj) == 1
 
 
+def p95(values: Sequence[float]) -> float:
+    """The 95th percentile (nearest rank) of `values`; 0 for none."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)]
+
+
+def step_deadline_s(gaps: Sequence[float], floor_s: float = HUNG_FLOOR_S, factor: float = HUNG_FACTOR,
+                    ceiling_s: float = HUNG_CEILING_S) -> float:
+    """How long a peer may stay silent: `factor` x the p95 of its recent gaps, within [floor, ceiling]."""
+    return min(ceiling_s, max(floor_s, factor * p95(gaps)))
+
+
 @dataclass(slots=True)
 class Silence:
-    """How long a stream may stay silent: HUNG_FACTOR x the usual gap or LONGEST_FACTOR x the longest,
-    within [floor, ceiling]."""
+    """The gaps between a stream's frames, and how long the next one may take (`step_deadline_s`)."""
 
     clock: Callable[[], float] = time.monotonic
     floor_s: float = HUNG_FLOOR_S
-    longest_gap_s: float = 0.0
-    usual_gap_s: float = 0.0
+    gaps: deque[float] = field(default_factory=lambda: deque(maxlen=GAP_WINDOW))
     _last: float | None = field(default=None)
 
     def start(self) -> None:
@@ -52,14 +67,11 @@ class Silence:
     def heard(self) -> None:
         now = self.clock()
         if self._last is not None:
-            gap = now - self._last
-            self.longest_gap_s = max(self.longest_gap_s, gap)
-            self.usual_gap_s = 0.7 * self.usual_gap_s + 0.3 * gap
+            self.gaps.append(now - self._last)
         self._last = now
 
     def deadline_s(self) -> float:
-        grown = max(HUNG_FACTOR * self.usual_gap_s, LONGEST_FACTOR * self.longest_gap_s)
-        return min(HUNG_CEILING_S, max(self.floor_s, grown))
+        return step_deadline_s(self.gaps, self.floor_s)
 
 
 class Beating:

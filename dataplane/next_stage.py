@@ -5,13 +5,16 @@ so a request cannot point a stage at an address of its choosing, and a node that
 is refused. The call opens with the first activation (so the header and the tensor travel together),
 every read waits at most `Silence.deadline_s()` (the next stage heartbeats while it works), and what
 fails leaves as `Unavailable` naming the node id and the status code only, never the connect error's
-text (issue 11, findings 6 and 10).
+text (issue 11, findings 6 and 10). A failure further down the chain that the next stage reports
+("next stage <id> <why>") is passed on as it is, so the driver learns which stage failed and
+re-routes around that one (issue 14, `routing/failover.py`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from typing import Any
 
 import grpc
@@ -26,6 +29,8 @@ from dataplane.status import from_rpc_error
 from shard.activation_wire import encode_activation
 
 log = logging.getLogger(__name__)
+# what a next stage's own NextStage says when a stage behind it failed (ASCII, bounded)
+DOWNSTREAM = re.compile(r"(?:UNAVAILABLE: )?(next stage [0-9a-f]{8} [ -~]{1,160})")
 
 
 class NextStage:
@@ -64,6 +69,8 @@ class NextStage:
         error = from_rpc_error(e)
         if isinstance(error, Busy):
             return error  # the next stage's queue is full: the client retries later
+        if isinstance(error, Unavailable) and (m := DOWNSTREAM.fullmatch(error.message)):
+            return Unavailable(m.group(1), code="pipeline_failed")  # a stage further on failed: say which
         log.info("next stage %s failed: %s %s", self.node[:8], e.code().name, e.details())
         return self._failed(f"failed ({e.code().name})")
 

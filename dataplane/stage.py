@@ -37,9 +37,17 @@ from dataplane import rpc
 from dataplane.channels import PeerChannels
 from dataplane.liveness import Beating
 from dataplane.next_stage import NextStage
+from dataplane.replay import Replay
 from dataplane.service import IsMember, authorise
 from dataplane.stage_sessions import FRAME_TIMEOUT_S, SessionBook, peer_key, per_peer_cap
-from dataplane.stage_wire import Header, decode_chain, decode_header, decode_reply, encode_reply
+from dataplane.stage_wire import (
+    Header,
+    decode_chain,
+    decode_header,
+    decode_reply,
+    decode_resume,
+    encode_reply,
+)
 from dataplane.status import abort
 from dataplane.wire import decode_request, encode_chunk
 from engine.local_models import LocalModel, LocalModels
@@ -144,11 +152,14 @@ class PipelineService:
             obj = rpc.unpack_map(request)
             digest, generation = decode_request(obj)
             chain = decode_chain(obj.get("chain"))
+            resume = decode_resume(obj.get("resume"))  # a failed-over stream: ids generated so far
             local, engine = self._stage(digest, chain[0])
             ids = await asyncio.to_thread(prompt_tokens, engine, generation)  # chat template + tokenizer
             max_new = check_context(engine.max_context, len(ids), generation.params.max_tokens, what="this pipeline's")
+            if len(resume) >= max_new:
+                raise BadRequest("the resumed stream already has all its tokens", code="invalid_resume")
             async with local.runner.admit(), aclosing(
-                self._drive(engine, digest, chain, ids, max_new, generation.params, peer)
+                self._drive(engine, digest, chain, ids, max_new, generation.params, peer, resume)
             ) as chunks:
                 async for chunk in chunks:
                     await out.write(rpc.pack(encode_chunk(chunk)))
@@ -162,7 +173,7 @@ class PipelineService:
         return None
 
     async def _drive(self, engine: TorchShardEngine, digest: str, chain: list[Stage], ids: list[int], max_new: int,
-                     params: SamplingParams, peer: str) -> AsyncGenerator[Chunk, None]:
+                     params: SamplingParams, peer: str, resume: tuple[int, ...] = ()) -> AsyncGenerator[Chunk, None]:
         sid = f"p-{uuid.uuid4().hex}"
         single = len(chain) == 1
         book = self._book(engine)
@@ -173,17 +184,22 @@ class PipelineService:
             output = TokenOutput(engine.tokenizer, params.stop, len(ids), max_new) if single else None
             state = sampler_state(params, engine.model.path, engine.device) if single else None
             if not single:
-                nxt = NextStage(self._channels, Header(sid, digest, chain[1:], params, len(ids), max_new))
+                nxt = NextStage(self._channels, Header(sid, digest, chain[1:], params, len(ids), max_new, resume))
+            replay = Replay(resume)  # resumed: the prompt in one step, then each generated id in one
             x, pos = torch.tensor(ids), 0
             while True:
                 h = await self._run(engine, sid, x, pos)
                 book.step(sid)
                 pos += x.shape[0]
                 if output is not None and state is not None:  # one stage holds it all: sample here
-                    chunk, token = self._sample(state, h, output)
+                    chunk, token = self._sample(state, replay.logits(h) if replay.active else h, output)
                 else:
                     assert nxt is not None
                     chunk, token = decode_reply(await nxt.ask(h, pos - x.shape[0]))
+                if replay.active:  # a replayed step: the client had its chunk
+                    replay.check(chunk, token)
+                    x = torch.tensor([token])
+                    continue
                 yield chunk
                 if chunk.finish_reason is not None:
                     return
@@ -227,6 +243,7 @@ class PipelineService:
     async def _relay(self, engine: TorchShardEngine, header: Header, frames: AsyncIterator[bytes], out: Beating,
                      peer: str) -> None:
         last = len(header.chain) == 1
+        replay = Replay(header.resume)  # a resumed stream: its first steps replay these ids
         sid = f"f-{uuid.uuid4().hex}"  # ours: a peer cannot pick (or collide with) a session id here
         book = self._book(engine)
         book.open(sid, peer)
@@ -257,6 +274,11 @@ class PipelineService:
                 book.step(sid)
                 h = await self._run(engine, sid, x.to(engine.device, dtype=engine.shard.dtype), pos)
                 if output is not None and state is not None:
+                    if replay.active:  # a resumed stream's replayed step: draw the id it had drawn
+                        chunk, token = self._sample(state, replay.logits(h), output)
+                        replay.check(chunk, token)
+                        await out.write(rpc.pack(encode_reply(chunk, token)))
+                        continue
                     await out.write(rpc.pack(encode_reply(*self._sample(state, h, output))))
                 else:
                     assert nxt is not None

@@ -17,6 +17,8 @@ from dataplane.wire import DIGEST, decode_chunk, decode_request, encode_chunk
 from placement.cluster import Stage
 
 MAX_CHAIN = 64
+MAX_RESUME = 1 << 16  # generated ids a resumed stream re-prefills (capped again by the stage's context)
+MAX_TOKEN_ID = 1 << 24
 NODE_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -47,15 +49,27 @@ class Header:
     params: SamplingParams
     prompt_len: int
     max_new: int
+    resume: tuple[int, ...] = ()  # ids generated before a failover: the last stage replays them (issue 14)
 
     def encode(self) -> dict[str, Any]:
-        return {"sid": self.sid, "model": self.model, "chain": encode_chain(self.chain),
-                "params": {**asdict(self.params), "stop": list(self.params.stop)},
-                "prompt_len": self.prompt_len, "max_new": self.max_new}
+        out = {"sid": self.sid, "model": self.model, "chain": encode_chain(self.chain),
+               "params": {**asdict(self.params), "stop": list(self.params.stop)},
+               "prompt_len": self.prompt_len, "max_new": self.max_new}
+        return {**out, "resume": list(self.resume)} if self.resume else out
 
     def onward(self) -> Header:
         """The header the next stage gets: the chain without this stage."""
-        return Header(self.sid, self.model, self.chain[1:], self.params, self.prompt_len, self.max_new)
+        return Header(self.sid, self.model, self.chain[1:], self.params, self.prompt_len, self.max_new, self.resume)
+
+
+def decode_resume(value: Any) -> tuple[int, ...]:
+    """The ids a resumed pipeline stream already generated ([] or absent: a fresh stream)."""
+    if value is None:
+        return ()
+    if not (isinstance(value, list) and len(value) <= MAX_RESUME
+            and all(type(t) is int and 0 <= t < MAX_TOKEN_ID for t in value)):
+        raise PayloadError("resume must be a list of token ids")
+    return tuple(value)
 
 
 def decode_header(obj: dict[str, Any]) -> Header:
@@ -69,7 +83,10 @@ def decode_header(obj: dict[str, Any]) -> Header:
     if not (isinstance(prompt_len, int) and isinstance(max_new, int) and prompt_len >= 0 and max_new >= 1):
         raise PayloadError("header needs prompt_len and max_new")
     _, probe = decode_request({"model": digest, "prompt": "", "params": h.get("params")})
-    return Header(sid, digest, decode_chain(h.get("chain")), probe.params, prompt_len, max_new)
+    resume = decode_resume(h.get("resume"))
+    if len(resume) >= max_new:
+        raise PayloadError("resume holds every token the stream may generate")
+    return Header(sid, digest, decode_chain(h.get("chain")), probe.params, prompt_len, max_new, resume)
 
 
 def encode_reply(chunk: Chunk, token: int) -> dict[str, Any]:

@@ -43,6 +43,9 @@ class Dispatcher:
         self.failures: dict[str, FailureRecord] = {}  # by node id
         self.inflight: dict[str, int] = {}  # by node id: this gateway's own requests there
 
+    def now(self) -> float:
+        return self._clock()
+
     def record_failure(self, node_id: str) -> None:
         self.failures[node_id] = record_failure(self.failures.get(node_id), self._clock())
 

@@ -35,12 +35,17 @@ class Placer:
         """Adverts now show the model's ranges: route over them."""
         self._placed.pop(digest, None)
 
-    async def place(self, target: Target, view: MeshView, available: list[str]) -> PipelineRoute:
+    async def place(self, target: Target, view: MeshView, available: list[str],
+                    exclude: frozenset[str] = frozenset()) -> PipelineRoute:
+        """A chain over the offering nodes, none of them in `exclude` (nodes that just failed: a
+        re-plan loads the missing ranges on the others)."""
         async with self._locks.setdefault(target.digest, asyncio.Lock()):
-            if (placed := self._placed.get(target.digest)) is not None and self._clock() - placed[1] < PLACED_TTL_S:
+            if ((placed := self._placed.get(target.digest)) is not None and self._clock() - placed[1] < PLACED_TTL_S
+                    and not any(s.node in exclude for s in placed[0].stages)):
                 return placed[0]
+            offering = [a for a in view.adverts if a.node_id not in exclude]
             try:
-                plan = plan_offer(target.digest, view.adverts)  # KV as the offering nodes reserve it
+                plan = plan_offer(target.digest, offering)  # KV as the offering nodes reserve it
             except PlacementError as e:
                 raise CannotPlace(f"cannot place {target.alias}: {e}", code="insufficient_memory") from None
             if plan is None:

@@ -1,7 +1,10 @@
 """Resuming a stream whose holder failed mid-way: the next holder continues from the text so far.
 
-The next holder gets the same request with `continuation` = the text already sent and `max_tokens`
-reduced by the tokens already sent, so the client sees one answer with no duplicated text.
+A whole-model holder's successor gets the same request with `continuation` = the text already sent
+and `max_tokens` reduced by the tokens already sent, so the client sees one answer with no duplicated
+text. A pipeline's successor chain gets the same request and the ids already sent (`resume`): it
+re-prefills prompt + ids and its last stage replays them (`dataplane/replay.py`), so greedy and seeded
+output continue token for token (issue 14). What to reopen is the router's call (`Reopen`).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from dataclasses import dataclass, replace
 from core.errors import MeshError, Unavailable
 from core.serving import Generation, aclose
 from core.types import Chunk, FinishReason, GenerationRequest, Usage
+from placement.cluster import Stage
 
 log = logging.getLogger(__name__)
 
@@ -32,64 +36,60 @@ def resume_request(request: GenerationRequest, text: str, n_tokens: int) -> Gene
 
 @dataclass(slots=True)
 class Served:
-    """An open generation and the whole-model holder serving it (None: a pipeline)."""
+    """An open generation and what serves it: a whole-model holder (`node_id`) or a pipeline (`chain`).
+    `request` is what it was opened with; `offset` is how many of the stream's ids came before it
+    (from another holder, folded into `request`'s continuation)."""
 
     generation: Generation
     node_id: str | None
+    chain: tuple[Stage, ...] = ()
+    request: GenerationRequest | None = None
+    offset: int = 0
 
 
-def resuming(
-    served: Served,
-    request: GenerationRequest,
-    reopen: Callable[[GenerationRequest], Awaitable[Served]],
-    on_failure: Callable[[str], None],
-) -> AsyncIterator[Chunk]:
-    """The rest of `served`'s stream, continued on another holder (`reopen`) whenever one fails.
+# the failed one, its error, the text and ids sent so far -> the replacement (raises MeshError if none)
+Reopen = Callable[[Served, Unavailable, str, list[int]], Awaitable[Served]]
+
+
+def resuming(served: Served, request: GenerationRequest, reopen: Reopen) -> AsyncIterator[Chunk]:
+    """The rest of `served`'s stream, continued elsewhere (`reopen`) whenever what serves it fails.
     Reads `served` now, so the caller may put the result in place of `served.generation.rest`."""
-    g = served.generation
-    return _resuming(g.first, g.rest, g.served_by, served.node_id, request, reopen, on_failure)
+    return _resuming(served, served.generation.rest, request, reopen)
 
 
-async def _resuming(
-    first: Chunk,
-    stream: AsyncIterator[Chunk],
-    served_by: str,
-    node_id: str | None,
-    request: GenerationRequest,
-    reopen: Callable[[GenerationRequest], Awaitable[Served]],
-    on_failure: Callable[[str], None],
-) -> AsyncIterator[Chunk]:
-    text, n_tokens = first.text, len(first.token_ids)
+async def _resuming(served: Served, stream: AsyncIterator[Chunk], request: GenerationRequest,
+                    reopen: Reopen) -> AsyncIterator[Chunk]:
+    first = served.generation.first
+    text, ids = first.text, list(first.token_ids)
     try:
         while True:
             try:
                 async for chunk in stream:
                     text += chunk.text
-                    n_tokens += len(chunk.token_ids)
+                    ids.extend(chunk.token_ids)
                     if chunk.usage is not None:
-                        chunk.usage = Usage(max(0, chunk.usage.prompt_tokens), n_tokens, chunk.usage.cached_tokens)
+                        chunk.usage = Usage(max(0, chunk.usage.prompt_tokens), len(ids))
                     yield chunk
                 return
             except Unavailable as e:
-                log.warning("holder %s failed mid-stream after %d tokens: %s", served_by, n_tokens, e)
-                if node_id is not None:
-                    on_failure(node_id)
+                log.warning("%s failed mid-stream after %d tokens: %s", served.generation.served_by, len(ids), e)
+                error = e
             await aclose(stream)
-            resumed = resume_request(request, text, n_tokens)
-            if resumed is None:
-                yield Chunk(finish_reason=FinishReason.LENGTH, usage=Usage(0, n_tokens))
+            if resume_request(request, text, len(ids)) is None:
+                yield Chunk(finish_reason=FinishReason.LENGTH, usage=Usage(0, len(ids)))
                 return
             try:
-                served = await reopen(resumed)
-            except MeshError:
+                served = await reopen(served, error, text, ids)
+            except MeshError as e:
+                if isinstance(e, Unavailable):
+                    raise
                 raise Unavailable(
-                    f"the holder serving this stream ({served_by}) failed and no other holder could resume it"
+                    f"{served.generation.served_by} failed ({error.message}) and nothing could resume it: {e.message}"
                 ) from None
-            served_by, node_id = served.generation.served_by, served.node_id
-            log.info("resumed on %s after %d tokens", served_by, n_tokens)
+            log.info("resumed on %s after %d tokens", served.generation.served_by, len(ids))
             first = served.generation.first
             text += first.text
-            n_tokens += len(first.token_ids)
+            ids.extend(first.token_ids)
             yield first
             stream = served.generation.rest
     finally:

@@ -12,21 +12,23 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
-from core.errors import Busy, ModelNotFound, Refused, Unavailable
+from core.errors import Busy, MeshError, ModelNotFound, Refused, Unavailable
 from core.serving import Embeddings, Generation, ModelListing, first_chunk
 from core.types import GenerationRequest
 from dataplane.calls import remote_generate
 from dataplane.channels import Endpoint, PeerChannels
 from dataplane.routing.dispatch import Dispatcher, prefix_key
+from dataplane.routing.failover import MAX_CHAIN_TRIES, blame, describe, recently_failed, replacement_route
 from dataplane.routing.placing import Placer
-from dataplane.routing.resume import Served, resuming
+from dataplane.routing.resume import Served, resume_request, resuming
 from dataplane.routing.retry import Attempts
 from dataplane.routing.view import Catalog, MeshView, Target, catalog_key, list_models, resolve
 from dataplane.stage_wire import encode_chain
 from discovery.advert import NodeAdvert
 from engine.local_models import LocalModels
-from placement.route_pipeline import route_pipeline
+from placement.cluster import Stage
 
 log = logging.getLogger(__name__)
 
@@ -89,25 +91,45 @@ class MeshRouter:
         target, available = self._resolve(view, model)
         attempts = Attempts()
         served = await self._open(view, target, available, request, attempts)
-        latest = [served]
 
-        async def reopen(resumed: GenerationRequest) -> Served:
-            # A failed pipeline is not reopened over (likely) the same stages: only whole-model holders
-            # may resume it, so a hung stage costs one detection, not one per retry.
-            pipeline_ok = latest[-1].node_id is not None
-            latest.append(await self._open(self.view(), target, available, resumed, attempts, pipeline_ok=pipeline_ok))
-            return latest[-1]
-
-        def on_failure(node_id: str) -> None:
-            self.dispatch.record_failure(node_id)
-            attempts.exclude.add(node_id)
+        async def reopen(failed: Served, error: Unavailable, text: str, ids: list[int]) -> Served:
+            view = self.view()
+            if failed.node_id is not None:  # a whole-model holder: another continues from the text
+                self.dispatch.record_failure(failed.node_id)
+                attempts.exclude.add(failed.node_id)
+                resumed = resume_request(request, text, len(ids))
+                if resumed is None:
+                    raise Unavailable("the stream has all its tokens")
+                opened = await self._open(view, target, available, resumed, attempts)
+                return replace(opened, offset=len(ids))
+            # a pipeline: exclude the stage that failed; the same request resumes from its ids
+            failure = blame(failed.chain, error.message)
+            names = {a.node_id: a.name for a in view.adverts}
+            why = describe(failure, names)
+            self.dispatch.record_failure(failure.stage.node)
+            attempts.exclude.add(failure.stage.node)
+            base = failed.request or request
+            try:
+                continued = resume_request(request, text, len(ids))  # a whole holder continues from the text
+                if continued is None:
+                    raise Unavailable("the stream has all its tokens")
+                held = await self._whole(view, target, continued, attempts)
+                if held is not None:
+                    return replace(held, offset=len(ids))
+                opened = await self._open_pipeline(view, target, available, base, attempts.exclude,
+                                                   tuple(ids[failed.offset:]))
+            except MeshError as e:
+                raise Unavailable(f"{why}; no replacement: {e.message}", code="pipeline_failed") from None
+            log.info("%s; resuming on %s", why, opened.generation.served_by)
+            return replace(opened, offset=failed.offset)
 
         generation = served.generation
-        generation.rest = resuming(served, request, reopen, on_failure)
+        generation.rest = resuming(served, request, reopen)
         return generation
 
-    async def _open(self, view: MeshView, target: Target, available: list[str], request: GenerationRequest,
-                    attempts: Attempts, *, pipeline_ok: bool = True) -> Served:
+    async def _whole(self, view: MeshView, target: Target, request: GenerationRequest,
+                     attempts: Attempts) -> Served | None:
+        """The best whole-model holder, opened under the retry policy; None when nobody holds it whole."""
         attempts = replace(attempts, tried=0, failed=[])  # a fresh try budget; the exclusions carry on
         served: list[str] = []
 
@@ -117,35 +139,62 @@ class MeshRouter:
             return generation
 
         generation = await self.dispatch.first_holder(view, target, prefix_key(request), attempts, on)
-        if generation is not None:
-            return Served(generation, served[-1])
-        if not pipeline_ok:
-            raise Unavailable("the pipeline failed and no whole-model holder can resume it", code="pipeline_failed")
-        return Served(await self._open_pipeline(view, target, available, request), None)
+        return Served(generation, served[-1], request=request) if generation is not None else None
+
+    async def _open(self, view: MeshView, target: Target, available: list[str], request: GenerationRequest,
+                    attempts: Attempts) -> Served:
+        held = await self._whole(view, target, request, attempts)
+        if held is not None:
+            return held
+        return await self._open_pipeline(view, target, available, request, attempts.exclude, ())
 
     async def _open_pipeline(self, view: MeshView, target: Target, available: list[str],
-                             request: GenerationRequest) -> Generation:
-        """No node holds the model whole: drive the cheapest chain of layer ranges from its stage 0."""
-        route = route_pipeline(target.digest, view.holding(target.digest))
-        if route is None:
-            route = await self.placer.place(target, view, available)
-        else:
-            self.placer.forget(target.digest)
-        adverts = [view.advert(s.node) for s in route.stages]
+                             request: GenerationRequest, exclude: set[str], resume: tuple[int, ...]) -> Served:
+        """No node holds the model whole: drive the cheapest chain of layer ranges from its stage 0.
+        A chain that fails before its first token is blamed, its failed stage excluded, and the next
+        chain tried (at most MAX_CHAIN_TRIES); `resume` are ids already sent (a failed-over stream)."""
+        failures: list[str] = []
+        for _ in range(MAX_CHAIN_TRIES):
+            view = self.view() if failures else view
+            avoid = recently_failed(self.dispatch.failures, self.dispatch.now())
+            route = replacement_route(target.digest, view.holding(target.digest), frozenset(exclude), avoid)
+            if route is None:
+                if failures:
+                    break
+                route = await self.placer.place(target, view, available, frozenset(exclude))
+            else:
+                self.placer.forget(target.digest)
+            chain = route.stages
+            try:
+                return await self._open_chain(view, target, request, chain, resume)
+            except Unavailable as e:
+                failure = blame(chain, e.message)
+                failures.append(describe(failure, {a.node_id: a.name for a in view.adverts}))
+                log.warning("%s before its first token", failures[-1])
+                self.dispatch.record_failure(failure.stage.node)
+                exclude.add(failure.stage.node)
+        if not failures:
+            raise Unavailable("no chain of layer ranges covers the model", code="pipeline_failed")
+        raise Unavailable("; ".join(failures) + ("; no other chain" if len(failures) < MAX_CHAIN_TRIES else ""),
+                          code="pipeline_failed")
+
+    async def _open_chain(self, view: MeshView, target: Target, request: GenerationRequest,
+                          chain: tuple[Stage, ...], resume: tuple[int, ...]) -> Served:
+        adverts = [view.advert(s.node) for s in chain]
         if any(a is None for a in adverts):
             raise Unavailable("a node of the planned pipeline left the mesh", code="pipeline_failed")
-        chain = list(route.stages)
         names = "+".join(a.name for a in adverts if a is not None)
-        assert adverts[0] is not None
-        stream = remote_generate(self._channels, adverts[0].node_id, target.digest, request,
-                                 method="PipelineGenerate", extra={"chain": encode_chain(chain)})
+        extra: dict[str, Any] = {"chain": encode_chain(list(chain))}
+        if resume:
+            extra["resume"] = list(resume)
+        stream = remote_generate(self._channels, chain[0].node, target.digest, request,
+                                 method="PipelineGenerate", extra=extra)
         try:
             head = await first_chunk(stream)
-        except Unavailable as e:
-            raise Unavailable(f"pipeline {names} failed: {e}", code="pipeline_failed") from None
         except Refused:  # e.g. a stage without the pipeline service yet: try again later
             raise Busy(1) from None
-        return Generation(served_by=names, first=head, rest=stream, model=target.alias)
+        return Served(Generation(served_by=names, first=head, rest=stream, model=target.alias), None, chain,
+                      request=request)
 
     # --- embeddings ----------------------------------------------------------------------------------
     async def embed(self, model: str, texts: list[str]) -> Embeddings:

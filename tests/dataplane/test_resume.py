@@ -39,37 +39,44 @@ async def _chunks(*chunks: Chunk, fail: bool = False):
         raise Unavailable("holder went away")
 
 
-def test_a_failed_holder_is_replaced_and_recorded_by_node_id():
-    failed: list[str] = []
-    reopened: list[GenerationRequest] = []
+def test_a_failed_holder_is_replaced_with_what_was_sent():
+    calls: list[tuple[str | None, str, str, list[int]]] = []
 
-    async def reopen(resumed: GenerationRequest) -> Served:
-        reopened.append(resumed)
+    async def reopen(failed: Served, error: Unavailable, text: str, ids: list[int]) -> Served:
+        calls.append((failed.node_id, error.message, text, list(ids)))
         rest = _chunks(Chunk(text="!", token_ids=[3], finish_reason=FinishReason.STOP, usage=Usage(5, 1)))
         return Served(Generation("name-b", Chunk(text=" world", token_ids=[2]), rest), "b")
 
     async def run() -> list[Chunk]:
         first = Chunk(text="Hello", token_ids=[1])
         served = Served(Generation("name-a", first, _chunks(fail=True)), "a")
-        return [c async for c in resuming(served, req(10), reopen, failed.append)]
+        return [c async for c in resuming(served, req(10), reopen)]
 
     out = asyncio.run(run())
-    assert failed == ["a"]
-    assert reopened[0].continuation == "Hello" and reopened[0].params.max_tokens == 9
+    assert calls == [("a", "holder went away", "Hello", [1])]
     assert "".join(c.text for c in out) == " world!"
     assert out[-1].usage == Usage(5, 3)  # every token the client got, whoever produced it
 
 
-def test_a_failed_pipeline_is_not_blamed_on_a_node():
-    failed: list[str] = []
-
-    async def reopen(resumed: GenerationRequest) -> Served:
-        raise Unavailable("no one left")
+def test_no_replacement_ends_with_the_routers_error():
+    async def reopen(failed: Served, error: Unavailable, text: str, ids: list[int]) -> Served:
+        raise Unavailable("pipeline stage 1 (b, layers [5, 17)) failed: went silent; no replacement: none")
 
     async def run() -> list[Chunk]:
         served = Served(Generation("a+b", Chunk(text="x", token_ids=[1]), _chunks(fail=True)), None)
-        return [c async for c in resuming(served, req(10), reopen, failed.append)]
+        return [c async for c in resuming(served, req(10), reopen)]
 
-    with pytest.raises(Unavailable, match="no other holder could resume"):
+    with pytest.raises(Unavailable, match=r"stage 1 \(b, layers \[5, 17\)\) failed: went silent"):
         asyncio.run(run())
-    assert failed == []
+
+
+def test_a_stream_with_all_its_tokens_ends_without_reopening():
+    async def reopen(failed: Served, error: Unavailable, text: str, ids: list[int]) -> Served:
+        raise AssertionError("nothing to resume")
+
+    async def run() -> list[Chunk]:
+        served = Served(Generation("a", Chunk(text="x", token_ids=[1]), _chunks(Chunk(text="y", token_ids=[2]), fail=True)), "a")
+        return [c async for c in resuming(served, req(2), reopen)]
+
+    out = asyncio.run(run())
+    assert out[-1].finish_reason == FinishReason.LENGTH and out[-1].usage == Usage(0, 2)
