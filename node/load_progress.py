@@ -8,11 +8,14 @@ memory budget reserves), sampled every `POLL_S`, held below 99% until the load r
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TextIO
 
 import psutil
 
@@ -42,6 +45,7 @@ class LoadProgress:
         self._bars = sys.stdout.isatty() if bars is None else bars  # bars only where someone watches
         self._loads: list[Load] = []
         self._lock = threading.Lock()
+        self._terminal: TextIO | None = None
 
     def snapshot(self) -> list[dict]:
         with self._lock:
@@ -97,5 +101,9 @@ class LoadProgress:
             return None
         from tqdm import tqdm
 
+        if self._terminal is None:
+            # our own handle on the terminal: llama.cpp points fd 1 at /dev/null while it loads
+            self._terminal = open(os.dup(sys.stdout.fileno()), "w", buffering=1, encoding="utf-8")  # noqa: SIM115
+        width = shutil.get_terminal_size((100, 24)).columns  # a terminal of width 0 (a bare pty) gets 100
         return tqdm(total=total_bytes, desc=f"loading {what}", unit="B", unit_scale=True, unit_divisor=1024,
-                    file=sys.stdout, leave=True, dynamic_ncols=True)
+                    file=self._terminal, leave=True, ncols=width)
