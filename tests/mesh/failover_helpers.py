@@ -154,9 +154,14 @@ class Mesh:
         return served_by.split("+")
 
     def restart(self, name: str) -> None:
+        """Restarts `name` in place; returns once the gateway holds its new advert and it holds every
+        other node's (until then its server refuses their certificates: a member it does not know yet)."""
         since = time.time()
-        restart(self.nodes[name], self.args[name])
+        node = restart(self.nodes[name], self.args[name])
         self.wait_seen({name}, since)
+        others = {"G", *(n for n, p in self.nodes.items() if p.proc.poll() is None)} - {name}
+        wait_until(lambda: others <= {r["name"] for r in get_json(node.url + "/mesh/peers")}, 30,
+                   f"{name} seeing the mesh again")
 
     def wait_sessions_freed(self, timeout_s: float = 10) -> float:
         return wait_until(lambda: all(active(n) == 0 for n in self.nodes.values() if n.proc.poll() is None),
