@@ -330,7 +330,16 @@ def _hf_static_compile(preset: str, batch: int, context: int, tokens: int) -> fl
     finally:
         torch.set_default_dtype(torch.float32)
     model.generation_config.cache_implementation = "static"
-    model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+    compiled = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+
+    def forward(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        # generate() keeps each step's logits past the next replay: a new cudagraph-trees step, and a copy
+        torch.compiler.cudagraph_mark_step_begin()
+        out = compiled(*args, **kwargs)
+        out.logits = out.logits.clone()
+        return out
+
+    model.forward = forward
     ids = torch.randint(0, 1000, (batch, context), device="cuda")
 
     def run(n_new: int) -> float:
