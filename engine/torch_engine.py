@@ -26,6 +26,9 @@ from shard.config import ModelConfig
 from shard.loader import default_dtype, load_shard
 from shard.spec import ShardSpec
 
+# A node's --kv-sessions N sizes the paged KV pool for N full-context sessions; the engine admits this
+# many times N sessions, which share the pool's blocks (most sessions are far shorter than the context).
+SESSIONS_PER_CONTEXT = 4
 _CHUNK_CPU = 128  # ~0.1 s of SmolLM2 prefill on 2 cores: the longest a decode step waits for a prompt
 _CHUNK_CUDA = 512  # compute-bound already at 8B; larger only delays other sessions' tokens
 

@@ -69,7 +69,8 @@ def _join_parser(sub: argparse._SubParsersAction) -> None:
     join.add_argument("--kv-dtype", choices=("16", "32"), default="16",
                       help="torch engine KV cache: 16-bit (fp16 on CPU, bf16 on CUDA) or fp32")
     join.add_argument("--kv-sessions", type=int, default=4, metavar="N",
-                      help="KV cache slots (concurrent sequences) of the torch engine")
+                      help="torch engine: KV memory for N full-context sequences, shared by up to 4N "
+                           "concurrent shorter ones (paged)")
     join.add_argument("--api-key", action="append", default=[], metavar="KEY",
                       help="a bearer key that may use /v1/* (repeatable; or MESHLLM_API_KEY)")
     join.add_argument("--api-keys-file", type=Path, default=None, metavar="FILE",

@@ -109,16 +109,19 @@ class ModelManager:
         import torch  # torch loads only on nodes that use it
 
         from engine.linear import WeightsForm
-        from engine.torch_engine import TorchShardEngine
+        from engine.torch_engine import SESSIONS_PER_CONTEXT, TorchShardEngine
 
         c = self.config
         weights: WeightsForm = "full" if c.weights == "full" else "quantized"  # NodeConfig validated it
         kv_dtype = torch.float32 if c.kv_dtype == "32" else None  # None: the engine's 16-bit default
+        # The paged KV pool holds --kv-sessions full contexts (what the budget counts); sessions take
+        # blocks as they grow, so SESSIONS_PER_CONTEXT times as many shorter ones share it.
+        sessions = c.kv_sessions * SESSIONS_PER_CONTEXT
         engine = TorchShardEngine(model, spec=spec, device=c.device, threads=c.threads, weights=weights,
-                                  kv_dtype=kv_dtype,
-                                  max_sessions=c.kv_sessions, max_context=self.context)
-        # As many requests in flight as KV slots: the engine batches their decode steps.
-        return LocalModel(model, self._runner(engine, model, parallel=c.kv_sessions), "torch", spec)
+                                  kv_dtype=kv_dtype, max_sessions=sessions, max_context=self.context,
+                                  kv_tokens=c.kv_sessions * self.context)
+        # As many requests in flight as sessions: the engine batches their decode steps.
+        return LocalModel(model, self._runner(engine, model, parallel=sessions), "torch", spec)
 
     def load_initial(self) -> list[LocalModel]:
         """Blocking: every --model (whole, or offered when it exceeds the budget), --shard and --offer.

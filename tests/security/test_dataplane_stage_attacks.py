@@ -18,7 +18,9 @@ import pytest
 from mesh_member import Member
 
 from dataplane import rpc
+from dataplane.stage_sessions import per_peer_cap
 from discovery.envelope import derive_subkey, mesh_key_from_secret
+from engine.torch_engine import SESSIONS_PER_CONTEXT
 
 MODEL = "smollm2-135m-instruct"
 HIDDEN = 576
@@ -172,9 +174,13 @@ def test_one_member_holds_at_most_its_share_of_slots_even_from_loopback(mesh):
     complete(nodes["G"].url)  # warm: the first request's allocations are not the attack's
     before = rss_bytes(pid)
     answers = []
-    codes = asyncio.run(_hold_sessions(s2, s2.node_id, digest, 4, lambda: answers.append(complete(nodes["G"].url))))
-    # S2 runs 4 KV slots (--kv-sessions default): one peer holds at most 3
-    assert codes == [None, None, None, grpc.StatusCode.RESOURCE_EXHAUSTED], codes
+    # S2 runs 16 sessions (--kv-sessions 4, paged: 4 sessions per full context): one peer holds at most 12
+    slots = 4 * SESSIONS_PER_CONTEXT
+    cap = per_peer_cap(slots)
+    codes = asyncio.run(
+        _hold_sessions(s2, s2.node_id, digest, cap + 1, lambda: answers.append(complete(nodes["G"].url)))
+    )
+    assert cap == 12 and codes == [None] * cap + [grpc.StatusCode.RESOURCE_EXHAUSTED], codes
     assert answers and answers[0]["choices"][0]["text"]  # served while the member held its 3 slots
     time.sleep(1.0)  # the stage closes the hung-up sessions
     for _ in range(3):
