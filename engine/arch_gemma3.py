@@ -16,10 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from engine.arch_llama import Attend, rms_norm
 from engine.builtin_templates import GEMMA3_CHAT_TEMPLATE
+from engine.fused import act_mul, add_rms_norm
 from engine.linear import Linear, LinearFactory
 from shard.config import ModelConfig
 from shard.loader import LayerWeights
@@ -69,8 +69,7 @@ def block(c: ModelConfig, layer: Gemma3Layer, h: torch.Tensor, attend: Attend) -
     v = v.view(b, t, c.n_kv_heads, c.head_dim).transpose(1, 2)  # v: [B, Hkv, T, D]
     o = attend(q, k, v)  # o: [B, H, T, D]; RoPE by the caller (NEOX: rope_interleaved is False here)
     (o,) = layer.wo(o.transpose(1, 2).reshape(b, t, c.q_size))
-    h = h + rms_norm(o, layer.post_attn_norm, eps)
-    x = rms_norm(h, layer.ffn_norm, eps)
+    h, x = add_rms_norm(h, rms_norm(o, layer.post_attn_norm, eps), layer.ffn_norm, eps)
     gate, up = layer.gate_up(x)  # [B, T, ffn] each
-    (y,) = layer.down(F.gelu(gate, approximate="tanh") * up)
+    (y,) = layer.down(act_mul(gate, up, "gelu_tanh"))
     return h + rms_norm(y, layer.post_ffn_norm, eps)
