@@ -69,6 +69,9 @@ class Publisher:
         self._issued_at = 0.0  # last issued_at we signed: kept strictly increasing (peers' replay guard)
         self._lan_heard: dict[str, float] = {}  # node id -> when last heard over LAN multicast/fetch
         self._wake = asyncio.Event()
+        # called by publish_soon(): a driver other than run() (the simulator's clock) schedules
+        # publish_once() PUBLISH_DEBOUNCE_S later, as run() would
+        self.on_wake: Callable[[], None] | None = None
 
     def signed_advert(self) -> bytes:
         """Our current signed advert, signed now if it never was."""
@@ -82,6 +85,10 @@ class Publisher:
         self._signed = self._sign(self._ttl_s, content)
         self._signed_content = content
 
+    def current_content(self) -> NodeAdvert:
+        """Our advert as the node describes it now, with the current seq and issued_at (unsigned)."""
+        return self._content()
+
     def sign_goodbye(self) -> bytes:
         """Our advert with ttl_s=0 (new seq): peers drop us on it."""
         return self._sign(ttl_s=0.0)
@@ -90,6 +97,8 @@ class Publisher:
         """Debounced push of a fresh full advert (new seq) everywhere, mDNS TXT if the bucket moved."""
         self._force_full = True
         self._wake.set()
+        if self.on_wake is not None:
+            self.on_wake()
 
     def note_lan(self, node_id: str) -> None:
         """node_id was heard over LAN multicast or fetch: it hears our multicast too."""
@@ -108,7 +117,7 @@ class Publisher:
             except TimeoutError:
                 pass
             self._wake.clear()
-            self._publish_once()
+            self.publish_once()
             if self.mdns is not None:
                 await self.mdns.async_update_bucket(advert_bucket(self._advert_source()))
 
@@ -156,7 +165,7 @@ class Publisher:
         )
         return encode_signed(advert, self._identity, self._mesh_key)
 
-    def _publish_once(self) -> None:
+    def publish_once(self) -> None:
         """One period: a new full advert if it changed (gossipsub too), the same one every
         FULL_REPUBLISH_S (re-signed), otherwise a heartbeat; directly to libp2p peers and by multicast."""
         content = self._content()

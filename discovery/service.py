@@ -119,6 +119,7 @@ class Discovery:
         self._libp2p: Libp2pHost | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._missed = MissedAdverts(fetch_advert, lambda data: self.receive(data, "libp2p"))
+        self._fetch_missed: Callable[[Peer], None] = self._missed.fetch
         self._lan = LanPeers(
             fetch_advert,
             receive=lambda data, origin: self.receive(data, "mdns", origin=origin, fetched=True),
@@ -169,6 +170,29 @@ class Discovery:
     def publish_soon(self) -> None:
         """Debounced push of a fresh full advert (new seq) everywhere, mDNS TXT if the bucket moved."""
         self._publisher.publish_soon()
+
+    def use_transports(
+        self,
+        libp2p: Libp2pHost | None,
+        multicast: AdvertMulticast | None,
+        fetch_missed: Callable[[Peer], None],
+    ) -> None:
+        """Runs over transports driven from outside instead of start() (the simulator's, on its own
+        clock): it calls `publisher.publish_once()` each period and `expire_now()` as the node would."""
+        self._libp2p = self._publisher.libp2p = libp2p
+        self._multicast = self._publisher.multicast = multicast
+        self._fetch_missed = fetch_missed
+
+    @property
+    def publisher(self) -> Publisher:
+        return self._publisher
+
+    def expire_now(self) -> list[str]:
+        """Drops the peers whose ttl ran out (what the expire loop does every EXPIRE_INTERVAL_S)."""
+        gone = self.table.expire(self._clock())
+        for node_id in gone:
+            self._emit(ChangeKind.LEFT, node_id)
+        return gone
 
     async def start(self) -> None:
         advert = self._advert_source()
@@ -326,7 +350,7 @@ class Discovery:
             self._rejects.reject("bad_signature", source, beat.node_id)
             return False
         if result is TouchResult.NEWER_SEQ:
-            self._missed.fetch(peer)  # the beat names an advert newer than ours: its push was lost
+            self._fetch_missed(peer)  # the beat names an advert newer than ours: its push was lost
             return False
         return self.table.touch(beat.node_id, beat.seq, beat.issued_at, now) is TouchResult.REFRESHED
 
@@ -378,5 +402,4 @@ class Discovery:
     async def _expire_loop(self) -> None:
         while True:
             await asyncio.sleep(EXPIRE_INTERVAL_S)
-            for node_id in self.table.expire(self._clock()):
-                self._emit(ChangeKind.LEFT, node_id)
+            self.expire_now()

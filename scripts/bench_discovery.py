@@ -1,6 +1,7 @@
 """Discovery benchmark: how fast a new node becomes visible everywhere, and advert traffic at rest.
 
     sudo .venv/bin/python scripts/bench_discovery.py [--sizes 3 8] [--trials 10] [--rest-s 20]
+    sudo .venv/bin/python scripts/bench_discovery.py --rest-only --modes libp2p --sizes 8 32 --json out.json
 
 Real `meshllm node join --no-model` processes on loopback, each with a unique mesh secret.
 
@@ -13,6 +14,9 @@ Real `meshllm node join --no-model` processes on loopback, each with a unique me
   multicast, libp2p gossip, all of it. Bytes per node per second = total bytes / N / seconds, i.e. the
   average bytes each node sends. Broken down by kind: mDNS (UDP 5353), advert multicast refresh (UDP
   5454), advert fetches (TCP to a node's HTTP port), libp2p (TCP to a libp2p port), other.
+* **Modes.** `mdns`, `mdns+libp2p`, and `libp2p` (libp2p only: `--no-mdns`, every node bootstraps from
+  the first, as beyond one LAN). `--rest-only` runs just the N-process mesh at rest, and also reports
+  its convergence (last node ready -> every node lists every other) and the box's load average.
 Target (issue 3): visible everywhere within 2 s p95; under 1 KB/s of advert traffic per node at rest.
 """
 
@@ -217,19 +221,35 @@ class LoopbackCapture:
             self.packets += 1
 
 
+def libp2p_addrs(p: Proc) -> list[str]:
+    with urllib.request.urlopen(p.url + "/mesh/self", timeout=5) as resp:
+        return list(json.loads(resp.read())["addresses"]["libp2p"])
+
+
+def spawn_mesh(workdir: Path, n: int, mode: str, secret: str, tag: str) -> list[Proc]:
+    """N node processes in one mesh. `libp2p` mode: no mDNS and no multicast; node 0 starts first and
+    the others bootstrap from it (as `--bootstrap` nodes beyond one LAN do)."""
+    name = f"{tag}-{mode.replace('+', '-')}-{n}"
+    if mode != "libp2p":
+        extra = ["--libp2p-port", "0"] if mode == "mdns+libp2p" else []
+        return [spawn(workdir, f"{name}-{i}", secret, extra) for i in range(n)]
+    first = spawn(workdir, f"{name}-0", secret, ["--no-mdns", "--libp2p-port", "0"])
+    wait_ready([first])
+    boot = libp2p_addrs(first)[0]
+    rest = [spawn(workdir, f"{name}-{i}", secret, ["--no-mdns", "--bootstrap", boot]) for i in range(1, n)]
+    return [first, *rest]
+
+
 def rest_traffic(workdir: Path, n: int, mode: str, rest_s: float, settle_s: float) -> dict:
     secret = f"bench-{secrets.token_hex(8)}"
-    extra = ["--libp2p-port", "0"] if mode == "mdns+libp2p" else []
-    procs = [spawn(workdir, f"rest-{mode.replace('+', '-')}-{n}-{i}", secret, extra) for i in range(n)]
+    procs = spawn_mesh(workdir, n, mode, secret, "rest")
     try:
         wait_ready(procs)
-        wait_full_mesh(procs)
+        ready_at = max(p.ready_at for p in procs)  # type: ignore[type-var]
+        wait_full_mesh(procs, timeout_s=60 + n)
+        converged_s = time.monotonic() - ready_at
         http_ports = {p.http_port for p in procs}
-        libp2p_ports = set()
-        for p in procs:
-            with urllib.request.urlopen(p.url + "/mesh/self", timeout=5) as resp:
-                for addr in json.loads(resp.read())["addresses"]["libp2p"]:
-                    libp2p_ports.add(int(addr.split("/tcp/")[1].split("/")[0]))
+        libp2p_ports = {int(a.split("/tcp/")[1].split("/")[0]) for p in procs for a in libp2p_addrs(p)}
         time.sleep(settle_s)  # let start-up bursts (announcements, first fetches, dials) pass
         with LoopbackCapture(http_ports, libp2p_ports) as cap:
             time.sleep(rest_s)
@@ -242,6 +262,8 @@ def rest_traffic(workdir: Path, n: int, mode: str, rest_s: float, settle_s: floa
     return {
         "nodes": n,
         "mode": mode,
+        "converged_s": round(converged_s, 2),  # last node ready -> every node lists every other
+        "load_avg_1m": round(os.getloadavg()[0], 2),  # the box is shared: say how busy it was
         "seconds": round(cap.seconds, 1),
         "packets_per_node_s": round(cap.packets / n / cap.seconds, 1),
         "bytes_per_node_s": round(sum(cap.bytes.values()) / n / cap.seconds, 1),
@@ -259,7 +281,7 @@ def inner(args: argparse.Namespace) -> None:
     print(f"# bench_discovery on {os.cpu_count()} CPUs, loopback{' in a private netns' if args.in_netns else ''}")
     results: dict[str, list] = {"join": [], "rest": []}
     try:
-        for n in args.sizes:
+        for n in [] if args.rest_only else args.sizes:
             r = join_latency(workdir, n, args.trials, [])
             results["join"].append(r)
             print(f"join  N={n}: spawn->visible p50 {r['from_spawn_p50_s']:.2f} s p95 {r['from_spawn_p95_s']:.2f} s | "
@@ -279,14 +301,18 @@ def inner(args: argparse.Namespace) -> None:
             print("rest  traffic: skipped (needs root and `ip netns`, so only our nodes are on the loopback)")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    worst_visible = max(r["from_spawn_p95_s"] for r in results["join"])
-    worst_ready = max(r["from_ready_p95_s"] for r in results["join"])
-    print(f"verdict: visible everywhere p95 {worst_visible:.2f} s from spawn, {worst_ready:.2f} s from ready "
-          f"(target {TARGET_VISIBLE_P95_S:.0f} s): {'MET' if worst_visible <= TARGET_VISIBLE_P95_S else 'MISSED'}")
+    if results["join"]:
+        worst_visible = max(r["from_spawn_p95_s"] for r in results["join"])
+        worst_ready = max(r["from_ready_p95_s"] for r in results["join"])
+        print(f"verdict: visible everywhere p95 {worst_visible:.2f} s from spawn, {worst_ready:.2f} s from ready "
+              f"(target {TARGET_VISIBLE_P95_S:.0f} s): {'MET' if worst_visible <= TARGET_VISIBLE_P95_S else 'MISSED'}")
     if results["rest"]:
         worst_rest = max(r["bytes_per_node_s"] for r in results["rest"])
         print(f"verdict: at rest {worst_rest:.0f} B/s per node at worst (target < {TARGET_REST_BYTES_PER_S:.0f}): "
               f"{'MET' if worst_rest < TARGET_REST_BYTES_PER_S else 'MISSED'}")
+        for r in results["rest"]:
+            print(f"converged N={r['nodes']} {r['mode']}: {r['converged_s']:.2f} s after the last node was ready "
+                  f"(load average {r['load_avg_1m']:.2f} on {os.cpu_count()} CPUs)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 
@@ -297,7 +323,10 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=10, help="joins measured per mesh size")
     parser.add_argument("--rest-s", type=float, default=20.0, help="seconds of traffic capture at rest")
     parser.add_argument("--settle-s", type=float, default=5.0)
-    parser.add_argument("--modes", nargs="+", default=["mdns", "mdns+libp2p"], choices=["mdns", "mdns+libp2p"])
+    parser.add_argument("--modes", nargs="+", default=["mdns", "mdns+libp2p"], choices=["mdns", "mdns+libp2p", "libp2p"],
+                        help="libp2p: no mDNS or multicast, every node bootstraps from the first")
+    parser.add_argument("--rest-only", action="store_true",
+                        help="only the N-process mesh at rest (traffic, convergence), no join trials")
     parser.add_argument("--json", default="", help="also write the figures here")
     parser.add_argument("--no-netns", action="store_true", help="run in the current network namespace")
     parser.add_argument("--in-netns", action="store_true", help=argparse.SUPPRESS)

@@ -1,42 +1,43 @@
-"""The mesh simulation: boot, advert gossip into real PeerTables, requests, crashes, replans.
+"""The mesh simulation: every node runs the production discovery code on a simulated clock and links.
 
-Membership and placement decisions are the production functions, called here exactly as a node
-calls them: `PeerTable.apply/expire/snapshot`, `choose_holder`, `cluster_from_adverts`,
-`plan_split`, `replan`. The simulation only supplies time, links and failures.
+Each node is a real `Discovery` (discovery/service.py): its Publisher signs our advert and decides,
+each period, between a full advert and a heartbeat (`Publisher.publish_once`, as the node's run loop
+calls it); what it sends crosses `simulations/sim_transport.py` into the receivers' `Discovery.receive`
+(validation, signatures, seq and replay rules, the PeerTable); `expire_now()` runs every 0.5 s as the
+node's expire loop does. Requests are routed by the production pure functions (`rank_holders`, the
+retry policy of dataplane/routing/retry.py, `route_pipeline`, failover's `replacement_route`,
+`plan_split`/`replan`): simulations/gateway.py. The simulator supplies time, links, load and failures.
 
-Gossip is modelled, not packet-simulated: an advert reaches a same-site peer after one LAN hop (mDNS)
-and a far peer after `log_D(n)` gossipsub hops; every node forwards each new advert to D mesh peers,
-which is what the traffic figure counts. At 1000 nodes only `observers` nodes keep a table (all of
-them below that), which bounds the run to O(adverts x observers) events.
+Membership modes: `lan` (one multicast socket per site, libp2p beyond it, gossip of changed adverts:
+what nodes run today), `libp2p` (libp2p only, every node meets every other), and `records` (past one
+LAN: a bounded sample of peers plus model-keyed records, discovery/model_records.py).
 """
 
 from __future__ import annotations
 
-import math
 import random
 import statistics
-import time
 from dataclasses import dataclass
 from typing import Any
 
+from discovery import model_records as mr
 from discovery.advert import ModelAdvert
 from discovery.envelope import mesh_key_from_secret
-from discovery.peer_table import PeerTable
-from placement import choose_holder as holder_mod
-from placement import from_adverts, plan, replan
-from placement import route_pipeline as pipeline_mod
-from placement.choose_holder import FailureRecord
-from placement.cluster import Cluster, Link, Links, PlacementError, Plan
+from discovery.peer_table import Peer
+from discovery.publisher import PUBLISH_DEBOUNCE_S
+from discovery.service import DEFAULT_REFRESH_S, DEFAULT_TTL_S, EXPIRE_INTERVAL_S
+from placement.cluster import Link, Links
+from simulations import traffic_model as tm
 from simulations.catalog import DEVICES, MODELS
 from simulations.events import EventQueue
-from simulations.serving import Request, Server
-from simulations.sim_node import SPEED_REFERENCE_BYTES, SimNode, make_identity
+from simulations.gateway import Gateways
+from simulations.serving import Server
+from simulations.sim_node import SimNode, attach_discovery, make_cert, make_identity
+from simulations.sim_transport import SimHost, SimMulticast, SimNet
 
-MDNS_POINTER_BYTES = 3 * 220  # TXT pointer, sent 3 times per announcement (DESIGN.md)
-TIMEOUT_S = 1.0
-MAX_ATTEMPTS = 4
 LAN = Link(0.2, 1.25e9)
 BACKBONE = Link(2.0, 1.25e8)
+MODES = ("lan", "libp2p", "records")
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,27 +47,31 @@ class ScenarioConfig:
     devices: tuple[str, ...]
     n_sites: int = 1
     duration_s: float = 120.0
-    advert_interval_s: float = 5.0
-    ttl_s: float = 15.0
+    mode: str = "lan"
+    ttl_s: float = DEFAULT_TTL_S  # the node's defaults: the protocol the nodes run
+    refresh_s: float = DEFAULT_REFRESH_S
     boot_window_s: float = 5.0
-    gossip_degree: int = 6
-    observers: int = 0  # 0: every node keeps a table
+    rest_s: float = 60.0  # after boot, a quiet window: traffic at rest is measured here
+    observers: int = 0  # 0: every node runs the receive path; else only the first `observers` do
     whole_model: str = "llama3-8b-q4"
     pipeline_model: str = "llama3-70b-q4"
     request_rate_per_s: float = 1.0
     out_tokens: int = 128
-    crashes: int = 1
+    crash_per_min: float = 0.05  # share of the nodes crashing per minute once requests flow
+    crashes: int = -1  # >= 0: exactly this many crashes instead of crash_per_min
 
     def __post_init__(self) -> None:
-        if self.n_nodes < 2 or self.n_sites < 1 or self.duration_s <= 0 or self.ttl_s <= self.advert_interval_s:
+        if self.n_nodes < 2 or self.n_sites < 1 or self.duration_s <= 0 or self.ttl_s <= self.refresh_s:
             raise ValueError(f"bad scenario config {self.name}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}")
         if any(d not in DEVICES for d in self.devices) or not self.devices:
             raise ValueError(f"unknown device in {self.devices}")
         if self.whole_model not in MODELS or self.pipeline_model not in MODELS:
             raise ValueError("unknown model")
 
 
-def _digest(name: str) -> str:
+def digest_of(name: str) -> str:
     return (name.encode().hex() * 64)[:64]
 
 
@@ -76,269 +81,246 @@ class MeshSim:
         self.rng = random.Random(seed)
         self.events = EventQueue()
         self.mesh_key = mesh_key_from_secret("simulated-mesh")
-        rng = self.rng
+        self.net = SimNet(self.events, self._latency_s, "records" if cfg.mode == "records" else "gossip")
+        self.net.on_record_put = self._put_records
+        self.records = mr.RecordStore()
         n_obs = cfg.observers or cfg.n_nodes
         self.nodes: list[SimNode] = []
         for i in range(cfg.n_nodes):
-            ident = make_identity(rng)
+            ident = make_identity(self.rng)
             dev = DEVICES[cfg.devices[i % len(cfg.devices)]]
-            free = int(dev.memory_bytes * dev.usable_fraction * rng.uniform(0.75, 1.0))
-            nid = ident.node_id
-            self.nodes.append(SimNode(i, ident, nid, dev, f"site{i % cfg.n_sites}", free,
-                                      PeerTable(nid) if i < n_obs else None))
+            free = int(dev.memory_bytes * dev.usable_fraction * self.rng.uniform(0.75, 1.0))
+            node = SimNode(i, ident, ident.node_id, dev, f"site{i % cfg.n_sites}", free, i < n_obs)
+            node.tls_cert = make_cert(node.node_id)
+            attach_discovery(node, self.mesh_key, self._clock, cfg.ttl_s, cfg.refresh_s)
+            node.host = SimHost(self.net, node)
+            self.net.add(node)
+            self.nodes.append(node)
+        sites: dict[str, list[SimNode]] = {}
+        for n in self.nodes:
+            sites.setdefault(n.site, []).append(n)
+        for n in self.nodes:
+            multicast = SimMulticast(self.net, n, sites[n.site]) if cfg.mode == "lan" else None
+            n.discovery.use_transports(n.host, multicast, lambda peer, n=n: self._fetch_missed(n, peer))
+            n.discovery.publisher.on_wake = lambda n=n: self._wake(n)
         self.by_id = {n.node_id: n for n in self.nodes}
-        self.observers = [n for n in self.nodes if n.table is not None]
-        self.servers: dict[str, Server] = {}
-        self.whole = MODELS[cfg.whole_model]
-        self.pipe_model = MODELS[cfg.pipeline_model]
-        self.plan: Plan | None = None
-        self.pipeline: Server | None = None
-        self.m: dict[str, Any] = {"served": 0, "failed": 0, "retries": 0, "replans": 0, "moved_layers": 0,
-                                  "advert_bytes": 0, "latencies": [], "plan_wall_ms": [], "applied": 0}
+        self.whole_digest, self.pipe_digest = digest_of(cfg.whole_model), digest_of(cfg.pipeline_model)
         self.last_boot = 0.0
         self.converged_at: float | None = None
         self.crash_at: dict[str, float] = {}
-        self.detected_s: list[float] = []
+        self.rest_window: tuple[float, float] = (0.0, 0.0)
+        self.rest_traffic: tuple[dict[int, int], dict[int, int]] = ({}, {})
+        self.gateways = Gateways(self)
         self._load_whole_models()
 
-    # --- setup ------------------------------------------------------------------------------------
-    def _whole_bytes(self) -> int:
-        w = self.whole
-        return w.n_layers * (w.layer_bytes + w.kv_bytes_per_token_per_layer * 4096 * 4) + w.embed_bytes + w.head_bytes
+    # --- the world --------------------------------------------------------------------------------
+    def _clock(self) -> float:
+        return self.events.now
 
-    def _load_whole_models(self) -> None:
-        need = self._whole_bytes()
-        for n in self.nodes:
-            if n.free_memory_bytes >= need and self.rng.random() < 0.5:
-                n.models = (ModelAdvert(_digest(self.cfg.whole_model), self.cfg.whole_model,
-                                        self.whole.n_layers, 0, self.whole.n_layers, "llama.cpp", 4096),)
-                n.free_memory_bytes -= need
-                tpt_ms = self.whole.n_layers * n.device.layer_time_ms(self.whole.layer_bytes) + n.device.overhead_ms
-                self.servers[n.node_id] = Server(self.events, n.capacity, self.cfg.out_tokens * tpt_ms / 1000,
-                                                 self._done, self._retry)
+    def _latency_s(self, a: SimNode, b: SimNode) -> float:
+        return (LAN.latency_ms if a.site == b.site else BACKBONE.latency_ms) / 1000
 
     def links(self) -> Links:
-        sites = {(f"site{i}", f"site{i}"): LAN for i in range(self.cfg.n_sites)}
-        return Links(default=BACKBONE, sites=sites)
+        return Links(default=BACKBONE, sites={(f"site{i}", f"site{i}"): LAN for i in range(self.cfg.n_sites)})
 
-    # --- membership -------------------------------------------------------------------------------
+    def _load_whole_models(self) -> None:
+        w = MODELS[self.cfg.whole_model]
+        need = w.n_layers * (w.layer_bytes + w.kv_bytes_per_token_per_layer * 4096 * 4) + w.embed_bytes + w.head_bytes
+        for n in self.nodes:
+            if n.free_memory_bytes >= need and self.rng.random() < 0.5:
+                n.models = (ModelAdvert(self.whole_digest, self.cfg.whole_model, w.n_layers, 0, w.n_layers,
+                                        "llama.cpp", 4096),)
+                n.free_memory_bytes -= need
+                tpt_ms = w.n_layers * n.device.layer_time_ms(w.layer_bytes) + n.device.overhead_ms
+                n.server = Server(self.events, n.capacity, self.cfg.out_tokens * tpt_ms / 1000,
+                                  self.gateways.done, self.gateways.failed_on)
+                n.server.on_change = n.discovery.publish_soon  # the daemon re-publishes on load change
+
+    # --- membership: the node's own loops, on the simulated clock ---------------------------------
     def boot(self, node: SimNode) -> None:
         node.alive = True
-        node.seq = 1
         self.last_boot = max(self.last_boot, self.events.now)
-        self.publish(node)
+        node.discovery.publisher.sign_current()
+        live = [n for n in self.nodes if n.alive and n is not node]
+        if self.cfg.mode == "records":
+            self._put_records(node, node.discovery.signed_advert())
+            open_ = [n.node_id for n in live if len(n.host.connections) < mr.MAX_SAMPLE_CONNECTIONS]
+            ids = mr.sample_peers(open_, node.node_id)
+            for nid in ids:
+                node.host.connect(self.by_id[nid].host.addrs[0])
+        elif self.cfg.mode == "libp2p" and live:
+            node.host.connect(self.nodes[0].host.addrs[0] if self.nodes[0].alive else live[0].host.addrs[0])
+        node.discovery.publish_soon()
+        self.events.after(self.rng.uniform(0, self.cfg.refresh_s), self._period, node)
+        self.events.after(self.rng.uniform(0, EXPIRE_INTERVAL_S), self._expire, node)
 
-    def publish(self, node: SimNode) -> None:
-        """The periodic advert: send it now and schedule the next one."""
+    def _period(self, node: SimNode) -> None:
         if not node.alive:
             return
-        self._send(node)
-        self.events.after(self.cfg.advert_interval_s * self.rng.uniform(0.9, 1.1), self.publish, node)
+        node.discovery.publisher.publish_once()
+        if self.cfg.mode == "lan" and self.cfg.n_sites > 1:
+            self._meet_far(node)
+        self.events.after(self.cfg.refresh_s, self._period, node)
 
-    def _send(self, node: SimNode) -> None:
-        """One advert to the mesh (also pushed on change, outside the period)."""
+    def _meet_far(self, node: SimNode) -> None:
+        """libp2p beyond the site: nodes dial the far peers they learn of (Discovery.receive does it on
+        NEW adverts; the first far peer comes from the bootstrap list)."""
+        if not node.host.connections:
+            far = [n for n in self.nodes if n.alive and n.site != node.site]
+            if far:
+                node.host.connect(far[0].host.addrs[0])
+
+    def _wake(self, node: SimNode) -> None:
+        """publish_soon(): the run loop publishes PUBLISH_DEBOUNCE_S later (once per burst)."""
+        if node.publish_pending or not node.alive:
+            return
+        node.publish_pending = True
+        self.events.after(PUBLISH_DEBOUNCE_S, self._publish_soon, node)
+
+    def _publish_soon(self, node: SimNode) -> None:
+        node.publish_pending = False
+        if node.alive:
+            node.discovery.publisher.publish_once()
+
+    def _expire(self, node: SimNode) -> None:
         if not node.alive:
             return
-        cfg, now = self.cfg, self.events.now
-        load = len(self.servers[node.node_id].running) if node.node_id in self.servers else 0
-        if load != node.active:
-            node.active, node.seq = load, node.seq + 1
-        advert = node.advert(now, cfg.ttl_s)
-        size = node.measure_wire_bytes(now, cfg.ttl_s, self.mesh_key)
-        # Every live node forwards each new advert to D gossip peers; the sender also multicasts a pointer.
-        alive = sum(1 for n in self.nodes if n.alive) if cfg.n_nodes <= 64 else self._alive_estimate()
-        self.m["advert_bytes"] += size * min(cfg.gossip_degree, alive - 1) * alive + MDNS_POINTER_BYTES
-        hops = max(1, math.ceil(math.log(max(2, cfg.n_nodes), cfg.gossip_degree)))
-        for obs in self.observers:
-            if obs is node:
-                continue
-            same = obs.site == node.site
-            delay_ms = LAN.latency_ms if same else hops * (BACKBONE.latency_ms + 1.0)
-            self.events.after((delay_ms + self.rng.uniform(0, 1.0)) / 1000, self._deliver, obs, advert)
+        if node.receives:
+            for gone in node.discovery.expire_now():
+                self.gateways.on_left(node, gone)
+            self._check_converged()
+        self.events.after(EXPIRE_INTERVAL_S, self._expire, node)
 
-    def _alive_estimate(self) -> int:
-        return self.cfg.n_nodes - len(self.crash_at)
-
-    def _deliver(self, obs: SimNode, advert: Any) -> None:
-        if not obs.alive or obs.table is None:
+    def _fetch_missed(self, node: SimNode, peer: Peer) -> None:
+        """A beat named a newer seq: fetch that node's advert (HTTP in the node; one round trip here)."""
+        src = self.by_id.get(peer.advert.node_id)
+        if src is None or not src.alive:
             return
-        obs.table.apply(advert, self.events.now, "sim")
-        self.m["applied"] += 1
-        if self.converged_at is None and self.events.now >= self.last_boot and self._all_converged():
+        data = src.discovery.signed_advert()
+        self.net.deliver(src, node, data, "libp2p", tm.libp2p_bytes(len(data)) + 300)
+
+    # --- records mode: the DHT ----------------------------------------------------------------------
+    def _put_records(self, node: SimNode, advert_bytes: bytes) -> None:
+        if not node.alive:
+            return
+        n = self.cfg.n_nodes
+        for model in node.models:
+            cost = tm.dht_hops(n) * tm.DHT_HOP_BYTES + tm.DHT_REPLICAS * tm.libp2p_bytes(len(advert_bytes))
+            self._dht_cost(node, cost)
+            self.records.put(mr.record_key(model.digest), node.node_id, advert_bytes,
+                             ((model.start, model.end),), self.events.now)
+        if node.free_memory_bytes > 8 * 2**30:  # it can take layers of the pipeline model: an offer
+            self._dht_cost(node, tm.dht_hops(n) * tm.DHT_HOP_BYTES + tm.DHT_REPLICAS * tm.libp2p_bytes(len(advert_bytes)))
+            self.records.put(mr.record_key(self.pipe_digest + "/offer"), node.node_id, advert_bytes, (), self.events.now)
+
+    def _reput(self, node: SimNode) -> None:
+        if node.alive:
+            self._put_records(node, node.discovery.signed_advert())
+            self.events.after(mr.RECORD_REPUT_S, self._reput, node)
+
+    def lookup(self, node: SimNode, key: str, limit: int = mr.MAX_RESULTS) -> None:
+        """A gateway looks a model key up: each entry goes through Discovery.receive (the trust rules of
+        adverts), then it connects to the holders it got, which beat to it from then on."""
+        now = self.events.now
+        node.tracking[key] = now
+        entries = self.records.get(key, node.node_id, now, limit=limit)
+        self._dht_cost(node, tm.dht_hops(self.cfg.n_nodes) * tm.DHT_HOP_BYTES
+                       + sum(tm.libp2p_bytes(len(e.value)) for e in entries))
+        delay = tm.dht_hops(self.cfg.n_nodes) * BACKBONE.latency_ms / 1000
+        self.events.after(delay, self._looked_up, node, [(e.node_id, e.value) for e in entries])
+
+    def _looked_up(self, node: SimNode, entries: list[tuple[str, bytes]]) -> None:
+        if not node.alive:
+            return
+        for node_id, value in entries:
+            if node.discovery.table.get(node_id) is not None:
+                continue  # tracked already, by its beats: the stored entry can only be as new or older
+            accepted = node.discovery.receive(value, "dht")
+            holder = self.by_id.get(node_id)
+            if (accepted or node.discovery.table.get(node_id) is not None) and holder is not None:
+                node.host.connect(holder.host.addrs[0])
+
+    def _dht_cost(self, node: SimNode, nbytes: float) -> None:
+        if self.net.counting:
+            self.net.traffic.add_sent(node.index, nbytes / 2)
+            self.net.traffic.add_received(node.index, nbytes / 2)
+
+    # --- measures -----------------------------------------------------------------------------------
+    def _check_converged(self) -> None:
+        if self.converged_at is not None or self.events.now < self.final_boot:
+            return
+        if all(self.gateways.converged(o) for o in self.nodes if o.receives and o.alive):
             self.converged_at = self.events.now
 
-    def _all_converged(self) -> bool:
-        target = self.cfg.n_nodes - 1
-        return all(len(o.table) >= target for o in self.observers if o.table is not None)
-
-    def expire_tick(self) -> None:
-        now = self.events.now
-        for obs in self.observers:
-            if obs.alive and obs.table is not None:
-                for gone in obs.table.expire(now):
-                    self._on_expired(obs, gone, now)
-        self.events.after(1.0, self.expire_tick)
-
-    def _on_expired(self, obs: SimNode, gone: str, now: float) -> None:
-        if gone in self.crash_at and all(o.table is None or o.table.get(gone) is None or not o.alive
-                                         for o in self.observers):
-            self.detected_s.append(now - self.crash_at.pop(gone))
-        if obs is self.coordinator and self.plan is not None and any(s.node == gone for s in self.plan.stages):
-            self._replan()
-
     def crash(self, node: SimNode) -> None:
+        if not node.alive:
+            return
         node.alive = False
         self.crash_at[node.node_id] = self.events.now
-        if node.node_id in self.servers:
-            self.servers[node.node_id].fail_all()
-        if self.plan is not None and self.pipeline is not None and any(s.node == node.node_id for s in self.plan.stages):
-            self.pipeline.fail_all()
+        self.gateways.on_crash(node)
 
-    # --- placement --------------------------------------------------------------------------------
-    @property
-    def coordinator(self) -> SimNode:
-        return self.observers[0]
+    def _begin_rest(self) -> None:
+        self._rest_from = self.events.now
+        self.net.traffic.sent.clear()
+        self.net.traffic.received.clear()
 
-    def _cluster(self) -> Cluster:
-        c = self.coordinator
-        now = self.events.now
-        adverts = [c.advert(now, self.cfg.ttl_s)] + [p.advert for p in _table(c).snapshot(now)]
-        sites = {a.node_id: self.by_id[a.node_id].site for a in adverts}
-        return from_adverts.cluster_from_adverts(self.pipe_model, adverts, bytes_per_speed_token=SPEED_REFERENCE_BYTES,
-                                                 links=self.links(), sites=sites, concurrency=4)
+    def _end_rest(self) -> None:
+        self.rest_window = (self._rest_from, self.events.now)
+        self.rest_traffic = (dict(self.net.traffic.sent), dict(self.net.traffic.received))
+        self.net.traffic.sent.clear()
+        self.net.traffic.received.clear()
+        self._load_from = self.events.now
 
-    def initial_plan(self) -> None:
-        t0 = time.perf_counter()
-        try:
-            self._activate(plan.plan_split(self._cluster()))
-        except PlacementError:
-            self.plan = None
-        self.m["plan_wall_ms"].append((time.perf_counter() - t0) * 1000)
-
-    def _replan(self) -> None:
-        if self.plan is None:
-            return
-        t0 = time.perf_counter()
-        try:
-            new = replan.replan(self.plan, self._cluster())
-        except PlacementError:
-            self.plan = self.pipeline = None
-            return
-        self.m["plan_wall_ms"].append((time.perf_counter() - t0) * 1000)
-        self.m["replans"] += 1
-        self.m["moved_layers"] += replan.moved_layers(self.plan, new)
-        self._activate(new)
-
-    def _activate(self, p: Plan) -> None:
-        """Stage nodes load their ranges and advertise them; gateways find the chain by route_pipeline."""
-        digest, n_layers = _digest(self.cfg.pipeline_model), self.pipe_model.n_layers
-        ranges = {s.node: (s.start, s.end) for s in p.stages}
-        for n in self.nodes:
-            kept = tuple(m for m in n.models if m.digest != digest)
-            if n.node_id in ranges:
-                start, end = ranges[n.node_id]
-                kept += (ModelAdvert(digest, self.cfg.pipeline_model, n_layers, start, end, "torch", 4096),)
-            if kept != n.models:
-                n.models = kept
-                n.seq += 1
-                self._send(n)
-        self.plan = p
-        self.pipeline = Server(self.events, p.concurrency, self.cfg.out_tokens * p.time_per_token_ms / 1000,
-                               self._done, self._retry)
-
-    # --- requests ---------------------------------------------------------------------------------
-    def arrival(self, rid: int) -> None:
-        kind = "pipeline" if self.rng.random() < 0.3 else "whole"
-        self.route(Request(rid, self.events.now, kind))
-        self.events.after(self.rng.expovariate(self.cfg.request_rate_per_s), self.arrival, rid + 1)
-
-    def route(self, req: Request) -> None:
-        req.attempts += 1
-        if req.attempts > MAX_ATTEMPTS:
-            self.m["failed"] += 1
-            return
-        if req.attempts > 1:
-            self.m["retries"] += 1
-        now = self.events.now
-        gateways = [o for o in self.observers if o.alive]
-        gw = gateways[self.rng.randrange(len(gateways))]
-        peers = [p.advert for p in _table(gw).snapshot(now)]
-        if req.kind == "pipeline":
-            chain = pipeline_mod.route_pipeline(_digest(self.cfg.pipeline_model), [gw.advert(now, self.cfg.ttl_s), *peers])
-            if chain is None or self.pipeline is None or not all(self.by_id[s.node].alive for s in chain.stages):
-                self.events.after(TIMEOUT_S * 2, self.route, req)  # no chain seen yet, or a dead stage: time out
-            else:
-                self.pipeline.submit(req)
-            return
-        holder = holder_mod.choose_holder(_digest(self.cfg.whole_model), peers, gw.advert(now, self.cfg.ttl_s),
-                                          now, gw.failures, inflight=gw.inflight)
-        if holder is None:
-            self.events.after(TIMEOUT_S, self.route, req)
-            return
-        target = self.by_id[holder]
-        if not target.alive:  # the table still lists a crashed node: pay a timeout, back it off
-            old = gw.failures.get(holder)
-            gw.failures[holder] = FailureRecord((old.count if old else 0) + 1, now)
-            self.events.after(TIMEOUT_S, self.route, req)
-            return
-        self.servers[holder].submit(req)
-
-    def _done(self, req: Request) -> None:
-        req.done = True
-        self.m["served"] += 1
-        self.m["latencies"].append(self.events.now - req.arrived_s)
-
-    def _retry(self, req: Request) -> None:
-        self.events.after(TIMEOUT_S, self.route, req)
-
-    # --- the run ----------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         cfg, ev, rng = self.cfg, self.events, self.rng
-        for n in self.nodes:
-            ev.at(rng.uniform(0, cfg.boot_window_s), self.boot, n)
-        ev.at(1.0, self.expire_tick)
-        settle = cfg.boot_window_s + 2 * cfg.advert_interval_s
-        ev.at(settle, self.initial_plan)
-        ev.at(settle + 0.5, self.arrival, 0)
-        ev.at(settle + 1.0, self._schedule_crashes)
+        boots = [rng.uniform(0, cfg.boot_window_s) for _ in self.nodes]
+        self.final_boot = max(boots)
+        for n, at in zip(self.nodes, boots, strict=True):
+            ev.at(at, self.boot, n)
+            if cfg.mode == "records":
+                ev.at(cfg.boot_window_s + rng.uniform(0, mr.RECORD_REPUT_S), self._reput, n)
+        settle = cfg.boot_window_s + 2 * cfg.refresh_s
+        ev.at(settle, self._begin_rest)
+        ev.at(settle + cfg.rest_s, self._end_rest)
+        start = settle + cfg.rest_s
+        ev.at(start, self.gateways.start, start)
+        n_crashes = cfg.crashes if cfg.crashes >= 0 else round(cfg.crash_per_min * cfg.n_nodes * (cfg.duration_s - start - 15) / 60)
+        spare = [n for n in self.nodes[1:] if n is not self.gateways.coordinator]
+        picks = self.gateways.crash_candidates(spare, n_crashes)
+        for n in picks:
+            ev.at(rng.uniform(start + 5, max(start + 6, cfg.duration_s - 15)), self.crash, n)
         ev.run_until(cfg.duration_s)
         return self.report()
 
-    def _schedule_crashes(self) -> None:
-        cfg = self.cfg
-        spare = [n for n in self.nodes if n is not self.coordinator]
-        stage_nodes = [self.by_id[s.node] for s in self.plan.stages] if self.plan else []
-        picks = [n for n in stage_nodes if n is not self.coordinator][:1]
-        rest = [n for n in spare if n not in picks]
-        picks += self.rng.sample(rest, max(0, min(len(rest), cfg.crashes - len(picks))))
-        lo = max(self.events.now + 1.0, cfg.duration_s * 0.35)
-        hi = max(lo + 1.0, cfg.duration_s * 0.5)
-        for n in picks[: cfg.crashes]:
-            self.events.at(self.rng.uniform(lo, hi), self.crash, n)
-
     def report(self) -> dict[str, Any]:
-        cfg, m = self.cfg, self.m
-        lat = sorted(m["latencies"])
-        p = self.plan
+        cfg = self.cfg
+        rest_s = max(1e-9, self.rest_window[1] - self.rest_window[0])
+        load_s = max(1e-9, cfg.duration_s - getattr(self, "_load_from", cfg.duration_s))
+        sent_rest, recv_rest = self.rest_traffic
+        n = cfg.n_nodes
+        background = tm.LIBP2P_NODE_BACKGROUND_BYTES_S if cfg.mode != "lan" or cfg.n_sites > 1 else 0.0
+
+        def per_node(d: dict[int, int], secs: float) -> float:
+            return round(sum(d.values()) / n / secs + background, 1)
+
+        def worst(d: dict[int, int], secs: float) -> float:
+            return round(max(d.values(), default=0) / secs + background, 1)
+
+        g = self.gateways.report()
         return {
-            "scenario": cfg.name, "nodes": cfg.n_nodes, "sites": cfg.n_sites,
-            "observers": len(self.observers), "duration_s": cfg.duration_s,
-            "advert_bytes_per_s_per_node": round(m["advert_bytes"] / cfg.n_nodes / cfg.duration_s, 1),
+            "scenario": cfg.name, "nodes": n, "sites": cfg.n_sites, "mode": cfg.mode,
+            "receivers": sum(1 for x in self.nodes if x.receives), "duration_s": cfg.duration_s,
+            "rest_sent_bytes_per_s_per_node": per_node(sent_rest, rest_s),
+            "rest_received_bytes_per_s_per_node": per_node(recv_rest, rest_s),
+            "rest_sent_bytes_per_s_worst_node": worst(sent_rest, rest_s),
+            "load_sent_bytes_per_s_per_node": per_node(self.net.traffic.sent, load_s),
+            "load_received_bytes_per_s_per_node": per_node(self.net.traffic.received, load_s),
             "table_convergence_s": None if self.converged_at is None else round(self.converged_at - self.last_boot, 3),
-            "crash_detection_s": round(statistics.mean(self.detected_s), 3) if self.detected_s else None,
-            "adverts_applied": m["applied"], "events": self.events.ran,
-            "requests_served": m["served"], "requests_failed": m["failed"], "retries": m["retries"],
-            "latency_p50_s": round(lat[len(lat) // 2], 3) if lat else None,
-            "latency_p95_s": round(lat[int(len(lat) * 0.95)], 3) if lat else None,
-            "pipeline_stages": len(p.stages) if p else 0,
-            "pipeline_tokens_per_s": round(p.tokens_per_s, 2) if p else None,
-            "replans": m["replans"], "moved_layers": m["moved_layers"],
-            "plan_wall_ms": round(max(m["plan_wall_ms"]), 2) if m["plan_wall_ms"] else None,
+            "crashes": len(self.crash_at), "events": self.events.ran,
+            "rejects": sum(sum(x.discovery.rejects.values()) for x in self.nodes),
+            **g,
         }
 
 
-def _table(observer: SimNode) -> PeerTable:
-    """The table of an observer (coordinators and gateways are picked among observers)."""
-    if observer.table is None:
-        raise ValueError("only observers keep a peer table")
-    return observer.table
+def mean_or_none(xs: list[float]) -> float | None:
+    return round(statistics.mean(xs), 3) if xs else None

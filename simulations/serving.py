@@ -20,12 +20,18 @@ class Request:
     rid: int
     arrived_s: float
     kind: str  # "whole" | "pipeline"
-    attempts: int = 0
+    gateway: object = None  # the SimNode that routes it (simulations/gateway.py)
+    attempts: object = None  # dataplane.routing.retry.Attempts of the current try
+    chain_tries: int = 0
+    client_tries: int = 0
+    waits: int = 0
+    holder: str = ""
+    chain: tuple[str, ...] = ()
     done: bool = False
 
 
 class Server:
-    __slots__ = ("events", "slots", "request_s", "running", "queue", "on_done", "on_fail")
+    __slots__ = ("events", "slots", "request_s", "running", "queue", "on_done", "on_fail", "on_change")
 
     def __init__(self, events: EventQueue, slots: int, request_s: float,
                  on_done: Callable[[Request], None], on_fail: Callable[[Request], None]) -> None:
@@ -36,6 +42,11 @@ class Server:
         self.queue: list[Request] = []
         self.on_done = on_done
         self.on_fail = on_fail
+        self.on_change: Callable[[], None] | None = None  # load changed: the node re-publishes
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     @property
     def load(self) -> int:
@@ -46,6 +57,7 @@ class Server:
             self._start(req)
         else:
             self.queue.append(req)
+        self._changed()
 
     def _start(self, req: Request) -> None:
         self.running[req.rid] = req
@@ -59,6 +71,7 @@ class Server:
         self.on_done(req)
         if self.queue:
             self._start(self.queue.pop(0))
+        self._changed()
 
     def fail_all(self) -> None:
         """The node (or a stage) crashed: every request on it fails back to its gateway."""

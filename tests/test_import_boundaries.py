@@ -20,7 +20,7 @@ ALLOWED: dict[str, set[str]] = {
     "dataplane": {"core", "shard", "engine", "discovery", "placement"},
     "gateway": {"core", "engine"},
     "node": {"core", "shard", "engine", "discovery", "placement", "dataplane", "gateway"},
-    "simulations": {"core", "discovery", "placement"},
+    "simulations": {"core", "discovery", "placement", "dataplane"},
 }
 
 
