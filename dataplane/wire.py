@@ -8,6 +8,7 @@ from array import array
 from dataclasses import asdict
 from typing import Any
 
+from core.types import is_model_id, is_upstream_id
 from dataplane.rpc import PayloadError
 from engine.chat_template import ROLES
 from engine.types import Chunk, FinishReason, GenerationRequest, SamplingParams, TokenLogprob, Usage
@@ -15,6 +16,7 @@ from engine.types import Chunk, FinishReason, GenerationRequest, SamplingParams,
 DIGEST = re.compile(r"^[0-9a-f]{64}$")
 MAX_TEXT_CHARS = 4 << 20
 MAX_MESSAGES = 1024
+MAX_RAW_CHARS = 6 << 20  # a client's body (4 MiB at most) as JSON text with non-ASCII escaped
 _PARAM_TYPES: dict[str, tuple[type, ...]] = {
     "temperature": (float, int),
     "top_p": (float, int),
@@ -42,6 +44,8 @@ def encode_request(digest: str, request: GenerationRequest) -> dict[str, Any]:
         "messages": [dict(m) for m in request.messages] if request.messages is not None else None,
         "continuation": request.continuation,
         "params": params,
+        # the client's body, for an upstream holder only (engine/upstream.py relays it)
+        **({"raw": request.passthrough} if request.passthrough and is_upstream_id(digest) else {}),
     }
 
 
@@ -53,8 +57,8 @@ def _text(value: Any, what: str, max_chars: int = MAX_TEXT_CHARS) -> str:
 
 def decode_request(obj: dict[str, Any]) -> tuple[str, GenerationRequest]:
     digest = obj.get("model")
-    if not isinstance(digest, str) or not DIGEST.match(digest):
-        raise PayloadError("model must be a sha256 hex digest")
+    if not isinstance(digest, str) or not is_model_id(digest):
+        raise PayloadError("model must be a sha256 hex digest or an upstream model id")
     params_in = obj.get("params")
     if not isinstance(params_in, dict) or set(params_in) - set(_PARAM_TYPES):
         raise PayloadError("params must be a map of known sampling parameters")
@@ -89,6 +93,7 @@ def decode_request(obj: dict[str, Any]) -> tuple[str, GenerationRequest]:
             prompt=_text(prompt, "prompt") if prompt is not None else None,
             messages=tuple(messages) if messages is not None else None,
             continuation=_text(obj.get("continuation", ""), "continuation"),
+            passthrough=_text(obj.get("raw", ""), "raw", MAX_RAW_CHARS),
         )
     except ValueError as e:
         raise PayloadError(str(e)) from None
@@ -167,7 +172,7 @@ def decode_embeddings(obj: dict[str, Any]) -> tuple[list[list[float]], int]:
 
 def decode_embed_request(obj: dict[str, Any]) -> tuple[str, list[str]]:
     digest, inputs = obj.get("model"), obj.get("input")
-    if not isinstance(digest, str) or not DIGEST.match(digest):
+    if not isinstance(digest, str) or not is_model_id(digest):
         raise PayloadError("model must be a sha256 hex digest")
     if not isinstance(inputs, list) or not 0 < len(inputs) <= MAX_EMBED_INPUTS:
         raise PayloadError(f"input must be a list of 1 to {MAX_EMBED_INPUTS} strings")

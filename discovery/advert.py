@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from core.types import MAX_MODEL_ID_CHARS, is_model_id, is_upstream_id
 from discovery.tls_cert import MAX_CERT_CHARS, cert_matches
 from shard.spec import ShardSpec
 
@@ -46,7 +47,7 @@ class Addresses:
 
 @dataclass(frozen=True, slots=True)
 class ModelAdvert:
-    digest: str  # sha256 of the GGUF, 64 hex chars: the model's identity
+    digest: str  # sha256 of the GGUF, 64 hex chars, or an upstream model's id (core.types): the identity
     alias: str
     n_layers: int
     start: int  # held layer range [start, end)
@@ -57,6 +58,9 @@ class ModelAdvert:
     def __post_init__(self) -> None:
         if not 0 <= self.start < self.end <= self.n_layers:
             raise ValueError(f"bad layer range [{self.start}, {self.end}) of {self.n_layers}")
+        # an upstream model is only ever held whole, by the engine "upstream", and nothing else is
+        if is_upstream_id(self.digest) != (self.engine == "upstream") or (self.engine == "upstream" and not self.whole):
+            raise ValueError("an upstream model id is held whole by the upstream engine only")
 
     @property
     def whole(self) -> bool:
@@ -234,7 +238,7 @@ def _model(m: Any) -> ModelAdvert:
         raise AdvertError("bad_type", "model must be a map")
     try:
         return ModelAdvert(
-            digest=_str(m, "digest", 64, _HEX_DIGEST),
+            digest=_model_id(m),
             alias=_str(m, "alias", MAX_SHORT_CHARS),
             n_layers=_int(m, "n_layers"),
             start=_int(m, "start"),
@@ -244,6 +248,13 @@ def _model(m: Any) -> ModelAdvert:
         )
     except ValueError as e:
         raise AdvertError("bad_value", str(e)) from None
+
+
+def _model_id(m: dict[str, Any]) -> str:
+    model_id = _str(m, "digest", MAX_MODEL_ID_CHARS)
+    if not is_model_id(model_id):
+        raise AdvertError("bad_value", "digest has the wrong format")
+    return model_id
 
 
 def _file(f: Any) -> FileAdvert:

@@ -8,6 +8,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,17 @@ def _request_of(parsed: ParsedGeneration, request_id: str, index: int = 0) -> Ge
     return GenerationRequest(request_id, parsed.choice_params(index), prompt=parsed.prompt, messages=parsed.messages)
 
 
+async def _relayed(request: web.Request, generation: GenerationRequest) -> GenerationRequest:
+    """The client's body, validated by now, rides along for upstream holders (engine/upstream.py relays
+    every field of it); aiohttp keeps the body it read, so this reads nothing again."""
+    raw = await request.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:  # JSON in UTF-16/32: as JSON text, non-ASCII escaped
+        text = json.dumps(json.loads(raw))
+    return replace(generation, passthrough=text)
+
+
 async def _start_stream(request: web.Request, generation: Generation) -> web.StreamResponse:
     response = web.StreamResponse(
         headers={
@@ -139,7 +151,7 @@ async def _generate(request: web.Request, parsed: ParsedGeneration, chat: bool) 
     metrics = request.app.get(METRICS_KEY)  # absent: metrics off (--no-metrics, or a bare app)
     track = metrics.track(cid) if metrics is not None else None
     try:
-        generation = await backend.open_generation(parsed.model, _request_of(parsed, cid))
+        generation = await backend.open_generation(parsed.model, await _relayed(request, _request_of(parsed, cid)))
     except MeshError as e:
         if track is not None and metrics is not None:
             track.model = metrics.model_label(parsed.model)  # only a model already served names a series
@@ -154,7 +166,7 @@ async def _generate(request: web.Request, parsed: ParsedGeneration, chat: bool) 
                 track.chunk(chunk)
 
         async def open_choice(index: int) -> Generation:  # choices after the first (n > 1)
-            return await backend.open_generation(parsed.model, _request_of(parsed, cid, index))
+            return await backend.open_generation(parsed.model, await _relayed(request, _request_of(parsed, cid, index)))
 
         if not parsed.stream:
             body = await respond_joined(parsed, chat, cid, created, model, generation, open_choice, on_chunk)

@@ -14,6 +14,7 @@ from pathlib import Path
 from discovery.join_token import MAX_BOOTSTRAP, JoinToken, encode_token, is_bootstrap_addr
 from engine.model_file import DEFAULT_ALIAS, ModelFileError
 from engine.types import EngineLoadError
+from engine.upstream import UpstreamConfig
 from node.config import WEIGHTS, NodeConfig, default_data_dir, lan_mode
 from node.log_format import LOG_FORMATS, setup_logging
 from node.mesh_secret import MeshSecret, resolve_secret
@@ -85,6 +86,17 @@ def _join_parser(sub: argparse._SubParsersAction) -> None:
                       help="how often to look for such idle ranges")
     join.add_argument("--no-metrics", action="store_true",
                       help="no /metrics, /mesh/stats or per-request timing (to measure what they cost)")
+    join.add_argument("--upstream", action="append", default=[], metavar="URL",
+                      help="front an OpenAI-compatible server (vLLM, SGLang, llama-server, Ollama): its models "
+                           "join the mesh (repeatable; docs/upstream.md)")
+    join.add_argument("--upstream-key", action="append", default=[], metavar="KEY",
+                      help="its API key: one for every --upstream, or one per --upstream in order")
+    join.add_argument("--upstream-model", action="append", default=[], metavar="NAME",
+                      help="advertise only these served names (repeatable; default: all it lists)")
+    join.add_argument("--upstream-concurrency", type=int, default=8, metavar="N",
+                      help="generations in flight at each upstream, at most")
+    join.add_argument("--upstream-timeout-s", type=float, default=120.0, metavar="S",
+                      help="longest silence of an upstream before its first token or between chunks")
     join.add_argument("--log-level", default="INFO")
     join.add_argument("--log-format", choices=LOG_FORMATS, default="text",
                       help="json: one JSON object a line (requests carry their fields: id, model, route, timings)")
@@ -137,7 +149,7 @@ def _mesh_secret(args: argparse.Namespace, data_dir: Path) -> MeshSecret:
 
 
 def _config(args: argparse.Namespace) -> NodeConfig:
-    explicit = args.shard or args.offer
+    explicit = args.shard or args.offer or args.upstream
     models: tuple[str, ...] = () if args.no_model or (explicit and not args.model) else tuple(args.model or (DEFAULT_ALIAS,))
     data_dir = args.data_dir or default_data_dir()
     secret = _mesh_secret(args, data_dir)
@@ -176,8 +188,21 @@ def _config(args: argparse.Namespace) -> NodeConfig:
         insecure_data_plane=args.insecure_data_plane,
         api_open=args.api_open,
         metrics=not args.no_metrics,
+        upstreams=_upstreams(args),
         unload_idle_s=args.unload_idle_s,
         unload_check_s=args.unload_check_s,
+    )
+
+
+def _upstreams(args: argparse.Namespace) -> tuple[UpstreamConfig, ...]:
+    keys = list(args.upstream_key)
+    if len(keys) not in (0, 1, len(args.upstream)):
+        raise ValueError("give one --upstream-key for every --upstream, or one per --upstream in order")
+    return tuple(
+        UpstreamConfig(url, api_key=keys[i] if len(keys) == len(args.upstream) else (keys[0] if keys else ""),
+                       models=tuple(args.upstream_model), concurrency=args.upstream_concurrency,
+                       read_timeout_s=args.upstream_timeout_s)
+        for i, url in enumerate(args.upstream)
     )
 
 

@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.upstream import UpstreamConfig
+
 
 def default_data_dir() -> Path:
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
@@ -50,6 +52,7 @@ class NodeConfig:
     metrics: bool = True  # /metrics, /mesh/stats and per-request timing (--no-metrics: off, for comparison)
     unload_idle_s: float = 600.0  # a range loaded on request (LoadShard) and unused this long is unloaded
     unload_check_s: float = 60.0  # how often idle ranges are looked for
+    upstreams: tuple[UpstreamConfig, ...] = ()  # OpenAI-compatible servers fronted as engines (--upstream)
 
     def __post_init__(self) -> None:
         for port_name in ("http_port", "grpc_port"):

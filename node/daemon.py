@@ -30,6 +30,7 @@ from node.mesh_routes import add_mesh_routes, advert_handler
 from node.model_loader import ModelManager
 from node.observability import Observability
 from node.resources import probe_resources
+from node.upstream import UpstreamManager
 from node.version import VERSION
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,9 @@ class Node:
         self.mesh_key = mesh_key_from_secret(config.mesh_secret)
         self.local = LocalModels()
         self.models = ModelManager(config, self._on_load_change)
+        # OpenAI-compatible servers fronted as engines: their models join self.local while they answer
+        self.upstreams = UpstreamManager(config.upstreams, self.local, max_queue=config.max_queue,
+                                         on_change=self._on_load_change, on_load_change=self._on_load_change)
         self._load_lock = asyncio.Lock()
         self.table = PeerTable(self.node_id)
         self.http_port = config.http_port
@@ -173,6 +177,7 @@ class Node:
 
     async def start(self) -> None:
         await asyncio.to_thread(self._load_models)
+        await self.upstreams.start()
         self._file_adverts = await asyncio.to_thread(self.models.file_adverts)
         handlers = self.service.handlers()
         if self._may_run_stages():
@@ -233,6 +238,7 @@ class Node:
             await self._grpc.stop(GRPC_GRACE_S)
             self._grpc = None
         log.debug("stop: channels and engines")
+        await self.upstreams.stop()
         await self.channels.close()
         await self._fetcher.close()
         await asyncio.to_thread(self.local.close)
@@ -298,6 +304,7 @@ class Node:
         for key in ("seq", "issued_at", "ttl_s"):
             me.pop(key, None)
         me["rejected_adverts"] = self.discovery.rejects
+        me["upstreams"] = self.upstreams.describe()
         me["loading"] = self.models.progress.snapshot()  # model and range loads, for the dashboard
         me["pipeline"] = {
             "decode_steps": self._stage_steps,

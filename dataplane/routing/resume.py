@@ -67,7 +67,7 @@ async def _resuming(served: Served, stream: AsyncIterator[Chunk], request: Gener
                 async for chunk in stream:
                     text += chunk.text
                     ids.extend(chunk.token_ids)
-                    if chunk.usage is not None:
+                    if chunk.usage is not None and ids:  # an upstream holder sends no ids: its own count
                         chunk.usage = Usage(max(0, chunk.usage.prompt_tokens), len(ids))
                     yield chunk
                 return
