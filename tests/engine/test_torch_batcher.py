@@ -50,3 +50,39 @@ def test_failure_reaches_every_step_and_the_combiner_recovers() -> None:
     with pytest.raises(RuntimeError):
         combiner.submit([_step(1), _step(13)])
     assert int(combiner.submit([_step(2)])[0]) == 2
+
+
+def test_a_pipeline_stage_batches_half_of_its_sessions() -> None:
+    """A whole model waits for every open session's step; a pipeline stage for half, so two
+    micro-batches alternate between the stages instead of moving in lockstep."""
+    from engine.torch_engine import batch_target
+
+    assert [batch_target(n, True) for n in (1, 2, 4, 7)] == [1, 2, 4, 7]
+    assert [batch_target(n, False) for n in (0, 1, 2, 4, 7)] == [1, 1, 1, 2, 4]
+
+
+def test_an_unfinished_step_is_requeued_until_its_last_chunk() -> None:
+    """A run_batch that advances a long step one chunk per batch while short steps come and go: the
+    long step's thread gets its result only after all its chunks, in order."""
+    chunks: list[list[str]] = []
+
+    def run(batch: list[Step]) -> None:
+        chunks.append([("long" if s.x.shape[0] > 1 else "short") for s in batch])
+        for s in batch:
+            if s.x.shape[0] > 1:
+                s.offset += 1
+                s.parts.append(s.x[s.offset - 1 : s.offset])
+                if s.offset == s.x.shape[0]:
+                    s.finish(torch.cat(s.parts))
+            else:
+                s.finish(s.x)
+
+    combiner = StepCombiner(run)
+    out: dict[str, torch.Tensor] = {}
+    long = threading.Thread(target=lambda: out.update(long=combiner.submit([Step(0, torch.arange(5), 0)])[0]))
+    long.start()
+    for i in range(3):
+        out[f"s{i}"] = combiner.submit([_step(i)])[0]
+    long.join(10)
+    assert out["long"].tolist() == [0, 1, 2, 3, 4]
+    assert sum(b.count("long") for b in chunks) == 5  # one chunk per batch
