@@ -1,6 +1,6 @@
 """Decode attention over the paged KV cache: one query token per session, keys found by block table.
 
-CUDA: a Triton split-K ("flash decoding") kernel. Its grid is (sessions, kv heads, splits); each
+CUDA: a Triton split-K ("flash decoding") kernel (engine/paged_attention_triton.py, `paged_decode`). Its grid is (sessions, kv heads, splits); each
 program walks only the blocks of its split that hold the session's keys, for all the query heads of
 one KV head (GQA), and a few torch ops merge the splits. Lengths and block numbers are read from
 device tensors, so the launch has fixed shapes and replays from a CUDA graph as sessions grow.
@@ -30,43 +30,6 @@ def triton_supported(head_dim: int, n_heads: int, n_kv_heads: int) -> bool:
     """The kernel's tiles need a power-of-two head size of 16..256 and at most 16 query heads per KV head."""
     rep = n_heads // n_kv_heads
     return 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0 and 1 <= rep <= 16
-
-
-def decode_attention_cuda(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    table: torch.Tensor,
-    seq_lens: torch.Tensor,
-    *,
-    window: int,
-    scale: float,
-) -> torch.Tensor:
-    """q [B, H, D]; caches [n_blocks, block_size, Hkv, D]; table [B, max_blocks] int32 (block ids);
-    seq_lens [B] int32 (keys 0..len-1 exist). Keys older than `window` are skipped (0: none).
-    Returns [B, H, D] in q's dtype. No host sync."""
-    from engine.paged_attention_triton import paged_decode  # triton: CUDA machines only
-
-    return paged_decode(q, k_cache, v_cache, table, seq_lens, window=window, scale=scale)
-
-
-def rope_and_cache(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    pos: torch.Tensor,
-    write: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    interleaved: bool,
-) -> torch.Tensor:
-    """CUDA decode: RoPE at `pos` [B] on q [B, H, D] and k [B, Hkv, D], k and v written to cache rows
-    `write` [B]; one kernel where torch takes a dozen. Returns the rotated q. No host sync."""
-    from engine.paged_attention_triton import rope_and_cache as run
-
-    return run(q, k, v, cos, sin, pos, write, k_cache, v_cache, interleaved)
 
 
 def decode_attention_host(
@@ -104,7 +67,7 @@ def decode_attention_dense(
     window: int,
     scale: float,
 ) -> torch.Tensor:
-    """`decode_attention_cuda`'s contract in plain torch: every session reads all of its table's
+    """The Triton `paged_decode`'s contract in plain torch: every session reads all of its table's
     blocks and masks what it does not own. Fixed shapes (graph-safe) but reads max_context keys per
     session: the fallback where the kernel does not apply, and the kernel's reference in tests."""
     b, h, d = q.shape

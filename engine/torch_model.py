@@ -21,6 +21,7 @@ their own RoPE table; their cache still keeps every position.
 from __future__ import annotations
 
 import contextlib
+import importlib
 from typing import Any, Literal
 
 import torch
@@ -32,13 +33,7 @@ from engine.arch_llama import rms_norm, rope
 from engine.decode_graphs import DecodeGraphs
 from engine.kv_cache import PagedKVCache, blocks_for
 from engine.linear import LinearFactory
-from engine.paged_attention import (
-    decode_attention_cuda,
-    decode_attention_dense,
-    decode_attention_host,
-    rope_and_cache,
-    triton_supported,
-)
+from engine.paged_attention import decode_attention_dense, decode_attention_host, triton_supported
 from shard.config import ModelConfig
 from shard.loader import ShardWeights
 from shard.spec import ShardSpec
@@ -107,6 +102,8 @@ class ShardModel:
             )
         on_cuda = self.device.type == "cuda"
         self._triton = on_cuda and triton_supported(c.head_dim, c.n_heads, c.n_kv_heads)
+        # the Triton kernels (paged decode; RoPE + cache write), imported only where they run
+        self._kernels = importlib.import_module("engine.paged_attention_triton") if self._triton else None
         self.graphs: DecodeGraphs | None = None
         if on_cuda and cuda_graphs:
             self.graphs = DecodeGraphs(self._decode_on_device, max_sessions, c.hidden_size, self.device, self.dtype)
@@ -246,7 +243,7 @@ class ShardModel:
         block = table.gather(1, (pos // kv.block_size)[:, None])[:, 0].long()
         write = block * kv.block_size + pos % kv.block_size  # [B]
         seq_lens = (pos + 1).to(torch.int32)
-        il = c.rope_interleaved
+        il, kernels = c.rope_interleaved, self._kernels
         h = h.unsqueeze(1)
         for i, layer in enumerate(self.layers):
             kc, vc = kv.k[i], kv.v[i]
@@ -254,9 +251,9 @@ class ShardModel:
             tables = (self.cos_swa, self.sin_swa) if self.sliding[i] else (self.cos, self.sin)
 
             def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-                if self._triton:  # RoPE of q and k and the cache write in one kernel, then attention
-                    q1 = rope_and_cache(q[:, :, 0], k[:, :, 0], v[:, :, 0], *tables, pos, write, kc, vc, il)  # noqa: B023
-                    o = decode_attention_cuda(q1, kc, vc, table, seq_lens, window=window, scale=c.attn_scale)  # noqa: B023
+                if kernels is not None:  # RoPE of q and k and the cache write in one kernel, then attention
+                    q1 = kernels.rope_and_cache(q[:, :, 0], k[:, :, 0], v[:, :, 0], *tables, pos, write, kc, vc, il)  # noqa: B023
+                    o = kernels.paged_decode(q1, kc, vc, table, seq_lens, window=window, scale=c.attn_scale)  # noqa: B023
                     return o[:, :, None]
                 # a head size the kernel does not tile: exact, but reads every block of the table
                 cos, sin = (t[pos][:, None, None] for t in tables)  # noqa: B023
