@@ -3,9 +3,10 @@
 Each upstream is polled every `poll_s` (1 s): `GET /v1/models` says it is alive and which models it
 serves, and its kind's load signal is read (`engine/upstream_signals.py`). A model that appears is added
 to the node's LocalModels (an `UpstreamRunner` over an `UpstreamEngine`) and the advert is re-published;
-an upstream that stops answering (connection refused, a timeout, a non-200 or non-JSON model list) has
-its models taken out at once and the advert re-published, so peers stop routing there within one
-advert period; they come back when it answers again.
+an upstream that stops answering (connection refused or reset: at once; timeouts or error answers: after
+DOWN_AFTER_S of them, since a busy server may just be slow to list its models) has its models taken out
+and the advert re-published, so peers stop routing there within one advert period; they come back
+when it answers again.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -32,6 +34,7 @@ from engine.upstream_signals import (
 from shard.spec import ShardSpec
 
 log = logging.getLogger(__name__)
+DOWN_AFTER_S = 10.0  # an upstream silent (not refusing) this long is withdrawn
 
 
 @dataclass(slots=True)
@@ -42,7 +45,7 @@ class _Upstream:
     kind: str | None = None
     held: dict[str, LocalModel] = field(default_factory=dict)  # model id -> ours (kept while down)
     serving: set[str] = field(default_factory=set)  # model ids in LocalModels now
-    failed_polls: int = 0  # in a row
+    failing_since: float | None = None  # monotonic time of the first failed poll in a row
 
     @property
     def config(self) -> UpstreamConfig:
@@ -96,17 +99,18 @@ class UpstreamManager:
             digests = await self._ollama_digests(u, timeout_s) if u.kind == "ollama" else None
             models, skipped = parse_models(listing, u.kind, u.config.models, digests)
         except UpstreamDown as e:
-            # refused or reset: down now. Silent or failing while our own requests are in flight there: a
-            # busy server (llama-cpp-python answers nothing else while it generates); those requests
-            # time out on their own if it hangs. Idle and failing twice in a row: down.
-            u.failed_polls += 1
-            if e.refused or (not self._inflight(u) and u.failed_polls >= 2):
+            # Refused or reset: nothing listens there, down now. Silent or failing: maybe only busy
+            # (llama-cpp-python answers nothing else while it generates, for anyone), so down once it has
+            # failed every poll for DOWN_AFTER_S; requests in flight time out on their own meanwhile.
+            now = time.monotonic()
+            u.failing_since = u.failing_since if u.failing_since is not None else now
+            if e.refused or now - u.failing_since >= DOWN_AFTER_S:
                 self._down(u, str(e))
             return
         except ValueError as e:
             self._down(u, str(e))
             return
-        u.failed_polls = 0
+        u.failing_since = None
         if u.up is not True:
             log.info("upstream %s (%s) is up: %s", u.config.base, u.kind,
                      ", ".join(m.name for m in models) or "no model to serve")
@@ -137,10 +141,6 @@ class UpstreamManager:
         await self._read_signals(u, [u.held[i].runner.upstream.served_name for i in u.serving], timeout_s)  # type: ignore[attr-defined]
         if changed:
             self._on_change()
-
-    @staticmethod
-    def _inflight(u: _Upstream) -> bool:
-        return any(lm.runner.inflight for lm in u.held.values())  # type: ignore[attr-defined]
 
     def _withdraw(self, u: _Upstream, model_id: str) -> bool:
         u.serving.discard(model_id)
