@@ -97,15 +97,19 @@ def test_completion_at_g(mesh):
 
 
 def test_streamed_chat_at_g_equals_the_upstream_directly(mesh):
-    kwargs = dict(model=SERVED, messages=[{"role": "user", "content": "Name three fruits."}], max_tokens=12,
-                  temperature=0)
-    via = client(mesh["G"]).chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs)
-    chunks = list(via)
-    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
-    # llama-cpp-python counts no usage when streaming: the node counts the upstream's content events
-    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == len(pieces) >= 1
     direct = openai.OpenAI(base_url=f"http://127.0.0.1:{mesh['port']}/v1", api_key="x", max_retries=0)
-    assert "".join(pieces) == direct.chat.completions.create(**kwargs).choices[0].message.content
+    # llama-cpp-python's server sometimes answers nothing at all (also directly): try a few prompts
+    for question in ("Name three fruits.", "Describe the sea in one sentence.", "Count to five.", "Say hello."):
+        kwargs = dict(model=SERVED, messages=[{"role": "user", "content": question}], max_tokens=12, temperature=0)
+        chunks = list(client(mesh["G"]).chat.completions.create(stream=True, stream_options={"include_usage": True},
+                                                                **kwargs))
+        pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+        # llama-cpp-python counts no usage when streaming: the node counts the upstream's content events
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == len(pieces)
+        if pieces:
+            assert "".join(pieces) == direct.chat.completions.create(**kwargs).choices[0].message.content
+            return
+    raise AssertionError("the upstream answered none of the prompts")
 
 
 def test_killed_upstream_leaves_and_comes_back(mesh):
