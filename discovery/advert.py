@@ -88,6 +88,19 @@ class FileAdvert:
     head_bytes: int
     kv_bytes_per_token_per_layer: int
     ctx: int
+    # the bytes held (weight transfer, docs/weights.md): layers [start, end) with their embedding/head
+    # tensors; end 0 means the whole file. `manifest`: the sha256 of its content manifest ("" = none yet)
+    start: int = 0
+    end: int = 0
+    manifest: str = ""
+
+    @property
+    def held_end(self) -> int:
+        return self.end or self.n_layers
+
+    @property
+    def whole_file(self) -> bool:
+        return self.start == 0 and self.held_end == self.n_layers
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +136,7 @@ class NodeAdvert:
     ttl_s: float  # receivers drop the peer ttl_s after the last advert; 0 means goodbye
     files: tuple[FileAdvert, ...] = ()  # GGUFs offered for layer ranges on request
     tls_cert: str = ""  # PEM of the node's data-plane certificate (discovery/tls_cert.py); "" = none
+    serve_streams: int = 0  # weight transfer: FetchTensors calls this node serves at once (0: none)
 
     def to_dict(self) -> dict[str, Any]:
         return advert_to_dict(self)
@@ -176,10 +190,13 @@ def advert_to_dict(a: NodeAdvert) -> dict[str, Any]:
                 "head_bytes": f.head_bytes,
                 "kv_bytes_per_token_per_layer": f.kv_bytes_per_token_per_layer,
                 "ctx": f.ctx,
+                **({"start": f.start, "end": f.end} if f.end else {}),
+                **({"manifest": f.manifest} if f.manifest else {}),
             }
             for f in a.files
         ],
         "tls_cert": a.tls_cert,
+        **({"serve_streams": a.serve_streams} if a.serve_streams else {}),
     }
 
 
@@ -260,15 +277,23 @@ def _model_id(m: dict[str, Any]) -> str:
 def _file(f: Any) -> FileAdvert:
     if not isinstance(f, dict):
         raise AdvertError("bad_type", "file must be a map")
+    n_layers = _int(f, "n_layers")
+    start = _int(f, "start") if "start" in f else 0
+    end = _int(f, "end") if "end" in f else 0
+    if end and not 0 <= start < end <= n_layers:
+        raise AdvertError("bad_value", f"bad held range [{start}, {end}) of {n_layers}")
     return FileAdvert(
         digest=_str(f, "digest", 64, _HEX_DIGEST),
         alias=_str(f, "alias", MAX_SHORT_CHARS),
-        n_layers=_int(f, "n_layers"),
+        n_layers=n_layers,
         layer_bytes=_int(f, "layer_bytes"),
         embed_bytes=_int(f, "embed_bytes"),
         head_bytes=_int(f, "head_bytes"),
         kv_bytes_per_token_per_layer=_int(f, "kv_bytes_per_token_per_layer"),
         ctx=_int(f, "ctx"),
+        start=start,
+        end=end,
+        manifest=_str(f, "manifest", 64, _HEX_DIGEST) if "manifest" in f else "",
     )
 
 
@@ -313,4 +338,5 @@ def advert_from_dict(d: Any) -> NodeAdvert:
         ttl_s=_float(d, "ttl_s", MAX_TTL_S),
         files=tuple(_file(f) for f in _list(d, "files", MAX_MODELS)),
         tls_cert=tls_cert,
+        serve_streams=min(_int(d, "serve_streams"), 1024) if "serve_streams" in d else 0,
     )

@@ -43,16 +43,18 @@ class RateLimitedLogger:
 
 
 class RejectCounter:
-    """Per-reason counters of refused adverts, exposed via Discovery.rejects and /mesh/self."""
+    """Per-reason counters of refused adverts (or of what `what` names: weights), exposed via
+    Discovery.rejects and /mesh/self."""
 
-    def __init__(self, logger: logging.Logger, interval_s: float = 30.0) -> None:
+    def __init__(self, logger: logging.Logger, interval_s: float = 30.0, what: str = "advert") -> None:
         self._counts: Counter[str] = Counter()
         self._log = RateLimitedLogger(logger, interval_s)
+        self._what = what
 
     def reject(self, reason: str, source: str, detail: str = "") -> None:
         if reason in self._counts or len(self._counts) < MAX_REASONS:
             self._counts[reason] += 1
-        self._log.log(logging.WARNING, reason, "rejected advert from %s: %s %s", source, reason, detail)
+        self._log.log(logging.WARNING, reason, "rejected %s from %s: %s %s", self._what, source, reason, detail)
 
     def snapshot(self) -> dict[str, int]:
         return dict(self._counts)

@@ -11,7 +11,7 @@ import hashlib
 import importlib.util
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import gguf
@@ -127,8 +127,29 @@ def read_metadata(path: Path, digest: str, alias: str) -> ModelFile:
     )
 
 
+def known_alias(digest: str, data_dir: Path | None = None) -> str | None:
+    """The built-in alias whose GGUF has `digest`, if any (one name per model, wherever the file lies)."""
+    for alias, (package, filename) in _ALIASES.items():
+        if _package_file(package, filename) is None:
+            continue
+        try:
+            if load_model_file(alias, data_dir).digest == digest:
+                return alias
+        except (ModelFileError, OSError):
+            continue
+    return None
+
+
 def load_model_file(alias_or_path: str, data_dir: Path | None = None) -> ModelFile:
-    """Resolves, hashes (or takes the cached digest) and reads metadata of a GGUF."""
+    """Resolves, hashes (or takes the cached digest) and reads metadata of a GGUF. A file whose digest
+    is a built-in alias's is named by that alias."""
+    model = _load_model_file(alias_or_path, data_dir)
+    if alias_or_path not in _ALIASES and (alias := known_alias(model.digest, data_dir)) is not None:
+        model = replace(model, alias=alias)
+    return model
+
+
+def _load_model_file(alias_or_path: str, data_dir: Path | None = None) -> ModelFile:
     path, alias = resolve_path(alias_or_path)
     stat = path.stat()
     key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}"

@@ -84,6 +84,10 @@ def _join_parser(sub: argparse._SubParsersAction) -> None:
                       help="unload a range the mesh made this node load (LoadShard) once unused this long")
     join.add_argument("--unload-check-s", type=float, default=60.0, metavar="S",
                       help="how often to look for such idle ranges")
+    join.add_argument("--disk-budget", type=int, default=None, metavar="BYTES",
+                      help="most disk the cache of weights fetched from the mesh may use (<data dir>/weights)")
+    join.add_argument("--serve-streams", type=int, default=4, metavar="N",
+                      help="weight transfers this node serves to members at once")
     join.add_argument("--no-metrics", action="store_true",
                       help="no /metrics, /mesh/stats or per-request timing (to measure what they cost)")
     join.add_argument("--upstream", action="append", default=[], metavar="URL",
@@ -117,7 +121,19 @@ def build_parser() -> argparse.ArgumentParser:
     _peers_parser(commands)
     _status_parser(commands)
     _chat_parser(commands)
+    _weights_parsers(commands)
     return parser
+
+
+def _weights_parsers(commands: argparse._SubParsersAction) -> None:
+    pull = commands.add_parser("pull", help="fetch a whole model from the mesh into a node's cache")
+    pull.add_argument("model", help="alias, digest or digest prefix of a model the mesh has")
+    pull.add_argument("--url", default="http://127.0.0.1:8600", help="the node that fetches (and keeps) it")
+    pull.add_argument("--data-dir", type=Path, default=None, help="also place the file in this data dir's cache")
+    pull.add_argument("--api-key", default=None, help="for a node with API keys (or MESHLLM_API_KEY)")
+    models = commands.add_parser("models", help="list the models in a data dir's cache")
+    models.add_argument("--data-dir", type=Path, default=None, help=f"default: {default_data_dir()}")
+    models.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def _status_parser(commands: argparse._SubParsersAction) -> None:
@@ -191,6 +207,8 @@ def _config(args: argparse.Namespace) -> NodeConfig:
         upstreams=_upstreams(args),
         unload_idle_s=args.unload_idle_s,
         unload_check_s=args.unload_check_s,
+        disk_budget_bytes=args.disk_budget,
+        serve_streams=args.serve_streams,
     )
 
 
@@ -256,6 +274,15 @@ def main(argv: list[str] | None = None) -> int:
                       if v is not None}
             return run_chat(args.url, args.model, args.prompt, api_key=_api_key(args), system=args.system,
                             params=params)
+        elif args.command == "pull":
+            from node.pull_command import run_pull
+
+            return run_pull(args.url, args.model, api_key=_api_key(args), data_dir=args.data_dir)
+        elif args.command == "models":
+            from node.models_command import print_models
+
+            with contextlib.redirect_stdout(TerminalSafe(sys.stdout)):
+                return print_models(args.data_dir or default_data_dir(), as_json=args.json)
     except (ModelFileError, EngineLoadError, ValueError) as e:
         print(f"meshllm: error: {e}", file=sys.stderr)
         return 2

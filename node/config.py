@@ -52,6 +52,8 @@ class NodeConfig:
     metrics: bool = True  # /metrics, /mesh/stats and per-request timing (--no-metrics: off, for comparison)
     unload_idle_s: float = 600.0  # a range loaded on request (LoadShard) and unused this long is unloaded
     unload_check_s: float = 60.0  # how often idle ranges are looked for
+    disk_budget_bytes: int | None = None  # most disk the weights cache (<data dir>/weights) may use
+    serve_streams: int = 4  # weight transfer: FetchTensors calls served at once (advertised)
     upstreams: tuple[UpstreamConfig, ...] = ()  # OpenAI-compatible servers fronted as engines (--upstream)
 
     def __post_init__(self) -> None:
@@ -85,6 +87,10 @@ class NodeConfig:
         # gateways reuse a fresh placement for up to 5 s (dataplane/routing/placing.py): unload no sooner
         if self.unload_idle_s < 10 or self.unload_check_s <= 0:
             raise ValueError("unload-idle-s must be >= 10 and unload-check-s > 0")
+        if self.disk_budget_bytes is not None and self.disk_budget_bytes < 0:
+            raise ValueError("disk-budget must be >= 0")
+        if not 1 <= self.serve_streams <= 64:
+            raise ValueError("serve-streams must be between 1 and 64")
         for key in self.api_keys:
             if not key or len(key) > 256 or not key.isprintable() or any(c.isspace() for c in key):
                 raise ValueError("an API key must be 1 to 256 printable characters without spaces")

@@ -7,6 +7,7 @@ import gc
 import logging
 import socket
 import time
+from pathlib import Path
 
 import grpc
 from aiohttp import web
@@ -14,12 +15,15 @@ from aiohttp import web
 from dataplane import MeshRouter, NodeService, PeerChannels, build_server
 from dataplane.load_gate import LoadGate
 from dataplane.tls import MeshTls
+from dataplane.weights import WeightsService
+from dataplane.weights_store import WeightsError, WeightStore
 from discovery.advert import Addresses, Load, ModelAdvert, NodeAdvert, Resources
 from discovery.envelope import derive_subkey, mesh_key_from_secret
 from discovery.fetch import HttpAdvertFetcher, advert_token
 from discovery.identity import Identity
 from discovery.netaddr import WILDCARDS, announce_ips
 from discovery.peer_table import PeerTable
+from discovery.rejects import RejectCounter
 from discovery.service import Discovery
 from engine.local_models import LocalModels
 from engine.runner import EngineRunner
@@ -32,6 +36,7 @@ from node.observability import Observability
 from node.resources import probe_resources
 from node.upstream import UpstreamManager
 from node.version import VERSION
+from node.weights_routes import add_weights_routes, compute_file_adverts
 
 log = logging.getLogger(__name__)
 GRPC_GRACE_S = 1.0
@@ -95,11 +100,19 @@ class Node:
         self._requested: set[str] = set()
         self._usage = Usage()
         self._unload_task: asyncio.Task[None] | None = None
+        self._bg: set[asyncio.Task] = set()
         self._token = token
         self._stage_rate = 0.0
         self._stage_steps = 0
         self._stage_compute_s = 0.0
         self._file_adverts: tuple = ()
+        # weights: the files we have are sources for members; ranges we lack are fetched (docs/weights.md)
+        self.weight_store = WeightStore(config.data_dir, self.channels, node_id=self.node_id,
+                                        disk_budget_bytes=config.disk_budget_bytes, serve_streams=config.serve_streams,
+                                        rejects=RejectCounter(logging.getLogger("meshllm.weights"), what="weights"),
+                                        on_change=self._on_weights_change)
+        self.weights_service = WeightsService(self.weight_store.lookup, token, config.serve_streams,
+                                              is_member=self._is_member)
 
     # --- lifecycle -----------------------------------------------------------------------------------
     def _load_models(self) -> None:
@@ -115,6 +128,14 @@ class Node:
                 if (held.shard.start, held.shard.end) == (start, end):
                     return
                 raise ValueError(f"this node already holds {held.shard}")
+            if self.models.offered(digest) is None or self.weight_store.lookup(digest) is not None:
+                # not a whole file of ours: fetch the range's tensors from the members holding them
+                alias = next((f.alias for a in self.peer_adverts() for f in a.files if f.digest == digest), "")
+                try:
+                    path = await self.weight_store.ensure_range(digest, start, end, self.peer_adverts(), alias)
+                except WeightsError as e:
+                    raise ValueError(str(e)) from None
+                await asyncio.to_thread(self.models.add_cached, str(path), digest, alias)
             local = await asyncio.to_thread(self.models.load_range, digest, start, end)
             self.local.add(local)
             self._requested.add(digest)
@@ -178,8 +199,8 @@ class Node:
     async def start(self) -> None:
         await asyncio.to_thread(self._load_models)
         await self.upstreams.start()
-        self._file_adverts = await asyncio.to_thread(self.models.file_adverts)
-        handlers = self.service.handlers()
+        await asyncio.to_thread(self._start_weights)
+        handlers = self.service.handlers() | self.weights_service.handlers()
         if self._may_run_stages():
             # torch is imported only by nodes that can hold layer ranges (seconds of start-up saved).
             from dataplane.stage import PipelineService
@@ -198,6 +219,7 @@ class Node:
         self._grpc = server
         app = build_app(self.router, api_keys=self.config.api_keys, api_keys_file=self.config.api_keys_file)
         add_mesh_routes(app, self)
+        add_weights_routes(app, self)
         self.observability.attach(app)
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await self._runner.setup()
@@ -208,6 +230,32 @@ class Node:
             self._mesh_runner = await self._start_mesh_site()
         await self.discovery.start()
         self._unload_task = asyncio.create_task(self._unload_idle_loop(), name="unload-idle")
+
+    def _start_weights(self) -> None:
+        """Blocking: manifests of the files we offer (hashed once, kept in the data dir), the cache's
+        entries offered too, and the file adverts that name what we hold."""
+        self.weight_store.start([(m.digest, m.alias, Path(m.path)) for m in self.models.offered_files()])
+        for h in self.weight_store.held():
+            if h.cached:
+                self.models.add_cached(str(h.path), h.digest, h.alias)
+        self._file_adverts = compute_file_adverts(self)
+
+    def _on_weights_change(self) -> None:
+        """A fetch completed: advertise the bytes we now hold (we are a source in turn)."""
+        async def refresh() -> None:
+            try:
+                for h in self.weight_store.held():
+                    if h.cached:
+                        await asyncio.to_thread(self.models.add_cached, str(h.path), h.digest, h.alias)
+                self._file_adverts = await asyncio.to_thread(compute_file_adverts, self)
+            except Exception:
+                log.exception("advertising the weights we hold failed")
+                return
+            self.discovery.publish_soon()
+
+        task = asyncio.get_running_loop().create_task(refresh())
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
 
     async def _start_mesh_site(self) -> web.AppRunner:
         """Only GET /mesh/advert, on every address (an ephemeral port), for LAN peers' fetches."""
@@ -294,6 +342,7 @@ class Node:
             ttl_s=0.0,
             files=self._file_adverts,
             tls_cert=self.tls.cert_pem if self.tls is not None else "",
+            serve_streams=self.config.serve_streams,
         )
 
     def peer_adverts(self) -> list[NodeAdvert]:
@@ -306,6 +355,9 @@ class Node:
         me["rejected_adverts"] = self.discovery.rejects
         me["upstreams"] = self.upstreams.describe()
         me["loading"] = self.models.progress.snapshot()  # model and range loads, for the dashboard
+        me["weights"] = {**self.weight_store.snapshot(), "served_bytes": self.weights_service.stats.bytes_served,
+                         "serve_calls": self.weights_service.stats.calls,
+                         "serve_refused_busy": self.weights_service.stats.refused_busy}
         me["pipeline"] = {
             "decode_steps": self._stage_steps,
             "decode_step_ms": round(1000 * self._stage_compute_s / self._stage_steps, 3) if self._stage_steps else 0.0,

@@ -92,6 +92,24 @@ class ModelManager:
     def offered(self, digest: str) -> ModelFile | None:
         return self._offered.get(digest)
 
+    def offered_files(self) -> list[ModelFile]:
+        return list(self._offered.values())
+
+    def add_cached(self, path: str, digest: str, alias: str) -> ModelFile:
+        """Blocking: a GGUF of the weights cache (fetched from the mesh, named by its digest, maybe only
+        some layers' tensors) becomes offered, so load_range can load the ranges it holds. Its digest
+        is the manifest's, not re-hashed: a partial file's own sha256 is not the model's."""
+        from pathlib import Path
+
+        from engine.model_file import known_alias, read_metadata
+
+        model = self._offered.get(digest)
+        if model is None or model.path != str(path):
+            name = known_alias(digest, self.config.data_dir) or alias or digest[:12]
+            model = read_metadata(Path(path), digest, name)
+            self._offered[digest] = model
+        return model
+
     def _reserve(self, what: str, need_bytes: int) -> None:
         budget = self.config.memory_budget_bytes
         if budget is not None and self._used_bytes + need_bytes > budget:

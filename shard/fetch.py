@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -74,7 +74,7 @@ Write = Callable[[Piece, bytes], None]  # blocking; runs on a worker thread
 OnBad = Callable[[str, str, str], None]  # (reason, node id, detail)
 
 
-async def fetch_pieces(manifest: Manifest, pieces: list[Piece], sources: list[Source], write: Write,
+async def fetch_pieces(manifest: Manifest, pieces: list[Piece], sources: Sequence[Source], write: Write,
                        progress: FetchProgress, on_bad: OnBad) -> None:
     """Fetches `pieces` (those not yet written) from `sources`; returns when every one is written."""
     pending: dict[int, Piece] = {p.index: p for p in pieces}

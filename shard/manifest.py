@@ -200,9 +200,11 @@ def decode_manifest(data: bytes, digest: str) -> Manifest:
     if not isinstance(obj, dict) or obj.get("v") != VERSION:
         raise ManifestError("not a version 1 manifest")
     d, size, piece, alias, segs, hashes = (obj.get(k) for k in ("digest", "size", "piece", "alias", "segments", "hashes"))
+    size = size if isinstance(size, int) and _is_int(size) else -1
+    piece = piece if isinstance(piece, int) and _is_int(piece) else -1
     if d != digest or not isinstance(d, str) or not _DIGEST.fullmatch(d):
         raise ManifestError("manifest names another model")
-    if not (_is_int(size) and _is_int(piece) and 4096 <= piece <= 4 << 20 and isinstance(alias, str)
+    if not (size >= 0 and 4096 <= piece <= 4 << 20 and isinstance(alias, str)
             and len(alias) <= 64 and isinstance(segs, list) and 1 <= len(segs) <= MAX_SEGMENTS
             and isinstance(hashes, bytes) and len(hashes) % 32 == 0 and len(hashes) // 32 <= MAX_PIECES):
         raise ManifestError("manifest fields have the wrong types or sizes")
