@@ -198,3 +198,29 @@ def test_fetch_tensors_for_a_model_not_held_is_not_found(node_factory):
     assert status == 404
     status, _, body = post(receiver.url, "/mesh/pull", {"model": "../../etc/passwd"})
     assert status == 400
+
+
+def test_a_restarted_receiver_resumes_and_a_small_disk_budget_is_one_line(node_factory, monkeypatch, tmp_path):
+    secret = ("--mesh-secret", "w-" + secrets.token_hex(4))
+    spawn_with(node_factory, monkeypatch, "slow:0.1", "S", "--offer", MODEL, "--memory-budget", BUDGET, *secret)
+    receiver = node_factory("R", "--no-model", *secret)
+    wait_peers(receiver.url, 1)
+    status, _, _ = post(receiver.url, "/mesh/pull", {"model": MODEL})
+    assert status == 202
+    deadline = time.monotonic() + 60
+    while not (weights(receiver)["fetching"] and weights(receiver)["fetching"][0]["done_bytes"] > 48 << 20):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    receiver.stop(signal.SIGKILL)  # mid-transfer
+    receiver = node_factory("R", "--no-model", *secret, data_dir=tmp_path / "R")
+    wait_peers(receiver.url, 1)
+    state = _pull(receiver, SMOL.digest)
+    assert state["state"] == "done", state
+    assert _sha256(state["path"]) == SMOL.digest
+    assert 0 < state["bytes"] < SMOL.size_bytes - (30 << 20)  # what was verified before the kill stays
+
+    small = node_factory("T", "--no-model", "--disk-budget", str(10 << 20), *secret)
+    wait_peers(small.url, 2)
+    state = _pull(small, SMOL.digest)
+    assert state["state"] == "error" and "--disk-budget" in state["error"] and "\n" not in state["error"]
+    assert not list((tmp_path / "T" / "weights").glob("*.gguf"))  # nothing partial left behind
