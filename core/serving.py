@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from core.types import Chunk, GenerationRequest
+from core.types import Chunk, EmbedInput, GenerationRequest
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +76,6 @@ class Backend(Protocol):
         """Raises core.errors.MeshError (ModelNotFound, Busy, BadRequest, Unavailable, ...)."""
         ...
 
-    async def embed(self, model: str, texts: list[str]) -> Embeddings: ...
+    async def embed(self, model: str, texts: list[EmbedInput]) -> Embeddings: ...
 
     def describe_self(self) -> dict: ...

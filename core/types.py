@@ -91,9 +91,16 @@ class Usage:
         return self.prompt_tokens + self.completion_tokens
 
 
+MAX_PROMPT_IDS = 1 << 17  # token ids in one prompt: above any context length we serve
+
+# An embeddings input: text, or token ids of the model's own vocabulary (OpenAI's and llama.cpp's form).
+EmbedInput = str | tuple[int, ...]
+
+
 @dataclass(frozen=True, slots=True)
 class GenerationRequest:
-    """Exactly one of `prompt` (raw completion) or `messages` (chat, rendered by the engine) is set."""
+    """Exactly one of `prompt` (raw completion), `prompt_ids` (a completion prompt as token ids of the
+    model's vocabulary, checked against it by the engine) or `messages` (chat, rendered by the engine)."""
 
     request_id: str
     params: SamplingParams
@@ -105,10 +112,13 @@ class GenerationRequest:
     # The client's OpenAI request body (JSON text), relayed as is to an upstream engine so that every
     # field it accepts reaches it; other engines ignore it. Set by the gateway, carried to upstream holders.
     passthrough: str = ""
+    prompt_ids: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        if (self.prompt is None) == (self.messages is None):
-            raise ValueError("set exactly one of prompt or messages")
+        if sum(x is not None for x in (self.prompt, self.messages, self.prompt_ids)) != 1:
+            raise ValueError("set exactly one of prompt, prompt_ids or messages")
+        if self.prompt_ids is not None and not 0 < len(self.prompt_ids) <= MAX_PROMPT_IDS:
+            raise ValueError(f"prompt_ids must hold 1 to {MAX_PROMPT_IDS} token ids")
 
 
 @dataclass(frozen=True, slots=True)

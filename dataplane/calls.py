@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 
 from core.errors import Unavailable
-from core.types import Chunk, GenerationRequest
+from core.types import Chunk, EmbedInput, GenerationRequest
 from dataplane import rpc
 from dataplane.channels import PeerChannels
 from dataplane.liveness import Silence, is_heartbeat
@@ -89,7 +89,7 @@ async def _unary(channels: PeerChannels, node_id: str, method: str, payload: dic
 
 
 async def remote_embed(
-    channels: PeerChannels, node_id: str, digest: str, texts: list[str]
+    channels: PeerChannels, node_id: str, digest: str, texts: list[EmbedInput]
 ) -> tuple[list[list[float]], int]:
     raw = await _unary(channels, node_id, "Embed", {"model": digest, "input": texts}, EMBED_TIMEOUT_S)
     try:

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 from core.errors import BadRequest, Internal, MeshError
 from core.serving import Embeddings, Generation, aclose, first_chunk
-from core.types import Chunk, GenerationRequest
+from core.types import Chunk, EmbedInput, GenerationRequest
 from engine.chat_template import ChatTemplateError
 from engine.local_models import LocalModel
 
@@ -44,11 +44,11 @@ async def open_local_generation(node_name: str, local: LocalModel, request: Gene
     return Generation(served_by=node_name, first=first, rest=stream, model=local.model.alias)
 
 
-async def embed_local(node_name: str, local: LocalModel, texts: list[str]) -> Embeddings:
+async def embed_local(node_name: str, local: LocalModel, texts: list[EmbedInput]) -> Embeddings:
     engine = local.runner.engine
 
     def run() -> tuple[list[list[float]], int]:
-        return engine.embed(texts), sum(engine.count_tokens(t) for t in texts)
+        return engine.embed(texts), sum(len(t) if isinstance(t, tuple) else engine.count_tokens(t) for t in texts)
 
     try:
         vectors, tokens = await local.runner.run(run)

@@ -54,7 +54,7 @@ from engine.local_models import LocalModel, LocalModels
 from engine.sampling import SamplerState, sample
 from engine.token_output import TokenOutput
 from engine.torch_engine import SessionError, SessionLimitError, TorchShardEngine
-from engine.torch_generate import prompt_tokens, sampler_state
+from engine.torch_generate import prompt_tokens, resumed_ids, sampler_state_off_loop
 from engine.types import check_context
 from placement.cluster import Stage
 from shard.activation_wire import ActivationAssembler, ActivationError, ActivationLimits
@@ -155,7 +155,12 @@ class PipelineService:
             resume = decode_resume(obj.get("resume"))  # a failed-over stream: ids generated so far
             local, engine = self._stage(digest, chain[0])
             ids = await asyncio.to_thread(prompt_tokens, engine, generation)  # chat template + tokenizer
-            max_new = check_context(engine.max_context, len(ids), generation.params.max_tokens, what="this pipeline's")
+            wanted = generation.params.max_tokens
+            cont = await asyncio.to_thread(resumed_ids, engine, generation, ids)
+            if cont:  # another holder's text under a grammar: the chain replays its ids, the grammar sees them
+                ids, resume = ids[: len(ids) - len(cont)], (*cont, *resume)
+                wanted = wanted + len(cont) if wanted is not None else None
+            max_new = check_context(engine.max_context, len(ids), wanted, what="this pipeline's")
             if len(resume) >= max_new:
                 raise BadRequest("the resumed stream already has all its tokens", code="invalid_resume")
             async with local.runner.admit(), aclosing(
@@ -182,7 +187,7 @@ class PipelineService:
         try:
             self._open(engine, sid, params if single else None)
             output = TokenOutput(engine.tokenizer, params.stop, len(ids), max_new) if single else None
-            state = sampler_state(params, engine.model.path, engine.device) if single else None
+            state = await sampler_state_off_loop(params, engine.model.path, engine.device) if single else None
             if not single:
                 nxt = NextStage(self._channels, Header(sid, digest, chain[1:], params, len(ids), max_new, resume))
             replay = Replay(resume)  # resumed: the prompt in one step, then each generated id in one
@@ -251,7 +256,7 @@ class PipelineService:
         try:
             self._open(engine, sid, header.params if last else None)
             output = TokenOutput(engine.tokenizer, header.params.stop, header.prompt_len, header.max_new) if last else None
-            state = sampler_state(header.params, engine.model.path, engine.device) if last else None
+            state = await sampler_state_off_loop(header.params, engine.model.path, engine.device) if last else None
             if not last:
                 nxt = NextStage(self._channels, header.onward())
             assembler = ActivationAssembler(ActivationLimits(engine.config.hidden_size, engine.max_context))

@@ -8,7 +8,7 @@ from array import array
 from dataclasses import asdict
 from typing import Any
 
-from core.types import is_model_id, is_upstream_id
+from core.types import MAX_PROMPT_IDS, EmbedInput, is_model_id, is_upstream_id
 from dataplane.rpc import PayloadError
 from engine.chat_template import ROLES
 from engine.types import Chunk, FinishReason, GenerationRequest, SamplingParams, TokenLogprob, Usage
@@ -46,6 +46,7 @@ def encode_request(digest: str, request: GenerationRequest) -> dict[str, Any]:
         "params": params,
         # the client's body, for an upstream holder only (engine/upstream.py relays it)
         **({"raw": request.passthrough} if request.passthrough and is_upstream_id(digest) else {}),
+        **({"prompt_ids": list(request.prompt_ids)} if request.prompt_ids is not None else {}),
     }
 
 
@@ -84,6 +85,9 @@ def decode_request(obj: dict[str, Any]) -> tuple[str, GenerationRequest]:
                 raise PayloadError("each message needs a known role")
             messages.append({"role": m["role"], "content": _text(m.get("content"), "content")})
     prompt = obj.get("prompt")
+    prompt_ids = obj.get("prompt_ids")
+    if prompt_ids is not None:
+        prompt_ids = _token_ids(prompt_ids, "prompt_ids")
     try:
         params = SamplingParams(**{**params_in, "stop": tuple(stop),
                                    "logit_bias": tuple((t, float(b)) for t, b in bias)})
@@ -94,10 +98,20 @@ def decode_request(obj: dict[str, Any]) -> tuple[str, GenerationRequest]:
             messages=tuple(messages) if messages is not None else None,
             continuation=_text(obj.get("continuation", ""), "continuation"),
             passthrough=_text(obj.get("raw", ""), "raw", MAX_RAW_CHARS),
+            prompt_ids=prompt_ids,
         )
     except ValueError as e:
         raise PayloadError(str(e)) from None
     return digest, request
+
+
+def _token_ids(value: Any, what: str) -> tuple[int, ...]:
+    """Token ids from a peer: a list of 1 to MAX_PROMPT_IDS non-negative int32s (the engine checks
+    them against its vocabulary)."""
+    if not (isinstance(value, list) and 0 < len(value) <= MAX_PROMPT_IDS
+            and all(type(i) is int and 0 <= i < 1 << 31 for i in value)):
+        raise PayloadError(f"{what} must be a list of 1 to {MAX_PROMPT_IDS} token ids")
+    return tuple(value)
 
 
 def encode_chunk(chunk: Chunk) -> dict[str, Any]:
@@ -170,13 +184,13 @@ def decode_embeddings(obj: dict[str, Any]) -> tuple[list[list[float]], int]:
     return [flat[i * dim : (i + 1) * dim].tolist() for i in range(n)], tokens
 
 
-def decode_embed_request(obj: dict[str, Any]) -> tuple[str, list[str]]:
+def decode_embed_request(obj: dict[str, Any]) -> tuple[str, list[EmbedInput]]:
     digest, inputs = obj.get("model"), obj.get("input")
     if not isinstance(digest, str) or not is_model_id(digest):
         raise PayloadError("model must be a sha256 hex digest")
     if not isinstance(inputs, list) or not 0 < len(inputs) <= MAX_EMBED_INPUTS:
-        raise PayloadError(f"input must be a list of 1 to {MAX_EMBED_INPUTS} strings")
-    return digest, [_text(t, "input") for t in inputs]
+        raise PayloadError(f"input must be a list of 1 to {MAX_EMBED_INPUTS} strings or token id lists")
+    return digest, [_token_ids(t, "input") if isinstance(t, list) else _text(t, "input") for t in inputs]
 
 
 def decode_load_shard(obj: dict[str, Any]) -> tuple[str, int, int]:

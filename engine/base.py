@@ -6,6 +6,7 @@ import threading
 from collections.abc import Iterator
 from typing import Protocol
 
+from core.types import EmbedInput
 from engine.model_file import ModelFile
 from engine.types import Chunk, GenerationRequest
 
@@ -21,7 +22,7 @@ class Engine(Protocol):
 
     def generate(self, request: GenerationRequest, cancel: threading.Event) -> Iterator[Chunk]: ...
 
-    def embed(self, texts: list[str]) -> list[list[float]]: ...
+    def embed(self, texts: list[EmbedInput]) -> list[list[float]]: ...
 
     def count_tokens(self, text: str) -> int: ...
 

@@ -21,15 +21,18 @@ import ctypes
 import os
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 
 import llama_cpp
 import numpy as np
 import torch
 
 from core.errors import BadRequest
+from core.types import EmbedInput
 from engine.chat_template import PromptPart, chat_prompt_parts
 from engine.constraint import vocabulary
 from engine.model_file import ModelFile
+from engine.prompt_ids import checked_ids, continuation_ids
 from engine.sampling import SamplerState, sample
 from engine.token_output import TokenOutput
 from engine.types import Chunk, ContextLengthExceeded, EngineLoadError, GenerationRequest, check_context
@@ -165,9 +168,15 @@ class LlamaCppEngine:
     def count_tokens(self, text: str) -> int:
         return len(self.tokenize(text))
 
+    def prompt_tokens(self, request: GenerationRequest) -> list[int]:
+        if request.prompt_ids is not None:  # the client's ids as they are; a continuation follows as text
+            tail = self._llm.tokenize(_utf8(request.continuation), add_bos=False, special=False)
+            return checked_ids(request.prompt_ids, self._n_vocab) + (tail if request.continuation else [])
+        return self.tokenize_parts(self.prompt_parts(request))
+
     def prepare(self, request: GenerationRequest) -> tuple[list[int], int]:
         """Tokenises the prompt and checks the context; returns (prompt tokens, max new tokens)."""
-        tokens = self.tokenize_parts(self.prompt_parts(request))
+        tokens = self.prompt_tokens(request)
         if not tokens:
             raise BadRequest("the prompt is empty", param="prompt")
         return tokens, check_context(self.n_ctx, len(tokens), request.params.max_tokens)
@@ -177,6 +186,10 @@ class LlamaCppEngine:
         p = request.params
         vocab = vocabulary(self.model.path) if p.grammar is not None else None
         state = SamplerState(p, vocabulary=vocab)
+        if state.constraint is not None and request.continuation:
+            # Resumed after a holder failed mid-answer: the grammar continues from the text already
+            # sent (a JSON object half written), not from its start.
+            state.resume(continuation_ids(tokens, self.prompt_tokens(replace(request, continuation=""))))
         with self._lock:
             logits, cached = self._prefill(tokens, reuse=p.seed is None)
             output = TokenOutput(_Detokenizer(self._llm, self._eog), p.stop, len(tokens), max_new, cached_tokens=cached)
@@ -217,7 +230,7 @@ class LlamaCppEngine:
             self._fresh = (list(tokens), logits.numpy().copy())
         return logits, keep
 
-    def embed(self, texts: list[str]) -> list[list[float]]:
+    def embed(self, texts: list[EmbedInput]) -> list[list[float]]:
         with self._embed_lock:
             if self._embedder is None:
                 # A second context over the same mmapped weights: embeddings need a context created
@@ -225,7 +238,10 @@ class LlamaCppEngine:
                 self._embedder = self._load(embedding=True, n_ctx=min(self.n_ctx, 2048))
             out: list[list[float]] = []
             for text in texts:
-                tokens = self._embedder.tokenize(_utf8(text), add_bos=True, special=False)
+                if isinstance(text, tuple):  # token ids of this model's vocabulary
+                    tokens = checked_ids(text, self._n_vocab, "input")
+                else:
+                    tokens = self._embedder.tokenize(_utf8(text), add_bos=True, special=False)
                 if not tokens:
                     # llama-cpp-python's embed would write logits[-1] of an empty batch: heap corruption.
                     raise BadRequest("an embedding input has no tokens", param="input")
@@ -233,7 +249,10 @@ class LlamaCppEngine:
                     raise ContextLengthExceeded(
                         f"input has {len(tokens)} tokens; embeddings take at most {self._embedder.n_ctx()}"
                     )
-                out.append(self._embedder.embed(text, normalize=True))
+                if isinstance(text, tuple):
+                    out.append(_embed_ids(self._embedder, tokens))
+                else:
+                    out.append(self._embedder.embed(text, normalize=True))
             return out
 
     def close(self) -> None:
@@ -242,3 +261,23 @@ class LlamaCppEngine:
         with self._embed_lock:
             if self._embedder is not None:
                 self._embedder.close()
+
+
+def _embed_ids(llm: llama_cpp.Llama, tokens: list[int]) -> list[float]:
+    """`Llama.embed` for token ids (it takes text only): one sequence, every token an output, the
+    context's mean pooling, L2-normalised as `embed(normalize=True)`."""
+    if len(tokens) > llm.n_batch:
+        raise ContextLengthExceeded(f"input has {len(tokens)} token ids; embeddings take at most {llm.n_batch}")
+    llm._batch.reset()
+    llm._ctx.kv_cache_clear()
+    try:
+        llm._batch.add_sequence(tokens, 0, True)
+        llm._ctx.decode(llm._batch)
+        ptr = llama_cpp.llama_get_embeddings_seq(llm._ctx.ctx, 0)
+        vector = np.array(ptr[: llm.n_embd()], dtype=np.float64)
+    finally:
+        llm._batch.reset()
+        llm._ctx.kv_cache_clear()
+        llm.reset()
+    norm = float(np.linalg.norm(vector))
+    return (vector / norm if norm > 0 else vector).tolist()

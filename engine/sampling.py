@@ -75,6 +75,13 @@ class SamplerState:
         if self.constraint is not None and not self.constraint.dead_end:
             self.constraint.accept(token)
 
+    def resume(self, ids: Sequence[int]) -> None:
+        """Tokens generated before this state existed (a stream resumed on another holder from its
+        text): the grammar and the penalties see them as if sampled here. A grammar that cannot take
+        them is a dead end: the continuation ends with finish_reason "length" at once."""
+        for token in ids:
+            self.accept(token)
+
     def process(self, row: torch.Tensor) -> None:
         """Bias, grammar mask and penalties, in place on one row of float logits."""
         if self._bias is not None:

@@ -13,9 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
+from core.types import EmbedInput
 from engine.kv_cache import KVCacheFull
 from engine.linear import WEIGHTS_FORMS, LinearFactory, WeightsForm
 from engine.model_file import ModelFile
+from engine.prompt_ids import checked_ids
 from engine.sampling import SamplerState, sample
 from engine.tokenizer import GGUFTokenizer
 from engine.torch_batcher import Step, StepCombiner
@@ -245,12 +247,16 @@ class TorchShardEngine:
         return generate_whole(self, request, cancel)
 
     @torch.inference_mode()
-    def embed(self, texts: list[str]) -> list[list[float]]:
-        """Mean-pooled final hidden state (after the output norm), L2-normalised; hidden_size floats."""
+    def embed(self, texts: list[EmbedInput]) -> list[list[float]]:
+        """Mean-pooled final hidden state (after the output norm), L2-normalised; hidden_size floats.
+        An input is text or token ids of this model's vocabulary."""
         self._require_whole("embed")
         out = []
         for i, text in enumerate(texts):
-            ids = self.tokenizer.encode_parts([(text, False)])[: self.max_context] or [self.tokenizer.bos_id]
+            if isinstance(text, tuple):
+                ids = checked_ids(text, self.tokenizer.vocab_size, "input")[: self.max_context]
+            else:
+                ids = self.tokenizer.encode_parts([(text, False)])[: self.max_context] or [self.tokenizer.bos_id]
             sid = f"_embed-{threading.get_ident()}-{i}"
             self.open_session(sid, wait_s=60.0)
             try:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
 
 from engine.chat_template import chat_prompt_parts
 from engine.constraint import vocabulary
+from engine.prompt_ids import checked_ids, continuation_ids
 from engine.sampling import SamplerState, sample
 from engine.token_output import TokenOutput
 from engine.types import Chunk, GenerationRequest, SamplingParams, check_context
@@ -23,6 +26,12 @@ _SLOT_POLL_S = 0.1
 
 def prompt_tokens(engine: TorchShardEngine, request: GenerationRequest) -> list[int]:
     tok = engine.tokenizer
+    if request.prompt_ids is not None:  # the client's ids as they are; a continuation follows as text
+        ids = checked_ids(request.prompt_ids, tok.vocab_size)
+        if request.continuation:
+            tail = tok.encode_parts([(request.continuation, False)])
+            ids += tail[1:] if tok.add_bos and tail[:1] == [tok.bos_id] else tail  # no BOS mid-prompt
+        return ids
     if request.messages is not None:  # client text apart from the template's markup (no special tokens)
         parts = chat_prompt_parts(
             engine.model.chat_template, request.messages, bos_token=tok.bos_text, eos_token=tok.eos_text,
@@ -67,7 +76,7 @@ def _loop(
     output = TokenOutput(engine.tokenizer, params.stop, len(ids), limit)
     # Our own sampler state (not the session's): it carries the grammar, built with the vocabulary,
     # and the per-token log probabilities that `push_sampled` puts on the chunk.
-    state = sampler_state(params, engine.model.path, engine.device)
+    state = sampler_state(params, engine.model.path, engine.device, resumed=resumed_ids(engine, request, ids))
     x, pos = torch.tensor(ids), 0
     while not cancel.is_set():
         logits = engine.prefill_stage(sid, x, pos)  # [1, vocab]
@@ -80,6 +89,27 @@ def _loop(
         x = torch.tensor([token])
 
 
-def sampler_state(params: SamplingParams, model_path: str, device: str | torch.device) -> SamplerState:
-    """A sampler for the token loop; a grammar needs the model's vocabulary."""
-    return SamplerState(params, device, vocabulary=vocabulary(model_path) if params.grammar is not None else None)
+def sampler_state(params: SamplingParams, model_path: str, device: str | torch.device, *,
+                  resumed: Sequence[int] = ()) -> SamplerState:
+    """A sampler for the token loop; a grammar needs the model's vocabulary (built once per model
+    file, ~0.25 s: call this off the event loop when `params.grammar` is set). `resumed`: ids already
+    generated elsewhere, fed through the grammar and penalties (`SamplerState.resume`)."""
+    state = SamplerState(params, device, vocabulary=vocabulary(model_path) if params.grammar is not None else None)
+    state.resume(resumed)
+    return state
+
+
+def resumed_ids(engine: TorchShardEngine, request: GenerationRequest, ids: list[int]) -> list[int]:
+    """The prompt ids of a resumed request's continuation, when a grammar must see them; else none."""
+    if not request.continuation or request.params.grammar is None:
+        return []
+    return continuation_ids(ids, prompt_tokens(engine, replace(request, continuation="")))
+
+
+async def sampler_state_off_loop(params: SamplingParams, model_path: str, device: str | torch.device, *,
+                                 resumed: Sequence[int] = ()) -> SamplerState:
+    """`sampler_state` for code on the event loop: with a grammar, the vocabulary (built once per
+    model file, ~0.25 s) and the grammar's compilation run on a worker thread, not on the loop."""
+    if params.grammar is None:
+        return sampler_state(params, model_path, device, resumed=resumed)
+    return await asyncio.to_thread(sampler_state, params, model_path, device, resumed=resumed)

@@ -116,7 +116,7 @@ async def _json_body(request: web.Request) -> Any:
 
 
 def _request_of(parsed: ParsedGeneration, request_id: str, index: int = 0) -> GenerationRequest:
-    return GenerationRequest(request_id, parsed.choice_params(index), prompt=parsed.prompt, messages=parsed.messages)
+    return parsed.request(request_id, index)
 
 
 async def _relayed(request: web.Request, generation: GenerationRequest) -> GenerationRequest:

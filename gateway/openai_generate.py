@@ -1,4 +1,4 @@
-"""One chat or text completion answered: `n` choices (one generation each, in turn), joined or streamed
+"""One chat or text completion answered: `n` choices per prompt (one generation each, in turn), joined or streamed
 as Server-Sent Events, with log probabilities and tool calls in OpenAI's shapes.
 
 The choices run one after another on the same route: a llama.cpp holder then reuses the prompt's KV
@@ -39,12 +39,14 @@ class _Choice:
         self.last = chunk
 
 
-def _total(usages: list[Usage | None]) -> Usage | None:
+def _total(usages: list[Usage | None], n: int) -> Usage | None:
     known = [u for u in usages if u is not None]
     if not known:
         return None
-    # The prompt is one prompt whatever n is (as OpenAI counts it); completions add up.
-    return Usage(known[0].prompt_tokens, sum(u.completion_tokens for u in known), known[0].cached_tokens)
+    # Each prompt counts once whatever n is (as OpenAI counts it): its first choice's figure; completions add up.
+    firsts = [u for u in usages[::n] if u is not None] or known[:1]
+    return Usage(sum(u.prompt_tokens for u in firsts), sum(u.completion_tokens for u in known),
+                 sum(u.cached_tokens for u in firsts))
 
 
 def _finish_reason(choice: _Choice, has_calls: bool) -> str:
@@ -66,7 +68,7 @@ async def respond_joined(parsed: ParsedGeneration, chat: bool, cid: str, created
                          first: Generation, open_choice: OpenChoice, on_chunk: OnChunk) -> dict:
     choices = []
     usages: list[Usage | None] = []
-    async for index, generation in _each(first, parsed.n, open_choice):
+    async for index, generation in _each(first, parsed.n_choices, open_choice):
         choice = _Choice()
         async for chunk in generation.chunks():
             on_chunk(chunk)
@@ -96,7 +98,7 @@ async def respond_joined(parsed: ParsedGeneration, chat: bool, cid: str, created
         "created": created,
         "model": model,
         "choices": choices,
-        "usage": out.usage_dict(_total(usages)),
+        "usage": out.usage_dict(_total(usages, parsed.n)),
     }
 
 
@@ -173,14 +175,14 @@ async def respond_streamed(response: web.StreamResponse, parsed: ParsedGeneratio
     stream = _Stream(response, parsed, chat, cid, created, model)
     usages: list[Usage | None] = []
     try:
-        async for index, generation in _each(first, parsed.n, open_choice):
+        async for index, generation in _each(first, parsed.n_choices, open_choice):
             usages.append(await stream.choice(index, generation, on_chunk))
     except MeshError as e:
         await response.write(out.sse(http_error(e).body()))
         await response.write(out.sse("[DONE]"))
         return False
     if parsed.include_usage:
-        usage = _total(usages)
+        usage = _total(usages, parsed.n)
         usage_chunk = (
             out.chat_chunk(cid, model, created, {}, None, usage)
             if chat

@@ -6,9 +6,10 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
+from core.types import MAX_PROMPT_IDS
 from engine.chat_template import ROLES
 from engine.grammar import GrammarError, json_object_grammar, json_schema_grammar
-from engine.types import SamplingParams
+from engine.types import GenerationRequest, SamplingParams
 from gateway.errors import bad_request
 from gateway.tool_calls import ToolChoice, parse_tools, render_tool_calls, tool_prompt
 
@@ -16,11 +17,17 @@ MAX_MESSAGES = 1024
 MAX_TEXT_CHARS = 1_000_000  # per message / prompt; the body cap bounds the total anyway
 MAX_TOKENS_CAP = 1 << 20  # above any context length we could serve
 MAX_EMBED_INPUTS = 256
+MAX_PROMPTS = 16  # completions: prompts in one request
+MAX_CHOICES = 32  # completions: prompts x n (each choice is a generation of its own)
 MAX_STOP = 4
 MAX_N = 8
 MAX_TOP_LOGPROBS = 20
 MAX_LOGIT_BIAS = 1024
 COMPLETION_MAX_TOKENS_DEFAULT = 16  # OpenAI's default for /v1/completions (chat has none)
+
+
+# A completion prompt: text, or token ids of the model's vocabulary (checked by the engine).
+Prompt = str | tuple[int, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,23 +37,43 @@ class ParsedGeneration:
     stream: bool
     include_usage: bool
     messages: tuple[dict[str, str], ...] | None = None
-    prompt: str | None = None
+    prompts: tuple[Prompt, ...] = ()  # completions: one or more prompts, `n` choices each
     return_token_ids: bool = False  # extension (as in vLLM): the generated token ids with the text
     n: int = 1
     tools: ToolChoice | None = None  # set when the answer is to be read for tool calls
 
+    @property
+    def prompt(self) -> Prompt | None:
+        return self.prompts[0] if self.prompts else None
+
+    @property
+    def n_choices(self) -> int:
+        """As OpenAI numbers them: choice `index` answers prompt `index // n`."""
+        return max(1, len(self.prompts)) * self.n
+
     def choice_params(self, index: int) -> SamplingParams:
-        """Choice `index` of `n`: its own seed (seed + index) so that choices differ but a seeded
-        request is reproducible."""
-        if index == 0 or self.params.seed is None:
+        """Choice `index`: the j-th of its prompt's `n` gets its own seed (seed + j) so that choices
+        differ but a seeded request is reproducible."""
+        j = index % self.n
+        if j == 0 or self.params.seed is None:
             return self.params
-        return replace(self.params, seed=(self.params.seed + index) % (1 << 63))
+        return replace(self.params, seed=(self.params.seed + j) % (1 << 63))
+
+    def request(self, request_id: str, index: int = 0) -> GenerationRequest:
+        """The engine request of choice `index`."""
+        params = self.choice_params(index)
+        if self.messages is not None:
+            return GenerationRequest(request_id, params, messages=self.messages)
+        prompt = self.prompts[index // self.n]
+        if isinstance(prompt, str):
+            return GenerationRequest(request_id, params, prompt=prompt)
+        return GenerationRequest(request_id, params, prompt_ids=prompt)
 
 
 @dataclass(frozen=True, slots=True)
 class ParsedEmbeddings:
     model: str
-    inputs: tuple[str, ...]
+    inputs: tuple[Prompt, ...]  # text or token ids
     encoding_format: str
     dimensions: int | None = None  # truncate each vector to this many and renormalise
 
@@ -282,14 +309,7 @@ def _with_system_text(messages: list[dict[str, str]], text: str) -> list[dict[st
 def parse_completion(raw: Any) -> ParsedGeneration:
     body = _require_object(raw)
     model = _model(body)
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise bad_request("'prompt' is required and must be a string (or a list of one string).", param="prompt")
-    if len(prompt) > MAX_TEXT_CHARS:
-        raise bad_request("'prompt' is too long.", param="prompt")
-    _text(prompt, "prompt")
+    prompts = _prompts(body.get("prompt"))
     for key in ("echo", "suffix"):
         if body.get(key):
             raise bad_request(f"'{key}' is not supported.", param=key)
@@ -301,31 +321,69 @@ def parse_completion(raw: Any) -> ParsedGeneration:
     stream, include_usage = _stream_flags(body)
     params = _sampling(body, logprobs=logprobs, grammar=_response_format(body),
                        default_max_tokens=COMPLETION_MAX_TOKENS_DEFAULT)
+    n = _n(body)
+    if len(prompts) * n > MAX_CHOICES:
+        raise bad_request(f"At most {MAX_CHOICES} choices in all (prompts x n); got {len(prompts) * n}.", param="n")
     return ParsedGeneration(
-        model, params, stream, include_usage, prompt=prompt, return_token_ids=_bool(body, "return_token_ids"),
-        n=_n(body),
+        model, params, stream, include_usage, prompts=prompts, return_token_ids=_bool(body, "return_token_ids"),
+        n=n,
     )
+
+
+def _is_ids(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(type(i) is int for i in value)
+
+
+def _ids(value: list[int], param: str) -> tuple[int, ...]:
+    """Token ids as sent; the engine checks them against the model's vocabulary (400 naming the id)."""
+    if len(value) > MAX_PROMPT_IDS or not all(0 <= i < 1 << 31 for i in value):
+        raise bad_request(f"'{param}' must hold 1 to {MAX_PROMPT_IDS} non-negative token ids.", param=param)
+    return tuple(value)
+
+
+def _prompts(prompt: Any) -> tuple[Prompt, ...]:
+    """OpenAI's four forms: a string, a list of strings, a list of ids, a list of id lists."""
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    elif _is_ids(prompt):
+        prompt = [prompt]
+    if not isinstance(prompt, list) or not 0 < len(prompt) <= MAX_PROMPTS:
+        raise bad_request(f"'prompt' is required: a string, token ids, or a list of 1 to {MAX_PROMPTS} of either.",
+                          param="prompt")
+    out: list[Prompt] = []
+    for p in prompt:
+        if isinstance(p, str):
+            if len(p) > MAX_TEXT_CHARS:
+                raise bad_request("'prompt' is too long.", param="prompt")
+            out.append(_text(p, "prompt"))
+        elif _is_ids(p):
+            out.append(_ids(p, "prompt"))
+        else:
+            raise bad_request("'prompt' must hold strings or non-empty lists of token ids.", param="prompt")
+    return tuple(out)
 
 
 def parse_embeddings(raw: Any) -> ParsedEmbeddings:
     body = _require_object(raw)
     model = _model(body)
     inputs = body.get("input")
-    if isinstance(inputs, str):
+    if isinstance(inputs, str) or _is_ids(inputs):  # one text, or one input as token ids
         inputs = [inputs]
     if (
         not isinstance(inputs, list)
         or not inputs
         or len(inputs) > MAX_EMBED_INPUTS
-        or not all(isinstance(s, str) and len(s) <= MAX_TEXT_CHARS for s in inputs)
+        or not all((isinstance(s, str) and len(s) <= MAX_TEXT_CHARS) or _is_ids(s) for s in inputs)
     ):
         raise bad_request(
-            f"'input' must be a string or a list of 1 to {MAX_EMBED_INPUTS} strings.", param="input"
+            f"'input' must be a string, token ids, or a list of 1 to {MAX_EMBED_INPUTS} of either.", param="input"
         )
     for text in inputs:
         if not text:  # no tokens: llama.cpp's embed would corrupt the heap (engines refuse it too)
             raise bad_request("'input' must not contain empty strings.", param="input")
-        _text(text, "input")
+        if isinstance(text, str):
+            _text(text, "input")
+    inputs = [_ids(t, "input") if isinstance(t, list) else t for t in inputs]
     fmt = body.get("encoding_format", "float") or "float"
     if fmt not in ("float", "base64"):
         raise bad_request("'encoding_format' must be 'float' or 'base64'.", param="encoding_format")

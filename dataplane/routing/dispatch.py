@@ -12,7 +12,7 @@ from typing import TypeVar
 
 from core.errors import MeshError, ModelNotFound, Unavailable
 from core.serving import Embeddings, Generation, aclose, first_chunk
-from core.types import Chunk, GenerationRequest, SamplingParams
+from core.types import Chunk, EmbedInput, GenerationRequest, SamplingParams
 from dataplane.calls import remote_embed, remote_generate
 from dataplane.channels import PeerChannels
 from dataplane.local import embed_local, open_local_generation
@@ -31,7 +31,7 @@ def prefix_key(request: GenerationRequest) -> str:
     if request.messages is not None:
         head = json.dumps(request.messages[:2], sort_keys=True)
     else:
-        head = (request.prompt or "")[:512]
+        head = request.prompt[:512] if request.prompt is not None else str(list(request.prompt_ids or ())[:128])
     return hashlib.blake2b(head.encode(), digest_size=8).hexdigest()
 
 
@@ -100,8 +100,9 @@ class Dispatcher:
             await aclose(stream)
 
     # --- embeddings ----------------------------------------------------------------------------------
-    async def embed(self, view: MeshView, target: Target, texts: list[str], available: list[str]) -> Embeddings:
-        probe = GenerationRequest("embed", SamplingParams(), prompt=texts[0][:512])
+    async def embed(self, view: MeshView, target: Target, texts: list[EmbedInput], available: list[str]) -> Embeddings:
+        first = texts[0]
+        probe = GenerationRequest("embed", SamplingParams(), prompt=first[:512] if isinstance(first, str) else str(first[:128]))
 
         async def on(advert: NodeAdvert) -> Embeddings:
             if advert.node_id == view.me.node_id:

@@ -68,7 +68,9 @@ async def _resuming(served: Served, stream: AsyncIterator[Chunk], request: Gener
                     text += chunk.text
                     ids.extend(chunk.token_ids)
                     if chunk.usage is not None and ids:  # an upstream holder sends no ids: its own count
-                        chunk.usage = Usage(max(0, chunk.usage.prompt_tokens), len(ids))
+                        # completions counted across holders; cached_tokens as the holder said
+                        chunk.usage = replace(chunk.usage, prompt_tokens=max(0, chunk.usage.prompt_tokens),
+                                              completion_tokens=len(ids))
                     yield chunk
                 return
             except Unavailable as e:

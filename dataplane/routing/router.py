@@ -16,7 +16,7 @@ from typing import Any
 
 from core.errors import Busy, MeshError, ModelNotFound, Refused, Unavailable
 from core.serving import Embeddings, Generation, ModelListing, first_chunk
-from core.types import GenerationRequest
+from core.types import EmbedInput, GenerationRequest
 from dataplane.calls import remote_generate
 from dataplane.channels import Endpoint, PeerChannels
 from dataplane.routing.dispatch import Dispatcher, prefix_key
@@ -197,7 +197,7 @@ class MeshRouter:
                       request=request)
 
     # --- embeddings ----------------------------------------------------------------------------------
-    async def embed(self, model: str, texts: list[str]) -> Embeddings:
+    async def embed(self, model: str, texts: list[EmbedInput]) -> Embeddings:
         view = self.view()
         target, available = self._resolve(view, model)
         return await self.dispatch.embed(view, target, texts, available)

@@ -146,7 +146,7 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", json.dumps({"model": MODEL, "messages": MESSAGES, "n": 9}).encode(), 400, "n"),
     ("/v1/chat/completions", json.dumps({"model": "no-such-model", "messages": MESSAGES}).encode(), 404, "model"),
     ("/v1/completions", json.dumps({"model": MODEL, "prompt": 12}).encode(), 400, "prompt"),
-    ("/v1/embeddings", json.dumps({"model": MODEL, "input": [1, 2]}).encode(), 400, "input"),
+    ("/v1/embeddings", json.dumps({"model": MODEL, "input": [1.5, 2]}).encode(), 400, "input"),
     ("/v1/embeddings", json.dumps({"model": "nope", "input": "x"}).encode(), 404, "model"),
 ]
 

@@ -259,7 +259,8 @@ def test_cached_tokens_are_reported(client):
     prompt = [{"role": "user", "content": "Tell me about the sea and its many fish."}]
     client.chat.completions.create(model=MODEL, messages=prompt, temperature=0, max_tokens=2)
     again = client.chat.completions.create(model=MODEL, messages=prompt, temperature=0, max_tokens=2)
-    assert 0 < again.usage.prompt_tokens_details.cached_tokens < again.usage.prompt_tokens
+    # all of it when the saved prompt logits serve the repeat (nothing is computed), else its prefix
+    assert 0 < again.usage.prompt_tokens_details.cached_tokens <= again.usage.prompt_tokens
 
 
 def test_completions_max_tokens_defaults_to_16(client):

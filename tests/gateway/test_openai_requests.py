@@ -39,7 +39,7 @@ def test_max_completion_tokens_wins():
         ({"model": "m", "messages": MSG, "presence_penalty": 3}, "presence_penalty"),
         ({"model": "m", "messages": MSG, "stream": "yes"}, "stream"),
         ({"model": "m", "messages": MSG, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
-        ({"model": "m", "messages": MSG, "tools": [{"type": "function"}]}, "tools"),
+        ({"model": "m", "messages": MSG, "tools": [{"type": "function"}]}, "tools[0]"),
         ({"model": "m", "messages": MSG, "seed": 1.5}, "seed"),
     ],
 )
@@ -56,3 +56,53 @@ def test_completion_and_embedding_shapes():
         parse_embeddings({"model": "m", "input": ["x"] * 1000})
     with pytest.raises(ApiError):
         parse_embeddings({"model": "m", "input": "x", "encoding_format": "int8"})
+
+
+@pytest.mark.parametrize(
+    ("prompt", "prompts"),
+    [
+        ("x", ("x",)),
+        (["x"], ("x",)),
+        (["a", "b"], ("a", "b")),
+        ([1, 2, 3], ((1, 2, 3),)),
+        ([[1, 2], [3]], ((1, 2), (3,))),
+        (["a", [7, 8]], ("a", (7, 8))),
+    ],
+)
+def test_completion_prompt_forms(prompt, prompts):
+    p = parse_completion({"model": "m", "prompt": prompt, "n": 2, "seed": 10})
+    assert p.prompts == prompts and p.n_choices == 2 * len(prompts)
+    last = p.request("r", p.n_choices - 1)  # choice index // n is its prompt; index % n its seed offset
+    assert (last.prompt if isinstance(prompts[-1], str) else last.prompt_ids) == prompts[-1]
+    assert last.params.seed == 11 and p.request("r", 2 if len(prompts) > 1 else 0).params.seed == 10
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [[], [[]], [1.5], [True, 2], [-1], [1 << 31], [["a"]], ["x"] * 17, [None], {"a": 1}, [1] * ((1 << 17) + 1)],
+)
+def test_completion_prompt_rejections(prompt):
+    with pytest.raises(ApiError) as e:
+        parse_completion({"model": "m", "prompt": prompt})
+    assert e.value.status == 400 and e.value.param == "prompt"
+
+
+def test_completion_choices_are_capped():
+    with pytest.raises(ApiError) as e:
+        parse_completion({"model": "m", "prompt": ["a"] * 5, "n": 8})
+    assert e.value.param == "n"
+
+
+@pytest.mark.parametrize(
+    ("value", "inputs"),
+    [([5, 6], ((5, 6),)), ([[5], [6, 7]], ((5,), (6, 7))), (["a", [1]], ("a", (1,)))],
+)
+def test_embedding_inputs_as_ids(value, inputs):
+    assert parse_embeddings({"model": "m", "input": value}).inputs == inputs
+
+
+@pytest.mark.parametrize("value", [[[]], [[-3]], [[1.0]], [[True]], [[1 << 40]]])
+def test_embedding_id_rejections(value):
+    with pytest.raises(ApiError) as e:
+        parse_embeddings({"model": "m", "input": value})
+    assert e.value.status == 400 and e.value.param == "input"
