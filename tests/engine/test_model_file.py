@@ -28,10 +28,11 @@ def test_changed_file_is_rehashed(tmp_path):
     copy = tmp_path / "copy.gguf"
     copy.write_bytes(open(src.path, "rb").read())
     a = load_model_file(str(copy), tmp_path / "d")
-    assert a.digest == src.digest and a.alias == "copy"
+    assert a.digest == src.digest and a.alias == DEFAULT_ALIAS  # one name per model (issue 13)
     with copy.open("ab") as f:
         f.write(b"\0" * 32)
-    assert load_model_file(str(copy), tmp_path / "d").digest != src.digest
+    b = load_model_file(str(copy), tmp_path / "d")
+    assert b.digest != src.digest and b.alias == "copy"
 
 
 @pytest.mark.parametrize("content", [b"", b"GGML" + b"\0" * 100, b"GGUF\x03\0\0\0" + b"\xff" * 40])
