@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
 
-from discovery.advert import NodeAdvert
+from discovery.advert import Load, NodeAdvert
 
 DEFAULT_MAX_SKEW_S = 300.0
 DEFAULT_MAX_PEERS = 4096
@@ -227,13 +227,15 @@ class PeerTable:
             return TouchResult.DUPLICATE
         return TouchResult.REFRESHED
 
-    def touch(self, node_id: str, seq: int, issued_at: float, now: float) -> TouchResult:
+    def touch(self, node_id: str, seq: int, issued_at: float, now: float, load: Load | None = None) -> TouchResult:
         """Applies a *verified* heartbeat: refreshes last_seen when it names the stored advert's seq
-        and is newer than every liveness proof seen for it (so a captured beat cannot be replayed)."""
+        and is newer than every liveness proof seen for it (so a captured beat cannot be replayed);
+        a beat's `load` replaces the stored advert's load (the node signed both)."""
         result = self.peek_touch(node_id, seq, issued_at)
         if result is TouchResult.REFRESHED:
             old = self._peers[node_id]
-            self._put(node_id, dataclasses.replace(old, last_seen=now, beat_at=issued_at))
+            advert = old.advert if load is None else dataclasses.replace(old.advert, load=load)
+            self._put(node_id, dataclasses.replace(old, advert=advert, last_seen=now, beat_at=issued_at))
         return result
 
     def goodbye(self, node_id: str) -> bool:

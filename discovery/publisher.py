@@ -3,6 +3,12 @@
 Owns seq and issued_at (both strictly increasing), the last signed advert, and the schedule: a new
 full advert when the content changed significantly or `publish_soon()` was called (debounced), the
 same content re-signed every FULL_REPUBLISH_S, otherwise a ~160 B heartbeat.
+
+Load (requests active/queued) changes on every request start and end. It rides on heartbeats: a
+beat carries the load whenever it differs from the signed advert's (discovery/beat.py), and a change
+of load alone never makes a new full advert. `load_changed()` sends an extra beat at once only when
+the coarse level (`load_level`) moved and no load beat went out in the last MIN_LOAD_ADVERT_S (else
+when that interval ends); any other change of the exact counts rides on the next periodic beat.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from discovery.advert import NodeAdvert
+from discovery.advert import Load, NodeAdvert
 from discovery.beat import encode_beat
 from discovery.changes import significant_change
 from discovery.envelope import encode_signed
@@ -28,6 +34,43 @@ PUBLISH_DEBOUNCE_S = 0.2
 # at rest a period sends a ~160 B heartbeat; the full advert goes out again (re-signed, so issued_at
 # stays well inside peers' skew window) this often, to peers that lost it, directly and by multicast
 FULL_REPUBLISH_S = 30.0
+# a change of load alone is pushed in full at most this often (per node, to its connected peers)
+MIN_LOAD_ADVERT_S = 1.0
+
+
+def load_level(load: Load) -> int:
+    """Coarse load, what routing acts on: 0 idle, 1 under half the slots busy, 2 half or more,
+    3 saturated (every slot busy or requests queued)."""
+    busy, capacity = load.active + load.queued, max(1, load.capacity)
+    if busy == 0:
+        return 0
+    if busy >= capacity or load.queued > 0:
+        return 3
+    return 1 if 2 * busy < capacity else 2
+
+
+def publish_kind(
+    old: NodeAdvert | None,
+    new: NodeAdvert,
+    *,
+    last_load: Load | None,
+    forced: bool,
+    periodic: bool,
+    now: float,
+    full_sent_at: float,
+    load_sent_at: float,
+) -> str:
+    """What one publish sends, pure: "change" (a new full advert, gossiped too), "full" (the same
+    content re-signed, FULL_REPUBLISH_S after the last), "beat", "load" (a beat off the period: the
+    load level moved since `last_load`, what peers last heard), "defer" (it moved too soon after the last
+    load beat: publish again at load_sent_at + MIN_LOAD_ADVERT_S; on a period, a beat) or "none"."""
+    if forced or old is None or significant_change(old, dataclasses.replace(new, load=old.load)):
+        return "change"
+    if periodic:
+        return "full" if now - full_sent_at >= FULL_REPUBLISH_S else "beat"
+    if load_level(last_load or old.load) != load_level(new.load):
+        return "load" if now - load_sent_at >= MIN_LOAD_ADVERT_S - 1e-6 else "defer"  # float slack
+    return "none"
 
 
 def advert_bucket(advert: NodeAdvert) -> int:
@@ -65,6 +108,9 @@ class Publisher:
         self._signed: bytes | None = None
         self._signed_content: NodeAdvert | None = None  # what _signed says, for change detection
         self._full_sent_at = float("-inf")
+        self._load_sent_at = float("-inf")
+        self._load_due_at: float | None = None  # a deferred load beat may go out at this time
+        self._beat_load: Load | None = None  # the load our last beat carried since the last advert
         self._force_full = True
         self._issued_at = 0.0  # last issued_at we signed: kept strictly increasing (peers' replay guard)
         self._lan_heard: dict[str, float] = {}  # node id -> when last heard over LAN multicast/fetch
@@ -84,6 +130,7 @@ class Publisher:
         content = content or self._content()
         self._signed = self._sign(self._ttl_s, content)
         self._signed_content = content
+        self._beat_load = None
 
     def current_content(self) -> NodeAdvert:
         """Our advert as the node describes it now, with the current seq and issued_at (unsigned)."""
@@ -100,24 +147,43 @@ class Publisher:
         if self.on_wake is not None:
             self.on_wake()
 
+    def load_changed(self) -> None:
+        """Our load moved (a request started or ended): published as `publish_kind` decides, bounded
+        to one full advert per MIN_LOAD_ADVERT_S, not one per request."""
+        self._wake.set()
+        if self.on_wake is not None:
+            self.on_wake()
+
+    def load_due_at(self) -> float | None:
+        """When a deferred load advert may go out (the driver calls publish_once(periodic=False) then)."""
+        return self._load_due_at
+
     def note_lan(self, node_id: str) -> None:
         """node_id was heard over LAN multicast or fetch: it hears our multicast too."""
         if node_id in self._lan_heard or len(self._lan_heard) < self._table.max_peers:
             self._lan_heard[node_id] = self._clock()
 
     async def run(self) -> None:
-        """A heartbeat or advert every refresh_s, a new advert soon (debounced) after publish_soon()."""
+        """A heartbeat or advert every refresh_s, a new advert soon (debounced) after publish_soon(),
+        load adverts as publish_kind decides after load_changed()."""
+        loop = asyncio.get_running_loop()
+        next_tick = loop.time() + self._refresh_s
         while True:
+            wait_s = next_tick - loop.time()
+            if self._load_due_at is not None:
+                wait_s = min(wait_s, self._load_due_at - self._clock())
             try:
                 # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancel that
                 # lands as the event fires, and then stop() waited on this loop forever.
-                async with asyncio.timeout(self._refresh_s):
+                async with asyncio.timeout(max(0.0, wait_s)):
                     await self._wake.wait()
                 await asyncio.sleep(PUBLISH_DEBOUNCE_S)
             except TimeoutError:
                 pass
             self._wake.clear()
-            self.publish_once()
+            periodic = loop.time() >= next_tick
+            if self.publish_once(periodic=periodic) or periodic:
+                next_tick = loop.time() + self._refresh_s
             if self.mdns is not None:
                 await self.mdns.async_update_bucket(advert_bucket(self._advert_source()))
 
@@ -165,24 +231,51 @@ class Publisher:
         )
         return encode_signed(advert, self._identity, self._mesh_key)
 
-    def publish_once(self) -> None:
-        """One period: a new full advert if it changed (gossipsub too), the same one every
-        FULL_REPUBLISH_S (re-signed), otherwise a heartbeat; directly to libp2p peers and by multicast."""
-        content = self._content()
-        old = self._signed_content
-        changed = self._force_full or self._signed is None or old is None or significant_change(old, content)
-        due = self._clock() - self._full_sent_at >= FULL_REPUBLISH_S
+    def _beat(self, load: Load, now: float, off_period: bool) -> bytes:
+        """A beat, with our load when it differs from the signed advert's (or a beat since said so)."""
+        signed = self._signed_content
+        heard = self._beat_load if self._beat_load is not None else signed.load if signed else None
+        if self._beat_load is not None or signed is None or load != signed.load:
+            self._beat_load = load
+        if off_period or heard is None or load_level(heard) != load_level(load):
+            self._load_sent_at = now
+        return encode_beat(self._identity, self._mesh_key, self._seq, self._next_issued_at(), self._beat_load)
+
+    def publish_once(self, periodic: bool = True) -> bool:
+        """One period (periodic) or one wake: a new full advert if it changed (gossipsub too), the same
+        one every FULL_REPUBLISH_S (re-signed), otherwise on a period a heartbeat, off the period a beat
+        for a moved load level (bounded, see publish_kind); directly to libp2p peers and by multicast.
+        Returns whether a full advert went out."""
+        now, content = self._clock(), self._content()
+        kind = publish_kind(
+            None if self._signed is None else self._signed_content,
+            content,
+            last_load=self._beat_load,
+            forced=self._force_full,
+            periodic=periodic,
+            now=now,
+            full_sent_at=self._full_sent_at,
+            load_sent_at=self._load_sent_at,
+        )
         self._force_full = False
-        if changed or due:
+        if kind == "defer":
+            self._load_due_at = self._load_sent_at + MIN_LOAD_ADVERT_S
+            return False
+        self._load_due_at = None
+        if kind == "none":
+            return False
+        full = kind in ("change", "full")
+        if full:
             self.sign_current(content)
-            self._full_sent_at = self._clock()
-            data, full = self._signed, True
+            self._full_sent_at = now
+            data = self._signed
         else:
-            data, full = encode_beat(self._identity, self._mesh_key, self._seq, self._next_issued_at()), False
+            data = self._beat(content.load, now, kind == "load")
         assert data is not None
         if self.libp2p is not None:
-            if changed:
+            if kind == "change":
                 self.libp2p.publish(data)  # relayed to peers we have no connection to
             self.libp2p.send_direct(data, full, skip=frozenset() if full else self._lan_peer_ids())
         if self.multicast is not None:
             self.multicast.send(data)
+        return full

@@ -171,6 +171,10 @@ class Discovery:
         """Debounced push of a fresh full advert (new seq) everywhere, mDNS TXT if the bucket moved."""
         self._publisher.publish_soon()
 
+    def load_changed(self) -> None:
+        """Our load moved: a bounded load advert (Publisher.load_changed), not one per request."""
+        self._publisher.load_changed()
+
     def use_transports(
         self,
         libp2p: Libp2pHost | None,
@@ -352,7 +356,7 @@ class Discovery:
         if result is TouchResult.NEWER_SEQ:
             self._fetch_missed(peer)  # the beat names an advert newer than ours: its push was lost
             return False
-        return self.table.touch(beat.node_id, beat.seq, beat.issued_at, now) is TouchResult.REFRESHED
+        return self.table.touch(beat.node_id, beat.seq, beat.issued_at, now, beat.load) is TouchResult.REFRESHED
 
     def _receive_goodbye(self, advert: NodeAdvert, source: str) -> bool:
         peer = self.table.get(advert.node_id)

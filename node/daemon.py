@@ -191,10 +191,10 @@ class Node:
         self._stage_rate = rate if self._stage_rate == 0 else 0.9 * self._stage_rate + 0.1 * rate
 
     def _on_load_change(self) -> None:
-        # Routing elsewhere reads our load from adverts: push a fresh one (debounced by discovery).
+        # Routing elsewhere reads our load from adverts: discovery pushes it, bounded (Publisher.load_changed).
         self._touch_busy(time.monotonic())
         if self._runner is not None:
-            self.discovery.publish_soon()
+            self.discovery.load_changed()
 
     async def start(self) -> None:
         await asyncio.to_thread(self._load_models)

@@ -134,7 +134,7 @@ class MeshSim:
                 tpt_ms = w.n_layers * n.device.layer_time_ms(w.layer_bytes) + n.device.overhead_ms
                 n.server = Server(self.events, n.capacity, self.cfg.out_tokens * tpt_ms / 1000,
                                   self.gateways.done, self.gateways.failed_on)
-                n.server.on_change = n.discovery.publish_soon  # the daemon re-publishes on load change
+                n.server.on_change = n.discovery.load_changed  # as the daemon does on a load change
 
     # --- membership: the node's own loops, on the simulated clock ---------------------------------
     def boot(self, node: SimNode) -> None:
@@ -180,7 +180,12 @@ class MeshSim:
     def _publish_soon(self, node: SimNode) -> None:
         node.publish_pending = False
         if node.alive:
-            node.discovery.publisher.publish_once()
+            publisher = node.discovery.publisher
+            publisher.publish_once(periodic=False)
+            due = publisher.load_due_at()
+            if due is not None:  # a load beat deferred (MIN_LOAD_ADVERT_S): the run loop wakes then
+                node.publish_pending = True
+                self.events.after(max(1e-3, due - self.events.now), self._publish_soon, node)
 
     def _expire(self, node: SimNode) -> None:
         if not node.alive:
