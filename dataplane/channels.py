@@ -26,10 +26,14 @@ class Endpoint(NamedTuple):
 
 
 Directory = Callable[[str], Endpoint | None]  # node id -> its advertised endpoint, None when not a member
-# A member we just learned of may not have our advert yet (it comes with our next publish, about 0.2 s
-# later), and until then its server refuses our certificate: a new channel's first calls wait this long
-# for the handshake to succeed (gRPC retries it, rpc.CHANNEL_OPTIONS backoff) before they go ahead.
-FRESH_CONNECT_S = 3.0
+# A member we just learned of may not have our advert yet, and until then its server refuses our
+# certificate: a new channel's first calls wait up to this long for a handshake to succeed before they
+# go ahead. A node that restarted (same id, new certificate) learns us when we publish on seeing its new
+# certificate (discovery/service.py), about 0.2 s later; heartbeats bring it within 2.5 s regardless.
+FRESH_CONNECT_S = 5.0
+# While a fresh channel waits, a refused handshake is retried on a new channel this often: gRPC's own
+# reconnect backoff (0.25 s growing 1.6x) would leave most of the window unused after a few refusals.
+REDIAL_S = 0.2
 
 
 def _nobody(node_id: str) -> Endpoint | None:
@@ -83,27 +87,49 @@ class PeerChannels:
 
     async def connect(self, node_id: str) -> grpc.aio.Channel | None:
         """`channel_to`, and on a new mTLS channel a wait (at most FRESH_CONNECT_S from its creation)
-        until its first handshake succeeds; a call made after that wait fails as it would have."""
+        until a handshake succeeds, redialling on a new channel every REDIAL_S while the peer refuses us
+        (it has not heard of us yet); a call made after that wait fails as it would have."""
         found = self._lookup(node_id)
         if found is None:
             return None
         key, channel = found
         until = self._fresh.get(key)
-        if until is not None:
+        while until is not None and (left := until - time.monotonic()) > 0:
+            state = channel.get_state(try_to_connect=True)
+            if state == grpc.ChannelConnectivity.READY:
+                break
+            if state == grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+                await asyncio.sleep(min(left, REDIAL_S))
+                channel = self._redial(key, channel)
+                continue
             try:
-                async with asyncio.timeout(max(0.0, until - time.monotonic())):
-                    await channel.channel_ready()
+                async with asyncio.timeout(min(left, REDIAL_S)):
+                    await channel.wait_for_state_change(state)
             except TimeoutError:
                 pass
-            self._fresh.pop(key, None)
+        self._fresh.pop(key, None)
+        return self._channels.get(key, channel)
+
+    def _redial(self, key: tuple[str, str, str], refused: grpc.aio.Channel) -> grpc.aio.Channel:
+        """A new channel in place of one whose handshake was refused (another caller may have done it)."""
+        current = self._channels.get(key)
+        if current is not refused:
+            return current if current is not None else refused
+        endpoint = Endpoint(key[1], key[2])
+        channel = self._open(key[0], endpoint)
+        self._channels[key] = channel
+        self._close_later(refused)
         return channel
+
+    def _close_later(self, channel: grpc.aio.Channel) -> None:
+        task = asyncio.get_running_loop().create_task(channel.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     def _retire(self, node_id: str) -> None:
         for key in [k for k in self._channels if k[0] == node_id]:
             self._fresh.pop(key, None)
-            task = asyncio.get_running_loop().create_task(self._channels.pop(key).close())
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+            self._close_later(self._channels.pop(key))
 
     def _open(self, node_id: str, endpoint: Endpoint) -> grpc.aio.Channel:
         if self._tls is None:

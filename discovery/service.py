@@ -326,6 +326,8 @@ class Discovery:
                     self._libp2p.connect(addr)
         elif result is ApplyResult.UPDATED and old is not None and not _same_content(old.advert, advert):
             self._emit(ChangeKind.UPDATED, advert.node_id)
+            if old.advert.tls_cert != advert.tls_cert and source in ("libp2p", "mdns"):
+                self.publish_soon()  # it restarted: its server trusts only members it has heard of
         if result.accepted and source == "mdns":
             self._publisher.note_lan(advert.node_id)
         return result.accepted

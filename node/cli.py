@@ -88,6 +88,9 @@ def _join_parser(sub: argparse._SubParsersAction) -> None:
                       help="most disk the cache of weights fetched from the mesh may use (<data dir>/weights)")
     join.add_argument("--serve-streams", type=int, default=4, metavar="N",
                       help="weight transfers this node serves to members at once")
+    join.add_argument("--replicas", type=int, default=1, metavar="N",
+                      help="when this node places an offered model, load N disjoint chains if memory allows "
+                           "(requests spread over them; a failed node's streams move to another)")
     join.add_argument("--no-metrics", action="store_true",
                       help="no /metrics, /mesh/stats or per-request timing (to measure what they cost)")
     join.add_argument("--upstream", action="append", default=[], metavar="URL",
@@ -209,6 +212,7 @@ def _config(args: argparse.Namespace) -> NodeConfig:
         unload_check_s=args.unload_check_s,
         disk_budget_bytes=args.disk_budget,
         serve_streams=args.serve_streams,
+        replicas=args.replicas,
     )
 
 

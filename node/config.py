@@ -54,6 +54,7 @@ class NodeConfig:
     unload_check_s: float = 60.0  # how often idle ranges are looked for
     disk_budget_bytes: int | None = None  # most disk the weights cache (<data dir>/weights) may use
     serve_streams: int = 4  # weight transfer: FetchTensors calls served at once (advertised)
+    replicas: int = 1  # disjoint chains this node plans when it places an offered model (--replicas)
     upstreams: tuple[UpstreamConfig, ...] = ()  # OpenAI-compatible servers fronted as engines (--upstream)
 
     def __post_init__(self) -> None:
@@ -91,6 +92,8 @@ class NodeConfig:
             raise ValueError("disk-budget must be >= 0")
         if not 1 <= self.serve_streams <= 64:
             raise ValueError("serve-streams must be between 1 and 64")
+        if not 1 <= self.replicas <= 8:
+            raise ValueError("replicas must be between 1 and 8")
         for key in self.api_keys:
             if not key or len(key) > 256 or not key.isprintable() or any(c.isspace() for c in key):
                 raise ValueError("an API key must be 1 to 256 printable characters without spaces")

@@ -90,7 +90,8 @@ class Node:
             host_ip=disc_host,
             fetch_advert=self._fetcher,
         )
-        self.router = MeshRouter(self.name, self.local, self.self_advert, self.peer_adverts, self.channels, self.describe_self)
+        self.router = MeshRouter(self.name, self.local, self.self_advert, self.peer_adverts, self.channels, self.describe_self,
+                                 replicas=config.replicas)
         self.observability = Observability(self)  # /metrics, /mesh/stats, the dashboard
         self._is_member = None if self.tls is None else (lambda node_id: self.table.is_member(node_id, time.time()))
         self._gate = LoadGate()

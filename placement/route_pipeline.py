@@ -8,7 +8,7 @@ from 0 to n_layers gives the chain with the least estimated time per token.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from discovery.advert import ModelAdvert, NodeAdvert
@@ -32,12 +32,14 @@ def layer_ms(advert: NodeAdvert, n_layers: int) -> float:
 
 
 def route_pipeline(
-    model_digest: str, adverts: Sequence[NodeAdvert], *, exclude: frozenset[str] = frozenset(), with_load: bool = True
+    model_digest: str, adverts: Sequence[NodeAdvert], *, exclude: frozenset[str] = frozenset(), with_load: bool = True,
+    streams: Mapping[str, int] | None = None,
 ) -> PipelineRoute | None:
     """The cheapest chain covering [0, n_layers), or None. `exclude` drops nodes (e.g. failed ones);
-    `with_load=False` ignores queues (whether a chain exists at all, as the catalog asks)."""
+    `with_load=False` ignores queues (whether a chain exists at all, as the catalog asks); `streams`: the
+    caller's own open streams per node, a floor under the advertised load (adverts lag a burst)."""
     held = [(a, m) for a in adverts if a.node_id not in exclude for m in a.models if m.digest == model_digest]
-    return route_over(held, with_load=with_load)
+    return route_over(held, with_load=with_load, streams=streams)
 
 
 def held_by_digest(adverts: Sequence[NodeAdvert]) -> dict[str, list[tuple[NodeAdvert, ModelAdvert]]]:
@@ -49,7 +51,8 @@ def held_by_digest(adverts: Sequence[NodeAdvert]) -> dict[str, list[tuple[NodeAd
     return out
 
 
-def route_over(held: Sequence[tuple[NodeAdvert, ModelAdvert]], *, with_load: bool = True) -> PipelineRoute | None:
+def route_over(held: Sequence[tuple[NodeAdvert, ModelAdvert]], *, with_load: bool = True,
+               streams: Mapping[str, int] | None = None) -> PipelineRoute | None:
     """The cheapest chain over these held ranges of one model (Dijkstra over layer boundaries)."""
     edges: dict[int, list[tuple[int, float, str]]] = {}
     n_layers = 0
@@ -57,7 +60,7 @@ def route_over(held: Sequence[tuple[NodeAdvert, ModelAdvert]], *, with_load: boo
         n_layers = m.n_layers
         if not 0 <= m.start < m.end <= m.n_layers:
             continue  # a range that cannot be part of a chain of this model
-        busy = advert.load.active + advert.load.queued if with_load else 0
+        busy = max(advert.load.active + advert.load.queued, (streams or {}).get(advert.node_id, 0)) if with_load else 0
         if with_load and advert.load.capacity > 0 and busy >= advert.load.capacity:
             continue
         held_layers = m.end - m.start

@@ -47,13 +47,32 @@ def recently_failed(failures: Mapping[str, FailureRecord], now: float, within_s:
 
 
 def replacement_route(digest: str, adverts: Sequence[NodeAdvert], exclude: frozenset[str],
-                      avoid: frozenset[str] = frozenset()) -> PipelineRoute | None:
-    """The cheapest chain without the excluded nodes, and without the avoided ones when one exists."""
+                      avoid: frozenset[str] = frozenset(), streams: Mapping[str, int] | None = None) -> PipelineRoute | None:
+    """The cheapest chain without the excluded nodes, and without the avoided ones when one exists;
+    `streams`: the gateway's own open streams per node (spreads a burst over replica chains)."""
     if avoid - exclude:
-        route = route_pipeline(digest, adverts, exclude=exclude | avoid)
+        route = route_pipeline(digest, adverts, exclude=exclude | avoid, streams=streams)
         if route is not None:
             return route
-    return route_pipeline(digest, adverts, exclude=exclude)
+    return route_pipeline(digest, adverts, exclude=exclude, streams=streams)
+
+
+def replica_route(replicas: Sequence[PipelineRoute], digest: str, adverts: Sequence[NodeAdvert],
+                  skip: frozenset[str], streams: Mapping[str, int]) -> PipelineRoute | None:
+    """Of the chains placed as replicas (--replicas), the least busy one whose every range is still
+    advertised and none of whose nodes is in `skip` (failed or avoided); None when none is left.
+    Whole replica chains, rather than the cheapest path over their ranges: a node that has not measured
+    its speed yet would look slower than one that has, and a burst would all go to the measured chain."""
+    held = {(a.node_id, m.start, m.end) for a in adverts for m in a.models if m.digest == digest}
+    usable = [r for r in replicas
+              if all(s.node not in skip and (s.node, s.start, s.end) in held for s in r.stages)]
+    return least_busy(usable, streams) if usable else None
+
+
+def least_busy(routes: Sequence[PipelineRoute], streams: Mapping[str, int]) -> PipelineRoute:
+    """Of placed chains (replicas), the one whose busiest node has the fewest of our streams; the
+    cheapest on a tie."""
+    return min(routes, key=lambda r: (max((streams.get(s.node, 0) for s in r.stages), default=0), r.est_ms_per_token))
 
 
 def describe(failure: StageFailure, names: Mapping[str, str]) -> str:

@@ -10,17 +10,25 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import Any
 
 from core.errors import Busy, MeshError, ModelNotFound, Refused, Unavailable
-from core.serving import Embeddings, Generation, ModelListing, first_chunk
-from core.types import EmbedInput, GenerationRequest
+from core.serving import Embeddings, Generation, ModelListing, aclose, first_chunk
+from core.types import Chunk, EmbedInput, GenerationRequest
 from dataplane.calls import remote_generate
 from dataplane.channels import Endpoint, PeerChannels
 from dataplane.routing.dispatch import Dispatcher, prefix_key
-from dataplane.routing.failover import MAX_CHAIN_TRIES, blame, describe, recently_failed, replacement_route
+from dataplane.routing.failover import (
+    MAX_CHAIN_TRIES,
+    blame,
+    describe,
+    least_busy,
+    recently_failed,
+    replacement_route,
+    replica_route,
+)
 from dataplane.routing.placing import Placer
 from dataplane.routing.resume import Served, resume_request, resuming
 from dataplane.routing.retry import Attempts
@@ -43,6 +51,7 @@ class MeshRouter:
         channels: PeerChannels,
         describe_self: Callable[[], dict],
         clock: Callable[[], float] = time.time,
+        replicas: int = 1,
     ) -> None:
         self.node_name = node_name
         self.local = local
@@ -51,7 +60,8 @@ class MeshRouter:
         self._channels = channels
         self._describe_self = describe_self
         self.dispatch = Dispatcher(local, channels, clock)
-        self.placer = Placer(channels)
+        self.placer = Placer(channels, replicas=replicas)
+        self.streams: dict[str, int] = {}  # pipeline streams we drive now, per node: a burst spreads at once
         self._catalog: tuple[tuple, Catalog] | None = None  # (catalog_key, catalog): one per set of adverts
         if not channels.has_directory:
             channels.set_directory(self.grpc_endpoint_of)  # stages resolve next hops in our PeerTable
@@ -157,11 +167,14 @@ class MeshRouter:
         for _ in range(MAX_CHAIN_TRIES):
             view = self.view() if failures else view
             avoid = recently_failed(self.dispatch.failures, self.dispatch.now())
-            route = replacement_route(target.digest, view.holding(target.digest), frozenset(exclude), avoid)
+            holding = view.holding(target.digest)
+            route = (replica_route(self.placer.replicas(target.digest), target.digest, holding,
+                                   frozenset(exclude) | avoid, self.streams)
+                     or replacement_route(target.digest, holding, frozenset(exclude), avoid, self.streams))
             if route is None:
                 if failures:
                     break
-                route = await self.placer.place(target, view, available, frozenset(exclude))
+                route = least_busy(await self.placer.place(target, view, available, frozenset(exclude)), self.streams)
             else:
                 self.placer.forget(target.digest)
             chain = route.stages
@@ -187,14 +200,29 @@ class MeshRouter:
         extra: dict[str, Any] = {"chain": encode_chain(list(chain))}
         if resume:
             extra["resume"] = list(resume)
-        stream = remote_generate(self._channels, chain[0].node, target.digest, request,
-                                 method="PipelineGenerate", extra=extra)
+        stream = self._counted(chain, remote_generate(self._channels, chain[0].node, target.digest, request,
+                                                      method="PipelineGenerate", extra=extra))
         try:
             head = await first_chunk(stream)
         except Refused:  # e.g. a stage without the pipeline service yet: try again later
             raise Busy(1) from None
         return Served(Generation(served_by=names, first=head, rest=stream, model=target.alias), None, chain,
                       request=request)
+
+    async def _counted(self, chain: tuple[Stage, ...], stream: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
+        """`stream`, counted in `self.streams` on every node of its chain from its first read to its end."""
+        for s in chain:
+            self.streams[s.node] = self.streams.get(s.node, 0) + 1
+        try:
+            async for chunk in stream:
+                yield chunk
+        finally:
+            for s in chain:
+                if (left := self.streams.get(s.node, 0) - 1) > 0:
+                    self.streams[s.node] = left
+                else:
+                    self.streams.pop(s.node, None)
+            await aclose(stream)
 
     # --- embeddings ----------------------------------------------------------------------------------
     async def embed(self, model: str, texts: list[EmbedInput]) -> Embeddings:

@@ -11,12 +11,13 @@ from core.types import Chunk, FinishReason, SamplingParams
 from dataplane import rpc
 from dataplane.liveness import HUNG_FLOOR_S, Silence, p95, step_deadline_s
 from dataplane.replay import Replay, forced_logits
-from dataplane.routing.failover import blame, describe, recently_failed, replacement_route
+from dataplane.routing.failover import blame, describe, recently_failed, replacement_route, replica_route
 from dataplane.rpc import PayloadError
 from dataplane.stage_wire import Header, decode_header, decode_resume
 from placement.choose_holder import FailureRecord
 from placement.cluster import Stage
-from tests.dataplane.routing_builders import node
+from placement.route_pipeline import PipelineRoute
+from tests.dataplane.routing_builders import M, node
 
 A, B, C, D = ("a" * 32, "b" * 32, "c" * 32, "d" * 32)
 CHAIN = (Stage(A, 0, 5), Stage(B, 5, 17), Stage(C, 17, 30))
@@ -149,3 +150,22 @@ def test_seeded_draws_continue_after_a_replay():
         token = sample([resumed], replay.logits(logits[replay.done]))[0]
         replay.check(Chunk(token_ids=[token]), token)
     assert [sample([resumed], logits[i])[0] for i in range(5, 8)] == want[5:]
+
+
+# --replicas: two placed chains A+B and C+D of [0, 15) + [15, 30)
+REPLICAS = (PipelineRoute((Stage(A, 0, 15), Stage(B, 15, 30)), 10.0),
+            PipelineRoute((Stage(C, 0, 15), Stage(D, 15, 30)), 12.0))
+HELD = [node(A, end=15), node(B, start=15), node(C, end=15), node(D, start=15)]
+
+
+@pytest.mark.parametrize(("name", "adverts", "skip", "streams", "want"), [
+    ("idle: the cheaper chain", HELD, set(), {}, 0),
+    ("a burst spreads: the other chain once ours has a stream", HELD, set(), {A: 1, B: 1}, 1),
+    ("the least busy node decides", HELD, set(), {A: 2, B: 1, C: 2, D: 3}, 0),
+    ("a failed node moves streams to the other chain", HELD, {B}, {C: 5, D: 5}, 1),
+    ("a range no longer advertised rules its chain out", HELD[:3], set(), {A: 3, B: 3}, 0),
+    ("both chains broken: none", HELD, {A, D}, {}, None),
+])
+def test_replica_route(name, adverts, skip, streams, want):
+    route = replica_route(REPLICAS, M, adverts, frozenset(skip), streams)
+    assert route == (REPLICAS[want] if want is not None else None), name

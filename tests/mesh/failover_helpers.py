@@ -117,6 +117,14 @@ def mesh_sees(gateway: NodeProc, names: set[str]) -> bool:
     return any(names <= set(m["meshllm"].get("nodes", [])) for m in models)
 
 
+def knows(node: NodeProc, name: str, since: float) -> bool:
+    """Whether `node` holds an advert of `name` issued after `since` (wall time)."""
+    try:
+        return any(r["name"] == name and r.get("issued_at", 0) >= since for r in get_json(node.url + "/mesh/peers"))
+    except OSError:
+        return False
+
+
 PIPELINE = {"A": "0-5", "B": "5-17", "C": "17-30"}  # two holders of each range
 
 
@@ -154,14 +162,14 @@ class Mesh:
         return served_by.split("+")
 
     def restart(self, name: str) -> None:
-        """Restarts `name` in place; returns once the gateway holds its new advert and it holds every
-        other node's (until then its server refuses their certificates: a member it does not know yet)."""
+        """Restarts `name` in place; returns once every live node holds its new advert (address and
+        certificate), without waiting for it to hear of them: its server refuses members it has not heard
+        of, and the callers' fresh channels must ride that out (issue 14, channels.FRESH_CONNECT_S)."""
         since = time.time()
-        node = restart(self.nodes[name], self.args[name])
-        self.wait_seen({name}, since)
-        others = {"G", *(n for n, p in self.nodes.items() if p.proc.poll() is None)} - {name}
-        wait_until(lambda: others <= {r["name"] for r in get_json(node.url + "/mesh/peers")}, 30,
-                   f"{name} seeing the mesh again")
+        restart(self.nodes[name], self.args[name])
+        for node in [self.gateway, *(p for n, p in self.nodes.items() if n != name and p.proc.poll() is None)]:
+            wait_until(lambda node=node: node.proc.poll() is not None or knows(node, name, since), 30,
+                       f"{node.name} seeing {name} again")
 
     def wait_sessions_freed(self, timeout_s: float = 10) -> float:
         return wait_until(lambda: all(active(n) == 0 for n in self.nodes.values() if n.proc.poll() is None),
