@@ -12,6 +12,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import multiaddr
 import trio
@@ -21,6 +22,7 @@ from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.network.config import ConnectionConfig
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
@@ -33,6 +35,8 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from discovery.identity import Identity
 from discovery.libp2p_direct import BEAT_PROTOCOL, Direct, DirectBeats
+from discovery.libp2p_records import NAMESPACE, AdvertRecordValidator, advert_record_key
+from discovery.model_records import MAX_RESULTS, sample_peers
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +52,8 @@ GOSSIP_DEGREE = 3  # gossipsub D (default 6): measured 27 KB/s per node at rest 
 GOSSIP_HEARTBEAT_S = 1  # mesh upkeep only: with gossip_window=0 a heartbeat sends nothing at rest
 MAX_BEAT_STREAMS = 2 * MAX_CONNECTIONS  # inbound direct streams served at once; more are reset
 OUTBOX_SIZE = 64  # publishes queued toward the trio thread; a full outbox drops the newest
+RECORD_OP_TIMEOUT_S = 10.0  # one record put or lookup (Kademlia walks included)
+MAX_RECORD_KEYS = 16  # model keys one put provides (a node advertising more provides the first ones)
 
 
 class Libp2pError(Exception):
@@ -77,7 +83,11 @@ class Libp2pHost:
         port: int = 0,
         bootstrap: Sequence[str] = (),
         psk_hex: str | None = None,
+        mesh_key: bytes | None = None,
     ) -> None:
+        """`mesh_key`: given, records mode: the DHT takes advert records (libp2p_records.py), and the
+        host dials its bootstrap peers, a sample (model_records.sample_peers) of the DHT's peers and the
+        holders its lookups find, not every DHT peer."""
         self._identity = identity
         self._on_message = on_message  # runs on the asyncio loop
         self._listen_ip = listen_ip
@@ -93,6 +103,8 @@ class Libp2pHost:
         self._outbox: trio.MemorySendChannel[bytes] | None = None
         self._dial: trio.MemorySendChannel[str] | None = None
         self._direct: trio.MemorySendChannel[Direct] | None = None
+        self._mesh_key = mesh_key
+        self._records: trio.MemorySendChannel[tuple[str, object]] | None = None
         self._beats = DirectBeats(  # trio thread only
             self._deliver,
             max_peers=MAX_CONNECTIONS,
@@ -153,6 +165,16 @@ class Libp2pHost:
         """
         self._send_to_trio(self._direct, (data, full, skip))
 
+    def put_records(self, advert: bytes, keys: Sequence[str]) -> None:
+        """Puts our signed advert under our advert record key and provides each model key (at most
+        MAX_RECORD_KEYS): readers looking a model up find us. Needs mesh_key."""
+        self._send_to_trio(self._records, ("put", (advert, tuple(keys[:MAX_RECORD_KEYS]))))
+
+    def lookup(self, key: str) -> None:
+        """Finds at most MAX_RESULTS providers of a model key, hands each one's advert record to
+        on_message and dials it (its beats follow). Needs mesh_key."""
+        self._send_to_trio(self._records, ("lookup", key))
+
     def connect(self, addr: str) -> None:
         """Asks the host to dial a peer's multiaddr (learned from an advert) if not connected."""
         self._send_to_trio(self._dial, addr)
@@ -205,8 +227,15 @@ class Libp2pHost:
             muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
             listen_addrs=[listen],
             psk=self._psk_hex,
+            # records mode: py-libp2p's AutoConnector would dial every peer in the peerstore up to its
+            # watermarks (200 by default); off, the host dials only what _maintain_loop and lookups pick
+            connection_config=None if self._mesh_key is None else ConnectionConfig(
+                min_connections=0, low_watermark=0, high_watermark=2 * MAX_CONNECTIONS
+            ),
         )
         dht = KadDHT(host, DHTMode.SERVER, protocol_prefix=DHT_PROTOCOL_PREFIX, enable_random_walk=False)
+        if self._mesh_key is not None:
+            dht.register_validator(NAMESPACE, AdvertRecordValidator(self._mesh_key))
         router = GossipSub(
             protocols=[PROTOCOL_ID_V11],
             # every node re-publishes its whole advert each refresh and each mesh peer relays it:
@@ -223,6 +252,7 @@ class Libp2pHost:
         outbox_send, outbox_recv = trio.open_memory_channel[bytes](OUTBOX_SIZE)
         dial_send, dial_recv = trio.open_memory_channel[str](OUTBOX_SIZE)
         direct_send, direct_recv = trio.open_memory_channel[Direct](OUTBOX_SIZE)
+        records_send, records_recv = trio.open_memory_channel[tuple[str, object]](OUTBOX_SIZE)
         host.set_stream_handler(BEAT_PROTOCOL, self._beats.serve)
         async with host.run(listen_addrs=[listen]), background_trio_service(dht):
             # Pubsub must run before any peer connects, or the first messages are lost
@@ -234,6 +264,8 @@ class Libp2pHost:
                     self._cancel = cancel
                     self._token = trio.lowlevel.current_trio_token()
                     self._outbox, self._dial, self._direct = outbox_send, dial_send, direct_send
+                    if self._mesh_key is not None:
+                        self._records = records_send
                     self._call_loop(lambda: None if started.done() else started.set_result(None))
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self._read_loop, subscription)
@@ -241,7 +273,8 @@ class Libp2pHost:
                         nursery.start_soon(self._dial_loop, host, dht, dial_recv)
                         nursery.start_soon(self._maintain_loop, host, dht)
                         nursery.start_soon(self._beats.send_loop, host, direct_recv)
-                self._outbox = self._dial = self._direct = None
+                        nursery.start_soon(self._records_loop, host, dht, records_recv)
+                self._outbox = self._dial = self._direct = self._records = None
 
     def _own_addrs(self, host: object) -> list[str]:
         port = self._port
@@ -268,6 +301,32 @@ class Libp2pHost:
         async for addr in dial:
             await self._connect(host, dht, addr)
 
+    async def _records_loop(self, host: object, dht: KadDHT, ops: trio.MemoryReceiveChannel[tuple[str, object]]) -> None:
+        async for op, arg in ops:
+            with trio.move_on_after(RECORD_OP_TIMEOUT_S):
+                try:
+                    if op == "put":
+                        advert, keys = cast(tuple[bytes, tuple[str, ...]], arg)
+                        await dht.put_value(advert_record_key(self.peer_id), advert)
+                        for key in keys:
+                            await dht.provide(key)
+                    else:
+                        await self._lookup(host, dht, str(arg))
+                except Exception as e:  # a failed put or lookup must not end the host; the next retries
+                    log.debug("record %s failed: %r", op, e)
+
+    async def _lookup(self, host: object, dht: KadDHT, key: str) -> None:
+        providers = await dht.find_providers(key, count=MAX_RESULTS)
+        for info in providers[:MAX_RESULTS]:
+            pid = info.peer_id.to_base58()
+            if pid == self.peer_id:
+                continue
+            value = await dht.get_value(advert_record_key(pid))  # validated by AdvertRecordValidator
+            if value is not None:
+                self._deliver(bytes(value))
+            if info.addrs:
+                await self._connect_info(host, dht, info)
+
     async def _maintain_loop(self, host: object, dht: KadDHT) -> None:
         """Keeps bootstrap peers and DHT-known peers connected, so gossip has a path everywhere."""
         last_bootstrap = float("-inf")
@@ -278,7 +337,11 @@ class Libp2pHost:
                 last_bootstrap = trio.current_time()
                 for addr in self._bootstrap:
                     await self._connect(host, dht, str(addr))
-            for pid in dht.routing_table.get_peer_ids():
+            pids = dht.routing_table.get_peer_ids()
+            if self._mesh_key is not None:  # records mode: a bounded sample; lookups dial the rest
+                by_b58 = {p.to_base58(): p for p in pids}
+                pids = [by_b58[b] for b in sample_peers(list(by_b58), self.peer_id)]
+            for pid in pids:
                 if len(network.connections) >= MAX_CONNECTIONS:
                     break
                 if pid not in network.connections:

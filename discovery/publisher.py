@@ -25,6 +25,7 @@ from discovery.envelope import encode_signed
 from discovery.identity import Identity
 from discovery.lan_multicast import AdvertMulticast
 from discovery.mdns import Mdns, mem_bucket
+from discovery.model_records import RECORD_REPUT_S, record_key
 from discovery.peer_table import PeerTable
 
 if TYPE_CHECKING:
@@ -104,6 +105,10 @@ class Publisher:
         self.libp2p: Libp2pHost | None = None
         self.multicast: AdvertMulticast | None = None
         self.mdns: Mdns | None = None
+        # records mode (libp2p past one LAN): a changed advert goes into model-keyed DHT records
+        # (put again every RECORD_REPUT_S), not into a gossipsub flood
+        self.records = False
+        self._records_put_at = float("-inf")
         self._seq = 0
         self._signed: bytes | None = None
         self._signed_content: NodeAdvert | None = None  # what _signed says, for change detection
@@ -273,7 +278,13 @@ class Publisher:
             data = self._beat(content.load, now, kind == "load")
         assert data is not None
         if self.libp2p is not None:
-            if kind == "change":
+            if self.records and (kind == "change" or now - self._records_put_at >= RECORD_REPUT_S):
+                assert self._signed is not None and self._signed_content is not None
+                keys = [record_key(m.digest) for m in self._signed_content.models]
+                if keys:  # a node holding nothing is found by no one: it puts nothing (and dials no replicas)
+                    self.libp2p.put_records(self._signed, keys)
+                self._records_put_at = now
+            elif kind == "change" and not self.records:
                 self.libp2p.publish(data)  # relayed to peers we have no connection to
             self.libp2p.send_direct(data, full, skip=frozenset() if full else self._lan_peer_ids())
         if self.multicast is not None:

@@ -25,6 +25,7 @@ from discovery.lan import LanPeers
 from discovery.lan_multicast import AdvertMulticast
 from discovery.mdns import Mdns
 from discovery.missed import MissedAdverts
+from discovery.model_records import record_key
 from discovery.netaddr import announce_ips, port_of
 from discovery.peer_table import ApplyResult, Peer, PeerTable, TouchResult, freshness_error
 from discovery.publisher import Publisher, advert_bucket
@@ -87,7 +88,10 @@ class Discovery:
         ttl_s: float = DEFAULT_TTL_S,
         refresh_s: float = DEFAULT_REFRESH_S,
         max_skew_s: float = 300.0,
+        records: bool = False,
     ) -> None:
+        """`records`: libp2p past one LAN finds holders through model-keyed DHT records
+        (lookup_model) and dials only a sample of peers and what it looked up; no gossipsub flood."""
         if not 0 < refresh_s < ttl_s:
             raise ValueError("need 0 < refresh_s < ttl_s so a live peer is refreshed before it expires")
         self._identity = identity
@@ -99,6 +103,7 @@ class Discovery:
         self._use_multicast = multicast  # signed adverts by UDP multicast on the announced interfaces
         self._allow_nodes = allow_nodes  # None: any member; else only these node ids are admitted
         self._libp2p_port = libp2p_port
+        self._records = records
         self._bootstrap = list(bootstrap)
         self._host_ip = host_ip
         self._own_fetcher: HttpAdvertFetcher | None = None
@@ -175,6 +180,12 @@ class Discovery:
         """Our load moved: a bounded load advert (Publisher.load_changed), not one per request."""
         self._publisher.load_changed()
 
+    def lookup_model(self, digest: str) -> None:
+        """Records mode: looks the model's holders up in the DHT (at most model_records.MAX_RESULTS);
+        their adverts arrive through receive() and they are dialed. A no-op in other modes."""
+        if self._libp2p is not None and self._records:
+            self._libp2p.lookup(record_key(digest))
+
     def use_transports(
         self,
         libp2p: Libp2pHost | None,
@@ -213,9 +224,11 @@ class Discovery:
                 port=self._libp2p_port,
                 bootstrap=self._bootstrap,
                 psk_hex=psk,
+                mesh_key=self._mesh_key if self._records else None,
             )
             await self._libp2p.start()
             self._publisher.libp2p = self._libp2p
+            self._publisher.records = self._records
         self._publisher.sign_current()
         if self._use_mdns:
             self._mdns = Mdns(
@@ -321,7 +334,7 @@ class Discovery:
             self._emit(ChangeKind.JOINED, advert.node_id)
             if source in ("libp2p", "mdns"):
                 self.publish_soon()  # the newcomer learns about us now, not at the next full advert
-            if self._libp2p is not None:
+            if self._libp2p is not None and not self._records:  # records mode: lookups dial
                 for addr in advert.addresses.libp2p:
                     self._libp2p.connect(addr)
         elif result is ApplyResult.UPDATED and old is not None and not _same_content(old.advert, advert):
