@@ -206,6 +206,7 @@ class WeightStore:
             first = [p for p in missing if p.index in header]
             if first:  # the header first: its tensor table must agree with the manifest
                 await fetch_pieces(manifest, first, sources, entry.write, progress, self._bad)
+                await asyncio.to_thread(entry.flush)  # mtime back: the index parsed now serves the loads too
                 await asyncio.to_thread(check_header_matches, manifest, entry.path, manifest.file_size)
             rest = [p for p in missing if p.index not in header]
             await fetch_pieces(manifest, rest, sources, entry.write, progress, self._bad)

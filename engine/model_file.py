@@ -130,14 +130,29 @@ def read_metadata(path: Path, digest: str, alias: str) -> ModelFile:
 def known_alias(digest: str, data_dir: Path | None = None) -> str | None:
     """The built-in alias whose GGUF has `digest`, if any (one name per model, wherever the file lies)."""
     for alias, (package, filename) in _ALIASES.items():
-        if _package_file(package, filename) is None:
+        path = _package_file(package, filename)
+        if path is None:
             continue
         try:
-            if load_model_file(alias, data_dir).digest == digest:
+            if _file_digest(path, data_dir) == digest:
                 return alias
-        except (ModelFileError, OSError):
+        except OSError:
             continue
     return None
+
+
+_DIGESTS: dict[str, str] = {}
+
+
+def _file_digest(path: Path, data_dir: Path | None) -> str:
+    """sha256 of a file: from the data dir's cache when it has it, else hashed once per process (no
+    metadata parse, which costs seconds for a large vocabulary)."""
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    if key not in _DIGESTS:
+        entry = _read_cache(data_dir / _CACHE_FILE if data_dir is not None else None).get(key)
+        _DIGESTS[key] = entry["digest"] if entry and isinstance(entry.get("digest"), str) else sha256_file(path)
+    return _DIGESTS[key]
 
 
 def load_model_file(alias_or_path: str, data_dir: Path | None = None) -> ModelFile:

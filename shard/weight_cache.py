@@ -42,6 +42,10 @@ class CachedModel:
     have: bytearray = field(default_factory=bytearray)  # one bit a piece
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _unflushed: int = 0
+    # the file's mtime, put back after each flush: the GGUF index cache (shard.gguf_index) is keyed by
+    # (path, size, mtime), and the header, hence the index, never changes once written; without this
+    # every write would make the next reader re-parse the metadata (seconds for a large vocabulary)
+    mtime_ns: int = 0
 
     @property
     def digest(self) -> str:
@@ -111,6 +115,8 @@ class CachedModel:
             os.fdatasync(fd)
         finally:
             os.close(fd)
+        if self.mtime_ns:
+            os.utime(self.path, ns=(self.mtime_ns, self.mtime_ns))
         _write_atomic(self.dir / f"{self.digest}.json", json.dumps(state).encode())
 
     def disk_bytes(self) -> int:
@@ -143,7 +149,7 @@ class WeightCache:
             path = self.dir / f"{digest}.gguf"
             if len(have) != (manifest.n_pieces + 7) // 8 or not path.is_file() or path.stat().st_size != manifest.file_size:
                 continue
-            self._entries[digest] = CachedModel(self.dir, manifest, alias, ranges, have)
+            self._entries[digest] = CachedModel(self.dir, manifest, alias, ranges, have, mtime_ns=path.stat().st_mtime_ns)
         return list(self._entries.values())
 
     def entries(self) -> list[CachedModel]:
@@ -168,6 +174,7 @@ class WeightCache:
             try:
                 with open(entry.path, "wb") as f:
                     f.truncate(manifest.file_size)
+                entry.mtime_ns = entry.path.stat().st_mtime_ns
                 _write_atomic(self.dir / f"{manifest.digest}.manifest", manifest.encode())
                 entry.flush()
             except OSError as e:
