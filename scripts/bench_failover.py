@@ -4,9 +4,10 @@ Starts real nodes on loopback: a pipeline mesh (a gateway holding nothing, two h
 3 layer ranges of SmolLM2) and a whole-model mesh (a gateway, two torch whole-model holders). Each
 fault streams a greedy completion, and after `--after` tokens kills (SIGKILL, then a restart in
 place) or hangs (SIGSTOP, then SIGCONT) the node serving it (for the pipeline, stages 0, 1, 2 in
-turn). Reports per kind p50/p95 of the stall (the longest gap between tokens from the fault on), the
-share of streams that completed with the token ids of a fault-free run, and the tokens re-fed per
-recovery (prompt + ids generated before the fault).
+turn). Reports per kind p50/p95 of the stall (the longest gap between tokens from the fault on, over
+the completed streams), the share of streams completed (ended without an error event), the share whose
+ids equal a fault-free run's (a whole-model holder resumes from the text, re-tokenised, so its ids may
+differ), and the tokens re-fed per recovery (prompt + ids generated before the fault).
 
     .venv/bin/python -m scripts.bench_failover --faults 20
 """
@@ -58,8 +59,9 @@ def run(mesh: Mesh, kind: str, faults: int, body: dict, after: int) -> dict:
         if sig == "hang" and victim:
             mesh.nodes[victim[0]].proc.send_signal(signal.SIGCONT)
         stall = got.max_gap_s(after=fault_at - 1e-3) if fault_at is not None else float("nan")
-        ok = got.error is None and got.ids == ref.ids
-        rows.append({"sig": sig, "position": position, "stall_s": stall, "completed": ok,
+        completed = fault_at is not None and got.error is None and got.finish is not None
+        rows.append({"sig": sig, "position": position, "stall_s": stall, "completed": completed,
+                     "ids_equal": completed and got.ids == ref.ids,
                      "refed": n_prompt + after, "error": (got.error or {}).get("message")})
         print(json.dumps({"kind": kind, **rows[-1]}), flush=True)
         if sig == "kill" and victim:
@@ -72,6 +74,7 @@ def run(mesh: Mesh, kind: str, faults: int, body: dict, after: int) -> dict:
         out[sig] = {"n": len(mine), "stall_p50_s": statistics.median(stalls) if stalls else None,
                     "stall_p95_s": p95(stalls) if stalls else None,
                     "completed": sum(r["completed"] for r in mine) / len(mine) if mine else None,
+                    "ids_equal": sum(r["ids_equal"] for r in mine) / len(mine) if mine else None,
                     "refed_tokens": statistics.mean(r["refed"] for r in mine) if mine else None}
     return out
 
