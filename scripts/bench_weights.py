@@ -127,7 +127,7 @@ def _star(n_sources: int, rate: str | None) -> Iterator[tuple[str, list[tuple[st
 
 
 def _run_transfer(model: str, sources: list[tuple[str | None, str]], recv_ns: str | None, streams: int) -> dict:
-    procs = []
+    procs: list[subprocess.Popen] = []
     try:
         for ns, _ in sources:
             cmd = [sys.executable, "-m", "scripts.bench_weights", "serve", "--model", model, "--port", str(PORT),
@@ -162,7 +162,7 @@ def _rate_bits(rate: str) -> float:
 
 
 def transfer(model: str, repeats: int, streams: int) -> None:
-    rows = []
+    rows: list[tuple[str, str, float | None, dict]] = []
     for _ in range(repeats):
         r = _run_transfer(model, [(None, "127.0.0.1")], None, streams)
         rows.append(("loopback", "1 source", None, r))
