@@ -84,6 +84,7 @@ class MeshSim:
         self.net = SimNet(self.events, self._latency_s, "records" if cfg.mode == "records" else "gossip")
         self.net.on_record_put = self._put_records
         self.records = mr.RecordStore()
+        self.put_keys: dict[str, set[str]] = {}  # node id -> the record keys it last put
         n_obs = cfg.observers or cfg.n_nodes
         self.nodes: list[SimNode] = []
         for i in range(cfg.n_nodes):
@@ -209,6 +210,14 @@ class MeshSim:
         if not node.alive:
             return
         n = self.cfg.n_nodes
+        keys = {mr.record_key(m.digest) for m in node.models}
+        if node.free_memory_bytes > 8 * 2**30:
+            keys.add(mr.record_key(self.pipe_digest + "/offer"))
+        for gone in self.put_keys.get(node.node_id, set()) - keys:
+            # it no longer holds that model (a replan moved its range): withdraw the entry, or readers
+            # keep getting its old advert, with the old range, from the record
+            self.records.remove(gone, node.node_id)
+        self.put_keys[node.node_id] = keys
         for model in node.models:
             cost = tm.dht_hops(n) * tm.DHT_HOP_BYTES + tm.DHT_REPLICAS * tm.libp2p_bytes(len(advert_bytes))
             self._dht_cost(node, cost)
