@@ -39,10 +39,14 @@ SCHEMA = {"type": "object", "properties": {"story": {"type": "string"}}, "requir
 MESSAGES = ({"role": "user", "content": "Tell me a long story about a lighthouse keeper, as JSON."},)
 
 
+_COUNTS: list[int] = []  # tokens of each timed run, plain and schema alternating
+
+
 def _run(engine: LlamaCppEngine, params: SamplingParams) -> float:
     started = time.perf_counter()
     chunks = list(engine.generate(GenerationRequest("bench", params, messages=MESSAGES), threading.Event()))
     elapsed = time.perf_counter() - started
+    _COUNTS.append(chunks[-1].usage.completion_tokens)
     return chunks[-1].usage.completion_tokens / elapsed
 
 
@@ -73,6 +77,7 @@ def _pipeline(model: ModelFile, split: int) -> Callable[[SamplingParams], float]
         finally:
             for e in stages:
                 e.close_session(sid)
+        _COUNTS.append(output.n_out)
         return output.n_out / (time.perf_counter() - started)
 
     return run
@@ -82,14 +87,18 @@ def _compare(name: str, run: Callable[[SamplingParams], float], base: SamplingPa
              constrained: SamplingParams, rounds: int) -> None:
     run(base)  # warm-up: page in the weights, build the grammar tokenizer
     run(constrained)
+    _COUNTS.clear()
     load = os.getloadavg()[0]
     plain, masked = [], []
     for _ in range(rounds):
         plain.append(run(base))
         masked.append(run(constrained))
     p, m = statistics.median(plain), statistics.median(masked)
+    counts = f"tokens per run plain {sorted(set(_COUNTS[0::2]))}, schema {sorted(set(_COUNTS[1::2]))}"
+    _COUNTS.clear()
     print(f"engine {name}: plain {p:.1f} tok/s, JSON schema {m:.1f} tok/s (medians of {rounds}); "
-          f"ratio {m / p:.3f} (cost {100 * (1 - m / p):.1f}%); load average {load:.2f} -> {os.getloadavg()[0]:.2f}",
+          f"ratio {m / p:.3f} (cost {100 * (1 - m / p):.1f}%); load average {load:.2f} -> {os.getloadavg()[0]:.2f}; "
+          f"{counts}",
           flush=True)
 
 
