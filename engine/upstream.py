@@ -147,9 +147,9 @@ class UpstreamClient:
                     async for chunk in self._events(resp, reader):
                         yield chunk
                 else:
-                    chunk = _whole(reader, await _read_capped(resp, self.config.max_response_bytes))
-                    if chunk is not None:
-                        yield chunk
+                    whole = _whole(reader, await _read_capped(resp, self.config.max_response_bytes))
+                    if whole is not None:
+                        yield whole
         except MeshError:
             raise
         except BadEvent as e:

@@ -120,8 +120,9 @@ def _logprobs(value: Any) -> list[TokenLogprob]:
     if isinstance(content, list):
         for item in content[:MAX_IDS_PER_EVENT]:
             if isinstance(item, dict):
-                tops = item.get("top_logprobs") if isinstance(item.get("top_logprobs"), list) else []
-                top = tuple((_piece(t), _float(t.get("logprob"))) for t in tops[:MAX_TOP] if isinstance(t, dict))
+                raw_tops = item.get("top_logprobs")
+                item_tops = raw_tops if isinstance(raw_tops, list) else []
+                top = tuple((_piece(t), _float(t.get("logprob"))) for t in item_tops[:MAX_TOP] if isinstance(t, dict))
                 out.append(TokenLogprob(_piece(item), _float(item.get("logprob")), top))
         return out
     tokens, lps, tops = value.get("tokens"), value.get("token_logprobs"), value.get("top_logprobs")

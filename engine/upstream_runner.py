@@ -23,7 +23,7 @@ KV_FULL = 0.95  # KV usage above this: the upstream queues what comes next
 class UpstreamRunner(EngineRunner):
     def __init__(self, engine: UpstreamEngine, *, slots: asyncio.Semaphore, parallel: int, max_queue: int,
                  on_load_change: Callable[[], None] | None = None) -> None:
-        super().__init__(engine, parallel=parallel, max_queue=max_queue, on_load_change=on_load_change)  # type: ignore[arg-type]
+        super().__init__(engine, parallel=parallel, max_queue=max_queue, on_load_change=on_load_change)
         self._slots = slots  # the upstream's limit, shared by its models
         self.upstream = engine
 

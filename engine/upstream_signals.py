@@ -84,7 +84,8 @@ def parse_models(body: Any, kind: str, only: tuple[str, ...] = (), digests: dict
             skipped.append(f"{name[:64]!r}: a served name must be 1-64 printable ASCII characters without spaces")
             continue
         entry = {**entry, "digest": (digests or {}).get(name, "")}
-        meta = entry.get("meta") if isinstance(entry.get("meta"), dict) else {}
+        raw_meta = entry.get("meta")
+        meta = raw_meta if isinstance(raw_meta, dict) else {}
         context = _int(entry.get("max_model_len")) or _int(meta.get("n_ctx_train")) or _int(meta.get("n_ctx"))
         models.append(UpstreamModel(name, upstream_model_id(kind, name, fingerprint(entry)), context))
     return models, skipped

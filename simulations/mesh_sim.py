@@ -18,7 +18,8 @@ from __future__ import annotations
 import random
 import statistics
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, cast
 
 from discovery import model_records as mr
 from discovery.advert import ModelAdvert
@@ -102,7 +103,8 @@ class MeshSim:
             sites.setdefault(n.site, []).append(n)
         for n in self.nodes:
             multicast = SimMulticast(self.net, n, sites[n.site]) if cfg.mode == "lan" else None
-            n.discovery.use_transports(n.host, multicast, lambda peer, n=n: self._fetch_missed(n, peer))
+            # the simulated transports stand in for Libp2pHost / AdvertMulticast (same calls, duck-typed)
+            n.discovery.use_transports(cast(Any, n.host), cast(Any, multicast), partial(self._fetch_missed, n))
             n.discovery.publisher.on_wake = lambda n=n: self._wake(n)
         self.by_id = {n.node_id: n for n in self.nodes}
         self.whole_digest, self.pipe_digest = digest_of(cfg.whole_model), digest_of(cfg.pipeline_model)
