@@ -52,15 +52,6 @@ def test_failure_reaches_every_step_and_the_combiner_recovers() -> None:
     assert int(combiner.submit([_step(2)])[0]) == 2
 
 
-def test_a_pipeline_stage_batches_half_of_its_sessions() -> None:
-    """A whole model waits for every open session's step; a pipeline stage for half, so two
-    micro-batches alternate between the stages instead of moving in lockstep."""
-    from engine.torch_engine import batch_target
-
-    assert [batch_target(n, True) for n in (1, 2, 4, 7)] == [1, 2, 4, 7]
-    assert [batch_target(n, False) for n in (0, 1, 2, 4, 7)] == [1, 1, 1, 2, 4]
-
-
 def test_an_unfinished_step_is_requeued_until_its_last_chunk() -> None:
     """A run_batch that advances a long step one chunk per batch while short steps come and go: the
     long step's thread gets its result only after all its chunks, in order."""
