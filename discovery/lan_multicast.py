@@ -128,3 +128,16 @@ class AdvertMulticast:
             self._transport = None
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.sleep(0)  # let the transport finish closing
+
+
+async def start_multicast(ips: list[str], on_datagram: OnDatagram, reject: OnReject) -> AdvertMulticast | None:
+    """LAN refresh by multicast (one datagram per period, whatever the mesh size); None when the
+    sockets cannot be opened: then LAN peers are refreshed over HTTP only."""
+    multicast = AdvertMulticast(ips, on_datagram, reject=reject)
+    try:
+        await multicast.async_start()
+    except OSError as e:
+        log.warning("advert multicast unavailable (%s): refreshing LAN peers over HTTP only", e)
+        await multicast.async_stop()
+        return None
+    return multicast

@@ -33,10 +33,12 @@ from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
 
+from discovery.envelope import derive_subkey
 from discovery.identity import Identity
 from discovery.libp2p_direct import BEAT_PROTOCOL, Direct, DirectBeats
 from discovery.libp2p_records import NAMESPACE, AdvertRecordValidator, advert_record_key
 from discovery.model_records import MAX_RESULTS, sample_peers
+from discovery.netaddr import announce_ips
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,24 @@ def libp2p_key_pair(identity: Identity) -> KeyPair:
 
 def peer_id_of(identity: Identity) -> str:
     return ID.from_pubkey(libp2p_key_pair(identity).public_key).to_base58()
+
+
+async def start_host(identity: Identity, mesh_key: bytes, on_message: Callable[[bytes], object], host_ip: str,
+                     port: int, bootstrap: Sequence[str], *, records: bool) -> Libp2pHost:
+    """The node's host, started: its pnet PSK derived from the mesh key (another mesh cannot even finish
+    a handshake), in records mode with the DHT's advert record validator."""
+    host = Libp2pHost(
+        identity,
+        on_message,
+        listen_ip=host_ip,
+        announce_ips=announce_ips(host_ip),
+        port=port,
+        bootstrap=bootstrap,
+        psk_hex=derive_subkey(mesh_key, "libp2p-pnet").hex(),
+        mesh_key=mesh_key if records else None,
+    )
+    await host.start()
+    return host
 
 
 class Libp2pHost:
@@ -322,10 +342,13 @@ class Libp2pHost:
             if pid == self.peer_id:
                 continue
             value = await dht.get_value(advert_record_key(pid))  # validated by AdvertRecordValidator
-            if value is not None:
-                self._deliver(bytes(value))
+            if value is None:
+                continue
+            # dial first: by the time a router sees the holder in its table, our beat stream (whose
+            # first frame introduces us, so the holder accepts our TLS certificate) is being opened
             if info.addrs:
                 await self._connect_info(host, dht, info)
+            self._deliver(bytes(value))
 
     async def _maintain_loop(self, host: object, dht: KadDHT) -> None:
         """Keeps bootstrap peers and DHT-known peers connected, so gossip has a path everywhere."""

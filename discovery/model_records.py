@@ -15,8 +15,10 @@ member can at worst fill its own entries; a forged entry for another node fails 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from discovery.advert import ModelAdvert
 from discovery.envelope import MAX_ENVELOPE_BYTES
 
 RECORD_TTL_S = 120.0  # an entry not put again within this long is gone (a crashed holder's, say)
@@ -28,6 +30,12 @@ MAX_RESULTS = 8  # entries one lookup returns: a gateway tracks a bounded set of
 def record_key(digest: str) -> str:
     """The DHT key of a model's holder entries (a digest's holders, whole or a layer range)."""
     return "/meshllm/holders/" + hashlib.sha256(digest.encode()).hexdigest()[:32]
+
+
+def model_keys(models: Sequence[ModelAdvert]) -> list[str]:
+    """The keys a holder provides: each model's digest and alias (a client names a model by either; an
+    alias maps to a digest only through adverts, so a reader that knows none looks the alias up)."""
+    return list(dict.fromkeys(record_key(name) for m in models for name in (m.digest, m.alias) if name))
 
 
 def _rank(reader_id: str, node_id: str) -> int:

@@ -25,7 +25,7 @@ from discovery.envelope import encode_signed
 from discovery.identity import Identity
 from discovery.lan_multicast import AdvertMulticast
 from discovery.mdns import Mdns, mem_bucket
-from discovery.model_records import RECORD_REPUT_S, record_key
+from discovery.model_records import RECORD_REPUT_S, model_keys
 from discovery.peer_table import PeerTable
 
 if TYPE_CHECKING:
@@ -280,7 +280,7 @@ class Publisher:
         if self.libp2p is not None:
             if self.records and (kind == "change" or now - self._records_put_at >= RECORD_REPUT_S):
                 assert self._signed is not None and self._signed_content is not None
-                keys = [record_key(m.digest) for m in self._signed_content.models]
+                keys = model_keys(self._signed_content.models)
                 if keys:  # a node holding nothing is found by no one: it puts nothing (and dials no replicas)
                     self.libp2p.put_records(self._signed, keys)
                 self._records_put_at = now

@@ -18,14 +18,13 @@ from typing import TYPE_CHECKING
 
 from discovery.advert import AdvertError, NodeAdvert
 from discovery.beat import Beat, decode_message
-from discovery.envelope import derive_subkey
 from discovery.fetch import FetchAdvert, HttpAdvertFetcher
 from discovery.identity import Identity
 from discovery.lan import LanPeers
-from discovery.lan_multicast import AdvertMulticast
+from discovery.lan_multicast import AdvertMulticast, start_multicast
 from discovery.mdns import Mdns
 from discovery.missed import MissedAdverts
-from discovery.model_records import record_key
+from discovery.model_lookup import ModelLookups
 from discovery.netaddr import announce_ips, port_of
 from discovery.peer_table import ApplyResult, Peer, PeerTable, TouchResult, freshness_error
 from discovery.publisher import Publisher, advert_bucket
@@ -122,6 +121,7 @@ class Discovery:
         self._mdns: Mdns | None = None
         self._multicast: AdvertMulticast | None = None
         self._libp2p: Libp2pHost | None = None
+        self.lookups = ModelLookups()  # records mode: its send is the host's lookup once it runs
         self._tasks: list[asyncio.Task[None]] = []
         self._missed = MissedAdverts(fetch_advert, lambda data: self.receive(data, "libp2p"))
         self._fetch_missed: Callable[[Peer], None] = self._missed.fetch
@@ -180,11 +180,10 @@ class Discovery:
         """Our load moved: a bounded load advert (Publisher.load_changed), not one per request."""
         self._publisher.load_changed()
 
-    def lookup_model(self, digest: str) -> None:
-        """Records mode: looks the model's holders up in the DHT (at most model_records.MAX_RESULTS);
-        their adverts arrive through receive() and they are dialed. A no-op in other modes."""
-        if self._libp2p is not None and self._records:
-            self._libp2p.lookup(record_key(digest))
+    def lookup_model(self, model: str) -> None:
+        """Records mode: looks the holders of a model (alias or digest) up in the DHT, throttled
+        (model_lookup.py); their adverts arrive through receive() and they are dialed. Else a no-op."""
+        self.lookups.lookup(model, self._clock())
 
     def use_transports(
         self,
@@ -213,22 +212,14 @@ class Discovery:
         advert = self._advert_source()
         if self._libp2p_port is not None:
             # py-libp2p costs about 0.5 s to import: an mDNS-only node never pays it
-            from discovery.libp2p_host import Libp2pHost
+            from discovery.libp2p_host import start_host
 
-            psk = derive_subkey(self._mesh_key, "libp2p-pnet").hex()
-            self._libp2p = Libp2pHost(
-                self._identity,
-                lambda data: self.receive(data, "libp2p"),
-                listen_ip=self._host_ip,
-                announce_ips=announce_ips(self._host_ip),
-                port=self._libp2p_port,
-                bootstrap=self._bootstrap,
-                psk_hex=psk,
-                mesh_key=self._mesh_key if self._records else None,
-            )
-            await self._libp2p.start()
+            self._libp2p = await start_host(self._identity, self._mesh_key, lambda data: self.receive(data, "libp2p"),
+                                            self._host_ip, self._libp2p_port, self._bootstrap, records=self._records)
             self._publisher.libp2p = self._libp2p
             self._publisher.records = self._records
+            if self._records:
+                self.lookups.send = self._libp2p.lookup
         self._publisher.sign_current()
         if self._use_mdns:
             self._mdns = Mdns(
@@ -243,7 +234,13 @@ class Discovery:
             self._lan.mdns = self._publisher.mdns = self._mdns
             await self._mdns.async_start()
         if self._use_multicast:
-            await self._start_multicast()
+            # on loopback it is the whole of discovery (no zeroconf): a default node hears nothing from
+            # the LAN and tells it nothing
+            self._multicast = self._publisher.multicast = await start_multicast(
+                announce_ips(self._host_ip),
+                lambda data, sender: self.receive(data, "mdns", origin=sender),
+                lambda reason, detail: self._rejects.reject(reason, "mdns", detail),
+            )
         self._tasks = [
             asyncio.create_task(self._expire_loop(), name="discovery-expire"),
             asyncio.create_task(self._publisher.run(), name="discovery-publish"),
@@ -277,7 +274,7 @@ class Discovery:
             self._libp2p.publish(self._goodbye)
             await asyncio.sleep(GOODBYE_FLUSH_S)
             await self._libp2p.stop()
-            self._libp2p = self._publisher.libp2p = None
+            self._libp2p = self._publisher.libp2p = self.lookups.send = None
         if self._mdns is not None:
             log.debug("stop: mdns")
             await self._mdns.async_stop()
@@ -398,25 +395,6 @@ class Discovery:
                 callback(change)
             except Exception:  # a listener's bug must not break membership
                 log.exception("discovery on_change listener failed")
-
-    async def _start_multicast(self) -> None:
-        """LAN refresh by multicast (one datagram per period, whatever the mesh size); HTTP otherwise.
-
-        On loopback it is the whole of discovery: no zeroconf, so a default node hears nothing from
-        the LAN and tells it nothing (datagrams from a non-loopback sender are dropped and counted).
-        """
-        multicast = AdvertMulticast(
-            announce_ips(self._host_ip),
-            lambda data, sender: self.receive(data, "mdns", origin=sender),
-            reject=lambda reason, detail: self._rejects.reject(reason, "mdns", detail),
-        )
-        try:
-            await multicast.async_start()
-        except OSError as e:
-            log.warning("advert multicast unavailable (%s): refreshing LAN peers over HTTP only", e)
-            await multicast.async_stop()
-            return
-        self._multicast = self._publisher.multicast = multicast
 
     async def _expire_loop(self) -> None:
         while True:

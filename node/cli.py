@@ -55,6 +55,9 @@ def _join_parser(sub: argparse._SubParsersAction) -> None:
     join.add_argument("--libp2p-port", type=int, default=None, help="run the libp2p host (DHT + gossipsub) on this port")
     join.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR",
                       help="a libp2p peer to join through (repeatable; turns libp2p on)")
+    join.add_argument("--records", action="store_true",
+                      help="past one LAN: find model holders through model-keyed DHT records and dial only a "
+                           "sample of peers, instead of learning every peer by gossip (turns libp2p on)")
     join.add_argument("--advertise-host", default="", help="the address peers should use to reach this node")
     join.add_argument("--engine", choices=("llama.cpp", "torch"), default="llama.cpp",
                       help="engine for whole models (torch: the reference engine, also used for shards)")
@@ -174,7 +177,7 @@ def _config(args: argparse.Namespace) -> NodeConfig:
     secret = _mesh_secret(args, data_dir)
     bootstrap = tuple(dict.fromkeys([*args.bootstrap, *secret.bootstrap]))
     libp2p_port = args.libp2p_port
-    if libp2p_port is None and bootstrap:
+    if libp2p_port is None and (bootstrap or args.records):
         libp2p_port = 0
     return NodeConfig(
         models=models,
@@ -193,6 +196,7 @@ def _config(args: argparse.Namespace) -> NodeConfig:
         mdns=not args.no_mdns,
         libp2p_port=libp2p_port,
         bootstrap=bootstrap,
+        records=args.records,
         advertise_host=args.advertise_host,
         engine=args.engine,
         shards=tuple(args.shard),

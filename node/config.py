@@ -36,6 +36,7 @@ class NodeConfig:
     mdns: bool = True  # LAN/loopback discovery at all (mDNS + multicast); off: libp2p only
     libp2p_port: int | None = None  # None: libp2p off
     bootstrap: tuple[str, ...] = ()
+    records: bool = False  # libp2p finds model holders through DHT records, dials a sample of peers (--records)
     advertise_host: str = ""
     engine: str = "llama.cpp"  # engine for whole models: "llama.cpp" or "torch"
     shards: tuple[str, ...] = ()  # "ALIAS_OR_PATH:START-END" layer ranges run by the torch engine
@@ -77,6 +78,8 @@ class NodeConfig:
                 raise ValueError(f"--allow-node wants a node id (32 lowercase hex characters), got {node_id[:40]!r}")
         if self.libp2p_port is not None and not 0 <= self.libp2p_port <= 65535:
             raise ValueError("libp2p-port must be between 0 and 65535")
+        if self.records and self.libp2p_port is None:
+            raise ValueError("--records needs libp2p (--libp2p-port or --bootstrap)")
         if self.max_queue < 0:
             raise ValueError("max-queue must be >= 0")
         if self.weights not in WEIGHTS:

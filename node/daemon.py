@@ -89,9 +89,11 @@ class Node:
             bootstrap=config.bootstrap,
             host_ip=disc_host,
             fetch_advert=self._fetcher,
+            records=config.records,
         )
         self.router = MeshRouter(self.name, self.local, self.self_advert, self.peer_adverts, self.channels, self.describe_self,
-                                 replicas=config.replicas)
+                                 replicas=config.replicas,
+                                 lookup=self.discovery.lookup_model if config.records else None)
         self.observability = Observability(self)  # /metrics, /mesh/stats, the dashboard
         self._is_member = None if self.tls is None else (lambda node_id: self.table.is_member(node_id, time.time()))
         self._gate = LoadGate()

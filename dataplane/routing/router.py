@@ -3,14 +3,16 @@
 Each request takes one `MeshView` (our advert built once, one snapshot of the peers), resolves the
 model in its catalog, then opens the best whole-model holder under the one retry policy
 (`dispatch.py`, `retry.py`), else the cheapest chain of layer ranges (placing an offered model first,
-`placing.py`). A holder that fails mid-stream is replaced (`resume.py`).
+`placing.py`). A holder that fails mid-stream is replaced (`resume.py`). In records mode (`lookup`
+given) a model no peer in the table holds, or one whose holders all failed, is looked up in the DHT
+once and the request retried when the record answers (`lookup.py`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -29,6 +31,7 @@ from dataplane.routing.failover import (
     replacement_route,
     replica_route,
 )
+from dataplane.routing.lookup import LOOKUP_WAIT_S, Lookup, await_view, has_holder, known
 from dataplane.routing.placing import Placer
 from dataplane.routing.resume import Served, resume_request, resuming
 from dataplane.routing.retry import Attempts
@@ -52,8 +55,12 @@ class MeshRouter:
         describe_self: Callable[[], dict],
         clock: Callable[[], float] = time.time,
         replicas: int = 1,
+        lookup: Lookup | None = None,
+        lookup_wait_s: float = LOOKUP_WAIT_S,
     ) -> None:
         self.node_name = node_name
+        self._lookup = lookup  # records mode: Discovery.lookup_model (holders are found, not flooded)
+        self._lookup_wait_s = lookup_wait_s
         self.local = local
         self._self_advert = self_advert
         self._peer_adverts = peer_adverts
@@ -95,10 +102,42 @@ class MeshRouter:
             raise ModelNotFound(name, available)
         return target, available
 
+    async def _find(self, name: str) -> tuple[MeshView, Target, list[str]]:
+        """The view and the model it names; in records mode an unknown name is looked up in the DHT
+        first (bounded wait), then a 404 if still unknown."""
+        view = self.view()
+        if self._lookup is None or known(view, name):
+            return view, *self._resolve(view, name)
+        self._lookup(name)
+        found = await await_view(self.view, lambda v: known(v, name), self._lookup_wait_s)
+        if found is None:
+            available = sorted({m.alias for m in list_models(self.view())})
+            raise ModelNotFound(name, available, f"The model '{name}' does not exist on this mesh: no holder found "
+                                f"in the DHT within {self._lookup_wait_s:g} s. Available models: "
+                                f"{', '.join(available) or 'none'}")
+        return found, *self._resolve(found, name)
+
+    async def _or_looked_up(self, view: MeshView, digest: str, exclude: set[str],
+                            attempt: Callable[[MeshView], Awaitable[Served]]) -> Served:
+        """`attempt(view)`; in records mode, when it finds no working holder, the model is looked up once
+        and, when a holder outside `exclude` appears within the bounded wait, attempted once more."""
+        try:
+            return await attempt(view)
+        except Unavailable as e:
+            if self._lookup is None:
+                raise
+            self._lookup(digest)
+            avoid = frozenset(exclude)
+            found = await await_view(self.view, lambda v: has_holder(v, digest, avoid), self._lookup_wait_s)
+            if found is None:
+                raise Unavailable(f"{e.message}; no other holder found in the DHT within {self._lookup_wait_s:g} s",
+                                  code=e.code) from None
+            log.info("retrying %s after a DHT lookup", digest[:12])
+            return await attempt(found)
+
     # --- generation ----------------------------------------------------------------------------------
     async def open_generation(self, model: str, request: GenerationRequest) -> Generation:
-        view = self.view()
-        target, available = self._resolve(view, model)
+        view, target, available = await self._find(model)
         attempts = Attempts()
         served = await self._open(view, target, available, request, attempts)
 
@@ -123,15 +162,20 @@ class MeshRouter:
                 continued = resume_request(request, text, len(ids))  # a whole holder continues from the text
                 if continued is None:
                     raise Unavailable("the stream has all its tokens")
-                held = await self._whole(view, target, continued, attempts)
-                if held is not None:
-                    return replace(held, offset=len(ids))
-                opened = await self._open_pipeline(view, target, available, base, attempts.exclude,
-                                                   tuple(ids[failed.offset:]))
+
+                async def attempt(view: MeshView) -> Served:
+                    held = await self._whole(view, target, continued, attempts)
+                    if held is not None:
+                        return replace(held, offset=len(ids))
+                    opened = await self._open_pipeline(view, target, available, base, attempts.exclude,
+                                                       tuple(ids[failed.offset:]))
+                    return replace(opened, offset=failed.offset)
+
+                opened = await self._or_looked_up(view, target.digest, attempts.exclude, attempt)
             except MeshError as e:
                 raise Unavailable(f"{why}; no replacement: {e.message}", code="pipeline_failed") from None
             log.info("%s; resuming on %s", why, opened.generation.served_by)
-            return replace(opened, offset=failed.offset)
+            return opened
 
         generation = served.generation
         generation.rest = resuming(served, request, reopen)
@@ -153,10 +197,13 @@ class MeshRouter:
 
     async def _open(self, view: MeshView, target: Target, available: list[str], request: GenerationRequest,
                     attempts: Attempts) -> Served:
-        held = await self._whole(view, target, request, attempts)
-        if held is not None:
-            return held
-        return await self._open_pipeline(view, target, available, request, attempts.exclude, ())
+        async def attempt(view: MeshView) -> Served:
+            held = await self._whole(view, target, request, attempts)
+            if held is not None:
+                return held
+            return await self._open_pipeline(view, target, available, request, attempts.exclude, ())
+
+        return await self._or_looked_up(view, target.digest, attempts.exclude, attempt)
 
     async def _open_pipeline(self, view: MeshView, target: Target, available: list[str],
                              request: GenerationRequest, exclude: set[str], resume: tuple[int, ...]) -> Served:
@@ -226,8 +273,7 @@ class MeshRouter:
 
     # --- embeddings ----------------------------------------------------------------------------------
     async def embed(self, model: str, texts: list[EmbedInput]) -> Embeddings:
-        view = self.view()
-        target, available = self._resolve(view, model)
+        view, target, available = await self._find(model)
         return await self.dispatch.embed(view, target, texts, available)
 
     def describe_self(self) -> dict:
