@@ -58,11 +58,16 @@ def make_layer(lw: LayerWeights, lin: LinearFactory) -> Gemma3Layer:
     )
 
 
-def block(c: ModelConfig, layer: Gemma3Layer, h: torch.Tensor, attend: Attend) -> torch.Tensor:
-    """h: [B, T, hidden] -> [B, T, hidden]."""
+def block(
+    c: ModelConfig, layer: Gemma3Layer, h: torch.Tensor, attend: Attend, delta: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, delta) [B, T, hidden] -> (h, delta) of the next layer, as `arch_llama.block`."""
     b, t, _ = h.shape
     eps = c.rms_eps
-    x = rms_norm(h, layer.attn_norm, eps)
+    if delta is None:
+        x = rms_norm(h, layer.attn_norm, eps)
+    else:
+        h, x = add_rms_norm(h, delta, layer.attn_norm, eps)
     q, k, v = layer.qkv(x)
     q = rms_norm(q.view(b, t, c.n_heads, c.head_dim), layer.q_norm, eps).transpose(1, 2)  # [B, H, T, D]
     k = rms_norm(k.view(b, t, c.n_kv_heads, c.head_dim), layer.k_norm, eps).transpose(1, 2)  # [B, Hkv, T, D]
@@ -72,4 +77,4 @@ def block(c: ModelConfig, layer: Gemma3Layer, h: torch.Tensor, attend: Attend) -
     h, x = add_rms_norm(h, rms_norm(o, layer.post_attn_norm, eps), layer.ffn_norm, eps)
     gate, up = layer.gate_up(x)  # [B, T, ffn] each
     (y,) = layer.down(act_mul(gate, up, "gelu_tanh"))
-    return h + rms_norm(y, layer.post_ffn_norm, eps)
+    return h, rms_norm(y, layer.post_ffn_norm, eps)

@@ -39,7 +39,7 @@ from shard.loader import ShardWeights
 from shard.spec import ShardSpec
 
 LastOutput = Literal["last", "all", "hidden", "none"]  # "none": fill the cache only
-# architecture -> module with make_layer(LayerWeights) and block(config, layer, h, attend)
+# architecture -> module with make_layer(LayerWeights) and block(config, layer, h, attend, delta) -> (h, delta)
 _ARCH_MODULES = {"gemma3": arch_gemma3}
 _BLOCK_SIZE = 32  # positions per KV block: tl.dot needs >= 16; larger wastes more of a last block
 
@@ -171,6 +171,7 @@ class ShardModel:
         keys_swa = self._prefill_keys(start_pos, pos, self.window) if any(self.sliding) else keys_full
         write = self.kv.write_index(slot, start_pos, end).to(self.device)
         scale, il = self.config.attn_scale, self.config.rope_interleaved
+        delta: torch.Tensor | None = None  # the residual add each block leaves to the next (arch_llama.block)
         for i, layer in enumerate(self.layers):
             kc, vc = self.kv.k[i].flatten(0, 1), self.kv.v[i].flatten(0, 1)  # [blocks * size, Hkv, D]
             lo, mask = keys_swa if self.sliding[i] else keys_full
@@ -189,8 +190,8 @@ class ShardModel:
                     scale=scale, enable_gqa=True,
                 )
 
-            h = self._arch.block(self.config, layer, h, attend)
-        return self._finish(h[0], last)
+            h, delta = self._arch.block(self.config, layer, h, attend, delta)
+        return self._finish(_stream(h, delta)[0], last)
 
     def _prefill_keys(self, start_pos: int, pos: torch.Tensor, window: int) -> tuple[int, torch.Tensor | None]:
         """The cached keys that queries at `pos` ([T], from start_pos) attend to: the first one, and a
@@ -217,6 +218,7 @@ class ShardModel:
         rope_swa = self.cos_swa[pos][:, None, None], self.sin_swa[pos][:, None, None]
         h = h.unsqueeze(1)  # [B, 1, hidden]
         il = c.rope_interleaved
+        delta: torch.Tensor | None = None
         for i, layer in enumerate(self.layers):
             kc, vc = self.kv.k[i].flatten(0, 1), self.kv.v[i].flatten(0, 1)
             window = self.window if self.sliding[i] else 0
@@ -231,8 +233,8 @@ class ShardModel:
                 )
                 return o[:, :, None]
 
-            h = self._arch.block(c, layer, h, attend)
-        return self._finish(h[:, 0], "all")
+            h, delta = self._arch.block(c, layer, h, attend, delta)
+        return self._finish(_stream(h, delta)[:, 0], "all")
 
     def _decode_on_device(self, h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """CUDA decode with fixed shapes and no host sync: h [B, hidden], idx [2, B] int64 on the device
@@ -245,6 +247,7 @@ class ShardModel:
         seq_lens = (pos + 1).to(torch.int32)
         il, kernels = c.rope_interleaved, self._kernels
         h = h.unsqueeze(1)
+        delta: torch.Tensor | None = None
         for i, layer in enumerate(self.layers):
             kc, vc = kv.k[i], kv.v[i]
             window = self.window if self.sliding[i] else 0
@@ -263,8 +266,8 @@ class ShardModel:
                 o = decode_attention_dense(q[:, :, 0], kc, vc, table, seq_lens, window=window, scale=c.attn_scale)  # noqa: B023
                 return o[:, :, None]
 
-            h = self._arch.block(c, layer, h, attend)
-        return self._finish(h[:, 0], "all")
+            h, delta = self._arch.block(c, layer, h, attend, delta)
+        return self._finish(_stream(h, delta)[:, 0], "all")
 
     # -- pieces -------------------------------------------------------------------------------
 
@@ -294,6 +297,11 @@ class ShardModel:
         if last == "hidden":
             return h
         return self.output(h)[0].float()
+
+
+def _stream(h: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
+    """The residual stream after the last block: its pending add (see arch_llama.block)."""
+    return h if delta is None else h + delta
 
 
 def _attention_backends(device: torch.device) -> contextlib.AbstractContextManager:

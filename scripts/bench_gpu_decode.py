@@ -22,6 +22,7 @@ class _SyntheticLinears:
     """LinearFactory's interface, with random weights made on the device (no GGUF of 8B here)."""
 
     def __init__(self, form: str, device: torch.device) -> None:
+        """form: "full" (bf16), "quantized" (tinygemm int4) or "quantized-triton" (engine/int4_triton.py)."""
         self.form, self.device, self.dtype = form, device, torch.bfloat16
         self.ggml = None
         self._g = torch.Generator(device=device).manual_seed(0)
@@ -37,6 +38,12 @@ class _SyntheticLinears:
         from engine.linear import pack_tinygemm
 
         q = torch.randint(0, 16, (n, k), device=self.device, generator=self._g, dtype=torch.int32)
+        if self.form == "quantized-triton":
+            from engine.int4_triton import pack_int4
+            from engine.linear import TritonInt4Linear
+
+            ones = torch.full((n, k // 32), 0.003, device=self.device, dtype=self.dtype)
+            return TritonInt4Linear(pack_int4(q, ones, torch.zeros_like(ones)), outs, None)
         sz = torch.empty(k // 32, n, 2, device=self.device, dtype=self.dtype)
         sz[..., 0], sz[..., 1] = 0.003, 0.0
         return Int4Linear(pack_tinygemm(q), sz, outs, None)
@@ -110,7 +117,10 @@ def _time_decode(model, slots: list[int], start: int, tokens: int) -> float:  # 
     return (time.perf_counter() - t0) / tokens
 
 
-def bench_gpu(preset: str, tokens: int, batches: list[int], context: int, hf_batches: list[int]) -> None:
+def bench_gpu(
+    preset: str, tokens: int, batches: list[int], context: int, hf_batches: list[int],
+    forms: tuple[str, ...] = ("full", "quantized", "quantized-triton"), eager: bool = True,
+) -> None:  # fmt: skip
     """ShardModel.decode, CUDA graphs against the same fixed-shape step eager, bf16 and int4, against
     HF transformers (static cache + torch.compile) on the same shapes; shares of the measured copy
     bandwidth count the weights and the KV cache each step reads."""
@@ -121,13 +131,14 @@ def bench_gpu(preset: str, tokens: int, batches: list[int], context: int, hf_bat
     print(f"{preset} on {torch.cuda.get_device_name(dev)}, torch {torch.__version__}; "
           f"copy bandwidth {bw / 1e12:.2f} TB/s; {context} tokens cached per session, {tokens} steps timed")
     results: dict[tuple[str, int], float] = {}
-    for form in ("full", "quantized"):
+    labels = {"full": "bf16", "quantized": "int4", "quantized-triton": "int4-triton"}
+    for form in forms:
         model = ShardModel(synthetic_weights(preset), _SyntheticLinears(form, dev),  # type: ignore[arg-type]
                            max_sessions=max(batches), max_context=context + tokens + 8)
         weight_bytes = sum(la.qkv.nbytes + la.wo.nbytes + la.gate_up.nbytes + la.down.nbytes
                            for la in model.layers) + model.output.nbytes  # type: ignore[union-attr]
         kv_token = _kv_bytes_per_token(model)
-        label = "bf16" if form == "full" else "int4"
+        label = labels[form]
         print(f"  {label}: {weight_bytes / 1e9:.2f} GB of weights per step; batch-1 roofline "
               f"{bw / (weight_bytes + context * kv_token):.0f} tok/s")
         for s in range(max(batches)):
@@ -136,7 +147,7 @@ def bench_gpu(preset: str, tokens: int, batches: list[int], context: int, hf_bat
         for batch in batches:
             slots = list(range(batch))
             step_bytes = weight_bytes + batch * context * kv_token
-            for mode in ("graph", "eager"):
+            for mode in ("graph", "eager") if eager else ("graph",):
                 model.graphs = graphs if mode == "graph" else None
                 dt = _time_decode(model, slots, context, tokens)
                 results[f"{label}-{mode}", batch] = batch / dt
@@ -154,8 +165,12 @@ def bench_gpu(preset: str, tokens: int, batches: list[int], context: int, hf_bat
         torch.cuda.empty_cache()
     print("  ratios (graph):")
     for batch in batches:
-        line = (f"    batch {batch:3d}: bf16 graph/eager {results['bf16-graph', batch] / results['bf16-eager', batch]:.2f}x"
-                f"  int4/bf16 {results['int4-graph', batch] / results['bf16-graph', batch]:.2f}x")
+        line = f"    batch {batch:3d}:"
+        if ("bf16-eager", batch) in results:
+            line += f" bf16 graph/eager {results['bf16-graph', batch] / results['bf16-eager', batch]:.2f}x"
+        for q in ("int4", "int4-triton"):
+            if (f"{q}-graph", batch) in results:
+                line += f"  {q}/bf16 {results[f'{q}-graph', batch] / results['bf16-graph', batch]:.2f}x"
         if ("hf", batch) in results:
             line += f"  bf16/HF {results['bf16-graph', batch] / results['hf', batch]:.2f}x"
         print(line)

@@ -219,6 +219,9 @@ def main() -> None:
     g.add_argument("--context", type=int, default=512)
     g.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64, 128])
     g.add_argument("--hf-batches", type=int, nargs="*", default=[1, 64])
+    g.add_argument("--forms", nargs="+", default=["full", "quantized", "quantized-triton"],
+                   choices=["full", "quantized", "quantized-triton"], help="bf16, tinygemm int4, Triton int4")
+    g.add_argument("--no-eager", action="store_true", help="graphs only (the eager step is the slow part)")
     e = sub.add_parser("gpu-engine")
     e.add_argument("--model", default="smollm2-135m-instruct")
     e.add_argument("--tokens", type=int, default=128)
@@ -232,7 +235,8 @@ def main() -> None:
     elif args.what == "cpu":
         bench_cpu(args.threads, args.tokens, not args.no_synthetic)
     elif args.what == "gpu":
-        bench_gpu(args.preset, args.tokens, args.batches, args.context, args.hf_batches)
+        bench_gpu(args.preset, args.tokens, args.batches, args.context, args.hf_batches, tuple(args.forms),
+                  not args.no_eager)
     else:
         bench_gpu_engine(args.model, args.tokens, args.batches)
 

@@ -1,0 +1,105 @@
+"""The Triton W4A16 kernels (engine/int4_triton.py) against a float reference, under Triton's interpreter.
+
+CI has no GPU, so the kernels run on CPU with TRITON_INTERPRET=1 (fp16 activations: the interpreter
+computes through numpy, which has no bfloat16). The H200 runs the same checks in test_torch_cuda.py's
+company: scripts/bench_int4_gemm.py compares every winner with tinygemm on the same weights.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from engine.int4_triton import GROUP, W4Config, W4Weight, fits, launch_for, pack_int4  # noqa: E402
+from shard.gguf_tensor import int4_dequantize, to_int4_groups  # noqa: E402
+from tests.engine.test_linear import make_raw  # noqa: E402
+
+
+def unpack(w: W4Weight) -> torch.Tensor:
+    """float32 [N, K] from the packed layout, in torch: an independent reading of `pack_int4`'s docstring."""
+    n, kp = w.qw.shape[0], w.qw.shape[1] * 8
+    words = w.qw.view(n, kp // 128, 16)  # [N, chunk, r]
+    nib = torch.stack([(words >> (4 * j)) & 0xF for j in range(8)], 2)  # [N, chunk, j, r]: k = 128 c + 16 j + r
+    q = nib.reshape(n, kp).float() - 8
+    g = torch.arange(kp) // GROUP
+    return (q * w.scales.float().T[:, g] + w.zeros.float().T[:, g])[:, : w.in_features]
+
+
+@pytest.mark.parametrize("k", [256, 576, 4096])  # 576: SmolLM2's hidden size, padded to 640
+def test_packing_round_trips(k: int) -> None:
+    n = 48
+    g = torch.Generator().manual_seed(k)
+    q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    s, z = torch.rand(n, k // 32, generator=g), torch.randn(n, k // 32, generator=g)
+    w = pack_int4(q, s, z)
+    assert w.qw.shape == (n, -(-k // 128) * 16) and w.qw.dtype == torch.int32
+    ref = (q.float() - 8) * s.repeat_interleave(32, 1) + z.repeat_interleave(32, 1)
+    torch.testing.assert_close(unpack(w), ref)
+
+
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q4_K"])
+def test_gguf_groups_become_scale_and_min(type_name: str) -> None:
+    """TritonInt4Linear's conversion of GGUF blocks: the same weights, up to bf16 scales and zeros."""
+    from engine.linear import TritonInt4Linear
+
+    raw = make_raw(type_name, 64, 512)
+    lin = TritonInt4Linear.from_groups([to_int4_groups(raw)], [64], None, torch.device("cpu"))
+    ref = torch.from_numpy(int4_dequantize(to_int4_groups(raw)))
+    err = float((unpack(lin.w) - ref).norm() / ref.norm())
+    assert err < 2.5e-3, err  # bf16 scale and zero, as tinygemm's: 1.6-1.8e-3 (docs/torch-engine.md)
+
+
+def test_every_batch_size_gets_a_launch_shape_that_tiles_the_weight() -> None:
+    for n in (576, 960, 1536, 3072, 4096, 6144, 28672, 49152, 262144):
+        for m in range(1, 140):
+            cfg = launch_for(m, n)
+            assert fits(cfg, n) and (cfg.block_m == 0) == (m == 1), (m, n, cfg)
+
+
+_KERNEL_CHECK = r"""
+import torch
+from engine.int4_triton import W4Config, pack_int4, w4_matmul
+torch.manual_seed(0)
+worst = 0.0
+for n, k in [(64, 256), (32, 576)]:
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    s, z = (torch.rand(n, k // 32) * 0.1).half(), (torch.randn(n, k // 32) * 0.1).half()
+    w = ((q.float().view(n, -1, 32) - 8) * s.float()[..., None] + z.float()[..., None]).view(n, k)
+    pw = pack_int4(q, s, z)
+    for m, cfg in [
+        (1, W4Config(0, 32, 1, 4, 2)), (1, W4Config(0, 16, 3, 4, 2, magic=False)),
+        (3, W4Config(16, 32, 1, 4, 2)), (20, W4Config(16, 32, 2, 4, 2, magic=False)),
+        (5, W4Config(16, 32, 3, 4, 2, swap=True)), (1, W4Config(16, 32, 1, 4, 2, swap=True)),
+        (33, W4Config(32, 32, 2, 4, 2, swap=True)),
+    ]:
+        x = torch.randn(m, k).half()
+        y = w4_matmul(x, pw, cfg)
+        assert y.shape == (m, n) and y.dtype == torch.float16, (y.shape, y.dtype, cfg)
+        ref = x.float() @ w.T
+        worst = max(worst, float((y.float() - ref).norm() / ref.norm()))
+print("worst", worst)
+assert worst < 2e-3, worst
+"""
+
+
+def test_the_triton_int4_kernels_match_a_float_reference() -> None:
+    """Row (GEMV), tensor-core and swapped kernels; split-K 1-3 (uneven splits), K padded (576), M
+    past one tile, both int -> float paths."""
+    out = subprocess.run([sys.executable, "-c", _KERNEL_CHECK], env={**os.environ, "TRITON_INTERPRET": "1"},
+                         capture_output=True, text=True, timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "worst" in out.stdout
+
+
+def test_a_launch_shape_that_does_not_tile_is_refused() -> None:
+    from engine.int4_triton import w4_matmul
+
+    w = pack_int4(torch.zeros(48, 128, dtype=torch.uint8), torch.ones(48, 4), torch.zeros(48, 4))
+    with pytest.raises(ValueError, match="does not fit"):
+        w4_matmul(torch.zeros(1, 128), w, W4Config(0, 32, 1, 4, 2))
+    with pytest.raises(ValueError, match="does not fit"):
+        w4_matmul(torch.zeros(1, 64), w, W4Config(0, 16, 1, 4, 2))
