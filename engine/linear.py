@@ -34,6 +34,19 @@ WeightsForm = Literal["quantized", "full"]
 WEIGHTS_FORMS: tuple[WeightsForm, ...] = ("quantized", "full")
 # which kernel multiplies int4 weights on CUDA: tinygemm is fastest at 1-4 rows, Triton from 8 (above)
 Int4Kernel = Literal["tinygemm", "triton"]
+INT4_KERNEL_CHOICES = ("auto", "tinygemm", "triton")  # a node's --int4-kernel
+WIDE_NODE_KV_SESSIONS = 8  # auto: a node sized for this many full contexts (4x as many sessions) is wide
+
+
+def int4_kernel_for(choice: str, kv_sessions: int) -> Int4Kernel:
+    """The int4 kernel of a CUDA node. Each stores its own layout, so a node picks one at load, by the
+    batches it is sized for: tinygemm decodes one stream 1.3x faster than Triton, and Triton 32 to 128
+    streams 2.5-4.3x faster than tinygemm (H200, docs/benchmarks.md)."""
+    if choice == "auto":
+        return "triton" if kv_sessions >= WIDE_NODE_KV_SESSIONS else "tinygemm"
+    if choice in ("tinygemm", "triton"):
+        return choice  # type: ignore[return-value]
+    raise ValueError(f"int4 kernel must be one of {', '.join(INT4_KERNEL_CHOICES)}")
 
 
 class Linear(Protocol):

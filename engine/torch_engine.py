@@ -15,7 +15,7 @@ import torch
 
 from core.types import EmbedInput
 from engine.kv_cache import KVCacheFull
-from engine.linear import WEIGHTS_FORMS, LinearFactory, WeightsForm
+from engine.linear import WEIGHTS_FORMS, Int4Kernel, LinearFactory, WeightsForm
 from engine.model_file import ModelFile
 from engine.prompt_ids import checked_ids
 from engine.sampling import SamplerState, sample
@@ -65,6 +65,7 @@ class TorchShardEngine:
         max_context: int = 2048,
         batch_wait_s: float = 0.002,
         weights: WeightsForm = "quantized",
+        int4_kernel: Int4Kernel = "tinygemm",
         kv_dtype: torch.dtype | None = None,
         kv_tokens: int | None = None,
         prefill_chunk: int | None = None,
@@ -90,7 +91,7 @@ class TorchShardEngine:
         self.config: ModelConfig = shard_weights.config
         self.weights_form: WeightsForm = weights
         self.shard = ShardModel(
-            shard_weights, LinearFactory(weights, dev, act, self._ggml), max_sessions=max_sessions,
+            shard_weights, LinearFactory(weights, dev, act, self._ggml, int4_kernel), max_sessions=max_sessions,
             max_context=min(max_context, self.config.context_length), kv_dtype=kv_dtype, kv_tokens=kv_tokens,
             cuda_graphs=cuda_graphs,
         )

@@ -72,6 +72,9 @@ def _join_parser(sub: argparse._SubParsersAction) -> None:
                       help="torch engine weights: keep the GGUF's quantized blocks, or dequantize them in full")
     join.add_argument("--kv-dtype", choices=("16", "32"), default="16",
                       help="torch engine KV cache: 16-bit (fp16 on CPU, bf16 on CUDA) or fp32")
+    join.add_argument("--int4-kernel", choices=("auto", "tinygemm", "triton"), default="auto",
+                      help="CUDA, quantized weights: tinygemm (fastest for one stream), triton (2.5-4.3x "
+                           "tinygemm from 32 streams), auto: triton when --kv-sessions >= 8")
     join.add_argument("--kv-sessions", type=int, default=4, metavar="N",
                       help="torch engine: KV memory for N full-context sequences, shared by up to 4N "
                            "concurrent shorter ones (paged)")
@@ -205,6 +208,7 @@ def _config(args: argparse.Namespace) -> NodeConfig:
         device=args.device,
         weights=args.weights,
         kv_sessions=args.kv_sessions,
+        int4_kernel=args.int4_kernel,
         kv_dtype=args.kv_dtype,
         api_keys=tuple(args.api_key) + ((os.environ["MESHLLM_API_KEY"],) if os.environ.get("MESHLLM_API_KEY") else ()),
         api_keys_file=args.api_keys_file,

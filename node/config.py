@@ -45,6 +45,7 @@ class NodeConfig:
     device: str = "cpu"  # torch device of the torch engine
     weights: str = "quantized"  # torch engine weights: "quantized" (GGUF blocks kept) or "full" (dequantized)
     kv_sessions: int = 4  # KV cache slots (concurrent sequences) of the torch engine
+    int4_kernel: str = "auto"  # CUDA int4 weights: "tinygemm" (one stream), "triton" (wide batches), or by kv_sessions
     kv_dtype: str = "16"  # torch engine KV cache: "16" (fp16 on CPU, bf16 on CUDA) or "32" (fp32)
     api_keys: tuple[str, ...] = ()  # bearer keys that may use /v1/* (any model, no rate limit)
     api_keys_file: Path | None = None  # more keys, with model allowlists and limits (docs/security.md)
@@ -86,6 +87,8 @@ class NodeConfig:
             raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}")
         if self.kv_sessions < 1:
             raise ValueError("kv-sessions must be >= 1")
+        if self.int4_kernel not in ("auto", "tinygemm", "triton"):  # engine.linear.INT4_KERNEL_CHOICES (torch-free here)
+            raise ValueError("int4-kernel must be auto, tinygemm or triton")
         if self.kv_dtype not in ("16", "32"):
             raise ValueError("kv-dtype must be 16 or 32")
         # gateways reuse a fresh placement for up to 5 s (dataplane/routing/placing.py): unload no sooner

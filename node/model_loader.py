@@ -126,7 +126,7 @@ class ModelManager:
     def _torch(self, model: ModelFile, spec: ShardSpec) -> LocalModel:
         import torch  # torch loads only on nodes that use it
 
-        from engine.linear import WeightsForm
+        from engine.linear import WeightsForm, int4_kernel_for
         from engine.torch_engine import SESSIONS_PER_CONTEXT, TorchShardEngine
 
         c = self.config
@@ -136,7 +136,7 @@ class ModelManager:
         # blocks as they grow, so SESSIONS_PER_CONTEXT times as many shorter ones share it.
         sessions = c.kv_sessions * SESSIONS_PER_CONTEXT
         engine = TorchShardEngine(model, spec=spec, device=c.device, threads=c.threads, weights=weights,
-                                  kv_dtype=kv_dtype, max_sessions=sessions, max_context=self.context,
+                                  int4_kernel=int4_kernel_for(c.int4_kernel, c.kv_sessions), kv_dtype=kv_dtype, max_sessions=sessions, max_context=self.context,
                                   kv_tokens=c.kv_sessions * self.context)
         # As many requests in flight as sessions: the engine batches their decode steps.
         return LocalModel(model, self._runner(engine, model, parallel=sessions), "torch", spec)
