@@ -9,6 +9,7 @@ py-libp2p is trio-only and the node runs asyncio, so the host lives in a dedicat
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -73,7 +74,8 @@ def peer_id_of(identity: Identity) -> str:
 
 
 async def start_host(identity: Identity, mesh_key: bytes, on_message: Callable[[bytes], object], host_ip: str,
-                     port: int, bootstrap: Sequence[str], *, records: bool) -> Libp2pHost:
+                     port: int, bootstrap: Sequence[str], *, records: bool,
+                     on_record: Callable[[bytes], object] | None = None) -> Libp2pHost:
     """The node's host, started: its pnet PSK derived from the mesh key (another mesh cannot even finish
     a handshake), in records mode with the DHT's advert record validator."""
     host = Libp2pHost(
@@ -85,6 +87,7 @@ async def start_host(identity: Identity, mesh_key: bytes, on_message: Callable[[
         bootstrap=bootstrap,
         psk_hex=derive_subkey(mesh_key, "libp2p-pnet").hex(),
         mesh_key=mesh_key if records else None,
+        on_record=on_record,
     )
     await host.start()
     return host
@@ -104,12 +107,14 @@ class Libp2pHost:
         bootstrap: Sequence[str] = (),
         psk_hex: str | None = None,
         mesh_key: bytes | None = None,
+        on_record: Callable[[bytes], object] | None = None,
     ) -> None:
         """`mesh_key`: given, records mode: the DHT takes advert records (libp2p_records.py), and the
         host dials its bootstrap peers, a sample (model_records.sample_peers) of the DHT's peers and the
         holders its lookups find, not every DHT peer."""
         self._identity = identity
         self._on_message = on_message  # runs on the asyncio loop
+        self._on_record = on_record or on_message  # an advert a lookup got from the DHT (asyncio loop)
         self._listen_ip = listen_ip
         self._announce_ips = list(announce_ips) or [listen_ip]
         self._port = port
@@ -348,7 +353,7 @@ class Libp2pHost:
             # first frame introduces us, so the holder accepts our TLS certificate) is being opened
             if info.addrs:
                 await self._connect_info(host, dht, info)
-            self._deliver(bytes(value))
+            self._call_loop(functools.partial(self._on_record, bytes(value)))
 
     async def _maintain_loop(self, host: object, dht: KadDHT) -> None:
         """Keeps bootstrap peers and DHT-known peers connected, so gossip has a path everywhere."""

@@ -60,6 +60,7 @@ def publish_kind(
     now: float,
     full_sent_at: float,
     load_sent_at: float,
+    introduce: bool = False,
 ) -> str:
     """What one publish sends, pure: "change" (a new full advert, gossiped too), "full" (the same
     content re-signed, FULL_REPUBLISH_S after the last), "beat", "load" (a beat off the period: the
@@ -67,6 +68,8 @@ def publish_kind(
     load beat: publish again at load_sent_at + MIN_LOAD_ADVERT_S; on a period, a beat) or "none"."""
     if forced or old is None or significant_change(old, dataclasses.replace(new, load=old.load)):
         return "change"
+    if introduce:  # a peer must hear our advert: to our connected peers and the LAN, never a flood
+        return "full"
     if periodic:
         return "full" if now - full_sent_at >= FULL_REPUBLISH_S else "beat"
     if load_level(last_load or old.load) != load_level(new.load):
@@ -117,6 +120,7 @@ class Publisher:
         self._load_due_at: float | None = None  # a deferred load beat may go out at this time
         self._beat_load: Load | None = None  # the load our last beat carried since the last advert
         self._force_full = True
+        self._introduce = False  # introduce_soon(): a full advert, direct and multicast only
         self._issued_at = 0.0  # last issued_at we signed: kept strictly increasing (peers' replay guard)
         self._lan_heard: dict[str, float] = {}  # node id -> when last heard over LAN multicast/fetch
         self._wake = asyncio.Event()
@@ -148,6 +152,14 @@ class Publisher:
     def publish_soon(self) -> None:
         """Debounced push of a fresh full advert (new seq) everywhere, mDNS TXT if the bucket moved."""
         self._force_full = True
+        self._wake.set()
+        if self.on_wake is not None:
+            self.on_wake()
+
+    def introduce_soon(self) -> None:
+        """Debounced: our advert (re-signed, same content) to connected peers and by LAN multicast, not
+        gossiped: a peer that met us, restarted or expired us must hear it, the mesh need not."""
+        self._introduce = True
         self._wake.set()
         if self.on_wake is not None:
             self.on_wake()
@@ -261,8 +273,9 @@ class Publisher:
             now=now,
             full_sent_at=self._full_sent_at,
             load_sent_at=self._load_sent_at,
+            introduce=self._introduce,
         )
-        self._force_full = False
+        self._force_full = self._introduce = False
         if kind == "defer":
             self._load_due_at = self._load_sent_at + MIN_LOAD_ADVERT_S
             return False

@@ -40,6 +40,11 @@ DEFAULT_REFRESH_S = 2.5
 EXPIRE_INTERVAL_S = 0.5
 STOP_TASKS_TIMEOUT_S = 2.0
 GOODBYE_FLUSH_S = 0.2  # lets the goodbye leave over gossipsub before the host stops
+# After start, each peer we meet makes us gossip our advert (how a newcomer tells the whole mesh who it
+# is); later, one we meet only gets our advert directly: it is a newcomer announcing itself, or a peer
+# that expired us. (Gossiping on every one cost N x D adverts per peer met: at 16 processes on 2 cores,
+# peers expiring on the starved box and coming back made such floods most of the traffic at rest.)
+ANNOUNCE_S = 30.0
 
 
 class ChangeKind(Enum):
@@ -121,6 +126,7 @@ class Discovery:
         self._mdns: Mdns | None = None
         self._multicast: AdvertMulticast | None = None
         self._libp2p: Libp2pHost | None = None
+        self._announce_until = float("inf")  # set at start (or use_transports) to ANNOUNCE_S later
         self.lookups = ModelLookups()  # records mode: its send is the host's lookup once it runs
         self._tasks: list[asyncio.Task[None]] = []
         self._missed = MissedAdverts(fetch_advert, lambda data: self.receive(data, "libp2p"))
@@ -196,6 +202,7 @@ class Discovery:
         self._libp2p = self._publisher.libp2p = libp2p
         self._multicast = self._publisher.multicast = multicast
         self._fetch_missed = fetch_missed
+        self._announce_until = self._clock() + ANNOUNCE_S
 
     @property
     def publisher(self) -> Publisher:
@@ -210,12 +217,14 @@ class Discovery:
 
     async def start(self) -> None:
         advert = self._advert_source()
+        self._announce_until = self._clock() + ANNOUNCE_S
         if self._libp2p_port is not None:
             # py-libp2p costs about 0.5 s to import: an mDNS-only node never pays it
             from discovery.libp2p_host import start_host
 
             self._libp2p = await start_host(self._identity, self._mesh_key, lambda data: self.receive(data, "libp2p"),
-                                            self._host_ip, self._libp2p_port, self._bootstrap, records=self._records)
+                                            self._host_ip, self._libp2p_port, self._bootstrap, records=self._records,
+                                            on_record=lambda data: self.receive(data, "dht"))
             self._publisher.libp2p = self._libp2p
             self._publisher.records = self._records
             if self._records:
@@ -322,7 +331,8 @@ class Discovery:
         for node_id in self.table.take_evicted():
             self._emit(ChangeKind.LEFT, node_id)
         if result is ApplyResult.STALE:
-            self._rejects.reject("replayed_seq", source, advert.node_id)
+            if source != "dht":  # a record is put every 60 s, re-signed adverts go out every 30 s: older
+                self._rejects.reject("replayed_seq", source, advert.node_id)  # copies there are normal
         elif result is ApplyResult.FULL:
             self._rejects.reject("table_full", source, advert.node_id)
         elif result is ApplyResult.HOST_FULL:
@@ -330,14 +340,14 @@ class Discovery:
         elif result is ApplyResult.NEW:
             self._emit(ChangeKind.JOINED, advert.node_id)
             if source in ("libp2p", "mdns"):
-                self.publish_soon()  # the newcomer learns about us now, not at the next full advert
+                self._announce_or_introduce()  # the newcomer learns about us now, not in 30 s
             if self._libp2p is not None and not self._records:  # records mode: lookups dial
                 for addr in advert.addresses.libp2p:
                     self._libp2p.connect(addr)
         elif result is ApplyResult.UPDATED and old is not None and not _same_content(old.advert, advert):
             self._emit(ChangeKind.UPDATED, advert.node_id)
             if old.advert.tls_cert != advert.tls_cert and source in ("libp2p", "mdns"):
-                self.publish_soon()  # it restarted: its server trusts only members it has heard of
+                self._publisher.introduce_soon()  # it restarted: its server trusts only members it has heard of
         if result.accepted and source == "mdns":
             self._publisher.note_lan(advert.node_id)
         return result.accepted
@@ -379,6 +389,12 @@ class Discovery:
             return False
         self._drop(advert.node_id)
         return True
+
+    def _announce_or_introduce(self) -> None:
+        if self._clock() < self._announce_until:
+            self.publish_soon()
+        else:
+            self._publisher.introduce_soon()
 
     def _drop(self, node_id: str) -> None:
         if self.table.goodbye(node_id):

@@ -59,6 +59,7 @@ READY = re.compile(r"\(([0-9a-f]{32})\) ready at http://[^:]+:(\d+)")
 class Proc:
     proc: subprocess.Popen
     spawned_at: float
+    name: str = ""
     ready_at: float | None = None
     node_id: str = ""
     http_port: int = 0
@@ -79,13 +80,21 @@ class Proc:
                 self.proc.wait()
 
 
+TRACE = False  # --trace: nodes run through scripts/libp2p_trace_node.py (py-libp2p's bytes by protocol)
+
+
+def trace_path(workdir: Path, name: str) -> Path:
+    return workdir / f"{name}.trace.json"
+
+
 def spawn(workdir: Path, name: str, secret: str, extra: list[str]) -> Proc:
-    cmd = [sys.executable, "-m", "node.cli", "node", "join", "--no-model", "--http-port", "0",
+    entry = ["scripts/libp2p_trace_node.py", str(trace_path(workdir, name))] if TRACE else ["-m", "node.cli"]
+    cmd = [sys.executable, *entry, "node", "join", "--no-model", "--http-port", "0",
            "--data-dir", str(workdir / name), "--name", name, "--mesh-secret", secret,
            "--log-level", "WARNING", *extra]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     popen = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    p = Proc(popen, time.monotonic())
+    p = Proc(popen, time.monotonic(), name=name)
 
     def read() -> None:  # also drains the pipe for the node's whole life
         for line in popen.stdout:  # type: ignore[union-attr]
@@ -114,10 +123,17 @@ def peer_ids(url: str) -> set[str]:
         return set()
 
 
-def wait_full_mesh(procs: list[Proc], timeout_s: float = 60) -> float:
+def wait_full_mesh(procs: list[Proc], timeout_s: float = 60, records: bool = False) -> float:
+    """Until every node lists every other (records mode: at least one peer, since a node there tracks
+    only a sample of peers and the holders it looked up)."""
     t0 = time.monotonic()
     ids = {p.node_id for p in procs}
-    while not all(peer_ids(p.url) == ids - {p.node_id} for p in procs):
+
+    def done(p: Proc) -> bool:
+        seen = peer_ids(p.url)
+        return bool(seen) if records else seen == ids - {p.node_id}
+
+    while not all(done(p) for p in procs):
         if time.monotonic() - t0 > timeout_s:
             raise RuntimeError("the mesh did not form")
         time.sleep(POLL_S)
@@ -230,13 +246,14 @@ def spawn_mesh(workdir: Path, n: int, mode: str, secret: str, tag: str) -> list[
     """N node processes in one mesh. `libp2p` mode: no mDNS and no multicast; node 0 starts first and
     the others bootstrap from it (as `--bootstrap` nodes beyond one LAN do)."""
     name = f"{tag}-{mode.replace('+', '-')}-{n}"
-    if mode != "libp2p":
+    if mode not in ("libp2p", "records"):
         extra = ["--libp2p-port", "0"] if mode == "mdns+libp2p" else []
         return [spawn(workdir, f"{name}-{i}", secret, extra) for i in range(n)]
-    first = spawn(workdir, f"{name}-0", secret, ["--no-mdns", "--libp2p-port", "0"])
+    records = ["--records"] if mode == "records" else []
+    first = spawn(workdir, f"{name}-0", secret, ["--no-mdns", "--libp2p-port", "0", *records])
     wait_ready([first])
     boot = libp2p_addrs(first)[0]
-    rest = [spawn(workdir, f"{name}-{i}", secret, ["--no-mdns", "--bootstrap", boot]) for i in range(1, n)]
+    rest = [spawn(workdir, f"{name}-{i}", secret, ["--no-mdns", "--bootstrap", boot, *records]) for i in range(1, n)]
     return [first, *rest]
 
 
@@ -246,15 +263,17 @@ def rest_traffic(workdir: Path, n: int, mode: str, rest_s: float, settle_s: floa
     try:
         wait_ready(procs)
         ready_at = max(p.ready_at for p in procs)  # type: ignore[type-var]
-        wait_full_mesh(procs, timeout_s=60 + n)
+        wait_full_mesh(procs, timeout_s=60 + n, records=mode == "records")
         converged_s = time.monotonic() - ready_at
         http_ports = {p.http_port for p in procs}
         libp2p_ports = {int(a.split("/tcp/")[1].split("/")[0]) for p in procs for a in libp2p_addrs(p)}
         time.sleep(settle_s)  # let start-up bursts (announcements, first fetches, dials) pass
+        traced_before = read_traces(workdir, procs)
         with LoopbackCapture(http_ports, libp2p_ports) as cap:
             time.sleep(rest_s)
+        traced = trace_rates(traced_before, read_traces(workdir, procs), n)
         alive = sum(p.proc.poll() is None for p in procs)
-        mesh_ok = wait_full_mesh(procs, timeout_s=5) >= 0
+        mesh_ok = wait_full_mesh(procs, timeout_s=5, records=mode == "records") >= 0
     finally:
         for p in procs:
             p.stop()
@@ -269,7 +288,36 @@ def rest_traffic(workdir: Path, n: int, mode: str, rest_s: float, settle_s: floa
         "bytes_per_node_s": round(sum(cap.bytes.values()) / n / cap.seconds, 1),
         "by_kind_bytes_per_node_s": per_node,
         "all_alive_and_meshed": alive == n and mesh_ok,
+        **({"libp2p_by_protocol_per_node_s": traced} if traced else {}),
     }
+
+
+def read_traces(workdir: Path, procs: list[Proc]) -> dict[str, dict]:
+    """Each node's running libp2p totals (scripts/libp2p_trace_node.py); empty without --trace."""
+    out: dict[str, dict] = {}
+    for p in procs if TRACE else []:
+        try:
+            out[p.name] = json.loads(trace_path(workdir, p.name).read_text())
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+def trace_rates(before: dict[str, dict], after: dict[str, dict], n: int) -> dict[str, dict[str, float]]:
+    """Per protocol, per node per second over the window: bytes handed down, writes, streams opened."""
+    totals: dict[str, dict[str, float]] = {}
+    for name, end in after.items():
+        start = before.get(name)
+        if start is None or end["t"] <= start["t"]:
+            continue
+        seconds = end["t"] - start["t"]
+        for what in ("bytes", "writes", "opened"):
+            for proto, value in end[what].items():
+                rate = (value - start[what].get(proto, 0)) / seconds / n
+                row = totals.setdefault(proto, {"bytes": 0.0, "writes": 0.0, "opened": 0.0})
+                row[what] += rate
+    return {proto: {k: round(v, 2) for k, v in row.items()}
+            for proto, row in sorted(totals.items(), key=lambda kv: -kv[1]["bytes"])}
 
 
 # --- driver ------------------------------------------------------------------------------------------
@@ -297,6 +345,9 @@ def inner(args: argparse.Namespace) -> None:
                     print(f"rest  N={n} {mode}: {r['bytes_per_node_s']:.0f} B/s per node "
                           f"({r['packets_per_node_s']:.1f} pkt/s; {kinds}) over {r['seconds']:.0f} s; "
                           f"mesh intact: {r['all_alive_and_meshed']}", flush=True)
+                    for proto, row in r.get("libp2p_by_protocol_per_node_s", {}).items():
+                        print(f"      {proto}: {row['bytes']:.0f} B/s, {row['writes']:.1f} writes/s, "
+                              f"{row['opened']:.2f} streams opened/s per node", flush=True)
         else:
             print("rest  traffic: skipped (needs root and `ip netns`, so only our nodes are on the loopback)")
     finally:
@@ -323,14 +374,20 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=10, help="joins measured per mesh size")
     parser.add_argument("--rest-s", type=float, default=20.0, help="seconds of traffic capture at rest")
     parser.add_argument("--settle-s", type=float, default=5.0)
-    parser.add_argument("--modes", nargs="+", default=["mdns", "mdns+libp2p"], choices=["mdns", "mdns+libp2p", "libp2p"],
-                        help="libp2p: no mDNS or multicast, every node bootstraps from the first")
+    parser.add_argument("--modes", nargs="+", default=["mdns", "mdns+libp2p"],
+                        choices=["mdns", "mdns+libp2p", "libp2p", "records"],
+                        help="libp2p: no mDNS or multicast, every node bootstraps from the first; "
+                             "records: the same with --records (holders found by DHT lookups, a sample of peers)")
+    parser.add_argument("--trace", action="store_true",
+                        help="count py-libp2p's sent bytes by protocol in every node (scripts/libp2p_trace_node.py)")
     parser.add_argument("--rest-only", action="store_true",
                         help="only the N-process mesh at rest (traffic, convergence), no join trials")
     parser.add_argument("--json", default="", help="also write the figures here")
     parser.add_argument("--no-netns", action="store_true", help="run in the current network namespace")
     parser.add_argument("--in-netns", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global TRACE
+    TRACE = args.trace
     if args.in_netns or args.no_netns or os.geteuid() != 0 or shutil.which("ip") is None:
         inner(args)
         return 0

@@ -54,6 +54,17 @@ def test_publish_kind(new, last_load, forced, periodic, now, load_sent_at, kind)
     assert got == kind
 
 
+@pytest.mark.parametrize(("new", "periodic", "kind"), [
+    (_with_load(0), False, "full"),  # a newcomer: our advert, direct and multicast, not gossiped
+    (_with_load(0), True, "full"),
+    (_with_load(0, models=OTHER_MODEL), False, "change"),  # a real change is gossiped all the same
+])
+def test_introduce_is_a_full_advert_never_a_flood(new, periodic, kind) -> None:  # type: ignore[no-untyped-def]
+    got = publish_kind(_with_load(0), new, last_load=None, forced=False, periodic=periodic, now=100.0,
+                       full_sent_at=99.0, load_sent_at=0.0, introduce=True)
+    assert got == kind
+
+
 def test_full_republish_is_due() -> None:
     got = publish_kind(_with_load(2), _with_load(3), last_load=None, forced=False, periodic=True, now=100.0,
                        full_sent_at=100.0 - FULL_REPUBLISH_S, load_sent_at=0.0)
