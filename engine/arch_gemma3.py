@@ -19,7 +19,7 @@ import torch
 
 from engine.arch_llama import Attend, rms_norm
 from engine.builtin_templates import GEMMA3_CHAT_TEMPLATE
-from engine.fused import act_mul, add_rms_norm
+from engine.fused import add_rms_norm, gate_up_act
 from engine.linear import Linear, LinearFactory
 from shard.config import ModelConfig
 from shard.loader import LayerWeights
@@ -75,6 +75,5 @@ def block(
     o = attend(q, k, v)  # o: [B, H, T, D]; RoPE by the caller (NEOX: rope_interleaved is False here)
     (o,) = layer.wo(o.transpose(1, 2).reshape(b, t, c.q_size))
     h, x = add_rms_norm(h, rms_norm(o, layer.post_attn_norm, eps), layer.ffn_norm, eps)
-    gate, up = layer.gate_up(x)  # [B, T, ffn] each
-    (y,) = layer.down(act_mul(gate, up, "gelu_tanh"))
+    (y,) = layer.down(gate_up_act(layer.gate_up, x, "gelu_tanh"))
     return h, rms_norm(y, layer.post_ffn_norm, eps)

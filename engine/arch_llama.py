@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engine.fused import act_mul, add_rms_norm
+from engine.fused import add_rms_norm, gate_up_act
 from engine.linear import Linear, LinearFactory
 from shard.config import ModelConfig
 from shard.loader import LayerWeights
@@ -62,8 +62,7 @@ def block(
     v = v.view(b, t, c.n_kv_heads, c.head_dim).transpose(1, 2)  # v: [B, Hkv, T, D]
     o = attend(q, k, v)  # o: [B, H, T, D]
     h, x = add_rms_norm(h, layer.wo(o.transpose(1, 2).reshape(b, t, c.q_size))[0], layer.ffn_norm, c.rms_eps)
-    gate, up = layer.gate_up(x)  # [B, T, ffn] each
-    return h, layer.down(act_mul(gate, up, "silu"))[0]
+    return h, layer.down(gate_up_act(layer.gate_up, x, "silu"))[0]  # [B, T, ffn] -> [B, T, hidden]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from engine.linear import DenseLinear, Linear
+
 _TRITON: bool | None = None
 
 
@@ -36,6 +38,20 @@ def add_rms_norm(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps
         return fused(h, delta, weight, eps)
     h = h + delta
     return h, F.rms_norm(h, weight.shape, weight, eps)
+
+
+def gate_up_act(gate_up: Linear, x: torch.Tensor, act: str) -> torch.Tensor:
+    """act(gate) * up from the FFN's gate/up linear: one kernel in all for one bf16 row on CUDA
+    (engine/gemv_triton.py), the linear then `act_mul` otherwise."""
+    if (
+        isinstance(gate_up, DenseLinear) and gate_up.bias is None and gate_up.one_row_gemv(x)
+        and len(gate_up.out_features) == 2 and gate_up.out_features[0] == gate_up.out_features[1]
+    ):  # fmt: skip
+        from engine.gemv_triton import gemv
+
+        return gemv(x.reshape(-1).to(gate_up.weight.dtype), gate_up.weight, act).view(*x.shape[:-1], -1)
+    gate, up = gate_up(x)
+    return act_mul(gate, up, act)
 
 
 def act_mul(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:

@@ -71,8 +71,22 @@ class DenseLinear:
         return self.weight.numel() * self.weight.element_size() + b
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        y = F.linear(x.to(self.weight.dtype), self.weight, self.bias)
+        if self.one_row_gemv(x):
+            from engine.gemv_triton import gemv  # triton: imported only where it runs
+
+            y = gemv(x.reshape(-1).to(self.weight.dtype), self.weight).view(*x.shape[:-1], -1)
+            y = y if self.bias is None else y + self.bias
+        else:
+            y = F.linear(x.to(self.weight.dtype), self.weight, self.bias)
         return list(y.split(self.out_features, dim=-1)) if len(self.out_features) > 1 else [y]
+
+    def one_row_gemv(self, x: torch.Tensor) -> bool:
+        """Whether engine/gemv_triton.py multiplies x: one 16-bit row on CUDA (batch-1 decode), K <= 8192."""
+        w = self.weight
+        return (
+            w.is_cuda and w.dtype in (torch.bfloat16, torch.float16) and x.numel() == w.shape[1]
+            and w.shape[1] <= 8192 and w.is_contiguous() and _gemv_available()
+        )  # fmt: skip
 
 
 class GgmlLinear:
@@ -176,6 +190,21 @@ class TritonInt4Linear:
             y = y + self.bias
         y = y.view(*lead, y.shape[-1])
         return list(y.split(self.out_features, dim=-1)) if len(self.out_features) > 1 else [y]
+
+
+_GEMV: bool | None = None
+
+
+def _gemv_available() -> bool:
+    global _GEMV
+    if _GEMV is None:
+        try:
+            import engine.gemv_triton  # noqa: F401 - triton ships with CUDA torch builds
+        except ImportError:
+            _GEMV = False
+        else:
+            _GEMV = True
+    return _GEMV
 
 
 def pack_tinygemm(q: torch.Tensor) -> torch.Tensor:

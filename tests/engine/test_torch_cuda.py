@@ -136,3 +136,22 @@ def test_triton_decode_kernel_matches_dense_attention_in_bf16():
             a = paged_decode(q, kv.k[0], kv.v[0], rows, lens, window=window, scale=dim**-0.5)
             b = decode_attention_dense(q, kv.k[0], kv.v[0], rows, lens, window=window, scale=dim**-0.5)
             torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_one_row_gemv_matches_cublas():
+    """Batch-1 bf16 products (engine/gemv_triton.py), plain and with the FFN activation fused, against
+    cuBLAS on the same weights."""
+    from engine.fused import gate_up_act
+    from engine.linear import DenseLinear
+
+    g = torch.Generator(device=CUDA).manual_seed(5)
+    for n, k in [(6144, 4096), (576, 576), (3072, 576)]:
+        w = torch.randn(n, k, generator=g, device=CUDA, dtype=torch.bfloat16) * 0.02
+        x = torch.randn(1, 1, k, generator=g, device=CUDA, dtype=torch.bfloat16)
+        lin = DenseLinear(w, None, (n // 2, n // 2))
+        assert lin.one_row_gemv(x)
+        ref = torch.nn.functional.linear(x, w).float()
+        torch.testing.assert_close(torch.cat(lin(x), -1).float(), ref, atol=2e-2, rtol=2e-2)
+        gate, up = ref.split(n // 2, -1)
+        torch.testing.assert_close(gate_up_act(lin, x, "silu").float(), torch.nn.functional.silu(gate) * up,
+                                   atol=2e-2, rtol=2e-2)

@@ -1,0 +1,34 @@
+"""engine/gemv_triton.py (batch-1 bf16 decode on CUDA) against torch, under Triton's interpreter on CPU
+(fp16: the interpreter computes through numpy, which has no bfloat16)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+_CHECK = r"""
+import torch, torch.nn.functional as F
+from engine.gemv_triton import gemv
+torch.manual_seed(0)
+for n, k in [(96, 576), (4100, 1024), (40, 1536)]:  # K not a multiple of the 512 tile; N of no tile
+    x = torch.randn(k).half()
+    w = (torch.randn(n, k) * 0.05).half()
+    y = gemv(x, w)
+    assert y.shape == (n,) and y.dtype == torch.float16
+    torch.testing.assert_close(y.float(), w.float() @ x.float(), atol=2e-3, rtol=2e-3)
+    f = n // 2
+    g, u = w.float()[:f] @ x.float(), w.float()[f:] @ x.float()
+    for act, ref in (("silu", F.silu(g) * u), ("gelu_tanh", F.gelu(g, approximate="tanh") * u)):
+        torch.testing.assert_close(gemv(x, w, act).float(), ref, atol=2e-3, rtol=2e-3)
+print("ok")
+"""
+
+
+def test_the_gemv_and_its_fused_activations_match_torch() -> None:
+    out = subprocess.run([sys.executable, "-c", _CHECK], env={**os.environ, "TRITON_INTERPRET": "1"},
+                         capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
