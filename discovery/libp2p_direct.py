@@ -77,13 +77,24 @@ class DirectBeats:
             await stream.reset()  # type: ignore[attr-defined]
             return
         self._inbound_streams += 1
+        buf = bytearray()
         try:
+            # One read per arriving chunk, frames cut from a buffer: py-libp2p 0.8.1's yamux sends a
+            # window update after every read, so reading the length and then the body cost two per
+            # beat (each a Noise frame, a TCP segment and its ACK on the wire)
             while True:
-                header = await self._read_exactly(stream, 2)
-                size = int.from_bytes(header, "big")
-                if size == 0 or size > MAX_FRAME_BYTES:
-                    break  # not our framing: drop the stream, the envelope check would refuse it anyway
-                self._deliver(await self._read_exactly(stream, size))
+                while len(buf) >= 2:
+                    size = int.from_bytes(buf[:2], "big")
+                    if size == 0 or size > MAX_FRAME_BYTES:
+                        return  # not our framing: drop the stream, the envelope check would refuse it anyway
+                    if len(buf) < 2 + size:
+                        break
+                    self._deliver(bytes(buf[2:2 + size]))
+                    del buf[:2 + size]
+                chunk = await stream.read(2 + MAX_FRAME_BYTES - len(buf))  # type: ignore[attr-defined]
+                if not chunk:
+                    raise EOFError("direct stream closed")
+                buf += chunk  # never past one whole frame: each read asks only for the room left
         except Exception as e:  # EOF, reset, a peer going away: all end this stream only
             log.debug("direct stream ended: %r", e)
         finally:
@@ -117,12 +128,3 @@ class DirectBeats:
                 pass
         return False
 
-    @staticmethod
-    async def _read_exactly(stream: object, n: int) -> bytes:
-        buf = b""
-        while len(buf) < n:
-            chunk = await stream.read(n - len(buf))  # type: ignore[attr-defined]
-            if not chunk:
-                raise EOFError("direct stream closed")
-            buf += chunk
-        return buf
