@@ -20,12 +20,8 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
-
-if TYPE_CHECKING:
-    from engine.sampling import SamplerState
 
 
 @dataclass(slots=True, eq=False)
@@ -41,9 +37,6 @@ class Step:
     done: bool = field(default=False)  # set by run_batch with result or error
     offset: int = 0  # positions of x already run (chunked prefill)
     parts: list[torch.Tensor] = field(default_factory=list)  # outputs of the chunks run so far
-    # the last stage samples in the batch's leader, all rows in one call (one device sync a step,
-    # not one per stream); the result is then the token id [1], not logits
-    sampler: SamplerState | None = None
 
     def finish(self, result: torch.Tensor | None = None, error: BaseException | None = None) -> None:
         self.result, self.error, self.done = result, error, True

@@ -176,23 +176,19 @@ class TorchShardEngine:
     # -- stage steps ----------------------------------------------------------------------------
 
     def forward_stage(
-        self, session_ids: Sequence[str], inputs: Sequence[torch.Tensor], positions: Sequence[int],
-        samplers: Sequence[SamplerState] = (),
-    ) -> list[torch.Tensor]:  # fmt: skip
+        self, session_ids: Sequence[str], inputs: Sequence[torch.Tensor], positions: Sequence[int]
+    ) -> list[torch.Tensor]:
         """Runs new positions of several sessions; they are batched with other threads' steps.
 
         inputs[i]: token ids [T_i] (first stage) or hidden states [T_i, hidden] for session_ids[i],
         starting at positions[i] (<= the session's length; smaller rewinds it). Returns per session
         hidden states [T_i, hidden], or on the last stage float32 logits of its last position [1, vocab].
         """
-        if not len(session_ids) == len(inputs) == len(positions) or samplers and len(samplers) != len(inputs):
-            raise ValueError("session_ids, inputs, positions (and samplers) must have the same length")
-        if samplers and not self.spec.is_last:
-            raise ValueError("only the last stage samples")
+        if not len(session_ids) == len(inputs) == len(positions):
+            raise ValueError("session_ids, inputs and positions must have the same length")
         if len(set(session_ids)) != len(session_ids):
             raise SessionError("a session may appear once per call")
-        steps: list[Step] = []
-        sessions: list[_Session] = []
+        steps, sessions = [], []
         with self._lock:
             for sid, x, pos in zip(session_ids, inputs, positions, strict=True):
                 s = self._get(sid)
@@ -204,7 +200,7 @@ class TorchShardEngine:
                         f"session {sid!r}: positions [{pos}, {pos + x.shape[0]}) do not follow its "
                         f"{s.n_past} cached positions within the context of {self.max_context}"
                     )
-                steps.append(Step(slot=s.slot, x=x, start_pos=pos, sampler=samplers[len(steps)] if samplers else None))
+                steps.append(Step(slot=s.slot, x=x, start_pos=pos))
                 sessions.append(s)
             for s in sessions:
                 s.busy = True
@@ -223,11 +219,6 @@ class TorchShardEngine:
 
     def prefill_stage(self, session_id: str, x: torch.Tensor, start_pos: int) -> torch.Tensor:
         return self.forward_stage([session_id], [x], [start_pos])[0]
-
-    def prefill_sample(self, session_id: str, x: torch.Tensor, start_pos: int, sampler: SamplerState) -> int:
-        """Last stage: runs the positions and samples the next token with `sampler`, in the batch's
-        leader together with the other sessions' rows."""
-        return int(self.forward_stage([session_id], [x], [start_pos], [sampler])[0][0])
 
     def decode_stage(
         self, session_ids: Sequence[str], x: torch.Tensor, positions: Sequence[int]
@@ -347,11 +338,12 @@ class TorchShardEngine:
                 raise
             for s in singles:
                 try:
-                    _finish_sampled([(s, self.shard.decode([s.slot], s.x, [s.start_pos]))])
+                    s.finish(self.shard.decode([s.slot], s.x, [s.start_pos]))
                 except Exception as e:  # noqa: BLE001
                     s.finish(error=e)
             return
-        _finish_sampled([(s, out[i : i + 1]) for i, s in enumerate(singles)])
+        for i, s in enumerate(singles):
+            s.finish(out[i : i + 1])
 
     def _prefill_chunk(self, s: Step, n: int) -> None:
         """Runs positions [offset, offset + n) of a step's input; finishes the step after its last chunk."""
@@ -367,28 +359,4 @@ class TorchShardEngine:
         if keep_all:
             s.parts.append(out)
         if final:
-            _finish_sampled([(s, torch.cat(s.parts) if keep_all and len(s.parts) > 1 else (s.parts[0] if keep_all else out))])
-
-
-def _finish_sampled(done: list[tuple[Step, torch.Tensor]]) -> None:
-    """Finishes steps with their outputs; the rows of steps that carry a sampler are sampled first, all
-    in one call (one host sync), and those steps get the token id [1]. A sampling error fails only
-    its own step: after a batch error each is sampled alone."""
-    rows = [(s, out) for s, out in done if s.sampler is not None]
-    tokens: dict[int, int | BaseException] = {}
-    if rows:
-        try:
-            picked = sample([s.sampler for s, _ in rows], torch.cat([out[-1:] for _, out in rows]))  # type: ignore[misc]
-            tokens = {id(s): t for (s, _), t in zip(rows, picked, strict=True)}
-        except Exception:  # noqa: BLE001 - find the step whose sampler failed
-            for s, out in rows:
-                try:
-                    tokens[id(s)] = sample([s.sampler], out[-1:])[0]  # type: ignore[list-item]
-                except Exception as e:  # noqa: BLE001
-                    tokens[id(s)] = e
-    for s, out in done:
-        t = tokens.get(id(s))
-        if isinstance(t, BaseException):
-            s.finish(error=t)
-        else:
-            s.finish(out if t is None else torch.tensor([t]))
+            s.finish(torch.cat(s.parts) if keep_all and len(s.parts) > 1 else (s.parts[0] if keep_all else out))

@@ -14,7 +14,7 @@ import torch
 from engine.chat_template import chat_prompt_parts
 from engine.constraint import vocabulary
 from engine.prompt_ids import checked_ids, continuation_ids
-from engine.sampling import SamplerState
+from engine.sampling import SamplerState, sample
 from engine.token_output import TokenOutput
 from engine.types import Chunk, GenerationRequest, SamplingParams, check_context
 
@@ -79,8 +79,9 @@ def _loop(
     state = sampler_state(params, engine.model.path, engine.device, resumed=resumed_ids(engine, request, ids))
     x, pos = torch.tensor(ids), 0
     while not cancel.is_set():
-        token = engine.prefill_sample(sid, x, pos, state)  # sampled in the batch leader, with the others
+        logits = engine.prefill_stage(sid, x, pos)  # [1, vocab]
         pos += x.shape[0]
+        token = sample([state], logits)[0]
         chunk = output.push_sampled(token, state)  # EOS, stop strings, max_tokens: as a pipeline's last stage
         yield chunk
         if chunk.finish_reason is not None:

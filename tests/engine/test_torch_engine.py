@@ -221,38 +221,3 @@ def test_a_decode_step_is_bitwise_the_same_alone_or_batched(whole) -> None:
     finally:
         for s in sids:
             whole.close_session(s)
-
-
-def test_concurrent_seeded_streams_sampled_in_the_leader_match_each_alone(whole) -> None:
-    """Rows are sampled by the batch's leader, in one call for all streams; each keeps its own seed."""
-    prompts = [f"Name a colour for the number {i}." for i in range(3)]
-    params = [SamplingParams(temperature=0.9, top_p=0.95, seed=10 + i, max_tokens=10) for i in range(3)]
-    alone = [_text(_gen(whole, p, q)) for p, q in zip(params, prompts, strict=True)]
-    results: dict[int, str] = {}
-
-    def run(i: int) -> None:
-        results[i] = _text(_gen(whole, params[i], prompts[i]))
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert [results[i] for i in range(3)] == alone
-
-
-def test_a_sampler_that_fails_fails_only_its_own_step() -> None:
-    from engine.sampling import SamplerState
-    from engine.torch_batcher import Step
-    from engine.torch_engine import _finish_sampled
-
-    good = SamplerState(SamplingParams(temperature=0), "cpu")
-    broken = SamplerState(SamplingParams(temperature=0, grammar="start: \"a\""), "cpu")  # built without a vocabulary
-    logits = torch.zeros(2, 8)
-    logits[0, 3] = logits[1, 5] = 1.0
-    a, b, c = (Step(slot=i, x=torch.tensor([1]), start_pos=0) for i in range(3))
-    a.sampler, b.sampler = good, broken
-    _finish_sampled([(a, logits[0:1]), (b, logits[1:2]), (c, logits[1:2])])
-    assert a.done and a.error is None and a.result.tolist() == [3]
-    assert b.done and isinstance(b.error, ValueError)
-    assert c.done and c.result is not None and c.result.shape == (1, 8)  # no sampler: its logits
