@@ -221,3 +221,21 @@ def test_a_decode_step_is_bitwise_the_same_alone_or_batched(whole) -> None:
     finally:
         for s in sids:
             whole.close_session(s)
+
+
+def test_concurrent_seeded_streams_match_each_alone(whole) -> None:
+    """Streams batched together keep their own seeds: sampled text equals each stream run alone."""
+    prompts = [f"Name a colour for the number {i}." for i in range(3)]
+    params = [SamplingParams(temperature=0.9, top_p=0.95, seed=10 + i, max_tokens=10) for i in range(3)]
+    alone = [_text(_gen(whole, p, q)) for p, q in zip(params, prompts, strict=True)]
+    results: dict[int, str] = {}
+
+    def run(i: int) -> None:
+        results[i] = _text(_gen(whole, params[i], prompts[i]))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert [results[i] for i in range(3)] == alone
