@@ -40,11 +40,13 @@ DEFAULT_REFRESH_S = 2.5
 EXPIRE_INTERVAL_S = 0.5
 STOP_TASKS_TIMEOUT_S = 2.0
 GOODBYE_FLUSH_S = 0.2  # lets the goodbye leave over gossipsub before the host stops
-# After start, each peer we meet makes us gossip our advert (how a newcomer tells the whole mesh who it
-# is); later, one we meet only gets our advert directly: it is a newcomer announcing itself, or a peer
-# that expired us. (Gossiping on every one cost N x D adverts per peer met: at 16 processes on 2 cores,
-# peers expiring on the starved box and coming back made such floods most of the traffic at rest.)
-ANNOUNCE_S = 30.0
+# For ANNOUNCE_S after we meet our first peer, a peer we meet makes us gossip our advert (how a newcomer tells the whole
+# mesh who it is: repeated, since the first gossip often leaves before gossipsub knows a peer of ours on
+# the topic); later, one we meet only gets our advert directly: it is a newcomer announcing itself, or a
+# peer that expired us. (Gossiping on every one cost N x D adverts per peer met: at 16 processes on 2
+# cores, peers expiring on the starved box and coming back made such floods most of the traffic at rest.
+# Limiting the announcement to one gossip per 5 s left a 16-process mesh unformed after 76 s.)
+ANNOUNCE_S = 10.0
 
 
 class ChangeKind(Enum):
@@ -126,7 +128,7 @@ class Discovery:
         self._mdns: Mdns | None = None
         self._multicast: AdvertMulticast | None = None
         self._libp2p: Libp2pHost | None = None
-        self._announce_until = float("inf")  # set at start (or use_transports) to ANNOUNCE_S later
+        self._announce_until: float | None = None  # ANNOUNCE_S after the first peer we met
         self.lookups = ModelLookups()  # records mode: its send is the host's lookup once it runs
         self._tasks: list[asyncio.Task[None]] = []
         self._missed = MissedAdverts(fetch_advert, lambda data: self.receive(data, "libp2p"))
@@ -202,7 +204,6 @@ class Discovery:
         self._libp2p = self._publisher.libp2p = libp2p
         self._multicast = self._publisher.multicast = multicast
         self._fetch_missed = fetch_missed
-        self._announce_until = self._clock() + ANNOUNCE_S
 
     @property
     def publisher(self) -> Publisher:
@@ -217,7 +218,6 @@ class Discovery:
 
     async def start(self) -> None:
         advert = self._advert_source()
-        self._announce_until = self._clock() + ANNOUNCE_S
         if self._libp2p_port is not None:
             # py-libp2p costs about 0.5 s to import: an mDNS-only node never pays it
             from discovery.libp2p_host import start_host
@@ -391,7 +391,10 @@ class Discovery:
         return True
 
     def _announce_or_introduce(self) -> None:
-        if self._clock() < self._announce_until:
+        now = self._clock()
+        if self._announce_until is None:
+            self._announce_until = now + ANNOUNCE_S
+        if now < self._announce_until:
             self.publish_soon()
         else:
             self._publisher.introduce_soon()

@@ -135,7 +135,8 @@ def wait_full_mesh(procs: list[Proc], timeout_s: float = 60, records: bool = Fal
 
     while not all(done(p) for p in procs):
         if time.monotonic() - t0 > timeout_s:
-            raise RuntimeError("the mesh did not form")
+            seen = [len(peer_ids(p.url)) for p in procs]
+            raise RuntimeError(f"the mesh did not form: peers listed by each node {seen}")
         time.sleep(POLL_S)
     return time.monotonic() - t0
 
