@@ -38,7 +38,7 @@ class W4Config:
     split_k: int
     warps: int
     stages: int
-    magic: bool = True
+    magic: int = 1  # int -> float: 0 by conversion, 1 the fp32 mantissa trick, 2 bf16 math (tensor-core kernels)
     swap: bool = False
 
 
@@ -88,6 +88,15 @@ def pack_int4(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> W4W
 
 
 @triton.jit
+def _tile(q, j: tl.constexpr, s, z, MAGIC: tl.constexpr):
+    """The weights of nibble j of a code tile, for `tl.dot`, in the scales' 16-bit dtype."""
+    if MAGIC == 2:  # 128 + nib as a bf16 bit pattern; the rest in bf16 (two weights an instruction)
+        f = (((q >> (4 * j)) & 0xF) | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        return (f - 136.0).to(s.dtype) * s + z
+    return (_nibbles(q, j, MAGIC) * s.to(tl.float32) + z.to(tl.float32)).to(s.dtype)
+
+
+@triton.jit
 def _nibbles(q, j: tl.constexpr, MAGIC: tl.constexpr):
     nib = (q >> (4 * j)) & 0xF
     if MAGIC:  # 2^23 + nib as a float32 bit pattern, minus 2^23 + 8: exact, no int -> float conversion
@@ -115,13 +124,12 @@ def _w4_dot_kernel(
     for c in range(c_lo, c_hi):
         q = tl.load(QW + rn[None, :] * kw + (c * 16 + r16)[:, None])  # [16, BLOCK_N]: 128 k of each n
         for g in tl.static_range(4):  # the chunk's four groups of 32
-            s = tl.load(S + (c * 4 + g) * N + rn).to(tl.float32)[None, :]
-            z = tl.load(Z + (c * 4 + g) * N + rn).to(tl.float32)[None, :]
+            s = tl.load(S + (c * 4 + g) * N + rn)[None, :]
+            z = tl.load(Z + (c * 4 + g) * N + rn)[None, :]
             for h in tl.static_range(2):
                 kk = c * 128 + (2 * g + h) * 16 + r16
                 a = tl.load(X + rm[:, None] * sxm + kk[None, :], mask=rows_ok & (kk[None, :] < K), other=0.0)
-                w = _nibbles(q, 2 * g + h, MAGIC) * s + z
-                acc = tl.dot(a, w.to(a.dtype), acc)
+                acc = tl.dot(a, _tile(q, 2 * g + h, s, z, MAGIC).to(a.dtype), acc)
     tl.store(Y + pid_k * sys + rm[:, None] * sym + rn[None, :], acc.to(Y.dtype.element_ty), mask=rows_ok)
 
 
@@ -147,13 +155,12 @@ def _w4_swap_kernel(
     for c in range(c_lo, c_hi):
         q = tl.load(QW + rn[:, None] * kw + (c * 16 + r16)[None, :])  # [BLOCK_N, 16]
         for g in tl.static_range(4):
-            s = tl.load(S + (c * 4 + g) * N + rn).to(tl.float32)[:, None]
-            z = tl.load(Z + (c * 4 + g) * N + rn).to(tl.float32)[:, None]
+            s = tl.load(S + (c * 4 + g) * N + rn)[:, None]
+            z = tl.load(Z + (c * 4 + g) * N + rn)[:, None]
             for h in tl.static_range(2):
                 kk = c * 128 + (2 * g + h) * 16 + r16
                 xt = tl.load(X + rm[None, :] * sxm + kk[:, None], mask=rows_ok & (kk[:, None] < K), other=0.0)
-                w = _nibbles(q, 2 * g + h, MAGIC) * s + z
-                acc = tl.dot(w.to(xt.dtype), xt, acc)
+                acc = tl.dot(_tile(q, 2 * g + h, s, z, MAGIC).to(xt.dtype), xt, acc)
     tl.store(Y + pid_k * sys + rm[None, :] * sym + rn[:, None], acc.to(Y.dtype.element_ty), mask=rows_ok)
 
 
@@ -239,10 +246,10 @@ def launch_for(m: int, n: int) -> W4Config:
     wide = n >= 16384
     if m == 1:
         cfg = W4Config(0, 64 if n >= 6144 else 32, 8, 4, 3)
-    elif m <= 16:
-        cfg = W4Config(16, 64, 4 if wide else 8, 4, 2, swap=True)
+    elif m <= 16:  # bf16 dequantizing math (magic 2) won or tied from 2 to 32 rows on every shape but qkv's
+        cfg = W4Config(16, 64, 4, 4, 3, magic=2) if wide else W4Config(16, 64, 8, 4, 2, magic=2, swap=True)
     elif m <= 32:
-        cfg = W4Config(32, 128, 4, 8, 3, swap=True) if wide else W4Config(32, 64, 8, 4, 2, swap=True)
+        cfg = W4Config(32, 128, 4, 8, 3, magic=2, swap=True) if wide else W4Config(32, 64, 8, 4, 2, magic=2, swap=True)
     elif m <= 64:
         cfg = W4Config(64, 64, 1 if wide else 4, 4, 2, swap=True)
     else:

@@ -169,9 +169,9 @@ def bench_gpu(
         if ("bf16-eager", batch) in results:
             line += f" bf16 graph/eager {results['bf16-graph', batch] / results['bf16-eager', batch]:.2f}x"
         for q in ("int4", "int4-triton"):
-            if (f"{q}-graph", batch) in results:
+            if (f"{q}-graph", batch) in results and ("bf16-graph", batch) in results:
                 line += f"  {q}/bf16 {results[f'{q}-graph', batch] / results['bf16-graph', batch]:.2f}x"
-        if ("hf", batch) in results:
+        if ("hf", batch) in results and ("bf16-graph", batch) in results:
             line += f"  bf16/HF {results['bf16-graph', batch] / results['hf', batch]:.2f}x"
         print(line)
 

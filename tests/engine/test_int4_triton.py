@@ -71,8 +71,8 @@ for n, k in [(64, 256), (32, 576)]:
     w = ((q.float().view(n, -1, 32) - 8) * s.float()[..., None] + z.float()[..., None]).view(n, k)
     pw = pack_int4(q, s, z)
     for m, cfg in [
-        (1, W4Config(0, 32, 1, 4, 2)), (1, W4Config(0, 16, 3, 4, 2, magic=False)),
-        (3, W4Config(16, 32, 1, 4, 2)), (20, W4Config(16, 32, 2, 4, 2, magic=False)),
+        (1, W4Config(0, 32, 1, 4, 2)), (1, W4Config(0, 16, 3, 4, 2, magic=0)),
+        (3, W4Config(16, 32, 1, 4, 2)), (20, W4Config(16, 32, 2, 4, 2, magic=0)),
         (5, W4Config(16, 32, 3, 4, 2, swap=True)), (1, W4Config(16, 32, 1, 4, 2, swap=True)),
         (33, W4Config(32, 32, 2, 4, 2, swap=True)),
     ]:
