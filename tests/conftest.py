@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -61,71 +65,159 @@ def stop_proc(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout_s: floa
 
 
 def wait_ready(proc: subprocess.Popen, output: list[str], timeout_s: float) -> bool:
-    """Reads the node's output until its ready line; False if it exits or times out first."""
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
+    """Reads the node's output until its ready line; False if it exits or times out first.
+
+    Reads the pipe's descriptor itself: a buffered readline() can take the ready line into the file
+    object's buffer together with the line before it, and select() would then wait on an empty pipe
+    until the node printed something else (or the deadline passed)."""
+    fd = proc.stdout.fileno()
+    pending = b""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not sel.select(timeout=0.5):
-            if proc.poll() is not None:
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        while time.monotonic() < deadline:
+            if not sel.select(timeout=0.5):
+                if proc.poll() is not None:
+                    return False
+                continue
+            data = os.read(fd, 1 << 16)
+            if not data:
+                output.append(pending.decode(errors="replace"))
                 return False
-            continue
-        line = proc.stdout.readline()
-        if not line:
-            return False
-        output.append(line)
-        if " ready at " in line:
-            os.set_blocking(proc.stdout.fileno(), False)
-            return True
+            *lines, pending = (pending + data).split(b"\n")
+            output.extend(line.decode(errors="replace") + "\n" for line in lines)
+            if any(b" ready at " in line for line in lines):
+                if pending:
+                    output.append(pending.decode(errors="replace"))
+                os.set_blocking(fd, False)
+                return True
     return False
+
+
+def _node_cmd(data_dir: Path, name: str, port: int, args: tuple[str, ...]) -> list[str]:
+    # -X faulthandler: a node that hangs on exit dumps its stacks on SIGABRT (see stop_proc);
+    # MESHLLM_TEST_LOG=DEBUG shows the nodes' logs in that dump.
+    return [sys.executable, "-X", "faulthandler", "-m", "node.cli", "node", "join", "--http-port", str(port),
+            "--data-dir", str(data_dir), "--name", name, "--log-level", os.environ.get("MESHLLM_TEST_LOG", "WARNING"),
+            *args]
+
+
+DEFAULT_MODEL = "smollm2-135m-instruct"  # what a node serves when told no model
+
+
+@functools.cache
+def _model_cache_dir() -> Path:
+    path = Path(tempfile.mkdtemp(prefix="meshllm-test-model-cache-"))
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
+@functools.cache
+def _cached_model(alias_or_path: str) -> bool:
+    """Has the product's own load_model_file write `alias_or_path`'s digest and metadata into this
+    process's model-cache dir; False if it is no model file (a test's bad file: the node finds out)."""
+    from engine.model_file import ModelFileError, load_model_file
+
+    try:
+        load_model_file(alias_or_path, _model_cache_dir())
+    except (ModelFileError, OSError, ValueError):
+        return False
+    return True
+
+
+def seed_model_cache(data_dir: Path, args: tuple[str, ...]) -> None:
+    """Gives a fresh data dir the model-file cache (engine/model_file.py) of the models in `args`, as a
+    node keeps it from one start to the next: its start then skips hashing the GGUF and parsing its header
+    with gguf-py (2 s of CPU for SmolLM2's vocabulary, 12 s for Gemma 3's). The cache holds what the file
+    says, written here by the same code; a data dir that has one already is left as it is."""
+    if data_dir.exists() and any(data_dir.iterdir()):
+        return
+    models = {DEFAULT_MODEL}
+    for flag, value in zip(args, args[1:], strict=False):
+        if flag in ("--model", "--offer"):
+            models.add(value)
+        elif flag == "--shard":
+            models.add(value.rsplit(":", 1)[0])
+    if not any([_cached_model(m) for m in sorted(models)]):
+        return
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for cached in _model_cache_dir().iterdir():
+        shutil.copyfile(cached, data_dir / cached.name)
+
+
+def _launch(data_dir: Path, name: str, args: tuple[str, ...], extra_env: dict[str, str] | None = None) -> NodeProc:
+    seed_model_cache(data_dir, args)
+    port = free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+    proc = subprocess.Popen(_node_cmd(data_dir, name, port, args), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+    return NodeProc(proc, name, port, data_dir)
 
 
 def spawn_node(data_dir: Path, name: str, *args: str, ready_timeout_s: float = 90) -> NodeProc:
     """Starts `meshllm node join` and waits for its ready line."""
-    port = free_port()
-    # -X faulthandler: a node that hangs on exit dumps its stacks on SIGABRT (see stop_proc);
-    # MESHLLM_TEST_LOG=DEBUG shows the nodes' logs in that dump.
-    cmd = [sys.executable, "-X", "faulthandler", "-m", "node.cli", "node", "join", "--http-port", str(port),
-           "--data-dir", str(data_dir), "--name", name, "--log-level", os.environ.get("MESHLLM_TEST_LOG", "WARNING"), *args]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    node = NodeProc(proc, name, port, data_dir)
-    if wait_ready(proc, node.output, ready_timeout_s):
-        return node
-    node.stop(signal.SIGKILL)
-    raise RuntimeError(f"node {name} did not start:\n{''.join(node.output)}{proc.stdout.read() or ''}")
+    (node,) = spawn_nodes([(data_dir, name, args)], ready_timeout_s=ready_timeout_s)
+    return node
+
+
+def spawn_nodes(specs: list[tuple[Path, str, tuple[str, ...]]], ready_timeout_s: float = 90,
+                env: dict[str, dict[str, str]] | None = None) -> list[NodeProc]:
+    """Starts one `meshllm node join` per (data dir, name, args) at once and waits for every ready line;
+    `env` adds environment variables by node name.
+
+    A node's start is mostly CPU (imports, model load, GGUF header: 4-25 s on one core), so starting a
+    mesh's nodes together overlaps them on every core instead of adding them up; the deadline grows with
+    their number to leave the same time per core. If any node fails to start, every one is stopped."""
+    nodes = [_launch(data_dir, name, tuple(args), (env or {}).get(name)) for data_dir, name, args in specs]
+    deadline = time.monotonic() + ready_timeout_s * max(1.0, len(nodes) / max(1, os.cpu_count() or 1))
+    for node in nodes:
+        if not wait_ready(node.proc, node.output, max(1.0, deadline - time.monotonic())):
+            stop_all(nodes, signal.SIGKILL)
+            raise RuntimeError(f"node {node.name} did not start:\n{''.join(node.output)}{node.proc.stdout.read() or ''}")
+    return nodes
+
+
+class NodeFactory:
+    """Starts nodes for one test or one module and stops them all at its end. `factory(name, *args)` starts
+    one; `factory.many({name: args})` starts several at once (see spawn_nodes)."""
+
+    def __init__(self, make_dir: Callable[[str], Path]) -> None:
+        self._make_dir = make_dir
+        self.started: list[NodeProc] = []
+
+    def __call__(self, name: str, *args: str, data_dir: Path | None = None) -> NodeProc:
+        return self.many({name: args}, data_dirs={name: data_dir} if data_dir else None)[name]
+
+    def many(self, specs: dict[str, tuple[str, ...]], data_dirs: dict[str, Path] | None = None,
+             env: dict[str, dict[str, str]] | None = None) -> dict[str, NodeProc]:
+        dirs = data_dirs or {}
+        nodes = spawn_nodes([(dirs.get(name) or self._make_dir(name), name, args) for name, args in specs.items()],
+                            env=env)
+        self.started.extend(nodes)
+        return {node.name: node for node in nodes}
+
+    def stop(self) -> None:
+        stop_all(self.started)
 
 
 @pytest.fixture
-def node_factory(tmp_path: Path) -> Iterator[Callable[..., NodeProc]]:
-    started: list[NodeProc] = []
-
-    def make(name: str, *args: str, data_dir: Path | None = None) -> NodeProc:
-        node = spawn_node(data_dir or tmp_path / name, name, *args)
-        started.append(node)
-        return node
-
-    yield make
-    stop_all(started)
+def node_factory(tmp_path: Path) -> Iterator[NodeFactory]:
+    factory = NodeFactory(lambda name: tmp_path / name)
+    yield factory
+    factory.stop()
 
 
-def stop_all(nodes: list[NodeProc]) -> None:
-    """SIGTERM to every node at once, then wait: shutdowns overlap instead of adding up."""
+def stop_all(nodes: list[NodeProc], sig: int = signal.SIGTERM) -> None:
+    """`sig` to every node at once, then wait: shutdowns overlap instead of adding up."""
     for node in nodes:
         if node.proc.poll() is None:
-            node.proc.send_signal(signal.SIGTERM)
+            node.proc.send_signal(sig)
     for node in nodes:
-        node.stop()
+        node.stop(sig)
 
 
 @pytest.fixture(scope="module")
-def module_node_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., NodeProc]]:
-    started: list[NodeProc] = []
-
-    def make(name: str, *args: str) -> NodeProc:
-        node = spawn_node(tmp_path_factory.mktemp(name), name, *args)
-        started.append(node)
-        return node
-
-    yield make
-    stop_all(started)
+def module_node_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeFactory]:
+    factory = NodeFactory(lambda name: tmp_path_factory.mktemp(name))
+    yield factory
+    factory.stop()

@@ -41,11 +41,12 @@ def get(url: str, key: str | None = None) -> tuple[int, dict, bytes]:
 def mesh(module_node_factory):
     secret = "dash-" + secrets.token_hex(4)
     one = ("--threads", "1", "--mesh-secret", secret)
-    nodes = {
-        "G": module_node_factory("G", "--no-model", "--api-key", KEY, *one),
-        "S1": module_node_factory("S1", "--shard", f"{MODEL}:0-15", *one),
-        "S2": module_node_factory(S2, "--shard", f"{MODEL}:15-30", *one),
-    }
+    started = module_node_factory.many({
+        "G": ("--no-model", "--api-key", KEY, *one),
+        "S1": ("--shard", f"{MODEL}:0-15", *one),
+        S2: ("--shard", f"{MODEL}:15-30", *one),
+    })
+    nodes = {"G": started["G"], "S1": started["S1"], "S2": started[S2]}
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         _, _, body = get(nodes["G"].url + "/v1/models", KEY)

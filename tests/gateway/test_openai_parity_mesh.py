@@ -62,13 +62,13 @@ def _wait_for(url: str, nodes: list[str], timeout_s: float = 60) -> None:
 def gateways(module_node_factory) -> dict[str, str]:
     pipe, routed = "pm-" + secrets.token_hex(4), "rt-" + secrets.token_hex(4)
     one = ("--threads", "1")
-    made = {
-        "PG": module_node_factory("PG", "--no-model", "--mesh-secret", pipe),
-        "PA": module_node_factory("PA", "--shard", f"{MODEL}:0-15", *one, "--mesh-secret", pipe),
-        "PB": module_node_factory("PB", "--shard", f"{MODEL}:15-30", *one, "--mesh-secret", pipe),
-        "RG": module_node_factory("RG", "--no-model", "--mesh-secret", routed),
-        "RH": module_node_factory("RH", *one, "--ctx-size", "2048", "--mesh-secret", routed),
-    }
+    made = module_node_factory.many({
+        "PG": ("--no-model", "--mesh-secret", pipe),
+        "PA": ("--shard", f"{MODEL}:0-15", *one, "--mesh-secret", pipe),
+        "PB": ("--shard", f"{MODEL}:15-30", *one, "--mesh-secret", pipe),
+        "RG": ("--no-model", "--mesh-secret", routed),
+        "RH": (*one, "--ctx-size", "2048", "--mesh-secret", routed),
+    })
     _wait_for(made["PG"].url, ["PA", "PB"])
     _wait_for(made["RG"].url, ["RH"])
     return {"pipeline": made["PG"].url, "routed": made["RG"].url}

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.conftest import NodeProc, spawn_node, stop_all
+from tests.conftest import NodeProc, spawn_node, spawn_nodes, stop_all
 
 MODEL = "smollm2-135m-instruct"
 PROMPT = "Once upon a time, in a small village by the sea, there lived"
@@ -136,9 +136,10 @@ class Mesh:
         self.args = {name: (*args, "--mesh-secret", self.secret) for name, args in holders.items()}
         self.nodes: dict[str, NodeProc] = {}
         self.reference: dict[str, Streamed] = {}
-        self.gateway = spawn_node(make_dir("G"), "G", "--no-model", "--mesh-secret", self.secret)
-        for name, args in self.args.items():
-            self.nodes[name] = spawn_node(make_dir(name), name, *args)
+        specs = [(make_dir("G"), "G", ("--no-model", "--mesh-secret", self.secret))]
+        specs += [(make_dir(name), name, args) for name, args in self.args.items()]
+        self.gateway, *holders = spawn_nodes(specs)  # started together (see spawn_nodes)
+        self.nodes = {node.name: node for node in holders}
         self.wait_seen(set(self.nodes), since=0.0)
 
     @classmethod

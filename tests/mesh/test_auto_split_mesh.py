@@ -39,9 +39,10 @@ def chat(url: str, model: str, max_tokens: int = 16) -> tuple[int, dict, dict]:
 
 def _split_serves(node_factory, model_arg: str, n_layers: int) -> None:
     secret = "auto-" + secrets.token_hex(4)
-    gateway = node_factory("G", "--no-model", "--mesh-secret", secret)
-    offers = [node_factory(f"O{i}", "--offer", model_arg, "--memory-budget", BUDGET, "--threads", "1",
-                           "--mesh-secret", secret) for i in range(3)]
+    nodes = node_factory.many({"G": ("--no-model", "--mesh-secret", secret),
+                               **{f"O{i}": ("--offer", model_arg, "--memory-budget", BUDGET, "--threads", "1",
+                                            "--mesh-secret", secret) for i in range(3)}})
+    gateway, offers = nodes["G"], [nodes[f"O{i}"] for i in range(3)]
     deadline = time.monotonic() + 20
     while len(get_json(gateway.url + "/mesh/peers")) < 3:
         assert time.monotonic() < deadline
@@ -78,8 +79,8 @@ def test_three_small_nodes_split_gemma3(node_factory):
 
 def test_a_model_too_big_for_every_offer_is_a_clear_503(node_factory):
     secret = "auto-" + secrets.token_hex(4)
-    gateway = node_factory("G", "--no-model", "--mesh-secret", secret)
-    node_factory("O", "--offer", SMOLLM2, "--memory-budget", BUDGET, "--mesh-secret", secret)
+    gateway = node_factory.many({"G": ("--no-model", "--mesh-secret", secret),
+                                 "O": ("--offer", SMOLLM2, "--memory-budget", BUDGET, "--mesh-secret", secret)})["G"]
     deadline = time.monotonic() + 20
     while not get_json(gateway.url + "/mesh/peers"):
         assert time.monotonic() < deadline

@@ -23,9 +23,11 @@ def held(node) -> list[tuple[int, int]]:
 
 def test_killing_one_node_of_two_replica_chains_loses_no_stream(node_factory):
     secret = "rep-" + secrets.token_hex(4)
-    gateway = node_factory("G", "--no-model", "--replicas", "2", "--mesh-secret", secret)
-    offers = {f"O{i}": node_factory(f"O{i}", "--offer", MODEL, "--memory-budget", BUDGET, "--threads", "1",
-                                    "--mesh-secret", secret) for i in range(1, 5)}
+    nodes = node_factory.many({"G": ("--no-model", "--replicas", "2", "--mesh-secret", secret),
+                               **{f"O{i}": ("--offer", MODEL, "--memory-budget", BUDGET, "--threads", "1",
+                                            "--mesh-secret", secret) for i in range(1, 5)}})
+    gateway = nodes.pop("G")
+    offers = nodes
     wait_until(lambda: len(get_json(gateway.url + "/mesh/peers")) >= 4, 30, "the gateway seeing 4 offers")
 
     ref, _ = run_stream(gateway.url, BODY)  # places both chains

@@ -36,13 +36,13 @@ def _peers(url: str) -> list[str]:
 @pytest.fixture(scope="module")
 def mesh(module_node_factory):
     secret = "gr-" + secrets.token_hex(4)
-    nodes = {
-        "A": module_node_factory("A", "--no-model", "--mesh-secret", secret),
-        "B": module_node_factory("B", "--threads", "1", "--ctx-size", "2048", "--mesh-secret", secret),
-        "C": module_node_factory("C", "--threads", "1", "--ctx-size", "2048", "--mesh-secret", secret),
-        "S1": module_node_factory("S1", "--shard", f"{MODEL}:0-15", "--threads", "1", "--mesh-secret", secret),
-        "S2": module_node_factory("S2", "--shard", f"{MODEL}:15-30", "--threads", "1", "--mesh-secret", secret),
-    }
+    nodes = module_node_factory.many({
+        "A": ("--no-model", "--mesh-secret", secret),
+        "B": ("--threads", "1", "--ctx-size", "2048", "--mesh-secret", secret),
+        "C": ("--threads", "1", "--ctx-size", "2048", "--mesh-secret", secret),
+        "S1": ("--shard", f"{MODEL}:0-15", "--threads", "1", "--mesh-secret", secret),
+        "S2": ("--shard", f"{MODEL}:15-30", "--threads", "1", "--mesh-secret", secret),
+    })
     deadline = time.monotonic() + 60
     while _peers(nodes["A"].url) != ["B", "C", "S1", "S2"]:
         assert time.monotonic() < deadline, "A never saw the four holders"

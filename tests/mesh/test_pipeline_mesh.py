@@ -62,16 +62,16 @@ def meshes(module_node_factory):
     """A torch whole-model reference alone in its mesh; a 2-stage and a 3-stage mesh with uneven splits."""
     two, three = "p2-" + secrets.token_hex(4), "p3-" + secrets.token_hex(4)
     one = ("--threads", "1")
-    nodes = {
-        "W": module_node_factory("W", "--engine", "torch", *one, "--mesh-secret", "ref-" + secrets.token_hex(4)),
-        "G2": module_node_factory("G2", "--no-model", "--mesh-secret", two),
-        "S1": module_node_factory("S1", "--shard", f"{MODEL}:0-7", *one, "--mesh-secret", two),
-        "S2": module_node_factory("S2", "--shard", f"{MODEL}:7-30", *one, "--mesh-secret", two),
-        "G3": module_node_factory("G3", "--no-model", "--mesh-secret", three),
-        "T1": module_node_factory("T1", "--shard", f"{MODEL}:0-5", *one, "--mesh-secret", three),
-        "T2": module_node_factory("T2", "--shard", f"{MODEL}:5-17", *one, "--mesh-secret", three),
-        "T3": module_node_factory("T3", "--shard", f"{MODEL}:17-30", *one, "--mesh-secret", three),
-    }
+    nodes = module_node_factory.many({
+        "W": ("--engine", "torch", *one, "--mesh-secret", "ref-" + secrets.token_hex(4)),
+        "G2": ("--no-model", "--mesh-secret", two),
+        "S1": ("--shard", f"{MODEL}:0-7", *one, "--mesh-secret", two),
+        "S2": ("--shard", f"{MODEL}:7-30", *one, "--mesh-secret", two),
+        "G3": ("--no-model", "--mesh-secret", three),
+        "T1": ("--shard", f"{MODEL}:0-5", *one, "--mesh-secret", three),
+        "T2": ("--shard", f"{MODEL}:5-17", *one, "--mesh-secret", three),
+        "T3": ("--shard", f"{MODEL}:17-30", *one, "--mesh-secret", three),
+    })
     wait_for_model(nodes["G2"].url, ["S1", "S2"])
     wait_for_model(nodes["G3"].url, ["T1", "T2", "T3"])
     return nodes

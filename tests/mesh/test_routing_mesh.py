@@ -41,11 +41,14 @@ def wait_for(predicate, timeout_s: float, what: str):
 @pytest.fixture(scope="module")
 def mesh(module_node_factory):
     secret = "routing-" + secrets.token_hex(4)
-    a = module_node_factory("A", "--no-model", "--mesh-secret", secret)
-    b = module_node_factory("B", "--threads", "1", "--ctx-size", "2048", "--mesh-secret", secret)
-    c = module_node_factory("C", "--threads", "1", "--ctx-size", "2048", "--mesh-secret", secret)
-    wait_for(lambda: {p["name"] for p in get_json(a.url + "/mesh/peers")} >= {"B", "C"}, 15, "A to see B and C")
-    return {"A": a, "B": b, "C": c}
+    nodes = module_node_factory.many({
+        "A": ("--no-model", "--mesh-secret", secret),
+        "B": ("--threads", "1", "--ctx-size", "2048", "--mesh-secret", secret),
+        "C": ("--threads", "1", "--ctx-size", "2048", "--mesh-secret", secret),
+    })
+    wait_for(lambda: {p["name"] for p in get_json(nodes["A"].url + "/mesh/peers")} >= {"B", "C"}, 15,
+             "A to see B and C")
+    return nodes
 
 
 def client(node) -> openai.OpenAI:

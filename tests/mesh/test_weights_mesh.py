@@ -59,13 +59,9 @@ def weights(node) -> dict:
     return get_json(node.url + "/mesh/self")["weights"]
 
 
-def spawn_with(node_factory, monkeypatch, fault: str | None, name: str, *args: str, data_dir: Path | None = None):
-    if fault:
-        monkeypatch.setenv("MESHLLM_FAULT_WEIGHTS", fault)
-    try:
-        return node_factory(name, *args, data_dir=data_dir)
-    finally:
-        monkeypatch.delenv("MESHLLM_FAULT_WEIGHTS", raising=False)
+def fault(kind: str) -> dict[str, str]:
+    """The environment of a source with the test-only fault `kind` in the weights it serves."""
+    return {"MESHLLM_FAULT_WEIGHTS": kind}
 
 
 @pytest.fixture(scope="module")
@@ -75,14 +71,16 @@ def manifest():
 
 def test_one_holder_two_empty_nodes_serve_a_pipeline_then_restart_from_cache(node_factory, tmp_path, manifest):
     secret = "w-" + secrets.token_hex(4)
-    ref = node_factory("W", "--engine", "torch", "--model", MODEL, "--threads", "1", "--mesh-secret", "ref-" + secret)
-    _, _, reference = post(ref.url, "/v1/chat/completions", GREEDY)
+    mesh = ("--mesh-secret", secret)
+    roles = {"G": ("--no-model", *mesh), "H": ("--offer", MODEL, "--memory-budget", BUDGET, *STAGE, *mesh),
+             **{f"E{i}": ("--no-model", "--memory-budget", BUDGET, *STAGE, *mesh) for i in (1, 2)}}
+    # the reference, a torch whole model, is alone in a mesh of its own
+    nodes = node_factory.many({"W": ("--engine", "torch", "--model", MODEL, "--threads", "1",
+                                     "--mesh-secret", "ref-" + secret), **roles})
+    _, _, reference = post(nodes["W"].url, "/v1/chat/completions", GREEDY)
     ref_ids = reference["choices"][0]["token_ids"]
 
-    mesh = ("--mesh-secret", secret)
-    gateway = node_factory("G", "--no-model", *mesh)
-    holder = node_factory("H", "--offer", MODEL, "--memory-budget", BUDGET, *STAGE, *mesh)
-    empties = [node_factory(f"E{i}", "--no-model", "--memory-budget", BUDGET, *STAGE, *mesh) for i in (1, 2)]
+    gateway, holder, empties = nodes["G"], nodes["H"], [nodes["E1"], nodes["E2"]]
     wait_peers(gateway.url, 3)
 
     t0 = time.monotonic()
@@ -108,10 +106,8 @@ def test_one_holder_two_empty_nodes_serve_a_pipeline_then_restart_from_cache(nod
 
     # Restart every node: the empty nodes load their cached ranges, fetching nothing.
     stop_all([gateway, holder, *empties])
-    gateway = node_factory("G", "--no-model", *mesh, data_dir=tmp_path / "G")
-    holder = node_factory("H", "--offer", MODEL, "--memory-budget", BUDGET, *STAGE, *mesh, data_dir=tmp_path / "H")
-    empties = [node_factory(f"E{i}", "--no-model", "--memory-budget", BUDGET, *STAGE, *mesh, data_dir=tmp_path / f"E{i}")
-               for i in (1, 2)]
+    nodes = node_factory.many(roles, data_dirs={name: tmp_path / name for name in roles})
+    gateway, holder, empties = nodes["G"], nodes["H"], [nodes["E1"], nodes["E2"]]
     wait_peers(gateway.url, 3)
     status, headers, again = post(gateway.url, "/v1/chat/completions", GREEDY)
     assert status == 200, again
@@ -137,12 +133,13 @@ def _sha256(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def test_a_killed_source_and_a_corrupting_one_are_routed_around(node_factory, monkeypatch):
+def test_a_killed_source_and_a_corrupting_one_are_routed_around(node_factory):
     secret = ("--mesh-secret", "w-" + secrets.token_hex(4))
-    slow = spawn_with(node_factory, monkeypatch, "slow:0.1", "S1", "--offer", MODEL, "--memory-budget", BUDGET, *secret)
-    liar = spawn_with(node_factory, monkeypatch, "corrupt", "L", "--offer", MODEL, "--memory-budget", BUDGET, *secret)
-    good = spawn_with(node_factory, monkeypatch, "slow:0.1", "S2", "--offer", MODEL, "--memory-budget", BUDGET, *secret)
-    receiver = node_factory("R", "--no-model", "--memory-budget", BUDGET, *secret)
+    source = ("--offer", MODEL, "--memory-budget", BUDGET, *secret)
+    nodes = node_factory.many({"S1": source, "L": source, "S2": source,
+                               "R": ("--no-model", "--memory-budget", BUDGET, *secret)},
+                              env={"S1": fault("slow:0.1"), "L": fault("corrupt"), "S2": fault("slow:0.1")})
+    slow, liar, good, receiver = nodes["S1"], nodes["L"], nodes["S2"], nodes["R"]
     wait_peers(receiver.url, 3)
     ids = {n.name: get_json(n.url + "/mesh/self")["node_id"] for n in (slow, liar, good)}
 
@@ -165,9 +162,10 @@ def test_a_killed_source_and_a_corrupting_one_are_routed_around(node_factory, mo
 
 def test_meshllm_pull_from_two_sources_gives_the_original_file(node_factory, tmp_path):
     secret = ("--mesh-secret", "w-" + secrets.token_hex(4))
-    a = node_factory("A", "--offer", MODEL, "--memory-budget", BUDGET, *secret)
-    b = node_factory("B", "--offer", MODEL, "--memory-budget", BUDGET, *secret)
-    receiver = node_factory("R", "--no-model", *secret)
+    nodes = node_factory.many({"A": ("--offer", MODEL, "--memory-budget", BUDGET, *secret),
+                               "B": ("--offer", MODEL, "--memory-budget", BUDGET, *secret),
+                               "R": ("--no-model", *secret)})
+    a, b, receiver = nodes["A"], nodes["B"], nodes["R"]
     wait_peers(receiver.url, 2)
     out = tmp_path / "elsewhere"
     done = subprocess.run([sys.executable, "-m", "node.cli", "pull", MODEL, "--url", receiver.url, "--data-dir", str(out)],
@@ -200,10 +198,10 @@ def test_fetch_tensors_for_a_model_not_held_is_not_found(node_factory):
     assert status == 400
 
 
-def test_a_restarted_receiver_resumes_and_a_small_disk_budget_is_one_line(node_factory, monkeypatch, tmp_path):
+def test_a_restarted_receiver_resumes_and_a_small_disk_budget_is_one_line(node_factory, tmp_path):
     secret = ("--mesh-secret", "w-" + secrets.token_hex(4))
-    spawn_with(node_factory, monkeypatch, "slow:0.1", "S", "--offer", MODEL, "--memory-budget", BUDGET, *secret)
-    receiver = node_factory("R", "--no-model", *secret)
+    receiver = node_factory.many({"S": ("--offer", MODEL, "--memory-budget", BUDGET, *secret),
+                                  "R": ("--no-model", *secret)}, env={"S": fault("slow:0.1")})["R"]
     wait_peers(receiver.url, 1)
     status, _, _ = post(receiver.url, "/mesh/pull", {"model": MODEL})
     assert status == 202

@@ -36,13 +36,19 @@ def bad_files(tmp_path_factory) -> dict[str, Path]:
     return {"unsupported": unsupported, "corrupt": corrupt}
 
 
+@pytest.fixture(scope="module")
+def nodes(module_node_factory, bad_files):
+    """One node per bad file, started together: each serves SmolLM2 and is told to load its bad file too."""
+    return module_node_factory.many({which: ("--model", "smollm2-135m-instruct", "--shard", f"{path}:0-4",
+                                             "--threads", "1") for which, path in bad_files.items()})
+
+
 @pytest.mark.parametrize(
     ("which", "expected"),
     [("unsupported", "blk.1.ffn_up.weight has type IQ4_NL"), ("corrupt", "blk.0.attn_norm.weight: values are not finite")],
 )
-def test_node_names_the_tensor_and_serves_its_other_model(node_factory, bad_files, which, expected):
-    node = node_factory("N", "--model", "smollm2-135m-instruct", "--shard", f"{bad_files[which]}:0-4",
-                        "--threads", "1")
+def test_node_names_the_tensor_and_serves_its_other_model(nodes, which, expected):
+    node = nodes[which]
     models = json.loads(urllib.request.urlopen(node.url + "/v1/models", timeout=30).read())
     assert [m["id"] for m in models["data"]] == ["smollm2-135m-instruct"]
     errors = [line for line in node.output if "not serving" in line]

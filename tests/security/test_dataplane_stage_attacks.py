@@ -48,11 +48,11 @@ def rss_bytes(pid: int) -> int:
 
 @pytest.fixture(scope="module")
 def mesh(module_node_factory):
-    nodes = {
-        "G": module_node_factory("G", "--no-model", "--mesh-secret", SECRET),
-        "S1": module_node_factory("S1", "--shard", f"{MODEL}:0-7", "--threads", "1", "--mesh-secret", SECRET),
-        "S2": module_node_factory("S2", "--shard", f"{MODEL}:7-30", "--threads", "1", "--mesh-secret", SECRET),
-    }
+    nodes = module_node_factory.many({
+        "G": ("--no-model", "--mesh-secret", SECRET),
+        "S1": ("--shard", f"{MODEL}:0-7", "--threads", "1", "--mesh-secret", SECRET),
+        "S2": ("--shard", f"{MODEL}:7-30", "--threads", "1", "--mesh-secret", SECRET),
+    })
     member = Member(SECRET)  # the attacker is a member: its certificate gets it through mTLS
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

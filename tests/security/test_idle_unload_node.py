@@ -43,12 +43,14 @@ def wait_for(what: str, check, timeout_s: float, interval_s: float = 0.1):
 def test_a_range_loaded_on_request_is_unloaded_when_idle_and_the_node_keeps_serving(node_factory) -> None:
     secret = "idle-" + secrets.token_hex(4)
     idle = ("--unload-idle-s", str(IDLE_S), "--unload-check-s", "0.25")
-    gateway = node_factory("G", "--no-model", "--mesh-secret", secret)
-    offer = node_factory("O", "--offer", MODEL, "--memory-budget", str(BUDGET), "--threads", "1", *idle,
-                         "--mesh-secret", secret)
-    # a node the user started with a range, in a mesh of its own: its range is never unloaded
-    own = node_factory("S", "--shard", f"{MODEL}:0-7", "--threads", "1", "--unload-idle-s", "10",
-                       "--unload-check-s", "0.1", "--mesh-secret", "own-" + secrets.token_hex(4))
+    nodes = node_factory.many({
+        "G": ("--no-model", "--mesh-secret", secret),
+        "O": ("--offer", MODEL, "--memory-budget", str(BUDGET), "--threads", "1", *idle, "--mesh-secret", secret),
+        # a node the user started with a range, in a mesh of its own: its range is never unloaded
+        "S": ("--shard", f"{MODEL}:0-7", "--threads", "1", "--unload-idle-s", "10", "--unload-check-s", "0.1",
+              "--mesh-secret", "own-" + secrets.token_hex(4)),
+    })
+    gateway, offer, own = nodes["G"], nodes["O"], nodes["S"]
     offer_id = get_json(offer.url + "/mesh/self")["node_id"]
     wait_for("the gateway to list O", lambda: any(p["node_id"] == offer_id for p in get_json(gateway.url + "/mesh/peers")), 20)
 
