@@ -34,7 +34,10 @@ def tensor_bytes(t: TensorInfo, form: str, device: str) -> int:
         return t.n_bytes
     cols, rows = t.shape[0], t.shape[1]  # gguf lists the fastest dimension first
     if int4_ok(t.type_name, rows, cols):
-        return rows * cols // 2 + rows * (cols // INT4_GROUP) * 2 * 2
+        # K padded to a multiple of 128 (engine/int4_triton.py's layout; tinygemm's holds exactly K):
+        # the larger of the two CUDA int4 forms, so no --int4-kernel overruns the budget
+        k = -(-cols // 128) * 128
+        return rows * k // 2 + rows * (k // INT4_GROUP) * 2 * 2
     return n * 2
 
 
