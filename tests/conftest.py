@@ -16,8 +16,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from engine.model_file import ModelFile
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -113,13 +117,22 @@ def _model_cache_dir() -> Path:
 
 
 @functools.cache
+def model_file(alias_or_path: str) -> ModelFile:
+    """engine.model_file.load_model_file, once per test process: its gguf-py header parse costs seconds.
+    Its cache lands in the dir that fresh nodes' data dirs are seeded from (seed_model_cache)."""
+    from engine.model_file import load_model_file
+
+    return load_model_file(alias_or_path, _model_cache_dir())
+
+
+@functools.cache
 def _cached_model(alias_or_path: str) -> bool:
-    """Has the product's own load_model_file write `alias_or_path`'s digest and metadata into this
-    process's model-cache dir; False if it is no model file (a test's bad file: the node finds out)."""
-    from engine.model_file import ModelFileError, load_model_file
+    """Whether `alias_or_path`'s digest and metadata are in the model-cache dir now; False if it is no
+    model file (a test's bad file: the node finds out)."""
+    from engine.model_file import ModelFileError
 
     try:
-        load_model_file(alias_or_path, _model_cache_dir())
+        model_file(alias_or_path)
     except (ModelFileError, OSError, ValueError):
         return False
     return True

@@ -21,13 +21,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import REPO, stop_all
+from conftest import REPO, model_file, stop_all
 
-from engine.model_file import load_model_file
 from shard.manifest import build_manifest, range_pieces
 
 MODEL = "smollm2-135m-instruct"
-SMOL = load_model_file(MODEL)
+SMOL = model_file(MODEL)
 BUDGET = str(80_000_000)  # with one KV slot, SmolLM2 (146 MB whole, 176 MB over two) needs three such nodes
 STAGE = ("--kv-sessions", "1", "--threads", "1")
 GREEDY = {"model": MODEL, "messages": [{"role": "user", "content": "Write a short poem about the moon."}],

@@ -6,17 +6,17 @@ import asyncio
 
 import grpc
 import pytest
+from conftest import model_file
 
 from dataplane import rpc
 from dataplane.channels import Endpoint, PeerChannels
 from dataplane.weights import MAX_PIECES_PER_CALL, Served, WeightsService
 from dataplane.weights_client import GrpcSource, fetch_manifest
-from engine.model_file import load_model_file
 from shard.fetch import SourceBusy
 from shard.manifest import ManifestError, build_manifest, range_pieces
 
 TOKEN = "t" * 32
-SMOL = load_model_file("smollm2-135m-instruct")
+SMOL = model_file("smollm2-135m-instruct")
 MANIFEST = build_manifest(SMOL.path, SMOL.digest, SMOL.alias)
 HELD = {p.index for p in range_pieces(MANIFEST, 10, 20, 30)}
 

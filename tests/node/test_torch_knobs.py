@@ -4,8 +4,8 @@ budget's arithmetic and are validated."""
 from __future__ import annotations
 
 import pytest
+from conftest import model_file
 
-from engine.model_file import load_model_file
 from node.config import NodeConfig
 from node.model_loader import torch_shard_bytes
 from shard.spec import ShardSpec
@@ -20,7 +20,7 @@ def test_bad_knobs_are_refused(field: str, value: object) -> None:
 
 
 def test_knobs_change_what_the_budget_counts() -> None:
-    model = load_model_file("smollm2-135m-instruct")
+    model = model_file("smollm2-135m-instruct")
     spec = ShardSpec.whole_model(model.digest, model.n_layers)
 
     def need(**kw: object) -> int:

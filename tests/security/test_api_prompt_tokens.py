@@ -4,11 +4,12 @@ tokenized without special tokens, and an input with no tokens never reaches llam
 from __future__ import annotations
 
 import pytest
+from conftest import model_file
 
 from core.errors import BadRequest
 from engine.chat_template import chat_prompt_parts
 from engine.llama_cpp_engine import LlamaCppEngine
-from engine.model_file import DEFAULT_ALIAS, load_model_file
+from engine.model_file import DEFAULT_ALIAS
 from engine.tokenizer import GGUFTokenizer
 from engine.types import GenerationRequest, SamplingParams
 
@@ -21,14 +22,14 @@ GEMMA_LIKE = (
 
 @pytest.fixture(scope="module")
 def engine():
-    e = LlamaCppEngine(load_model_file(DEFAULT_ALIAS), n_ctx=512, threads=1)
+    e = LlamaCppEngine(model_file(DEFAULT_ALIAS), n_ctx=512, threads=1)
     yield e
     e.close()
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    t = GGUFTokenizer(load_model_file(DEFAULT_ALIAS).path)
+    t = GGUFTokenizer(model_file(DEFAULT_ALIAS).path)
     yield t
     t.close()
 

@@ -9,8 +9,8 @@ import logging
 from pathlib import Path
 
 import pytest
+from conftest import model_file
 
-from engine.model_file import load_model_file
 from shard.fetch import FetchError, FetchProgress, SourceBusy, fetch_pieces
 from shard.manifest import (
     HEADER,
@@ -25,7 +25,7 @@ from shard.manifest import (
 )
 from shard.weight_cache import CacheError, WeightCache
 
-SMOL = load_model_file("smollm2-135m-instruct")
+SMOL = model_file("smollm2-135m-instruct")
 PIECE = 256 << 10
 
 

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import model_file
 
 from engine.arch_llama import rope
-from engine.model_file import load_model_file
 from engine.torch_model import rope_table
 from shard.config import ModelConfigError
 from shard.loader import ShardLoadError, load_shard, read_model_config
@@ -13,7 +13,7 @@ from shard.spec import ShardSpec
 
 @pytest.fixture(scope="module")
 def model():
-    return load_model_file("smollm2-135m-instruct")
+    return model_file("smollm2-135m-instruct")
 
 
 def test_config_from_metadata(model) -> None:

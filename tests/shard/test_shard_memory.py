@@ -7,8 +7,8 @@ import sys
 
 import pytest
 import torch
+from conftest import model_file
 
-from engine.model_file import load_model_file
 from shard.footprint import model_weight_bytes
 from shard.gguf_index import open_index
 from shard.loader import read_model_config
@@ -20,7 +20,7 @@ W = WeightBytes(layers=(10, 20, 30, 40), embed=100, head=105, head_shares_embed=
 
 @pytest.fixture(scope="module")
 def model():
-    return load_model_file("smollm2-135m-instruct")
+    return model_file("smollm2-135m-instruct")
 
 
 @pytest.mark.parametrize(
