@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from core.types import EmbedInput
-from engine.kv_cache import KVCacheFull
+from engine.kv_cache import KVCacheFull, blocks_for
 from engine.linear import WEIGHTS_FORMS, Int4Kernel, LinearFactory, WeightsForm
 from engine.model_file import ModelFile
 from engine.prompt_ids import checked_ids
@@ -41,6 +41,11 @@ class SessionError(Exception):
 
 class SessionLimitError(SessionError):
     """Every KV slot is taken."""
+
+
+class KVFullError(SessionError):
+    """The KV pool had no block for the step's new positions (other sessions hold them all); the
+    session keeps its slot and its cached positions, and may yield its blocks and recompute later."""
 
 
 @dataclass(slots=True)
@@ -112,6 +117,7 @@ class TorchShardEngine:
         self._combiner = StepCombiner(
             self._run_batch, expected=lambda: len(self._sessions), gather_s=batch_wait_s
         )
+        self.preemptions = 0  # sessions that yielded their KV blocks to the others (yield_blocks)
         self._closed = False
 
     # -- sessions -------------------------------------------------------------------------------
@@ -167,6 +173,22 @@ class TorchShardEngine:
     @property
     def kv_free_blocks(self) -> int:
         return self.shard.kv.free_blocks
+
+    def yield_blocks(self, session_id: str) -> None:
+        """Returns the session's KV blocks to the pool and forgets its positions (it keeps its slot):
+        a session the pool could not grow steps aside for the others, then recomputes its positions
+        (`blocks_free`) when they have finished: preemption by recompute, as vLLM's."""
+        with self._lock:
+            s = self._get(session_id)
+            if s.busy:
+                raise SessionError(f"session {session_id!r} has a step in flight")
+            self.shard.release(s.slot)
+            s.n_past = 0
+            self.preemptions += 1
+
+    def blocks_free(self, positions: int) -> bool:
+        """Whether the pool now has the blocks for a session of `positions` positions."""
+        return self.shard.kv.free_blocks >= blocks_for(positions, self.shard.kv.block_size)
 
     def session_length(self, session_id: str) -> int:
         """Positions of the session already in the KV cache (the next input starts there)."""
@@ -310,7 +332,7 @@ class TorchShardEngine:
                 try:
                     self.shard.kv.ensure(s.slot, s.start_pos + s.x.shape[0])
                 except (KVCacheFull, ValueError) as e:
-                    s.finish(error=SessionError(str(e)) if isinstance(e, KVCacheFull) else e)
+                    s.finish(error=KVFullError(str(e)) if isinstance(e, KVCacheFull) else e)
         live = [s for s in batch if not s.done]
         singles = [s for s in live if s.x.shape[0] == 1 and s.last == "last"]
         self._decode(singles)

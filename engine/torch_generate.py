@@ -71,6 +71,8 @@ def generate_whole(
 def _loop(
     engine: TorchShardEngine, sid: str, ids: list[int], request: GenerationRequest, cancel: threading.Event
 ) -> Iterator[Chunk]:
+    from engine.torch_engine import KVFullError  # here: torch_engine imports this module
+
     params = request.params
     limit = check_context(engine.max_context, len(ids), params.max_tokens)
     output = TokenOutput(engine.tokenizer, params.stop, len(ids), limit)
@@ -78,8 +80,16 @@ def _loop(
     # and the per-token log probabilities that `push_sampled` puts on the chunk.
     state = sampler_state(params, engine.model.path, engine.device, resumed=resumed_ids(engine, request, ids))
     x, pos = torch.tensor(ids), 0
+    seen = list(ids)  # every position fed so far: what a preempted session recomputes
     while not cancel.is_set():
-        logits = engine.prefill_stage(sid, x, pos)  # [1, vocab]
+        try:
+            logits = engine.prefill_stage(sid, x, pos)  # [1, vocab]
+        except KVFullError:
+            # the pool is spent: step aside (our blocks let the others finish), then recompute
+            if not _wait_for_blocks(engine, sid, len(seen) + 1, cancel):
+                return
+            x, pos = torch.tensor(seen), 0
+            continue
         pos += x.shape[0]
         token = sample([state], logits)[0]
         chunk = output.push_sampled(token, state)  # EOS, stop strings, max_tokens: as a pipeline's last stage
@@ -87,6 +97,22 @@ def _loop(
         if chunk.finish_reason is not None:
             return
         x = torch.tensor([token])
+        seen.append(token)
+
+
+def _wait_for_blocks(engine: TorchShardEngine, sid: str, positions: int, cancel: threading.Event) -> bool:
+    """Preempted: yields the session's blocks, then waits until the pool holds `positions` positions
+    for it (sessions that finish return theirs). False when cancelled first; raises when even an
+    empty pool could not hold them."""
+    from engine.torch_engine import KVFullError
+
+    engine.yield_blocks(sid)
+    if not engine.blocks_free(positions) and engine.n_sessions <= 1:
+        raise KVFullError(f"KV cache full: {positions} positions do not fit the pool even alone")
+    while not engine.blocks_free(positions):
+        if cancel.wait(_SLOT_POLL_S):
+            return False
+    return True
 
 
 def sampler_state(params: SamplingParams, model_path: str, device: str | torch.device, *,

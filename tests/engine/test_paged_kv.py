@@ -348,3 +348,45 @@ def test_the_fused_elementwise_kernels_match_torch() -> None:
     out = subprocess.run([sys.executable, "-c", _FUSED_CHECK], env={**os.environ, "TRITON_INTERPRET": "1"},
                          capture_output=True, text=True, timeout=600, check=True)
     assert float(out.stdout.strip().splitlines()[-1]) < 0.02, out.stdout  # fp16 rounding
+
+
+def test_streams_that_outgrow_the_pool_step_aside_and_finish(model) -> None:
+    """Three 48-token streams through a pool of four 32-position blocks (each needs two or three): a
+    stream the pool cannot grow yields its blocks and recomputes once others finish (preemption by
+    recompute), instead of failing with "KV cache full"; every block comes back."""
+    engine = TorchShardEngine(model, max_sessions=3, max_context=256, kv_tokens=128)
+    try:
+        total = engine.kv_free_blocks
+        got: dict[int, list] = {}
+
+        def run(i: int) -> None:
+            req = GenerationRequest(f"p{i}", replace(GREEDY, max_tokens=48), prompt=PROMPT + f"Chapter {i}:")
+            got[i] = list(engine.generate(req, threading.Event()))
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(180)
+        assert sorted(got) == [0, 1, 2]
+        for chunks in got.values():
+            assert chunks[-1].finish_reason is not None and sum(len(c.token_ids) for c in chunks) >= 40
+        assert engine.preemptions >= 1
+        assert engine.kv_free_blocks == total and engine.n_sessions == 0
+    finally:
+        engine.close()
+
+
+def test_a_stream_longer_than_the_whole_pool_fails_with_a_clear_error(tiny) -> None:
+    engine = TorchShardEngine(load_model_file(str(tiny)), max_sessions=1, max_context=256, kv_tokens=64)
+    try:
+        engine.open_session("a", GREEDY)
+        engine.prefill_stage("a", torch.arange(60), 0)
+        from engine.torch_generate import _wait_for_blocks
+
+        with pytest.raises(SessionError, match="do not fit the pool even alone"):
+            _wait_for_blocks(engine, "a", 100, threading.Event())
+        engine.close_session("a")
+        assert engine.kv_free_blocks == 2
+    finally:
+        engine.close()
