@@ -28,22 +28,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.int4_triton import W4Config  # noqa: E402
+from scripts.bench_gpu_decode import _copy_bandwidth  # noqa: E402
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 L2_SPAN = 256 * 2**20  # bytes of weights a timed graph cycles through: several times any L2
-
-
-def _copy_bandwidth() -> float:
-    x = torch.empty(2**31, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    for _ in range(3):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(10):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    return 2 * x.numel() * 10 / (time.perf_counter() - t0)
 
 
 def graph_time(calls: list[Callable[[], object]], reps: int = 10) -> float:
@@ -156,7 +144,7 @@ def main() -> None:
     from engine.linear import pack_tinygemm
 
     t_start = time.perf_counter()
-    bw = _copy_bandwidth()
+    bw = _copy_bandwidth(torch.device("cuda"))
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; copy bandwidth {bw / 1e12:.2f} TB/s")
     gen = torch.Generator(device="cuda").manual_seed(0)
     best: dict[str, dict[str, object]] = {}
