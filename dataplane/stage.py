@@ -53,7 +53,7 @@ from dataplane.wire import decode_request, encode_chunk
 from engine.local_models import LocalModel, LocalModels
 from engine.sampling import SamplerState, sample
 from engine.token_output import TokenOutput
-from engine.torch_engine import SessionError, SessionLimitError, TorchShardEngine
+from engine.torch_engine import KVFullError, SessionError, SessionLimitError, TorchShardEngine
 from engine.torch_generate import prompt_tokens, resumed_ids, sampler_state_off_loop
 from engine.types import check_context
 from placement.cluster import Stage
@@ -125,6 +125,8 @@ class PipelineService:
                 out, compute_s = timed()
             else:  # off the loop; concurrent sessions' steps are batched by the engine
                 out, compute_s = await asyncio.to_thread(timed)
+        except KVFullError as e:  # the pool is spent by other sessions: busy, not a bad request
+            raise Busy(1, str(e)) from None
         except SessionError as e:  # includes an input that does not fit this stage
             raise BadRequest(str(e), code="invalid_activation") from None
         except Exception:

@@ -173,3 +173,27 @@ def test_load_gate_caps_each_peer_and_the_ranges_loaded():
     now[0] += 61.0
     with pytest.raises(Refused):  # the window passed, the cap on ranges did not
         asyncio.run(load("a", 4))
+
+
+def test_a_stage_whose_kv_pool_is_spent_answers_busy_not_bad_request(tmp_path):
+    """A step that finds the KV pool full (other sessions hold every block) is the mesh's load, not
+    the caller's fault: RESOURCE_EXHAUSTED with a retry-after, so the gateway says 429, not 400."""
+    from dataplane.stage import PipelineService
+    from engine.model_file import load_model_file
+    from engine.torch_engine import TorchShardEngine
+    from scripts.synthetic_gguf import write_synthetic_llama
+    from shard.spec import ShardSpec
+
+    path = write_synthetic_llama(tmp_path / "tiny.gguf", "tiny-512", "Q4_0")
+    model = load_model_file(str(path))
+    engine = TorchShardEngine(model, spec=ShardSpec(model.digest, 0, 2, 4), max_sessions=2, max_context=64,
+                              kv_tokens=64)
+    service = PipelineService(None, None, "token")  # type: ignore[arg-type]
+    try:
+        engine.open_session("a")
+        engine.open_session("b")
+        engine.forward_stage(["a"], [torch.arange(40)], [0])  # both blocks of the pool
+        with pytest.raises(Busy, match="KV cache full"):
+            asyncio.run(service._run(engine, "b", torch.arange(8), 0))
+    finally:
+        engine.close()
