@@ -182,6 +182,12 @@ async def _generate(request: web.Request, parsed: ParsedGeneration, chat: bool) 
     except asyncio.CancelledError:  # the client went away
         _finish(track, "cancelled")
         raise
+    except ConnectionResetError:
+        # also the client going away: a write of a burst of queued chunks can meet the closing
+        # transport before aiohttp has cancelled this handler (tests/gateway/test_metrics_hangup.py)
+        if request.transport is None or request.transport.is_closing():
+            _finish(track, "cancelled")
+        raise
     finally:
         _finish(track, "500")  # a no-op unless nothing above said how it ended
         await generation.aclose()

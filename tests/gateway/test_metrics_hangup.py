@@ -73,8 +73,6 @@ def counted(metrics: GatewayMetrics) -> dict[str, float]:
             for s in family.samples if s.name == "meshllm_requests_total"}
 
 
-@pytest.mark.xfail(strict=True, reason="gateway/app.py _generate counts a hang-up seen as ClientConnectionResetError "
-                                       "from a write as 500, not cancelled (a product fix, see the module docstring)")
 def test_a_client_hanging_up_during_a_burst_of_tokens_is_counted_as_cancelled(served):
     url, metrics = served
     body = json.dumps({"model": MODEL, "prompt": "p", "max_tokens": 2000, "stream": True}).encode()
