@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from discovery.advert import ModelAdvert
 from discovery.envelope import MAX_ENVELOPE_BYTES
 
-RECORD_TTL_S = 120.0  # an entry not put again within this long is gone (a crashed holder's, say)
-RECORD_REPUT_S = 60.0  # holders put their entries again this often (and whenever their advert changes)
+RECORD_TTL_S = 240.0  # an entry not put again within this long is gone (a crashed holder's, say)
+RECORD_REPUT_S = 120.0  # holders put their entries again this often (and whenever their advert changes)
 MAX_ENTRIES_PER_KEY = 1024  # a key's replicas keep at most this many holders
 MAX_RESULTS = 8  # entries one lookup returns: a gateway tracks a bounded set of holders per model
 

@@ -258,14 +258,18 @@ def spawn_mesh(workdir: Path, n: int, mode: str, secret: str, tag: str) -> list[
     return [first, *rest]
 
 
-def rest_traffic(workdir: Path, n: int, mode: str, rest_s: float, settle_s: float) -> dict:
+def rest_traffic(workdir: Path, n: int, mode: str, rest_s: float, settle_s: float, mesh_timeout_s: float = 0) -> dict:
     secret = f"bench-{secrets.token_hex(8)}"
     procs = spawn_mesh(workdir, n, mode, secret, "rest")
     try:
         wait_ready(procs)
         ready_at = max(p.ready_at for p in procs)  # type: ignore[type-var]
-        wait_full_mesh(procs, timeout_s=60 + n, records=mode == "records")
-        converged_s = time.monotonic() - ready_at
+        try:
+            wait_full_mesh(procs, timeout_s=mesh_timeout_s or 60 + n, records=mode == "records")
+            converged_s: float | None = time.monotonic() - ready_at
+        except RuntimeError as e:  # measured all the same: a mesh too big for this box is a result too
+            print(f"rest  N={n} {mode}: {e}; measuring it as it is", flush=True)
+            converged_s = None
         http_ports = {p.http_port for p in procs}
         libp2p_ports = {int(a.split("/tcp/")[1].split("/")[0]) for p in procs for a in libp2p_addrs(p)}
         time.sleep(settle_s)  # let start-up bursts (announcements, first fetches, dials) pass
@@ -274,7 +278,11 @@ def rest_traffic(workdir: Path, n: int, mode: str, rest_s: float, settle_s: floa
             time.sleep(rest_s)
         traced = trace_rates(traced_before, read_traces(workdir, procs), n)
         alive = sum(p.proc.poll() is None for p in procs)
-        mesh_ok = wait_full_mesh(procs, timeout_s=5, records=mode == "records") >= 0
+        try:
+            mesh_ok = wait_full_mesh(procs, timeout_s=5, records=mode == "records") >= 0
+        except RuntimeError:
+            mesh_ok = False
+        listed = [len(peer_ids(p.url)) for p in procs]
     finally:
         for p in procs:
             p.stop()
@@ -282,7 +290,8 @@ def rest_traffic(workdir: Path, n: int, mode: str, rest_s: float, settle_s: floa
     return {
         "nodes": n,
         "mode": mode,
-        "converged_s": round(converged_s, 2),  # last node ready -> every node lists every other
+        "converged_s": None if converged_s is None else round(converged_s, 2),  # last ready -> all list all
+        "peers_listed_min_max": [min(listed), max(listed)],
         "load_avg_1m": round(os.getloadavg()[0], 2),  # the box is shared: say how busy it was
         "seconds": round(cap.seconds, 1),
         "packets_per_node_s": round(cap.packets / n / cap.seconds, 1),
@@ -340,7 +349,7 @@ def inner(args: argparse.Namespace) -> None:
         if can_capture:
             for mode in args.modes:
                 for n in args.sizes:
-                    r = rest_traffic(workdir, n, mode, args.rest_s, args.settle_s)
+                    r = rest_traffic(workdir, n, mode, args.rest_s, args.settle_s, args.mesh_timeout_s)
                     results["rest"].append(r)
                     kinds = ", ".join(f"{k} {v:.0f}" for k, v in r["by_kind_bytes_per_node_s"].items())
                     print(f"rest  N={n} {mode}: {r['bytes_per_node_s']:.0f} B/s per node "
@@ -363,7 +372,8 @@ def inner(args: argparse.Namespace) -> None:
         print(f"verdict: at rest {worst_rest:.0f} B/s per node at worst (target < {TARGET_REST_BYTES_PER_S:.0f}): "
               f"{'MET' if worst_rest < TARGET_REST_BYTES_PER_S else 'MISSED'}")
         for r in results["rest"]:
-            print(f"converged N={r['nodes']} {r['mode']}: {r['converged_s']:.2f} s after the last node was ready "
+            conv = "never" if r["converged_s"] is None else f"{r['converged_s']:.2f} s after the last node was ready"
+            print(f"converged N={r['nodes']} {r['mode']}: {conv}; peers listed per node {r['peers_listed_min_max']} "
                   f"(load average {r['load_avg_1m']:.2f} on {os.cpu_count()} CPUs)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
@@ -379,6 +389,8 @@ def main() -> int:
                         choices=["mdns", "mdns+libp2p", "libp2p", "records"],
                         help="libp2p: no mDNS or multicast, every node bootstraps from the first; "
                              "records: the same with --records (holders found by DHT lookups, a sample of peers)")
+    parser.add_argument("--mesh-timeout-s", type=float, default=0,
+                        help="how long a mesh may take to form (default 60 s + 1 s per node)")
     parser.add_argument("--trace", action="store_true",
                         help="count py-libp2p's sent bytes by protocol in every node (scripts/libp2p_trace_node.py)")
     parser.add_argument("--rest-only", action="store_true",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from discovery.model_records import MAX_RESULTS, RecordStore, record_key, sample_peers
+from discovery.model_records import MAX_RESULTS, RECORD_TTL_S, RecordStore, record_key, sample_peers
 
 KEY = record_key("ab" * 32)
 
@@ -21,11 +21,12 @@ def test_put_get_and_newest_put_wins() -> None:
     assert (e.node_id, e.value) == ("a", b"v2")
 
 
-@pytest.mark.parametrize(("ttl_s", "at", "alive"), [(10.0, 9.0, True), (10.0, 11.0, False), (600.0, 121.0, False)])
+@pytest.mark.parametrize(("ttl_s", "at", "alive"), [(10.0, 9.0, True), (10.0, 11.0, False),
+                                                    (600.0, RECORD_TTL_S - 1, True), (600.0, RECORD_TTL_S + 1, False)])
 def test_entries_expire(ttl_s: float, at: float, alive: bool) -> None:
     s = RecordStore()
     s.put(KEY, "a", b"v", (), now=0.0, ttl_s=ttl_s)
-    assert bool(s.get(KEY, "r", now=at)) is alive  # ttl capped at RECORD_TTL_S (60 s)
+    assert bool(s.get(KEY, "r", now=at)) is alive  # ttl capped at RECORD_TTL_S
 
 
 def test_lookup_is_bounded_and_covers_every_range_first() -> None:
