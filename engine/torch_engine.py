@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from core.types import EmbedInput
-from engine.kv_cache import KVCacheFull, blocks_for
+from engine.kv_cache import KVCacheFull
 from engine.linear import WEIGHTS_FORMS, Int4Kernel, LinearFactory, WeightsForm
 from engine.model_file import ModelFile
 from engine.prompt_ids import checked_ids
@@ -26,13 +26,12 @@ from engine.torch_model import ShardModel
 from engine.types import Chunk, GenerationRequest, SamplingParams
 from shard.config import ModelConfig
 from shard.loader import default_dtype, load_shard
+from shard.memory import PREFILL_CHUNK
 from shard.spec import ShardSpec
 
-# A node's --kv-sessions N sizes the paged KV pool for N full-context sessions; the engine admits this
-# many times N sessions, which share the pool's blocks (most sessions are far shorter than the context).
-SESSIONS_PER_CONTEXT = 4
-_CHUNK_CPU = 128  # ~0.1 s of SmolLM2 prefill on 2 cores: the longest a decode step waits for a prompt
-_CHUNK_CUDA = 512  # compute-bound already at 8B; larger only delays other sessions' tokens
+# prompt positions per batch (shard.memory.PREFILL_CHUNK): CPU 128, ~0.1 s of SmolLM2 prefill on 2
+# cores, the longest a decode step waits for a prompt; CUDA 512, compute-bound already at 8B (larger
+# only delays other sessions' tokens)
 
 
 class SessionError(Exception):
@@ -95,15 +94,15 @@ class TorchShardEngine:
         shard_weights = load_shard(model_file.path, self.spec)
         self.config: ModelConfig = shard_weights.config
         self.weights_form: WeightsForm = weights
+        # prompt positions per batch: a long prompt runs in chunks between other sessions' decode steps
+        self.prefill_chunk = prefill_chunk or PREFILL_CHUNK["cpu" if dev.type == "cpu" else "cuda"]
+        if self.prefill_chunk < 1:
+            raise ValueError("prefill_chunk must be >= 1")
         self.shard = ShardModel(
             shard_weights, LinearFactory(weights, dev, act, self._ggml, int4_kernel), max_sessions=max_sessions,
             max_context=min(max_context, self.config.context_length), kv_dtype=kv_dtype, kv_tokens=kv_tokens,
-            cuda_graphs=cuda_graphs,
+            cuda_graphs=cuda_graphs, window_step=self.prefill_chunk,
         )
-        # prompt positions per batch: a long prompt runs in chunks between other sessions' decode steps
-        self.prefill_chunk = prefill_chunk or (_CHUNK_CPU if self.shard.device.type == "cpu" else _CHUNK_CUDA)
-        if self.prefill_chunk < 1:
-            raise ValueError("prefill_chunk must be >= 1")
         del shard_weights
         self.device = self.shard.device
         self.tokenizer = GGUFTokenizer(model_file.path)
@@ -188,7 +187,7 @@ class TorchShardEngine:
 
     def blocks_free(self, positions: int) -> bool:
         """Whether the pool now has the blocks for a session of `positions` positions."""
-        return self.shard.kv.free_blocks >= blocks_for(positions, self.shard.kv.block_size)
+        return self.shard.kv.can_hold(positions)
 
     def session_length(self, session_id: str) -> int:
         """Positions of the session already in the KV cache (the next input starts there)."""
@@ -330,7 +329,8 @@ class TorchShardEngine:
         for s in batch:
             if s.offset == 0:  # a step's blocks, before it joins a batch: a full pool fails this step only
                 try:
-                    self.shard.kv.ensure(s.slot, s.start_pos + s.x.shape[0])
+                    end = s.start_pos + s.x.shape[0]  # window layers' blocks: chunk by chunk (ShardModel.prefill)
+                    self.shard.kv.ensure(s.slot, end, s.start_pos, min(end, s.start_pos + self.prefill_chunk))
                 except (KVCacheFull, ValueError) as e:
                     s.finish(error=KVFullError(str(e)) if isinstance(e, KVCacheFull) else e)
         live = [s for s in batch if not s.done]
@@ -375,7 +375,8 @@ class TorchShardEngine:
         try:
             out = self.shard.prefill(s.slot, s.x[s.offset : s.offset + n], s.start_pos + s.offset, last=last)  # type: ignore[arg-type]
         except Exception as e:  # noqa: BLE001 - this step's failure, handed to its caller
-            s.finish(error=e)
+            # a later chunk takes its window layers' blocks when it runs: the pool may be spent by then
+            s.finish(error=KVFullError(str(e)) if isinstance(e, KVCacheFull) else e)
             return
         s.offset += n
         if keep_all:

@@ -15,7 +15,7 @@ concurrent requests must not change each other's output.
 
 The first stage takes token ids, later stages take hidden states; the last stage returns logits.
 Sliding-window layers (Gemma 3) skip keys `sliding_window` or more positions behind the query and use
-their own RoPE table; their cache still keeps every position.
+their own RoPE table; their cache keeps only the window and the step in flight (engine/kv_cache.py).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from engine.linear import LinearFactory
 from engine.paged_attention import decode_attention_dense, decode_attention_host, triton_supported
 from shard.config import ModelConfig
 from shard.loader import ShardWeights
+from shard.memory import PREFILL_CHUNK, window_pool_tokens
 from shard.spec import ShardSpec
 
 LastOutput = Literal["last", "all", "hidden", "none"]  # "none": fill the cache only
@@ -60,7 +61,10 @@ class ShardModel:
         kv_tokens: int | None = None,
         block_size: int | None = None,
         cuda_graphs: bool = True,
+        window_step: int | None = None,
     ) -> None:
+        """`window_step`: the most positions one step adds (the engine's prefill chunk); it sizes the
+        sliding-window layers' own KV pool (default: the device's prefill chunk)."""
         c = weights.config
         if max_sessions < 1 or not 1 <= max_context <= c.context_length:
             raise ValueError(f"need max_sessions >= 1 and 1 <= max_context <= {c.context_length}")
@@ -82,13 +86,16 @@ class ShardModel:
         # CPU SDPA is ~7x slower in 16-bit, so attention reads a session's keys upcast to fp32.
         self.kv_dtype = kv_dtype or (torch.float16 if self.device.type == "cpu" else self.dtype)
         bs = block_size or _BLOCK_SIZE
-        self.kv = PagedKVCache(
-            len(self.layers), c.n_kv_heads, c.head_dim, max_sessions=max_sessions, max_context=max_context,
-            pool_tokens=kv_tokens or max_sessions * blocks_for(max_context, bs) * bs, block_size=bs,
-            device=self.device, dtype=self.kv_dtype,
-        )
         self.sliding = [c.is_sliding(i) for i in range(self.spec.start, self.spec.end)]  # per local layer
         self.window = c.sliding_window
+        pool = kv_tokens or max_sessions * blocks_for(max_context, bs) * bs
+        step = window_step or PREFILL_CHUNK["cpu" if self.device.type == "cpu" else "cuda"]
+        self.kv = PagedKVCache(
+            len(self.layers), c.n_kv_heads, c.head_dim, max_sessions=max_sessions, max_context=max_context,
+            pool_tokens=pool, block_size=bs, device=self.device, dtype=self.kv_dtype, window=self.window,
+            window_layers=self.sliding, window_step=step,
+            window_pool_tokens=window_pool_tokens(self.window, max_sessions, max_context, step, bs, pool),
+        )
         # RoPE tables [max_context, head_dim]: global layers, and sliding ones (own base, no scaling)
         il = c.rope_interleaved
         self.cos, self.sin = rope_table(
@@ -124,7 +131,7 @@ class ShardModel:
         t = x.shape[0]
         if not 0 <= slot < self.max_sessions or t < 1 or start_pos < 0 or start_pos + t > self.max_context:
             raise ValueError(f"slot {slot} positions [{start_pos}, {start_pos + t}) out of range")
-        self.kv.ensure(slot, start_pos + t)
+        self.kv.ensure(slot, start_pos + t, start_pos)
         with _attention_backends(self.device):
             return self._prefill(slot, x, start_pos, last)
 
@@ -169,12 +176,14 @@ class ShardModel:
         cos_swa, sin_swa = self.cos_swa[pos][None, None], self.sin_swa[pos][None, None]
         keys_full = self._prefill_keys(start_pos, pos, 0)  # (first key, mask [1, 1, T, keys] | None)
         keys_swa = self._prefill_keys(start_pos, pos, self.window) if any(self.sliding) else keys_full
-        write = self.kv.write_index(slot, start_pos, end).to(self.device)
+        kinds = (False, True) if self.kv.window else (False,)  # full layers, then window ones (write_index)
+        writes = [self.kv.write_index(slot, start_pos, end, window=w).to(self.device) for w in kinds]
         scale, il = self.config.attn_scale, self.config.rope_interleaved
         delta: torch.Tensor | None = None  # the residual add each block leaves to the next (arch_llama.block)
         for i, layer in enumerate(self.layers):
             kc, vc = self.kv.k[i].flatten(0, 1), self.kv.v[i].flatten(0, 1)  # [blocks * size, Hkv, D]
             lo, mask = keys_swa if self.sliding[i] else keys_full
+            write = writes[self.kv.is_window(i)]
 
             r = (cos_swa, sin_swa) if self.sliding[i] else (cos, sin)
 
@@ -212,7 +221,10 @@ class ShardModel:
     def _decode_on_host(self, h: torch.Tensor, slots: list[int], positions: list[int]) -> torch.Tensor:
         """CPU decode: writes and attention from host bookkeeping, each session over its own keys."""
         c = self.config
-        write = torch.cat([self.kv.write_index(s, p, p + 1) for s, p in zip(slots, positions, strict=True)])
+        writes = [
+            torch.cat([self.kv.write_index(s, p, p + 1, window=w) for s, p in zip(slots, positions, strict=True)])
+            for w in ((False, True) if self.kv.window else (False,))
+        ]
         pos = torch.tensor(positions)
         rope_full = self.cos[pos][:, None, None], self.sin[pos][:, None, None]  # [B, 1, 1, D]
         rope_swa = self.cos_swa[pos][:, None, None], self.sin_swa[pos][:, None, None]
@@ -223,6 +235,7 @@ class ShardModel:
             kc, vc = self.kv.k[i].flatten(0, 1), self.kv.v[i].flatten(0, 1)
             window = self.window if self.sliding[i] else 0
             r = rope_swa if self.sliding[i] else rope_full
+            write = writes[self.kv.is_window(i)]
 
             def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
                 q, k = rope(q, *r, il), rope(k, *r, il)  # noqa: B023
@@ -241,9 +254,11 @@ class ShardModel:
         (positions, slots). Captured per batch bucket by DecodeGraphs; padded rows use the pad slot."""
         c, kv = self.config, self.kv
         pos, slots = idx[0], idx[1]
-        table = kv.table_dev.index_select(0, slots)  # [B, max_blocks] int32
-        block = table.gather(1, (pos // kv.block_size)[:, None])[:, 0].long()
-        write = block * kv.block_size + pos % kv.block_size  # [B]
+        tables_writes = []  # (block table rows, cache rows written) of the full layers, then the window ones
+        for table_dev in (kv.table_dev, kv.table_w_dev) if kv.window else (kv.table_dev,):
+            rows = table_dev.index_select(0, slots)  # [B, max_blocks] int32
+            block = rows.gather(1, (pos // kv.block_size)[:, None])[:, 0].long()
+            tables_writes.append((rows, block * kv.block_size + pos % kv.block_size))  # [B]
         seq_lens = (pos + 1).to(torch.int32)
         il, kernels = c.rope_interleaved, self._kernels
         h = h.unsqueeze(1)
@@ -252,6 +267,7 @@ class ShardModel:
             kc, vc = kv.k[i], kv.v[i]
             window = self.window if self.sliding[i] else 0
             tables = (self.cos_swa, self.sin_swa) if self.sliding[i] else (self.cos, self.sin)
+            table, write = tables_writes[kv.is_window(i)]
 
             def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
                 if kernels is not None:  # RoPE of q and k and the cache write in one kernel, then attention

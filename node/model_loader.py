@@ -15,6 +15,7 @@ from engine.types import EngineLoadError
 from node.config import NodeConfig, parse_shard_arg
 from node.load_progress import LoadProgress
 from node.timed_runner import TimedRunner, queue_wait_histogram
+from shard.config import ModelConfig
 from shard.memory import estimate_shard_bytes, kv_bytes_per_token_per_layer
 from shard.spec import ShardSpec
 
@@ -40,10 +41,23 @@ def torch_shard_bytes(model: ModelFile, spec: ShardSpec, config: NodeConfig, con
 
     mc = read_model_config(model.path)
     weights = model_weight_bytes(model.path, mc.n_layers, config.weights, config.device)
+    ctx = min(context, mc.context_length)
     return estimate_shard_bytes(
-        mc, spec, weights, kv_dtype_bytes=_kv_dtype_bytes(config), context_tokens=min(context, mc.context_length),
-        n_sessions=config.kv_sessions,
+        mc, spec, weights, kv_dtype_bytes=_kv_dtype_bytes(config), context_tokens=ctx,
+        n_sessions=config.kv_sessions, window_tokens=_window_tokens(mc, config, ctx),
     ).total
+
+
+def _window_tokens(mc: ModelConfig, config: NodeConfig, context: int) -> int | None:
+    """Positions the sliding-window layers' KV pool holds, as the torch engine sizes it (None: no window)."""
+    from shard.memory import PREFILL_CHUNK, SESSIONS_PER_CONTEXT, window_pool_tokens
+
+    if not mc.sliding_window:
+        return None
+    bs = 32  # engine/torch_model.py's KV block
+    chunk = PREFILL_CHUNK["cpu" if config.device == "cpu" else "cuda"]
+    full_pool = config.kv_sessions * -(-context // bs) * bs
+    return window_pool_tokens(mc.sliding_window, config.kv_sessions * SESSIONS_PER_CONTEXT, context, chunk, bs, full_pool)
 
 
 def file_advert(model: ModelFile, config: NodeConfig, context: int) -> FileAdvert:
@@ -127,7 +141,8 @@ class ModelManager:
         import torch  # torch loads only on nodes that use it
 
         from engine.linear import WeightsForm, int4_kernel_for
-        from engine.torch_engine import SESSIONS_PER_CONTEXT, TorchShardEngine
+        from engine.torch_engine import TorchShardEngine
+        from shard.memory import SESSIONS_PER_CONTEXT
 
         c = self.config
         weights: WeightsForm = "full" if c.weights == "full" else "quantized"  # NodeConfig validated it

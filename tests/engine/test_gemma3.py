@@ -185,3 +185,38 @@ def test_generate_few_shot_chat(whole) -> None:
     chunks = list(whole.generate(GenerationRequest("g", params, prompt=prompt), threading.Event()))
     assert "".join(c.text for c in chunks) == "Paris"
     assert chunks[-1].finish_reason == FinishReason.STOP
+
+
+def test_sliding_layers_hold_only_their_window(model) -> None:
+    """A 1,200-token Gemma session at a 2,048 context: the 15 sliding layers hold the last 512 keys and
+    one prompt chunk, in their own smaller pool; the 3 global layers every position. The budget counts
+    the same."""
+    from node.config import NodeConfig
+    from node.model_loader import torch_shard_bytes
+    from shard.memory import estimate_shard_bytes
+
+    engine = TorchShardEngine(model, max_sessions=4, max_context=2048)
+    kv = engine.shard.kv
+    try:
+        assert kv.k[0].shape[0] < kv.k[5].shape[0] / 2  # layer 0 slides, layer 5 is global
+        engine.open_session("s", GREEDY)
+        ids = torch.randint(0, 200_000, (1200,), generator=torch.Generator().manual_seed(0))
+        logits = engine.prefill_stage("s", ids, 0)  # the engine runs it in chunks of 128
+        engine.prefill_stage("s", torch.tensor(engine.sample(["s"], logits)), 1200)
+        assert kv.blocks_of(0) == 38  # 1,201 positions in blocks of 32
+        assert kv.window_blocks_of(0) <= -(-(512 + 128) // 32) + 1
+        engine.close_session("s")
+    finally:
+        engine.close()
+    config = NodeConfig(mesh_secret="s", engine="torch", kv_sessions=1)
+    spec = ShardSpec.whole_model(model.digest, N_LAYERS)
+    with_window = torch_shard_bytes(model, spec, config, 8192)
+    from shard.footprint import model_weight_bytes
+    from shard.loader import read_model_config
+
+    mc = read_model_config(model.path)
+    every_position = estimate_shard_bytes(
+        mc, spec, model_weight_bytes(model.path, N_LAYERS, "quantized", "cpu"), kv_dtype_bytes=2,
+        context_tokens=8192, n_sessions=1,
+    ).total
+    assert with_window < every_position - 15 * 8192 * 2 * 256 * 2 // 2  # over half the sliding KV saved

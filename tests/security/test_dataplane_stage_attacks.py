@@ -20,7 +20,7 @@ from mesh_member import Member
 from dataplane import rpc
 from dataplane.stage_sessions import per_peer_cap
 from discovery.envelope import derive_subkey, mesh_key_from_secret
-from engine.torch_engine import SESSIONS_PER_CONTEXT
+from shard.memory import SESSIONS_PER_CONTEXT
 
 MODEL = "smollm2-135m-instruct"
 HIDDEN = 576
