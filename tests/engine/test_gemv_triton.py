@@ -14,7 +14,7 @@ _CHECK = r"""
 import torch, torch.nn.functional as F
 from engine.gemv_triton import gemv
 torch.manual_seed(0)
-for n, k in [(96, 576), (4100, 1024), (40, 1536)]:  # K not a multiple of the 512 tile; N of no tile
+for n, k in [(96, 576), (4104, 96), (40, 1536)]:  # K not a multiple of the 512 tile; N of no tile; N > 4096
     x = torch.randn(k).half()
     w = (torch.randn(n, k) * 0.05).half()
     y = gemv(x, w)
