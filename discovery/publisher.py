@@ -66,8 +66,13 @@ def publish_kind(
     content re-signed, FULL_REPUBLISH_S after the last), "beat", "load" (a beat off the period: the
     load level moved since `last_load`, what peers last heard), "defer" (it moved too soon after the last
     load beat: publish again at load_sent_at + MIN_LOAD_ADVERT_S; on a period, a beat) or "none"."""
-    if forced or old is None or significant_change(old, dataclasses.replace(new, load=old.load)):
+    if forced or old is None:
         return "change"
+    if significant_change(old, dataclasses.replace(new, load=old.load)):
+        # free memory alone moved: our peers hear it directly, the mesh is not flooded with it (on a
+        # 32-process box, free memory swings set off 0.1 floods per node per second)
+        same_free = dataclasses.replace(new, load=old.load, resources=old.resources)
+        return "change" if significant_change(old, same_free) else "full"
     if introduce:  # a peer must hear our advert: to our connected peers and the LAN, never a flood
         return "full"
     if periodic:

@@ -8,7 +8,7 @@ import msgpack
 import pytest
 from disc_builders import make_advert
 
-from discovery.advert import AdvertError, Load, ModelAdvert
+from discovery.advert import AdvertError, Load, ModelAdvert, NodeAdvert
 from discovery.beat import Beat, decode_message, encode_beat
 from discovery.envelope import BEAT_VERSION, mesh_key_from_secret, seal_envelope
 from discovery.identity import Identity
@@ -31,6 +31,10 @@ def _with_load(active: int, **changes: object):  # type: ignore[no-untyped-def]
 
 
 BASE = make_advert()
+
+
+def _with_free(free: int) -> NodeAdvert:
+    return dataclasses.replace(_with_load(0), resources=dataclasses.replace(BASE.resources, ram_free_bytes=free))
 OTHER_MODEL = (ModelAdvert("cd" * 32, "other", 30, 0, 30, "llama.cpp", 2048),)
 
 
@@ -39,6 +43,7 @@ OTHER_MODEL = (ModelAdvert("cd" * 32, "other", 30, 0, 30, "llama.cpp", 2048),)
     [
         (_with_load(0), None, True, False, 100.0, 0.0, "change"),  # publish_soon: always
         (_with_load(0, models=OTHER_MODEL), None, False, False, 100.0, 0.0, "change"),  # content: always
+        (_with_free(4 << 30), None, False, False, 100.0, 0.0, "full"),  # free memory alone: direct, no flood
         (_with_load(3), None, False, True, 100.0, 0.0, "beat"),  # load alone never makes a new advert
         (_with_load(0), None, False, True, 100.0, 0.0, "beat"),
         (_with_load(1), None, False, False, 100.0, 100.0 - MIN_LOAD_ADVERT_S, "load"),  # level 0 -> 1
