@@ -40,13 +40,6 @@ DEFAULT_REFRESH_S = 2.5
 EXPIRE_INTERVAL_S = 0.5
 STOP_TASKS_TIMEOUT_S = 2.0
 GOODBYE_FLUSH_S = 0.2  # lets the goodbye leave over gossipsub before the host stops
-# For ANNOUNCE_S after we meet our first peer, a peer we meet makes us gossip our advert (how a newcomer tells the whole
-# mesh who it is: repeated, since the first gossip often leaves before gossipsub knows a peer of ours on
-# the topic); later, one we meet only gets our advert directly: it is a newcomer announcing itself, or a
-# peer that expired us. (Gossiping on every one cost N x D adverts per peer met: at 16 processes on 2
-# cores, peers expiring on the starved box and coming back made such floods most of the traffic at rest.
-# Limiting the announcement to one gossip per 5 s left a 16-process mesh unformed after 76 s.)
-ANNOUNCE_S = 10.0
 
 
 class ChangeKind(Enum):
@@ -128,7 +121,6 @@ class Discovery:
         self._mdns: Mdns | None = None
         self._multicast: AdvertMulticast | None = None
         self._libp2p: Libp2pHost | None = None
-        self._announce_until: float | None = None  # ANNOUNCE_S after the first peer we met
         self.lookups = ModelLookups()  # records mode: its send is the host's lookup once it runs
         self._tasks: list[asyncio.Task[None]] = []
         self._missed = MissedAdverts(fetch_advert, lambda data: self.receive(data, "libp2p"))
@@ -340,7 +332,7 @@ class Discovery:
         elif result is ApplyResult.NEW:
             self._emit(ChangeKind.JOINED, advert.node_id)
             if source in ("libp2p", "mdns"):
-                self._announce_or_introduce()  # the newcomer learns about us now, not in 30 s
+                self._publisher.met_peer()  # the newcomer learns about us now, not in 30 s
             if self._libp2p is not None and not self._records:  # records mode: lookups dial
                 for addr in advert.addresses.libp2p:
                     self._libp2p.connect(addr)
@@ -389,15 +381,6 @@ class Discovery:
             return False
         self._drop(advert.node_id)
         return True
-
-    def _announce_or_introduce(self) -> None:
-        now = self._clock()
-        if self._announce_until is None:
-            self._announce_until = now + ANNOUNCE_S
-        if now < self._announce_until:
-            self.publish_soon()
-        else:
-            self._publisher.introduce_soon()
 
     def _drop(self, node_id: str) -> None:
         if self.table.goodbye(node_id):
