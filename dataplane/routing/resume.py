@@ -4,7 +4,9 @@ A whole-model holder's successor gets the same request with `continuation` = the
 and `max_tokens` reduced by the tokens already sent, so the client sees one answer with no duplicated
 text. A pipeline's successor chain gets the same request and the ids already sent (`resume`): it
 re-prefills prompt + ids and its last stage replays them (`dataplane/replay.py`), so greedy and seeded
-output continue token for token (issue 14). What to reopen is the router's call (`Reopen`).
+output continue token for token (issue 14). A pipeline stage whose KV pool is spent answers `Busy`
+mid-stream: the same path replays the stream once the pool has room (`kv_wait.py`). What to reopen
+is the router's call (`Reopen`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 
-from core.errors import MeshError, Unavailable
+from core.errors import Busy, MeshError, Unavailable
 from core.serving import Generation, aclose
 from core.types import Chunk, FinishReason, GenerationRequest, Usage
 from placement.cluster import Stage
@@ -47,8 +49,9 @@ class Served:
     offset: int = 0
 
 
-# the failed one, its error, the text and ids sent so far -> the replacement (raises MeshError if none)
-Reopen = Callable[[Served, Unavailable, str, list[int]], Awaitable[Served]]
+# the failed one, its error (Busy: a pipeline stage's KV pool is spent), the text and ids sent so far
+# -> the replacement (raises MeshError if none)
+Reopen = Callable[[Served, Unavailable | Busy, str, list[int]], Awaitable[Served]]
 
 
 def resuming(served: Served, request: GenerationRequest, reopen: Reopen) -> AsyncIterator[Chunk]:
@@ -75,6 +78,11 @@ async def _resuming(served: Served, stream: AsyncIterator[Chunk], request: Gener
                 return
             except Unavailable as e:
                 log.warning("%s failed mid-stream after %d tokens: %s", served.generation.served_by, len(ids), e)
+                error: Unavailable | Busy = e
+            except Busy as e:
+                if not served.chain:  # a whole-model holder waits for blocks itself: its Busy is final
+                    raise
+                log.warning("%s is out of KV blocks after %d tokens (waits, then replays): %s", served.generation.served_by, len(ids), e)
                 error = e
             await aclose(stream)
             if resume_request(request, text, len(ids)) is None:
@@ -83,7 +91,7 @@ async def _resuming(served: Served, stream: AsyncIterator[Chunk], request: Gener
             try:
                 served = await reopen(served, error, text, ids)
             except MeshError as e:
-                if isinstance(e, Unavailable):
+                if isinstance(e, Unavailable) or (isinstance(e, Busy) and isinstance(error, Busy)):
                     raise
                 raise Unavailable(
                     f"{served.generation.served_by} failed ({error.message}) and nothing could resume it: {e.message}"

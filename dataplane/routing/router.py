@@ -3,13 +3,15 @@
 Each request takes one `MeshView` (our advert built once, one snapshot of the peers), resolves the
 model in its catalog, then opens the best whole-model holder under the one retry policy
 (`dispatch.py`, `retry.py`), else the cheapest chain of layer ranges (placing an offered model first,
-`placing.py`). A holder that fails mid-stream is replaced (`resume.py`). In records mode (`lookup`
+`placing.py`). A holder that fails mid-stream is replaced (`resume.py`); a chain whose stage ran out of
+KV blocks is waited out and replayed (`kv_wait.py`). In records mode (`lookup`
 given) a model no peer in the table holds, or one whose holders all failed, is looked up in the DHT
 once and the request retried when the record answers (`lookup.py`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,6 +23,7 @@ from core.serving import Embeddings, Generation, ModelListing, aclose, first_chu
 from core.types import Chunk, EmbedInput, GenerationRequest
 from dataplane.calls import remote_generate
 from dataplane.channels import Endpoint, PeerChannels
+from dataplane.routing import kv_wait
 from dataplane.routing.dispatch import Dispatcher, prefix_key
 from dataplane.routing.failover import (
     MAX_CHAIN_TRIES,
@@ -141,7 +144,10 @@ class MeshRouter:
         attempts = Attempts()
         served = await self._open(view, target, available, request, attempts)
 
-        async def reopen(failed: Served, error: Unavailable, text: str, ids: list[int]) -> Served:
+        async def reopen(failed: Served, error: Unavailable | Busy, text: str, ids: list[int]) -> Served:
+            if isinstance(error, Busy):  # a stage's KV pool is spent: healthy, so not blamed; wait, replay
+                return await self._wait_and_replay(target, available, failed.request or request, failed, error,
+                                                   ids, attempts.exclude)
             view = self.view()
             if failed.node_id is not None:  # a whole-model holder: another continues from the text
                 self.dispatch.record_failure(failed.node_id)
@@ -180,6 +186,28 @@ class MeshRouter:
         generation = served.generation
         generation.rest = resuming(served, request, reopen)
         return generation
+
+    async def _wait_and_replay(self, target: Target, available: list[str], request: GenerationRequest,
+                               failed: Served, error: Busy, ids: list[int], exclude: set[str]) -> Served:
+        """`failed`'s chain ended with Busy (a stage out of KV blocks), so its sessions are closed: wait
+        per `kv_wait.decide`, then replay the prompt and `ids` on a chain (the same one, or a replica),
+        until one gets as far as a new token; raises the last Busy when waiting ran out."""
+        since, attempts = self.dispatch.now(), 0
+        while True:
+            step = kv_wait.decide(error.retry_after_s, since, self.dispatch.now(), attempts)
+            if isinstance(step, kv_wait.GiveUp):
+                log.warning("%s found no KV blocks for %.0f s: giving up", failed.generation.served_by, step.waited_s)
+                raise error
+            await asyncio.sleep(step.delay_s)
+            attempts += 1
+            try:
+                opened = await self._open_pipeline(self.view(), target, available, request, exclude,
+                                                   tuple(ids[failed.offset:]))
+            except Busy as e:
+                error = e
+                continue
+            log.info("replayed %d tokens on %s after waiting for KV blocks", len(ids), opened.generation.served_by)
+            return replace(opened, offset=failed.offset)
 
     async def _whole(self, view: MeshView, target: Target, request: GenerationRequest,
                      attempts: Attempts) -> Served | None:

@@ -1,0 +1,44 @@
+"""Waiting out a pipeline stage whose KV pool is spent (pure; clock passed in).
+
+A stage whose paged KV pool is spent by other sessions answers `Busy` (RESOURCE_EXHAUSTED with
+retry-after; `dataplane/stage.py`). It is healthy, only full: it is not blamed or avoided. The stream
+has ended, so every stage of the chain gave its blocks back; the gateway waits (`decide`), then
+replays the prompt and the ids sent so far on a chain through the failover path (`resume.py`), as a
+whole-model stream steps aside and recomputes (`engine/torch_generate.py`). Each wait doubles, at
+least the stage's retry-after, at most `MAX_DELAY_S`; a stream that found no room for `BUDGET_S`
+ends with the stage's Busy, as it did before waiting was tried.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+BUDGET_S = 60.0  # the longest a stream waits for room, from its first Busy until a replay's first token
+FIRST_DELAY_S = 0.5
+MAX_DELAY_S = 4.0
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """Sleep `delay_s`, then replay on a chain."""
+
+    delay_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class GiveUp:
+    """Waited long enough: the stream ends with the stage's error."""
+
+    waited_s: float
+
+
+def decide(retry_after_s: float, since: float, now: float, attempts: int,
+           budget_s: float = BUDGET_S) -> Wait | GiveUp:
+    """After the `attempts`-th replay found the pool spent (0: the stream itself did), waiting since
+    `since`: how long to wait before the next replay, or give up when that wait would end past the
+    budget."""
+    waited_s = max(0.0, now - since)
+    delay_s = max(float(retry_after_s), min(MAX_DELAY_S, FIRST_DELAY_S * 2 ** max(0, attempts)))
+    if waited_s + delay_s > budget_s:
+        return GiveUp(waited_s)
+    return Wait(delay_s)
