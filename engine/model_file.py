@@ -1,4 +1,4 @@
-"""GGUF model files: content digest, metadata read with `gguf`, alias resolution, a digest cache.
+"""GGUF model files: content digest, metadata (shard.gguf_header), alias resolution, a digest cache.
 
 A model is known by the sha256 of its GGUF; two nodes serve "the same model" only when digests match.
 Hashing ~100 MB costs ~0.3 s and a 70B file minutes, so digests and metadata are cached in the data
@@ -11,12 +11,12 @@ import hashlib
 import importlib.util
 import json
 import os
+from collections.abc import Sized
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import gguf
-
 from engine.builtin_templates import BY_ARCHITECTURE
+from shard.gguf_header import GGUFHeaderError, read_header
 
 DEFAULT_ALIAS = "smollm2-135m-instruct"
 _ALIASES = {
@@ -86,33 +86,26 @@ def sha256_file(path: Path, chunk_bytes: int = 8 << 20) -> str:
     return h.hexdigest()
 
 
-def _field(reader: gguf.GGUFReader, key: str, default: object = None) -> object:
-    field = reader.fields.get(key)
-    if field is None:
-        return default
-    return field.contents()
-
-
 def read_metadata(path: Path, digest: str, alias: str) -> ModelFile:
     try:
-        reader = gguf.GGUFReader(path, "r")
-    except (ValueError, OSError, IndexError, KeyError) as e:
+        fields = read_header(path).fields
+    except (GGUFHeaderError, OSError) as e:
         raise ModelFileError(f"{path} is not a readable GGUF file: {e}") from None
-    arch = _field(reader, "general.architecture")
+    arch = fields.get("general.architecture")
     if not isinstance(arch, str):
         raise ModelFileError(f"{path}: GGUF has no general.architecture")
-    n_layers = _field(reader, f"{arch}.block_count")
-    hidden = _field(reader, f"{arch}.embedding_length")
-    ctx = _field(reader, f"{arch}.context_length", 2048)
+    n_layers = fields.get(f"{arch}.block_count")
+    hidden = fields.get(f"{arch}.embedding_length")
+    ctx = fields.get(f"{arch}.context_length", 2048)
     if not isinstance(n_layers, int) or not isinstance(hidden, int):
         raise ModelFileError(f"{path}: GGUF lacks {arch}.block_count or {arch}.embedding_length")
     if not isinstance(ctx, int) or ctx < 1:
         raise ModelFileError(f"{path}: GGUF {arch}.context_length is {ctx!r}")
-    vocab = _field(reader, f"{arch}.vocab_size")
+    vocab = fields.get(f"{arch}.vocab_size")
     if not isinstance(vocab, int):
-        tokens = reader.fields.get("tokenizer.ggml.tokens")
-        vocab = len(tokens.data) if tokens is not None else 0
-    template = _field(reader, "tokenizer.chat_template")
+        tokens = fields.get("tokenizer.ggml.tokens")
+        vocab = len(tokens) if isinstance(tokens, Sized) and not isinstance(tokens, str) else 0
+    template = fields.get("tokenizer.chat_template")
     return ModelFile(
         path=str(path),
         digest=digest,

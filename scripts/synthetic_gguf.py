@@ -38,10 +38,11 @@ def write_synthetic_llama(
     tok = None
     vocab = 4096
     if tokenizer:
-        from engine.model_file import load_model_file
+        from engine.model_file import resolve_path
+        from shard.gguf_header import read_header  # gguf.GGUFReader takes 2 s over this vocabulary
 
-        tok = gguf.GGUFReader(load_model_file("smollm2-135m-instruct").path)
-        vocab = len(tok.fields["tokenizer.ggml.tokens"].data)
+        tok = read_header(resolve_path("smollm2-135m-instruct")[0])
+        vocab = len(tok.fields["tokenizer.ggml.tokens"])
     overrides = MIXES[mix] if mix else {}
     head_dim = hidden // heads
     w = gguf.GGUFWriter(path, "llama")
@@ -56,12 +57,13 @@ def write_synthetic_llama(
     w.add_rope_dimension_count(head_dim)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(vocab)
-    for name, field in tok.fields.items() if tok is not None else ():
+    for name, value in tok.fields.items() if tok is not None else ():
         if not name.startswith("tokenizer."):
             continue
-        vtype = field.types[0]
-        sub = field.types[1] if vtype == gguf.GGUFValueType.ARRAY else None
-        w.add_key_value(name, field.contents(), vtype, sub_type=sub)
+        vtype, *sub = tok.types[name]
+        if sub:  # the writer takes arrays as Python lists
+            value = value.tolist() if isinstance(value, np.ndarray) else list(value)
+        w.add_key_value(name, value, vtype, sub_type=sub[0] if sub else None)
     rng = np.random.default_rng(seed)
 
     def matrix(name: str, rows: int, cols: int, qtype: str = "") -> None:

@@ -6,11 +6,8 @@ a layer uses, scales); the forward of each architecture is in engine/arch_<name>
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping, Sized
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # placement and simulations import this module; keep it free of numpy/gguf
-    import gguf
 
 # Architectures whose GGUF Q/K rows were permuted by llama.cpp's converter for its adjacent-pair
 # ("NORM") RoPE. Qwen2 uses NEOX RoPE, i.e. HF's rotate_half, so its weights are stored as in HF.
@@ -104,69 +101,70 @@ class ModelConfig:
         return 2 * h + attn + bias + extra + 3 * h * self.ffn_size
 
 
-def _get(reader: gguf.GGUFReader, key: str, default: object = None) -> object:
-    field = reader.fields.get(key)
-    if field is None:
+def _get(fields: Mapping[str, object], key: str, default: object = None) -> object:
+    value = fields.get(key)
+    if value is None:
         if default is None:
             raise ModelConfigError(f"GGUF lacks {key}")
         return default
-    return field.contents()
+    return value
 
 
-def _int(reader: gguf.GGUFReader, key: str, default: int | None = None) -> int:
+def _int(fields: Mapping[str, object], key: str, default: int | None = None) -> int:
     """A positive integer from the metadata; a file that says otherwise is refused, naming the key."""
-    value = _get(reader, key, default)
+    value = _get(fields, key, default)
     if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 1 << 40:
         raise ModelConfigError(f"GGUF {key} is {value!r}, not a positive integer")
     return value
 
 
-def _float(reader: gguf.GGUFReader, key: str, default: float | None = None) -> float:
-    value = _get(reader, key, default)
+def _float(fields: Mapping[str, object], key: str, default: float | None = None) -> float:
+    value = _get(fields, key, default)
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < float("inf"):
         raise ModelConfigError(f"GGUF {key} is {value!r}, not a positive number")
     return float(value)
 
 
-def read_config(reader: gguf.GGUFReader) -> ModelConfig:
-    arch = str(_get(reader, "general.architecture"))
-    names = {t.name for t in reader.tensors}
-    hidden = _int(reader, f"{arch}.embedding_length")
-    n_heads = _int(reader, f"{arch}.attention.head_count")
-    head_dim = _int(reader, f"{arch}.attention.key_length", max(1, hidden // n_heads))
-    if f"{arch}.vocab_size" in reader.fields:
-        vocab_size = _int(reader, f"{arch}.vocab_size")
-    elif "tokenizer.ggml.tokens" in reader.fields:
-        vocab_size = len(reader.fields["tokenizer.ggml.tokens"].data)
+def read_config(fields: Mapping[str, object], names: Collection[str]) -> ModelConfig:
+    """The config from a GGUF's metadata (shard.gguf_header: key -> value) and its tensor names."""
+    arch = str(_get(fields, "general.architecture"))
+    hidden = _int(fields, f"{arch}.embedding_length")
+    n_heads = _int(fields, f"{arch}.attention.head_count")
+    head_dim = _int(fields, f"{arch}.attention.key_length", max(1, hidden // n_heads))
+    tokens = fields.get("tokenizer.ggml.tokens")
+    if f"{arch}.vocab_size" in fields:
+        vocab_size = _int(fields, f"{arch}.vocab_size")
+    elif isinstance(tokens, Sized) and not isinstance(tokens, str):
+        vocab_size = len(tokens)
     else:
         raise ModelConfigError("GGUF has neither a vocab_size nor a tokenizer")
     gemma3 = arch == "gemma3"
-    rope_scale = _gemma3_rope_scale(reader) if gemma3 else 1.0
+    rope_scale = _gemma3_rope_scale(fields) if gemma3 else 1.0
     return ModelConfig(
         architecture=arch,
-        n_layers=_int(reader, f"{arch}.block_count"),
+        n_layers=_int(fields, f"{arch}.block_count"),
         hidden_size=hidden,
         n_heads=n_heads,
-        n_kv_heads=_int(reader, f"{arch}.attention.head_count_kv", n_heads),
+        n_kv_heads=_int(fields, f"{arch}.attention.head_count_kv", n_heads),
         head_dim=head_dim,
-        ffn_size=_int(reader, f"{arch}.feed_forward_length"),
+        ffn_size=_int(fields, f"{arch}.feed_forward_length"),
         vocab_size=vocab_size,
-        context_length=_int(reader, f"{arch}.context_length", 2048),
-        rope_base=_float(reader, f"{arch}.rope.freq_base", 10000.0),
-        rope_dim=_int(reader, f"{arch}.rope.dimension_count", head_dim),
-        rms_eps=_float(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5),
+        context_length=_int(fields, f"{arch}.context_length", 2048),
+        rope_base=_float(fields, f"{arch}.rope.freq_base", 10000.0),
+        rope_dim=_int(fields, f"{arch}.rope.dimension_count", head_dim),
+        rms_eps=_float(fields, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5),
         tied_embeddings="output.weight" not in names,
         attn_bias="blk.0.attn_q.bias" in names,
-        sliding_window=_int(reader, f"{arch}.attention.sliding_window") if gemma3 else 0,
+        sliding_window=_int(fields, f"{arch}.attention.sliding_window") if gemma3 else 0,
         swa_pattern=GEMMA3_SWA_PATTERN if gemma3 else 0,
         rope_base_swa=GEMMA3_SWA_ROPE_BASE,
         rope_scale=rope_scale,
     )
 
 
-def _gemma3_rope_scale(reader: gguf.GGUFReader) -> float:
+def _gemma3_rope_scale(fields: Mapping[str, object]) -> float:
     """Gemma 3 >= 4B scales its global layers' positions linearly (factor 8); 270M and 1B do not."""
-    kind = str(_get(reader, "gemma3.rope.scaling.type", "none"))
+    kind = str(_get(fields, "gemma3.rope.scaling.type", "none"))
     if kind not in ("none", "linear"):
         raise ModelConfigError(f"unsupported RoPE scaling {kind!r}")
-    return _float(reader, "gemma3.rope.scaling.factor", 1.0) if kind == "linear" else 1.0
+    return _float(fields, "gemma3.rope.scaling.factor", 1.0) if kind == "linear" else 1.0
