@@ -6,9 +6,12 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.pdl import launch_options, pdl_prologue
+
 
 @triton.jit
-def _add_rms_norm_kernel(H, D, W, HO, XO, n, eps, BLOCK: tl.constexpr):
+def _add_rms_norm_kernel(H, D, W, HO, XO, n, eps, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_prologue(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     ok = cols < n
@@ -26,12 +29,14 @@ def add_rms_norm(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps
     n = h.shape[-1]
     rows = h.numel() // n
     h_out, x_out = torch.empty_like(h), torch.empty_like(h)
-    _add_rms_norm_kernel[(rows,)](h, delta, weight, h_out, x_out, n, eps, BLOCK=triton.next_power_of_2(n), num_warps=8)
+    _add_rms_norm_kernel[(rows,)](h, delta, weight, h_out, x_out, n, eps, BLOCK=triton.next_power_of_2(n), num_warps=8,
+                                   **launch_options(h.device))
     return h_out, x_out
 
 
 @triton.jit
-def _act_mul_kernel(G, U, OUT, n, s_g, s_u, GELU: tl.constexpr, BLOCK: tl.constexpr):
+def _act_mul_kernel(G, U, OUT, n, s_g, s_u, GELU: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_prologue(PDL)
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < n
@@ -53,6 +58,7 @@ def act_mul(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
     out = torch.empty(gate.shape, device=gate.device, dtype=gate.dtype)
     block = 1024
     _act_mul_kernel[(g2.shape[0], triton.cdiv(n, block))](
-        g2, u2, out, n, g2.stride(0), u2.stride(0), GELU=act == "gelu_tanh", BLOCK=block, num_warps=4
+        g2, u2, out, n, g2.stride(0), u2.stride(0), GELU=act == "gelu_tanh", BLOCK=block, num_warps=4,
+        **launch_options(gate.device),
     )
     return out

@@ -13,20 +13,31 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.pdl import launch_options, pdl_prologue
+
 BLOCK_K = 512
 MAX_K = 8192  # past this (Llama's down projection, K = 14,336) cuBLAS measured faster
 
 
 @triton.jit
-def _gemv_kernel(X, W, Y, N, K, ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gemv_kernel(X, W, Y, N, K, ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """y[n] = W[n] . x; with ACT (1 silu, 2 gelu-tanh) W is [2 N, K] (gate rows, then up rows) and
-    y[n] = act(W[n] . x) * (W[N + n] . x)."""
+    y[n] = act(W[n] . x) * (W[N + n] . x). The first weight tile is loaded before the PDL wait
+    (weights are never written by the kernel before, x is): its DRAM latency hides under that
+    kernel's tail."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     rows_ok = rn < N
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    ok = rows_ok[:, None] & (rk < K)[None, :]
+    w_first = tl.load(W + rn[:, None] * K + rk[None, :], mask=ok, other=0.0)
+    u_first = w_first
+    if ACT != 0:
+        u_first = tl.load(W + (rn + N)[:, None] * K + rk[None, :], mask=ok, other=0.0)
+    pdl_prologue(PDL)
+    x = tl.load(X + rk, mask=rk < K, other=0.0).to(tl.float32)[None, :]
+    acc = w_first.to(tl.float32) * x
+    acc_up = u_first.to(tl.float32) * x
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         kk = k0 + rk
         k_ok = kk < K
         x = tl.load(X + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :]
@@ -53,6 +64,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, act: str | None = None) -> torch
     y = torch.empty(n, device=x.device, dtype=x.dtype)
     block_n = 4 if n <= 4096 else 8 if n <= 16384 or act else 16
     _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, y, n, k, ACT=_ACTS[act], BLOCK_N=block_n, BLOCK_K=BLOCK_K, num_warps=4, num_stages=3
+        x, weight, y, n, k, ACT=_ACTS[act], BLOCK_N=block_n, BLOCK_K=BLOCK_K, num_warps=4, num_stages=3,
+        **launch_options(x.device),
     )
     return y

@@ -5,15 +5,19 @@ tinygemm (`torch._weight_int4pack_mm`) multiplies one row at a time: 1.6x bf16 a
 (`_w4_row_kernel`, a GEMV) or feed it to the tensor cores (`_w4_dot_kernel`, `tl.dot`), so wide decode
 batches read the 4-bit weights once per step and stay in the 4-bit footprint.
 
-Layout (`pack_int4`): `qw` int32 [K / 8, N], so a warp loads along N (coalesced), one load per eight
-weights; within each chunk of 128 k the nibbles are ordered so that unpacking needs only shifts (see
-`pack_int4`). `scales` and `zeros` [K / 32, N] in the activation dtype, w[n, k] = (q - 8) * scale + zero (as
+Layout (`pack_int4`): `qw` int32 [N, K / 8], one load per eight weights; within each chunk of 128 k
+the nibbles are ordered so that unpacking needs only shifts, and the two halves of a group of 32 sit
+16 bits apart in a word, where one PTX `lop3` makes both of them bf16 at once (see `pack_int4`). `scales` and `zeros` [K / 32, N] in the activation dtype, w[n, k] = (q - 8) * scale + zero (as
 tinygemm's and `Int4Groups`'). A first version loaded each word once per nibble
 (and each scale once per weight): 0.3-0.5x of bf16 on an H200, bound by load instructions, not bytes.
 
-The int -> float conversion is the ALU cost that decides whether dequantizing keeps up with HBM: the
-`MAGIC` path ORs the nibble into the mantissa of 2^23 and subtracts 2^23, two cheap ops instead of
-one conversion (the trick Marlin and FasterTransformer play on half precision).
+The int -> float conversion is the ALU cost that decides whether dequantizing keeps up with HBM
+(Nsight Compute: the kernels were ALU-bound at 34 % of DRAM bandwidth). `magic` picks the path:
+0 converts; 1 ORs the nibble into the mantissa of 2^23 and subtracts 2^23 (fp32); 2 does the same in
+bf16 (128 + q); 3 (bf16 on CUDA) does two weights per instruction in PTX: one `lop3` puts two
+nibbles into the mantissas of a bf16x2 pair and two `fma.rn.bf16x2` subtract 136 and apply scale
+and zero (Marlin's and FasterTransformer's trick). The one-row kernel's 3 keeps fp32 products but
+takes the scale and zero out of the inner loop: sum (q - 8) s x + z x = s sum q' x + (z - 8 s) sum x.
 """
 
 from __future__ import annotations
@@ -25,7 +29,15 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.pdl import launch_options, pdl_prologue
+
 GROUP = 32
+
+
+def shift(j: int) -> int:
+    """The bit offset of nibble j (k = 16 j + r of a 128-k chunk) in its word: a group's two halves
+    (j = 2 g, 2 g + 1) 16 bits apart."""
+    return 4 * (j // 2) + 16 * (j % 2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,8 +50,9 @@ class W4Config:
     split_k: int
     warps: int
     stages: int
-    magic: int = 1  # int -> float: 0 by conversion, 1 the fp32 mantissa trick, 2 bf16 math (tensor-core kernels)
+    magic: int = 1  # int -> float: 0 by conversion, 1 the fp32 mantissa trick, 2 bf16 math, 3 PTX bf16x2
     swap: bool = False
+    join: bool = False  # swapped kernel: one 32-deep dot per group instead of two 16-deep ones
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,9 +78,11 @@ def pack_int4(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> W4W
     `Int4Groups`' form: centring q halves the error of 16-bit scales against q * scale + min) -> the
     kernels' layout.
 
-    Chunk c of row n holds k in [128 c, 128 c + 128) as 16 words; nibble j of word r is k = 128 c + 16 j + r.
-    So nibble j of a [BLOCK_N, 16] tile is the [BLOCK_N, 16] slice of W that starts at k = 128 c + 16 j:
-    eight shifts give eight `tl.dot` operands, with no reshape in registers and one load per 8 weights.
+    Chunk c of row n holds k in [128 c, 128 c + 128) as 16 words; word r holds k = 128 c + 16 j + r for
+    j = 0..7, j = 2 g at bits 4 g and j = 2 g + 1 at bits 4 g + 16 (`SHIFT`). So nibble j of a
+    [BLOCK_N, 16] tile is the [BLOCK_N, 16] slice of W that starts at k = 128 c + 16 j: eight shifts give
+    eight `tl.dot` operands, with no reshape in registers and one load per 8 weights; and the two
+    halves of group g are one shift and one mask away from a bf16x2 pair.
     K is padded with zero scales and zeros (they add nothing)."""
     n, k = q.shape
     if k % GROUP:
@@ -76,7 +91,7 @@ def pack_int4(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> W4W
     codes = torch.zeros(n, kp, dtype=torch.int32, device=q.device)
     codes[:, :k] = q.to(torch.int32)
     v = codes.reshape(n, kp // 128, 8, 16)  # [N, chunk, j, r]
-    shifts = (torch.arange(8, device=q.device, dtype=torch.int32) * 4).view(1, 1, 8, 1)
+    shifts = torch.tensor([shift(j) for j in range(8)], device=q.device, dtype=torch.int32).view(1, 1, 8, 1)
     qw = (v << shifts).sum(2, dtype=torch.int32).reshape(n, kp // 8)  # disjoint bits: the sum is an OR
 
     def groups(t: torch.Tensor) -> torch.Tensor:
@@ -88,37 +103,69 @@ def pack_int4(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> W4W
 
 
 @triton.jit
-def _tile(q, j: tl.constexpr, s, z, MAGIC: tl.constexpr):
-    """The weights of nibble j of a code tile, for `tl.dot`, in the scales' 16-bit dtype."""
-    if MAGIC == 2:  # 128 + nib as a bf16 bit pattern; the rest in bf16 (two weights an instruction)
-        f = (((q >> (4 * j)) & 0xF) | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
-        return (f - 136.0).to(s.dtype) * s + z
-    return (_nibbles(q, j, MAGIC) * s.to(tl.float32) + z.to(tl.float32)).to(s.dtype)
-
-
-@triton.jit
 def _nibbles(q, j: tl.constexpr, MAGIC: tl.constexpr):
-    nib = (q >> (4 * j)) & 0xF
+    """Nibble j of each code word minus 8, in fp32."""
+    nib = (q >> (4 * (j // 2) + 16 * (j % 2))) & 0xF
     if MAGIC:  # 2^23 + nib as a float32 bit pattern, minus 2^23 + 8: exact, no int -> float conversion
         return (nib | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
     return nib.to(tl.float32) - 8.0
 
 
 @triton.jit
+def _tile(q, j: tl.constexpr, s, z, MAGIC: tl.constexpr):
+    """The weights of nibble j of a code tile, for `tl.dot`, in the scales' 16-bit dtype."""
+    if MAGIC == 2:  # 128 + nib as a bf16 bit pattern; the rest in bf16
+        f = (((q >> (4 * (j // 2) + 16 * (j % 2))) & 0xF) | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        return (f - 136.0).to(s.dtype) * s + z
+    return (_nibbles(q, j, MAGIC) * s.to(tl.float32) + z.to(tl.float32)).to(s.dtype)
+
+
+@triton.jit
+def _pair(q, g: tl.constexpr, s, z, MAGIC: tl.constexpr):
+    """The two halves of group g of a code tile (nibbles 2 g and 2 g + 1), dequantized for `tl.dot`.
+    MAGIC 3 (bf16 only): per word one lop3 makes both 128 + q bf16 (bits 0-3 and 16-19 under 0x4300),
+    one fma.bf16x2 subtracts 136 (exact), one applies scale and zero: 1.5 instructions a weight."""
+    if MAGIC == 3:
+        lo, hi = tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 t, sc, zc, one, off;
+            lop3.b32 t, $2, 0x000F000F, 0x43004300, 0xEA;
+            mov.b32 one, 0x3F803F80;
+            mov.b32 off, 0xC308C308;
+            fma.rn.bf16x2 t, t, one, off;
+            mov.b32 sc, {$3, $3};
+            mov.b32 zc, {$4, $4};
+            fma.rn.bf16x2 t, t, sc, zc;
+            mov.b32 {$0, $1}, t;
+            }""",
+            constraints="=h,=h,r,h,h",
+            args=[q >> (4 * g), s.to(tl.int16, bitcast=True), z.to(tl.int16, bitcast=True)],
+            dtype=(tl.int16, tl.int16), is_pure=True, pack=1,
+        )
+        return lo.to(tl.bfloat16, bitcast=True), hi.to(tl.bfloat16, bitcast=True)
+    return _tile(q, 2 * g, s, z, MAGIC), _tile(q, 2 * g + 1, s, z, MAGIC)
+
+
+@triton.jit
+def _span(K, chunks_per_split):
+    """The 128-k chunks this program's K split walks."""
+    c_lo = tl.program_id(2) * chunks_per_split
+    return c_lo, tl.minimum(c_lo + chunks_per_split, tl.cdiv(K, 128))
+
+
+@triton.jit
 def _w4_dot_kernel(
     X, QW, S, Z, Y, M, N, K, sxm, sym, sys, chunks_per_split,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, MAGIC: tl.constexpr,
+    JOIN: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """acc [BLOCK_M, BLOCK_N] += x tile @ dequantized W tile.T (weights as the B operand)."""
+    pdl_prologue(PDL)
     kw = tl.cdiv(K, 128) * 16
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     r16 = tl.arange(0, 16)
-    c_lo = pid_k * chunks_per_split
-    c_hi = tl.minimum(c_lo + chunks_per_split, tl.cdiv(K, 128))
+    c_lo, c_hi = _span(K, chunks_per_split)
     rows_ok = rm[:, None] < M
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for c in range(c_lo, c_hi):
@@ -126,30 +173,34 @@ def _w4_dot_kernel(
         for g in tl.static_range(4):  # the chunk's four groups of 32
             s = tl.load(S + (c * 4 + g) * N + rn)[None, :]
             z = tl.load(Z + (c * 4 + g) * N + rn)[None, :]
-            for h in tl.static_range(2):
-                kk = c * 128 + (2 * g + h) * 16 + r16
-                a = tl.load(X + rm[:, None] * sxm + kk[None, :], mask=rows_ok & (kk[None, :] < K), other=0.0)
-                acc = tl.dot(a, _tile(q, 2 * g + h, s, z, MAGIC).to(a.dtype), acc)
-    tl.store(Y + pid_k * sys + rm[:, None] * sym + rn[None, :], acc.to(Y.dtype.element_ty), mask=rows_ok)
+            w0, w1 = _pair(q, g, s, z, MAGIC)
+            kk = c * 128 + g * 32 + r16
+            a = tl.load(X + rm[:, None] * sxm + kk[None, :], mask=rows_ok & (kk[None, :] < K), other=0.0)
+            acc = tl.dot(a, w0.to(a.dtype), acc)
+            a = tl.load(X + rm[:, None] * sxm + kk[None, :] + 16, mask=rows_ok & (kk[None, :] + 16 < K), other=0.0)
+            acc = tl.dot(a, w1.to(a.dtype), acc)
+    tl.store(Y + tl.program_id(2) * sys + rm[:, None] * sym + rn[None, :], acc.to(Y.dtype.element_ty), mask=rows_ok)
 
 
 @triton.jit
 def _w4_swap_kernel(
     X, QW, S, Z, Y, M, N, K, sxm, sym, sys, chunks_per_split,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, MAGIC: tl.constexpr,
+    JOIN: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """acc [BLOCK_N, BLOCK_M] += dequantized W tile @ x tile.T: the weights are the A operand, which the
     tensor cores take from registers (Hopper's wgmma reads only B from shared memory), so a
-    dequantized tile needs no trip through shared memory; and a few rows fill wgmma's N side."""
+    dequantized tile needs no trip through shared memory; and a few rows fill wgmma's N side.
+    JOIN interleaves a group's two halves into one [BLOCK_N, 32] operand (column 2 r + h holds
+    k = 32 g + 16 h + r, and x is loaded in that order): half as many dots, each twice as deep."""
+    pdl_prologue(PDL)
     kw = tl.cdiv(K, 128) * 16
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     r16 = tl.arange(0, 16)
-    c_lo = pid_k * chunks_per_split
-    c_hi = tl.minimum(c_lo + chunks_per_split, tl.cdiv(K, 128))
+    i32 = tl.arange(0, 32)
+    k32 = (i32 % 2) * 16 + i32 // 2  # the joined operand's column order
+    c_lo, c_hi = _span(K, chunks_per_split)
     rows_ok = rm[None, :] < M
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for c in range(c_lo, c_hi):
@@ -157,44 +208,65 @@ def _w4_swap_kernel(
         for g in tl.static_range(4):
             s = tl.load(S + (c * 4 + g) * N + rn)[:, None]
             z = tl.load(Z + (c * 4 + g) * N + rn)[:, None]
-            for h in tl.static_range(2):
-                kk = c * 128 + (2 * g + h) * 16 + r16
+            w0, w1 = _pair(q, g, s, z, MAGIC)
+            if JOIN:
+                kk = c * 128 + g * 32 + k32
                 xt = tl.load(X + rm[None, :] * sxm + kk[:, None], mask=rows_ok & (kk[:, None] < K), other=0.0)
-                acc = tl.dot(_tile(q, 2 * g + h, s, z, MAGIC).to(xt.dtype), xt, acc)
-    tl.store(Y + pid_k * sys + rm[None, :] * sym + rn[:, None], acc.to(Y.dtype.element_ty), mask=rows_ok)
+                w = tl.reshape(tl.join(w0, w1), (BLOCK_N, 32))
+                acc = tl.dot(w.to(xt.dtype), xt, acc)
+            else:
+                kk = c * 128 + g * 32 + r16
+                xt = tl.load(X + rm[None, :] * sxm + kk[:, None], mask=rows_ok & (kk[:, None] < K), other=0.0)
+                acc = tl.dot(w0.to(xt.dtype), xt, acc)
+                xt = tl.load(X + rm[None, :] * sxm + kk[:, None] + 16, mask=rows_ok & (kk[:, None] + 16 < K), other=0.0)
+                acc = tl.dot(w1.to(xt.dtype), xt, acc)
+    tl.store(Y + tl.program_id(2) * sys + rm[None, :] * sym + rn[:, None], acc.to(Y.dtype.element_ty), mask=rows_ok)
 
 
 @triton.jit
 def _w4_row_kernel(
     X, QW, S, Z, Y, N, K, sys, chunks_per_split,
-    BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, MAGIC: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, MAGIC: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One input row (a GEMV) on the CUDA cores: products accumulate per lane in [BLOCK_N, 16] and
-    are reduced across lanes once, at the end (a reduction per tile cost more than the math)."""
+    are reduced across lanes once, at the end (a reduction per tile cost more than the math).
+    MAGIC 3: q' = nibble << 4 g comes out of one lop3 and one subtraction (no shift: 2^23 + q' stays
+    exact below 2^23), x is scaled by 2^-4g to match, and scale and zero apply once per group."""
+    pdl_prologue(PDL)
     kw = tl.cdiv(K, 128) * 16
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     r16 = tl.arange(0, 16)
-    c_lo = pid_k * chunks_per_split
+    c_lo = tl.program_id(1) * chunks_per_split
     c_hi = tl.minimum(c_lo + chunks_per_split, tl.cdiv(K, 128))
     acc = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
+    zacc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for c in range(c_lo, c_hi):
         q = tl.load(QW + rn[:, None] * kw + (c * 16 + r16)[None, :])  # [BLOCK_N, 16]
+        if MAGIC == 3:
+            qh = q >> 16
         for g in tl.static_range(4):
-            s = tl.load(S + (c * 4 + g) * N + rn).to(tl.float32)[:, None]
-            z = tl.load(Z + (c * 4 + g) * N + rn).to(tl.float32)[:, None]
-            for h in tl.static_range(2):
-                kk = c * 128 + (2 * g + h) * 16 + r16
-                a = tl.load(X + kk, mask=kk < K, other=0.0).to(tl.float32)[None, :]
-                acc += (_nibbles(q, 2 * g + h, MAGIC) * s + z) * a
-    tl.store(Y + pid_k * sys + rn, tl.sum(acc, 1).to(Y.dtype.element_ty))
+            s = tl.load(S + (c * 4 + g) * N + rn).to(tl.float32)
+            z = tl.load(Z + (c * 4 + g) * N + rn).to(tl.float32)
+            kk = c * 128 + g * 32 + r16
+            a0 = tl.load(X + kk, mask=kk < K, other=0.0).to(tl.float32)
+            a1 = tl.load(X + kk + 16, mask=kk + 16 < K, other=0.0).to(tl.float32)
+            if MAGIC == 3:
+                v0 = ((q & (0xF << (4 * g))) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                v1 = ((qh & (0xF << (4 * g))) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                p = v0 * a0[None, :] + v1 * a1[None, :]
+                acc += p * (s * (1.0 / (1 << (4 * g))))[:, None]
+                zacc += (z - 8.0 * s) * (tl.sum(a0, 0) + tl.sum(a1, 0))
+            else:
+                acc += (_nibbles(q, 2 * g, MAGIC) * s[:, None] + z[:, None]) * a0[None, :]
+                acc += (_nibbles(q, 2 * g + 1, MAGIC) * s[:, None] + z[:, None]) * a1[None, :]
+    tl.store(Y + tl.program_id(1) * sys + rn, (tl.sum(acc, 1) + zacc).to(Y.dtype.element_ty))
 
 
 @triton.jit
-def _sum_splits_kernel(P, Y, numel, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+def _sum_splits_kernel(P, Y, numel, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """Y = sum of the K splits' fp32 partials, added in split order: the same bits on every run (atomic
     adds would add in whatever order the splits finish, and greedy ids drifted between runs)."""
+    pdl_prologue(PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < numel
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -215,9 +287,12 @@ def w4_matmul(x: torch.Tensor, w: W4Weight, cfg: W4Config) -> torch.Tensor:
     if k != w.in_features or not fits(cfg, n):
         raise ValueError(f"launch shape {cfg} or input [{m}, {k}] does not fit a [{n}, {w.in_features}] weight")
     x = x.contiguous()
+    if cfg.block_m and cfg.magic == 3 and (x.dtype != torch.bfloat16 or w.scales.dtype != torch.bfloat16):
+        cfg = dataclasses.replace(cfg, magic=2)  # the PTX pair path is written for bf16 only
     chunks = w.qw.shape[1] // 16
     per_split = -(-chunks // cfg.split_k)
     y = x.new_empty(m, n)
+    pdl = launch_options(x.device)
     # K splits write fp32 partials, summed in a fixed order by a second kernel
     out = y if cfg.split_k == 1 else torch.empty(cfg.split_k, m, n, device=x.device, dtype=torch.float32)
     if cfg.block_m == 0:
@@ -225,35 +300,41 @@ def w4_matmul(x: torch.Tensor, w: W4Weight, cfg: W4Config) -> torch.Tensor:
             raise ValueError("the one-row kernel takes M == 1")
         _w4_row_kernel[(n // cfg.block_n, cfg.split_k)](
             x, w.qw, w.scales, w.zeros, out, n, k, m * n, per_split, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k,
-            MAGIC=cfg.magic, num_warps=cfg.warps, num_stages=cfg.stages,
+            MAGIC=cfg.magic, num_warps=cfg.warps, num_stages=cfg.stages, **pdl,
         )  # fmt: skip
     else:
         kernel = _w4_swap_kernel if cfg.swap else _w4_dot_kernel
         kernel[(n // cfg.block_n, triton.cdiv(m, cfg.block_m), cfg.split_k)](
             x, w.qw, w.scales, w.zeros, out, m, n, k, x.stride(0), n, m * n, per_split, BLOCK_M=cfg.block_m,
-            BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k, MAGIC=cfg.magic, num_warps=cfg.warps, num_stages=cfg.stages,
+            BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k, MAGIC=cfg.magic, JOIN=cfg.join and cfg.swap,
+            num_warps=cfg.warps, num_stages=cfg.stages, **pdl,
         )  # fmt: skip
     if cfg.split_k > 1:
-        _sum_splits_kernel[(triton.cdiv(m * n, 1024),)](out, y, m * n, SPLIT_K=cfg.split_k, BLOCK=1024, num_warps=4)
+        _sum_splits_kernel[(triton.cdiv(m * n, 1024),)](
+            out, y, m * n, SPLIT_K=cfg.split_k, BLOCK=1024, num_warps=4, **pdl
+        )  # fmt: skip
     return y
 
 
 def launch_for(m: int, n: int) -> W4Config:
     """The launch shape for M rows of an [N, K] weight: the winners of `scripts/bench_int4_gemm.py` on an
     H200 (Llama-3-8B layer shapes, docs/benchmarks.md), as a rule of M and N. Few output tiles (N <
-    16,384) want more K splits to fill 132 SMs; the one-row kernel wins at M = 1, the swapped
-    tensor-core kernel above it."""
+    16,384) want more K splits to fill 132 SMs; the one-row kernel wins at M = 1, tensor-core kernels
+    above it; the PTX dequantizing path (magic 3) won or tied on every shape from 1 to 128 rows but
+    one (down at 32 rows, 5 % behind bf16 math), and the joined operand never won."""
     wide = n >= 16384
     if m == 1:
-        cfg = W4Config(0, 64 if n >= 6144 else 32, 8, 4, 3)
-    elif m <= 16:  # bf16 dequantizing math (magic 2) won or tied from 2 to 32 rows on every shape but qkv's
-        cfg = W4Config(16, 64, 4, 4, 3, magic=2) if wide else W4Config(16, 64, 8, 4, 2, magic=2, swap=True)
+        cfg = W4Config(0, 128, 4 if wide else 16 if n <= 4096 else 8, 4, 3, magic=3)
+    elif m <= 16:
+        cfg = W4Config(16, 64, 4, 4, 3, magic=3) if wide else W4Config(16, 64, 16 if n <= 4096 else 8, 4, 2, magic=3, swap=n <= 4096)
     elif m <= 32:
-        cfg = W4Config(32, 128, 4, 8, 3, magic=2, swap=True) if wide else W4Config(32, 64, 8, 4, 2, magic=2, swap=True)
+        cfg = W4Config(32, 128, 4, 8, 3, magic=3) if wide else W4Config(32, 128, 8, 8, 2, magic=3, swap=True)
     elif m <= 64:
-        cfg = W4Config(64, 64, 1 if wide else 4, 4, 2, swap=True)
+        cfg = W4Config(64, 64, 1 if wide else 4, 4, 2, magic=3, swap=True)
+    elif wide:
+        cfg = W4Config(128, 128, 1, 8, 3, magic=3, swap=True)
     else:
-        cfg = W4Config(128, 128, 1, 8, 3, swap=True) if wide else W4Config(64, 64, 2, 4, 2, swap=True)
+        cfg = W4Config(64, 64, 2, 4, 3, magic=3, swap=True) if n > 4096 else W4Config(64, 64, 4, 4, 2, magic=3, swap=True)
     for block_n in (cfg.block_n, 32, 16):  # N that the tile does not divide (small models)
         if n % block_n == 0:
             return dataclasses.replace(cfg, block_n=block_n)

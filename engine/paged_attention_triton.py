@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from engine.paged_attention import splits_for
+from engine.pdl import launch_options, pdl_prologue
 
 _NEG = tl.constexpr(-1.0e30)  # finite: an empty split merges with weight exp(-1e30 - m) = 0, never NaN
 
@@ -31,8 +32,9 @@ def _split_kernel(
     s_tb,
     s_ab, s_ah, s_as,
     s_mb, s_mh,
-    REP: tl.constexpr, REP_P: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, PER: tl.constexpr,
+    REP: tl.constexpr, REP_P: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, PER: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_prologue(PDL)
     b = tl.program_id(0)
     g = tl.program_id(1)
     s = tl.program_id(2)
@@ -103,13 +105,13 @@ def paged_decode(
         acc.stride(0), acc.stride(1), acc.stride(2),
         m.stride(0), m.stride(1),
         REP=rep, REP_P=max(16, triton.next_power_of_2(rep)), D=d, BS=bs, PER=per,
-        num_warps=4, num_stages=2,
+        num_warps=4, num_stages=2, **launch_options(q.device),
     )
     out = torch.empty_like(q)
     _merge_kernel[(b, h)](
         acc, m, lsum, out,
         acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1), out.stride(0), out.stride(1),
-        S=splits, S_P=triton.next_power_of_2(splits), D=d, num_warps=4,
+        S=splits, S_P=triton.next_power_of_2(splits), D=d, num_warps=4, **launch_options(q.device),
     )
     return out
 
@@ -118,8 +120,9 @@ def paged_decode(
 def _merge_kernel(
     ACC, M, L, OUT,
     s_ab, s_ah, s_as, s_mb, s_mh, s_ob, s_oh,
-    S: tl.constexpr, S_P: tl.constexpr, D: tl.constexpr,
+    S: tl.constexpr, S_P: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_prologue(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     sp = tl.arange(0, S_P)
@@ -137,8 +140,9 @@ def _merge_kernel(
 def _rope_cache_kernel(
     Q, K, V, COS, SIN, POS, WRITE, KC, VC, QO,
     s_qb, s_qh, s_kb, s_kh, s_vb, s_vh, s_cp, s_cr, s_ch, s_ob, s_oh,
-    H: tl.constexpr, HALF: tl.constexpr, INTERLEAVED: tl.constexpr,
+    H: tl.constexpr, HALF: tl.constexpr, INTERLEAVED: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_prologue(PDL)
     b = tl.program_id(0)
     hh = tl.program_id(1)  # 0..H-1: a query head; H..H+Hkv-1: a KV head
     p = tl.load(POS + b)
@@ -192,6 +196,6 @@ def rope_and_cache(
         q, k, v, cos, sin, pos, write, kc, vc, out,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
         kc.stride(0), kc.stride(1), out.stride(0), out.stride(1),
-        H=h, HALF=d // 2, INTERLEAVED=interleaved, num_warps=1,
+        H=h, HALF=d // 2, INTERLEAVED=interleaved, num_warps=1, **launch_options(q.device),
     )
     return out

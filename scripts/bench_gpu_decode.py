@@ -120,10 +120,14 @@ def _time_decode(model, slots: list[int], start: int, tokens: int) -> float:  # 
 def bench_gpu(
     preset: str, tokens: int, batches: list[int], context: int, hf_batches: list[int],
     forms: tuple[str, ...] = ("full", "quantized", "quantized-triton"), eager: bool = True,
+    pdl: tuple[str, ...] = ("on",),
 ) -> None:  # fmt: skip
     """ShardModel.decode, CUDA graphs against the same fixed-shape step eager, bf16 and int4, against
     HF transformers (static cache + torch.compile) on the same shapes; shares of the measured copy
-    bandwidth count the weights and the KV cache each step reads."""
+    bandwidth count the weights and the KV cache each step reads. `pdl` ("on", "off" or both) sets
+    MESHLLM_PDL (engine/pdl.py) for each model built; with both, each form runs twice."""
+    import os
+
     from engine.torch_model import ShardModel
 
     dev = torch.device("cuda")
@@ -132,13 +136,15 @@ def bench_gpu(
           f"copy bandwidth {bw / 1e12:.2f} TB/s; {context} tokens cached per session, {tokens} steps timed")
     results: dict[tuple[str, int], float] = {}
     labels = {"full": "bf16", "quantized": "int4", "quantized-triton": "int4-triton"}
-    for form in forms:
+    runs = [(form, mode) for form in forms for mode in pdl]
+    for form, pdl_mode in runs:
+        os.environ["MESHLLM_PDL"] = "1" if pdl_mode == "on" else "0"
         model = ShardModel(synthetic_weights(preset), _SyntheticLinears(form, dev),  # type: ignore[arg-type]
                            max_sessions=max(batches), max_context=context + tokens + 8)
         weight_bytes = sum(la.qkv.nbytes + la.wo.nbytes + la.gate_up.nbytes + la.down.nbytes
                            for la in model.layers) + model.output.nbytes  # type: ignore[union-attr]
         kv_token = _kv_bytes_per_token(model)
-        label = labels[form]
+        label = labels[form] + ("-nopdl" if pdl_mode == "off" else "")
         print(f"  {label}: {weight_bytes / 1e9:.2f} GB of weights per step; batch-1 roofline "
               f"{bw / (weight_bytes + context * kv_token):.0f} tok/s")
         for s in range(max(batches)):
@@ -168,6 +174,8 @@ def bench_gpu(
         line = f"    batch {batch:3d}:"
         if ("bf16-eager", batch) in results:
             line += f" bf16 graph/eager {results['bf16-graph', batch] / results['bf16-eager', batch]:.2f}x"
+        if ("bf16-nopdl-graph", batch) in results and ("bf16-graph", batch) in results:
+            line += f" bf16 PDL on/off {results['bf16-graph', batch] / results['bf16-nopdl-graph', batch]:.3f}x"
         for q in ("int4", "int4-triton"):
             if (f"{q}-graph", batch) in results and ("bf16-graph", batch) in results:
                 line += f"  {q}/bf16 {results[f'{q}-graph', batch] / results['bf16-graph', batch]:.2f}x"

@@ -53,22 +53,26 @@ def graph_time(calls: list[Callable[[], object]], reps: int = 10) -> float:
     return (time.perf_counter() - t0) / reps / len(calls)
 
 
-def candidates(m: int) -> list[W4Config]:
-    out: list[W4Config] = []
+def candidates(m: int, n: int) -> list[W4Config]:
+    """Launch shapes around `launch_for`'s choice, one axis at a time, each with the PTX dequantizing
+    path (magic 3) and the bf16 one (magic 2); the swapped kernel also with the joined operand."""
+    from engine.int4_triton import launch_for
+
+    base = launch_for(m, n)
     if m == 1:
-        for bn, sk, warps in itertools.product((16, 32, 64, 128), (1, 2, 4, 8), (4, 8)):
-            out.append(W4Config(0, bn, sk, warps, 3))
-    bm = min(128, max(16, m))
-    splits = (1, 2, 4, 8) if m <= 32 else (1, 2, 4) if m <= 64 else (1, 2)
-    stages = (3,) if m == 1 else (2, 3, 4) if m <= 32 else (2, 3)
-    for bn, sk, st in itertools.product((64, 128), splits, stages):
-        out.append(W4Config(bm, bn, sk, 4 if bn == 64 else 8, st, swap=True))
-    if m == 128:
-        for bn, sk, st in itertools.product((64, 128), (1, 2), (2, 3)):
-            out.append(W4Config(64, bn, sk, 4 if bn == 64 else 8, st, swap=True))
-    for bn, sk, st in itertools.product((64,), (1, 2, 4) if m <= 32 else (1, 2), (3,) if m <= 32 else (2, 3)):
-        out.append(W4Config(min(bm, 64), bn, sk, 4, st))
-    return out
+        return [W4Config(0, bn, sk, 4, 3, magic=mg)
+                for bn, sk, mg in itertools.product((32, 64, 128), (4, 8, 16), (1, 3))]
+    shapes = {base, dataclasses.replace(base, swap=not base.swap)}
+    shapes |= {dataclasses.replace(base, block_n=bn) for bn in (64, 128)}
+    shapes |= {dataclasses.replace(base, split_k=sk) for sk in (max(1, base.split_k // 2), base.split_k * 2)}
+    shapes |= {dataclasses.replace(base, stages=st) for st in (2, 3)}
+    out = set()
+    for c in shapes:
+        for mg in (2, 3):
+            out.add(dataclasses.replace(c, magic=mg, join=False, warps=4 if c.block_n == 64 else 8))
+            if c.swap:
+                out.add(dataclasses.replace(c, magic=mg, join=True, warps=4 if c.block_n == 64 else 8))
+    return sorted(out, key=str)
 
 
 def dense_row_sweep(bw: float, budget_s: float) -> None:
@@ -140,7 +144,7 @@ def main() -> None:
     ap.add_argument("--dense", action="store_true", help="also sweep a bf16 Triton GEMV against cuBLAS at M=1")
     args = ap.parse_args()
 
-    from engine.int4_triton import fits, pack_int4, w4_matmul
+    from engine.int4_triton import fits, launch_for, pack_int4, w4_matmul
     from engine.linear import pack_tinygemm
 
     t_start = time.perf_counter()
@@ -158,7 +162,7 @@ def main() -> None:
         q = torch.randint(0, 16, (n, k), device="cuda", dtype=torch.int32, generator=gen)
         tiny = [pack_tinygemm(q) for _ in range(copies_w4)]
         scales = torch.full((n, k // 32), 0.003, device="cuda", dtype=torch.bfloat16)
-        zeros = torch.zeros((n, k // 32), device="cuda", dtype=torch.bfloat16)
+        zeros = torch.zeros((n, k // 32), device="cuda", dtype=torch.bfloat16)  # tinygemm's sz below: the same
         qw = [pack_int4(q, scales, zeros) for _ in range(copies_w4)]
         sz = torch.full((k // 32, n, 2), 0.003, device="cuda", dtype=torch.bfloat16)
         sz[..., 1] = 0.0  # tinygemm: (q - 8) * scale + zero, the same weights
@@ -170,7 +174,7 @@ def main() -> None:
             t_bf16 = graph_time([lambda w=w, x=x: torch.nn.functional.linear(x, w) for w in dense])
             t_tiny = graph_time([lambda t=t, x=x, sz=sz: torch._weight_int4pack_mm(x, t, 32, sz) for t in tiny])
             rows: list[tuple[float, W4Config]] = []
-            for cfg in candidates(m):
+            for cfg in candidates(m, n):
                 if not fits(cfg, n) or time.perf_counter() - t_start > args.budget_s:
                     continue
                 try:
@@ -184,29 +188,23 @@ def main() -> None:
                 continue
             rows.sort(key=lambda r: r[0])
             t_best, cfg_best = rows[0]
-            for variant in [dataclasses.replace(cfg_best, stages=st) for st in (2, 3, 5) if st != cfg_best.stages]:
-                if time.perf_counter() - t_start < args.budget_s:  # pipelining depth of the winner
-                    t = graph_time([lambda w=w, c=variant, x=x: w4_matmul(x, w, c) for w in qw], reps=5)
-                    rows.append((t, variant))
-            rows.sort(key=lambda r: r[0])
-            t_best, cfg_best = rows[0]
-            variants = {}  # the int -> float paths of the winner: 0 conversion, 2 bf16 math (tensor cores)
-            for magic in (0, 2) if cfg_best.block_m else (0,):
-                v = dataclasses.replace(cfg_best, magic=magic)
-                variants[magic] = graph_time([lambda w=w, c=v, x=x: w4_matmul(x, w, c) for w in qw], reps=5)
-            t_nomagic = variants[0]
-            if variants.get(2, 1.0) < t_best:
-                t_best, cfg_best = variants[2], dataclasses.replace(cfg_best, magic=2)
+            old_cfg = launch_for(m, n)  # the rule before this sweep (what the engine runs now)
+            t_old = graph_time([lambda w=w, c=old_cfg, x=x: w4_matmul(x, w, c) for w in qw], reps=5)
+            conv = dataclasses.replace(cfg_best, magic=0)
+            t_nomagic = graph_time([lambda w=w, c=conv, x=x: w4_matmul(x, w, c) for w in qw], reps=5)
             y = w4_matmul(xc[:m], qw[0], cfg_best).float()
             err = float((y - ref[:m]).norm() / ref[:m].norm()) if m <= 5 else float("nan")  # vs tinygemm
             print(f"  {name:7s} N={n:5d} K={k:5d} M={m:3d}: bf16 {t_bf16 * 1e6:7.1f} us ({bf16_bytes / t_bf16 / bw:4.0%})"
                   f"  tinygemm {t_tiny * 1e6:7.1f} us  triton {t_best * 1e6:7.1f} us ({w4_bytes / t_best / bw:4.0%})"
                   f"  triton/bf16 {t_bf16 / t_best:4.2f}x  triton/tinygemm {t_tiny / t_best:4.2f}x"
-                  f"  int->float by conversion {t_nomagic * 1e6:6.1f} us, bf16 math {variants.get(2, 0) * 1e6:6.1f} us"
+                  f"  int->float by conversion {t_nomagic * 1e6:6.1f} us; launch_for {t_old * 1e6:6.1f} us"
                   f"  err {err:.1e}  [{cfg_best}]")
             print("      next best: " + "; ".join(f"{t * 1e6:.1f} us {c}" for t, c in rows[1:4]))
+            by_path = {f"magic {mg}{' joined' if j else ''}": min((t for t, c in rows if c.magic == mg and c.join == j), default=0.0)
+                       for mg in (1, 2, 3) for j in (False, True)}
+            print("      best per dequantizing path: " + ", ".join(f"{p} {t * 1e6:.1f} us" for p, t in by_path.items() if t))
             best[f"{name}:{m}"] = {"cfg": dataclasses.asdict(cfg_best),
-                                   "us": t_best * 1e6, "bf16_us": t_bf16 * 1e6, "tiny_us": t_tiny * 1e6}
+                                   "us": t_best * 1e6, "old_us": t_old * 1e6, "bf16_us": t_bf16 * 1e6, "tiny_us": t_tiny * 1e6}
             sys.stdout.flush()
         del dense, tiny, qw
         torch.cuda.empty_cache()

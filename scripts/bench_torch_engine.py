@@ -222,6 +222,8 @@ def main() -> None:
     g.add_argument("--forms", nargs="+", default=["full", "quantized", "quantized-triton"],
                    choices=["full", "quantized", "quantized-triton"], help="bf16, tinygemm int4, Triton int4")
     g.add_argument("--no-eager", action="store_true", help="graphs only (the eager step is the slow part)")
+    g.add_argument("--pdl", nargs="+", choices=["on", "off"], default=["on"],
+                   help="programmatic dependent launch (engine/pdl.py); 'off on' measures both")
     e = sub.add_parser("gpu-engine")
     e.add_argument("--model", default="smollm2-135m-instruct")
     e.add_argument("--tokens", type=int, default=128)
@@ -236,7 +238,7 @@ def main() -> None:
         bench_cpu(args.threads, args.tokens, not args.no_synthetic)
     elif args.what == "gpu":
         bench_gpu(args.preset, args.tokens, args.batches, args.context, args.hf_batches, tuple(args.forms),
-                  not args.no_eager)
+                  not args.no_eager, tuple(args.pdl))
     else:
         bench_gpu_engine(args.model, args.tokens, args.batches)
 

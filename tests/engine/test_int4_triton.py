@@ -23,7 +23,8 @@ def unpack(w: W4Weight) -> torch.Tensor:
     """float32 [N, K] from the packed layout, in torch: an independent reading of `pack_int4`'s docstring."""
     n, kp = w.qw.shape[0], w.qw.shape[1] * 8
     words = w.qw.view(n, kp // 128, 16)  # [N, chunk, r]
-    nib = torch.stack([(words >> (4 * j)) & 0xF for j in range(8)], 2)  # [N, chunk, j, r]: k = 128 c + 16 j + r
+    # [N, chunk, j, r]: k = 128 c + 16 j + r; j = 2 g at bits 4 g, j = 2 g + 1 at bits 4 g + 16
+    nib = torch.stack([(words >> (4 * (j // 2) + 16 * (j % 2))) & 0xF for j in range(8)], 2)
     q = nib.reshape(n, kp).float() - 8
     g = torch.arange(kp) // GROUP
     return (q * w.scales.float().T[:, g] + w.zeros.float().T[:, g])[:, : w.in_features]
@@ -71,10 +72,10 @@ for n, k in [(64, 256), (32, 576)]:
     w = ((q.float().view(n, -1, 32) - 8) * s.float()[..., None] + z.float()[..., None]).view(n, k)
     pw = pack_int4(q, s, z)
     for m, cfg in [
-        (1, W4Config(0, 32, 1, 4, 2)), (1, W4Config(0, 16, 3, 4, 2, magic=0)),
+        (1, W4Config(0, 32, 1, 4, 2)), (1, W4Config(0, 16, 3, 4, 2, magic=0)), (1, W4Config(0, 16, 2, 4, 2, magic=3)),
         (3, W4Config(16, 32, 1, 4, 2)), (20, W4Config(16, 32, 2, 4, 2, magic=0)),
         (5, W4Config(16, 32, 3, 4, 2, swap=True)), (1, W4Config(16, 32, 1, 4, 2, swap=True)),
-        (33, W4Config(32, 32, 2, 4, 2, swap=True)),
+        (33, W4Config(32, 32, 2, 4, 2, swap=True)), (7, W4Config(16, 32, 2, 4, 2, swap=True, join=True)),
     ]:
         x = torch.randn(m, k).half()
         y = w4_matmul(x, pw, cfg)
@@ -86,9 +87,13 @@ assert worst < 2e-3, worst
 """
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU CI's check; on CUDA the compiled kernels are tested below "
+                    "(Triton 3.6's interpreter cannot walk a loop bounded by tensors)")
 def test_the_triton_int4_kernels_match_a_float_reference() -> None:
     """Row (GEMV), tensor-core and swapped kernels; split-K 1-3 (uneven splits), K padded (576), M
-    past one tile, both int -> float paths."""
+    past one tile, the int -> float paths, the row kernel's factored scale (magic 3) and the joined
+    32-deep operand. (The PTX path, magic 3 of the tensor-core kernels, runs only on CUDA:
+    test_torch_cuda.py.)"""
     out = subprocess.run([sys.executable, "-c", _KERNEL_CHECK], env={**os.environ, "TRITON_INTERPRET": "1"},
                          capture_output=True, text=True, timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
     assert out.returncode == 0, out.stderr[-3000:]
@@ -103,3 +108,28 @@ def test_a_launch_shape_that_does_not_tile_is_refused() -> None:
         w4_matmul(torch.zeros(1, 128), w, W4Config(0, 32, 1, 4, 2))
     with pytest.raises(ValueError, match="does not fit"):
         w4_matmul(torch.zeros(1, 64), w, W4Config(0, 16, 1, 4, 2))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only (the PTX dequantizing path and PDL)")
+def test_every_int4_path_matches_a_float_reference_on_cuda() -> None:
+    """bf16 on the GPU: each kernel with each int -> float path (3 is PTX there), the joined operand,
+    and launch_for's choices at 1-128 rows, against float64 on fresh random codes, scales and zeros."""
+    from engine.int4_triton import w4_matmul
+
+    g = torch.Generator(device="cuda").manual_seed(7)
+    for n, k in [(256, 4096), (192, 576)]:
+        q = torch.randint(0, 16, (n, k), device="cuda", dtype=torch.uint8, generator=g)
+        s = (torch.rand(n, k // 32, device="cuda", generator=g) * 0.02).bfloat16()
+        z = (torch.randn(n, k // 32, device="cuda", generator=g) * 0.02).bfloat16()
+        w = ((q.double().view(n, -1, 32) - 8) * s.double()[..., None] + z.double()[..., None]).view(n, k)
+        pw = pack_int4(q, s, z)
+        cfgs = [(1, W4Config(0, 32, 2, 4, 3, magic=m)) for m in (0, 1, 3)]
+        cfgs += [(m, W4Config(16, 64, 2, 4, 2, magic=mg, swap=sw, join=j))
+                 for m in (3, 16) for mg in (1, 2, 3) for sw in (False, True) for j in (False, True)]
+        cfgs += [(m, launch_for(m, n)) for m in (1, 2, 8, 17, 32, 64, 128)]
+        for m, cfg in cfgs:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
+            y = w4_matmul(x, pw, cfg)
+            ref = x.double() @ w.T
+            err = float((y.double() - ref).norm() / ref.norm())
+            assert err < 1e-2 and not y.isnan().any(), (n, k, m, cfg, err)
