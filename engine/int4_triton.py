@@ -16,8 +16,11 @@ The int -> float conversion is the ALU cost that decides whether dequantizing ke
 0 converts; 1 ORs the nibble into the mantissa of 2^23 and subtracts 2^23 (fp32); 2 does the same in
 bf16 (128 + q); 3 (bf16 on CUDA) does two weights per instruction in PTX: one `lop3` puts two
 nibbles into the mantissas of a bf16x2 pair and two `fma.rn.bf16x2` subtract 136 and apply scale
-and zero (Marlin's and FasterTransformer's trick). The one-row kernel's 3 keeps fp32 products but
-takes the scale and zero out of the inner loop: sum (q - 8) s x + z x = s sum q' x + (z - 8 s) sum x.
+and zero (Marlin's and FasterTransformer's trick). The one-row kernel's 4 does the same, then widens
+each bf16 to fp32 (a shift or a mask) for fp32 products; its 3 keeps fp32 throughout but takes scale
+and zero out of the inner loop: sum (q - 8) s x + z x = s sum q' x + (z - 8 s) sum x. On an H200 the
+PTX paths cut the one-row kernel's time by 20-30 % and the tensor-core kernels' by 0-15 %
+(docs/benchmarks.md); the kernels stay instruction- and latency-bound, at 10-46 % of the copy bandwidth.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ class W4Config:
     split_k: int
     warps: int
     stages: int
-    magic: int = 1  # int -> float: 0 by conversion, 1 the fp32 mantissa trick, 2 bf16 math, 3 PTX bf16x2
+    magic: int = 1  # int -> float: 0 conversion, 1 fp32 mantissa trick, 2 bf16 math, 3 PTX bf16x2 (one-row: 3 fp32 factored, 4 PTX)
     swap: bool = False
     join: bool = False  # swapped kernel: one 32-deep dot per group instead of two 16-deep ones
 
@@ -144,6 +147,36 @@ def _pair(q, g: tl.constexpr, s, z, MAGIC: tl.constexpr):
         )
         return lo.to(tl.bfloat16, bitcast=True), hi.to(tl.bfloat16, bitcast=True)
     return _tile(q, 2 * g, s, z, MAGIC), _tile(q, 2 * g + 1, s, z, MAGIC)
+
+
+@triton.jit
+def _pair_f32(q, g: tl.constexpr, sz_s, sz_z):
+    """The two halves of group g of a code tile as fp32 weights for the one-row kernel: the PTX of
+    `_pair` (one lop3 and two fma.bf16x2 per two weights, scale and zero packed twice per int32),
+    then each bf16 widened by a shift or a mask (a bf16 is the top half of its fp32)."""
+    lo, hi = tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 t, one, off;
+        lop3.b32 t, $2, 0x000F000F, 0x43004300, 0xEA;
+        mov.b32 one, 0x3F803F80;
+        mov.b32 off, 0xC308C308;
+        fma.rn.bf16x2 t, t, one, off;
+        fma.rn.bf16x2 t, t, $3, $4;
+        shl.b32 $0, t, 16;
+        and.b32 $1, t, 0xFFFF0000;
+        }""",
+        constraints="=r,=r,r,r,r",
+        args=[q >> (4 * g), sz_s, sz_z],
+        dtype=(tl.int32, tl.int32), is_pure=True, pack=1,
+    )
+    return lo.to(tl.float32, bitcast=True), hi.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _twice(v):
+    """A 16-bit vector as int32 words holding it in both halves (a bf16x2 operand)."""
+    b = v.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return b | (b << 16)
 
 
 @triton.jit
@@ -247,10 +280,15 @@ def _w4_row_kernel(
         for g in tl.static_range(4):
             s = tl.load(S + (c * 4 + g) * N + rn).to(tl.float32)
             z = tl.load(Z + (c * 4 + g) * N + rn).to(tl.float32)
-            kk = c * 128 + g * 32 + r16
+            kk = c * 128 + g * 32 + r16  # (MAGIC 4 reloads s and z as bf16 words: the compiler merges the loads)
             a0 = tl.load(X + kk, mask=kk < K, other=0.0).to(tl.float32)
             a1 = tl.load(X + kk + 16, mask=kk + 16 < K, other=0.0).to(tl.float32)
-            if MAGIC == 3:
+            if MAGIC == 4:
+                w0, w1 = _pair_f32(q, g, _twice(tl.load(S + (c * 4 + g) * N + rn))[:, None],
+                                   _twice(tl.load(Z + (c * 4 + g) * N + rn))[:, None])
+                acc += w0 * a0[None, :]
+                acc += w1 * a1[None, :]
+            elif MAGIC == 3:
                 v0 = ((q & (0xF << (4 * g))) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
                 v1 = ((qh & (0xF << (4 * g))) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
                 p = v0 * a0[None, :] + v1 * a1[None, :]
@@ -287,8 +325,9 @@ def w4_matmul(x: torch.Tensor, w: W4Weight, cfg: W4Config) -> torch.Tensor:
     if k != w.in_features or not fits(cfg, n):
         raise ValueError(f"launch shape {cfg} or input [{m}, {k}] does not fit a [{n}, {w.in_features}] weight")
     x = x.contiguous()
-    if cfg.block_m and cfg.magic == 3 and (x.dtype != torch.bfloat16 or w.scales.dtype != torch.bfloat16):
-        cfg = dataclasses.replace(cfg, magic=2)  # the PTX pair path is written for bf16 only
+    if cfg.magic >= 3 and (x.dtype != torch.bfloat16 or w.scales.dtype != torch.bfloat16):
+        # the PTX paths are written for bf16 only (the row kernel's 3 is plain fp32)
+        cfg = dataclasses.replace(cfg, magic=3 if not cfg.block_m else 2)
     chunks = w.qw.shape[1] // 16
     per_split = -(-chunks // cfg.split_k)
     y = x.new_empty(m, n)
@@ -320,15 +359,18 @@ def launch_for(m: int, n: int) -> W4Config:
     """The launch shape for M rows of an [N, K] weight: the winners of `scripts/bench_int4_gemm.py` on an
     H200 (Llama-3-8B layer shapes, docs/benchmarks.md), as a rule of M and N. Few output tiles (N <
     16,384) want more K splits to fill 132 SMs; the one-row kernel wins at M = 1, tensor-core kernels
-    above it; the PTX dequantizing path (magic 3) won or tied on every shape from 1 to 128 rows but
-    one (down at 32 rows, 5 % behind bf16 math), and the joined operand never won."""
+    above it; the PTX dequantizing paths (magic 3, the one-row kernel's 4) won or tied on most shapes
+    (not o and down at 32 rows), and the joined operand never won."""
     wide = n >= 16384
-    if m == 1:
-        cfg = W4Config(0, 128, 4 if wide else 16 if n <= 4096 else 8, 4, 3, magic=3)
+    if m == 1:  # BLOCK_N 64 beat 128 by 1.3-1.7x with the PTX path (fewer registers, more programs resident)
+        cfg = W4Config(0, 64, 4 if wide else 8, 4, 3, magic=4)
     elif m <= 16:
-        cfg = W4Config(16, 64, 4, 4, 3, magic=3) if wide else W4Config(16, 64, 16 if n <= 4096 else 8, 4, 2, magic=3, swap=n <= 4096)
+        cfg = W4Config(16, 64, 4, 4, 3, magic=3) if wide else W4Config(16, 64, 16 if n <= 4096 else 8, 4, 2, magic=3)
     elif m <= 32:
-        cfg = W4Config(32, 128, 4, 8, 3, magic=3) if wide else W4Config(32, 128, 8, 8, 2, magic=3, swap=True)
+        if wide:
+            cfg = W4Config(32, 128, 4, 8, 3, magic=3)
+        else:  # N = 4,096 (o, down): bf16 math and a deeper pipeline won; qkv's 6,144: the PTX path
+            cfg = W4Config(32, 128, 8, 8, 3, magic=2, swap=True) if n <= 4096 else W4Config(32, 128, 8, 8, 2, magic=3, swap=True)
     elif m <= 64:
         cfg = W4Config(64, 64, 1 if wide else 4, 4, 2, magic=3, swap=True)
     elif wide:

@@ -38,12 +38,14 @@ INT4_KERNEL_CHOICES = ("auto", "tinygemm", "triton")  # a node's --int4-kernel
 WIDE_NODE_KV_SESSIONS = 8  # auto: a node sized for this many full contexts (4x as many sessions) is wide
 
 
-def int4_kernel_for(choice: str, kv_sessions: int) -> Int4Kernel:
+def int4_kernel_for(choice: str, kv_sessions: int, overlapped_launch: bool = False) -> Int4Kernel:
     """The int4 kernel of a CUDA node. Each stores its own layout, so a node picks one at load, by the
-    batches it is sized for: tinygemm decodes one stream 1.3x faster than Triton, and Triton 32 to 128
-    streams 2.5-4.3x faster than tinygemm (H200, docs/benchmarks.md)."""
+    batches it is sized for and whether its GPU overlaps kernel launches (PDL, engine/pdl.py: Hopper
+    and later). On an H200 Triton decodes one stream 1.07x faster than tinygemm with PDL and 0.92x
+    without (tinygemm is not a Triton kernel, so PDL cannot overlap it), 8 streams 1.6x faster, and 32
+    to 128 streams 3-5x faster (docs/benchmarks.md)."""
     if choice == "auto":
-        return "triton" if kv_sessions >= WIDE_NODE_KV_SESSIONS else "tinygemm"
+        return "triton" if overlapped_launch or kv_sessions >= WIDE_NODE_KV_SESSIONS else "tinygemm"
     if choice in ("tinygemm", "triton"):
         return choice  # type: ignore[return-value]
     raise ValueError(f"int4 kernel must be one of {', '.join(INT4_KERNEL_CHOICES)}")

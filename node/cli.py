@@ -73,8 +73,9 @@ def _join_parser(sub: argparse._SubParsersAction) -> None:
     join.add_argument("--kv-dtype", choices=("16", "32"), default="16",
                       help="torch engine KV cache: 16-bit (fp16 on CPU, bf16 on CUDA) or fp32")
     join.add_argument("--int4-kernel", choices=("auto", "tinygemm", "triton"), default="auto",
-                      help="CUDA, quantized weights: tinygemm (fastest for one stream), triton (2.5-4.3x "
-                           "tinygemm from 32 streams), auto: triton when --kv-sessions >= 8")
+                      help="CUDA, quantized weights: tinygemm (torch's kernel), triton (1.07x tinygemm for one "
+                           "stream on Hopper, 1.6-5x from 8 streams), auto: triton on Hopper or later (kernel "
+                           "launches overlap) or when --kv-sessions >= 8, else tinygemm")
     join.add_argument("--kv-sessions", type=int, default=4, metavar="N",
                       help="torch engine: KV memory for N full-context sequences, shared by up to 4N "
                            "concurrent shorter ones (paged)")

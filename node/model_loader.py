@@ -150,8 +150,13 @@ class ModelManager:
         # The paged KV pool holds --kv-sessions full contexts (what the budget counts); sessions take
         # blocks as they grow, so SESSIONS_PER_CONTEXT times as many shorter ones share it.
         sessions = c.kv_sessions * SESSIONS_PER_CONTEXT
+        overlapped = False
+        if torch.device(c.device).type == "cuda":
+            from engine.pdl import enabled  # triton: only where CUDA kernels run
+
+            overlapped = enabled(torch.device(c.device))
         engine = TorchShardEngine(model, spec=spec, device=c.device, threads=c.threads, weights=weights,
-                                  int4_kernel=int4_kernel_for(c.int4_kernel, c.kv_sessions), kv_dtype=kv_dtype, max_sessions=sessions, max_context=self.context,
+                                  int4_kernel=int4_kernel_for(c.int4_kernel, c.kv_sessions, overlapped), kv_dtype=kv_dtype, max_sessions=sessions, max_context=self.context,
                                   kv_tokens=c.kv_sessions * self.context)
         # As many requests in flight as sessions: the engine batches their decode steps.
         return LocalModel(model, self._runner(engine, model, parallel=sessions), "torch", spec)

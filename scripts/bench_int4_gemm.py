@@ -54,24 +54,23 @@ def graph_time(calls: list[Callable[[], object]], reps: int = 10) -> float:
 
 
 def candidates(m: int, n: int) -> list[W4Config]:
-    """Launch shapes around `launch_for`'s choice, one axis at a time, each with the PTX dequantizing
-    path (magic 3) and the bf16 one (magic 2); the swapped kernel also with the joined operand."""
+    """Launch shapes around `launch_for`'s choice, one axis at a time (tile width, K splits, pipeline
+    depth, warps, rows per tile, weights as A or B operand), each with the PTX dequantizing path
+    (magic 3) and the bf16 one (magic 2); the one-row kernel on a grid of its own."""
     from engine.int4_triton import launch_for
 
     base = launch_for(m, n)
     if m == 1:
-        return [W4Config(0, bn, sk, 4, 3, magic=mg)
-                for bn, sk, mg in itertools.product((32, 64, 128), (4, 8, 16), (1, 3))]
+        return [W4Config(0, bn, sk, warps, st, magic=mg)
+                for bn, sk, warps, st, mg in itertools.product((16, 32, 64), (1, 2, 4, 8, 16), (1, 2, 4), (2, 3), (4,))
+                ] + [W4Config(0, 64, sk, 4, 3, magic=3) for sk in (4, 8)]
     shapes = {base, dataclasses.replace(base, swap=not base.swap)}
     shapes |= {dataclasses.replace(base, block_n=bn) for bn in (64, 128)}
     shapes |= {dataclasses.replace(base, split_k=sk) for sk in (max(1, base.split_k // 2), base.split_k * 2)}
-    shapes |= {dataclasses.replace(base, stages=st) for st in (2, 3)}
-    out = set()
-    for c in shapes:
-        for mg in (2, 3):
-            out.add(dataclasses.replace(c, magic=mg, join=False, warps=4 if c.block_n == 64 else 8))
-            if c.swap:
-                out.add(dataclasses.replace(c, magic=mg, join=True, warps=4 if c.block_n == 64 else 8))
+    shapes |= {dataclasses.replace(base, stages=st) for st in (2, 3, 4)}
+    shapes |= {dataclasses.replace(base, warps=8 if base.warps == 4 else 4)}
+    shapes |= {dataclasses.replace(base, block_m=bm) for bm in (16, 32, 64, 128) if bm != base.block_m and bm // 2 <= m}
+    out = {dataclasses.replace(c, magic=mg) for c in shapes for mg in (2, 3)}
     return sorted(out, key=str)
 
 
@@ -201,7 +200,7 @@ def main() -> None:
                   f"  err {err:.1e}  [{cfg_best}]")
             print("      next best: " + "; ".join(f"{t * 1e6:.1f} us {c}" for t, c in rows[1:4]))
             by_path = {f"magic {mg}{' joined' if j else ''}": min((t for t, c in rows if c.magic == mg and c.join == j), default=0.0)
-                       for mg in (1, 2, 3) for j in (False, True)}
+                       for mg in (1, 2, 3, 4) for j in (False, True)}
             print("      best per dequantizing path: " + ", ".join(f"{p} {t * 1e6:.1f} us" for p, t in by_path.items() if t))
             best[f"{name}:{m}"] = {"cfg": dataclasses.asdict(cfg_best),
                                    "us": t_best * 1e6, "old_us": t_old * 1e6, "bf16_us": t_bf16 * 1e6, "tiny_us": t_tiny * 1e6}

@@ -123,7 +123,7 @@ def test_every_int4_path_matches_a_float_reference_on_cuda() -> None:
         z = (torch.randn(n, k // 32, device="cuda", generator=g) * 0.02).bfloat16()
         w = ((q.double().view(n, -1, 32) - 8) * s.double()[..., None] + z.double()[..., None]).view(n, k)
         pw = pack_int4(q, s, z)
-        cfgs = [(1, W4Config(0, 32, 2, 4, 3, magic=m)) for m in (0, 1, 3)]
+        cfgs = [(1, W4Config(0, 32, 2, 4, 3, magic=m)) for m in (0, 1, 3, 4)]
         cfgs += [(m, W4Config(16, 64, 2, 4, 2, magic=mg, swap=sw, join=j))
                  for m in (3, 16) for mg in (1, 2, 3) for sw in (False, True) for j in (False, True)]
         cfgs += [(m, launch_for(m, n)) for m in (1, 2, 8, 17, 32, 64, 128)]

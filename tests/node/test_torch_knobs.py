@@ -38,6 +38,7 @@ def test_the_int4_kernel_follows_the_width_a_node_is_sized_for() -> None:
 
     assert int4_kernel_for("auto", 4) == "tinygemm"  # the default node: one stream first
     assert int4_kernel_for("auto", 8) == "triton"
+    assert int4_kernel_for("auto", 1, overlapped_launch=True) == "triton"  # PDL overlaps Triton's launches
     assert int4_kernel_for("tinygemm", 64) == "tinygemm" and int4_kernel_for("triton", 1) == "triton"
     with pytest.raises(ValueError):
         int4_kernel_for("marlin", 4)
