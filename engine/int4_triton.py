@@ -35,6 +35,7 @@ import triton.language as tl
 from engine.pdl import launch_options, pdl_prologue
 
 GROUP = 32
+COUNTER_TILES_PER_16 = 8  # output tiles one weight can count: 8 per 16 outputs (8 row tiles at BLOCK_N 16)
 
 
 def shift(j: int) -> int:
@@ -55,7 +56,7 @@ class W4Config:
     stages: int
     magic: int = 1  # int -> float: 0 conversion, 1 fp32 mantissa trick, 2 bf16 math, 3 PTX bf16x2 (one-row: 3 fp32 factored, 4 PTX)
     swap: bool = False
-    join: bool = False  # swapped kernel: one 32-deep dot per group instead of two 16-deep ones
+    fixup: bool = False  # K splits: the last one of a tile sums them (else a second kernel does)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +67,7 @@ class W4Weight:
     scales: torch.Tensor  # [Kp / 32, N], activation dtype
     zeros: torch.Tensor  # [Kp / 32, N]
     in_features: int  # K before padding
+    counters: torch.Tensor  # int32, zero between calls: split-K programs count themselves per output tile
 
     @property
     def out_features(self) -> int:
@@ -102,7 +104,8 @@ def pack_int4(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> W4W
         out[: k // GROUP] = t.T
         return out.contiguous()
 
-    return W4Weight(qw.contiguous(), groups(scales), groups(zeros), k)
+    counters = torch.zeros(COUNTER_TILES_PER_16 * max(1, n // 16), dtype=torch.int32, device=q.device)
+    return W4Weight(qw.contiguous(), groups(scales), groups(zeros), k, counters)
 
 
 @triton.jit
@@ -180,6 +183,25 @@ def _twice(v):
 
 
 @triton.jit
+def _finish(acc, Y, YF, CNT, tile, split, numel, offs, mask, SPLIT_K: tl.constexpr, FIXUP: tl.constexpr):
+    """Store a program's result at Y + split * numel (the output itself when SPLIT_K is 1, else this
+    split's fp32 partial). With FIXUP the last split of an output tile to finish, counted on
+    CNT[tile], adds the partials in split order and writes YF: the bits of `_sum_splits_kernel`
+    with one launch fewer (about 2 us each in a graphed step). It leaves the counter at 0 for the
+    next call (graph replays included)."""
+    tl.store(Y + split * numel + offs, acc.to(Y.dtype.element_ty), mask=mask)
+    if FIXUP:
+        tl.debug_barrier()  # every thread's partial is written before the count says so
+        done = tl.atomic_add(CNT + tile, 1, sem="acq_rel", scope="gpu")
+        if done == SPLIT_K - 1:
+            total = tl.load(Y + offs, mask=mask, other=0.0, cache_modifier=".cg")
+            for s in tl.static_range(1, SPLIT_K):
+                total += tl.load(Y + s * numel + offs, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(YF + offs, total.to(YF.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(CNT + tile, 0)
+
+
+@triton.jit
 def _span(K, chunks_per_split):
     """The 128-k chunks this program's K split walks."""
     c_lo = tl.program_id(2) * chunks_per_split
@@ -188,9 +210,9 @@ def _span(K, chunks_per_split):
 
 @triton.jit
 def _w4_dot_kernel(
-    X, QW, S, Z, Y, M, N, K, sxm, sym, sys, chunks_per_split,
+    X, QW, S, Z, Y, YF, CNT, M, N, K, sxm, sym, sys, chunks_per_split,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, MAGIC: tl.constexpr,
-    JOIN: tl.constexpr, PDL: tl.constexpr,
+    FIXUP: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """acc [BLOCK_M, BLOCK_N] += x tile @ dequantized W tile.T (weights as the B operand)."""
     pdl_prologue(PDL)
@@ -212,27 +234,25 @@ def _w4_dot_kernel(
             acc = tl.dot(a, w0.to(a.dtype), acc)
             a = tl.load(X + rm[:, None] * sxm + kk[None, :] + 16, mask=rows_ok & (kk[None, :] + 16 < K), other=0.0)
             acc = tl.dot(a, w1.to(a.dtype), acc)
-    tl.store(Y + tl.program_id(2) * sys + rm[:, None] * sym + rn[None, :], acc.to(Y.dtype.element_ty), mask=rows_ok)
+    tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+    _finish(acc, Y, YF, CNT, tile, tl.program_id(2), sys, rm[:, None] * sym + rn[None, :], rows_ok, SPLIT_K, FIXUP)
 
 
 @triton.jit
 def _w4_swap_kernel(
-    X, QW, S, Z, Y, M, N, K, sxm, sym, sys, chunks_per_split,
+    X, QW, S, Z, Y, YF, CNT, M, N, K, sxm, sym, sys, chunks_per_split,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, MAGIC: tl.constexpr,
-    JOIN: tl.constexpr, PDL: tl.constexpr,
+    FIXUP: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """acc [BLOCK_N, BLOCK_M] += dequantized W tile @ x tile.T: the weights are the A operand, which the
     tensor cores take from registers (Hopper's wgmma reads only B from shared memory), so a
     dequantized tile needs no trip through shared memory; and a few rows fill wgmma's N side.
-    JOIN interleaves a group's two halves into one [BLOCK_N, 32] operand (column 2 r + h holds
-    k = 32 g + 16 h + r, and x is loaded in that order): half as many dots, each twice as deep."""
+    (Interleaving a group's halves into one 32-deep operand was measured and lost 10-110 %.)"""
     pdl_prologue(PDL)
     kw = tl.cdiv(K, 128) * 16
     rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     r16 = tl.arange(0, 16)
-    i32 = tl.arange(0, 32)
-    k32 = (i32 % 2) * 16 + i32 // 2  # the joined operand's column order
     c_lo, c_hi = _span(K, chunks_per_split)
     rows_ok = rm[None, :] < M
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -242,24 +262,19 @@ def _w4_swap_kernel(
             s = tl.load(S + (c * 4 + g) * N + rn)[:, None]
             z = tl.load(Z + (c * 4 + g) * N + rn)[:, None]
             w0, w1 = _pair(q, g, s, z, MAGIC)
-            if JOIN:
-                kk = c * 128 + g * 32 + k32
-                xt = tl.load(X + rm[None, :] * sxm + kk[:, None], mask=rows_ok & (kk[:, None] < K), other=0.0)
-                w = tl.reshape(tl.join(w0, w1), (BLOCK_N, 32))
-                acc = tl.dot(w.to(xt.dtype), xt, acc)
-            else:
-                kk = c * 128 + g * 32 + r16
-                xt = tl.load(X + rm[None, :] * sxm + kk[:, None], mask=rows_ok & (kk[:, None] < K), other=0.0)
-                acc = tl.dot(w0.to(xt.dtype), xt, acc)
-                xt = tl.load(X + rm[None, :] * sxm + kk[:, None] + 16, mask=rows_ok & (kk[:, None] + 16 < K), other=0.0)
-                acc = tl.dot(w1.to(xt.dtype), xt, acc)
-    tl.store(Y + tl.program_id(2) * sys + rm[None, :] * sym + rn[:, None], acc.to(Y.dtype.element_ty), mask=rows_ok)
+            kk = c * 128 + g * 32 + r16
+            xt = tl.load(X + rm[None, :] * sxm + kk[:, None], mask=rows_ok & (kk[:, None] < K), other=0.0)
+            acc = tl.dot(w0.to(xt.dtype), xt, acc)
+            xt = tl.load(X + rm[None, :] * sxm + kk[:, None] + 16, mask=rows_ok & (kk[:, None] + 16 < K), other=0.0)
+            acc = tl.dot(w1.to(xt.dtype), xt, acc)
+    tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+    _finish(acc, Y, YF, CNT, tile, tl.program_id(2), sys, rm[None, :] * sym + rn[:, None], rows_ok, SPLIT_K, FIXUP)
 
 
 @triton.jit
 def _w4_row_kernel(
-    X, QW, S, Z, Y, N, K, sys, chunks_per_split,
-    BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, MAGIC: tl.constexpr, PDL: tl.constexpr,
+    X, QW, S, Z, Y, YF, CNT, N, K, sys, chunks_per_split,
+    BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, MAGIC: tl.constexpr, FIXUP: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One input row (a GEMV) on the CUDA cores: products accumulate per lane in [BLOCK_N, 16] and
     are reduced across lanes once, at the end (a reduction per tile cost more than the math).
@@ -297,7 +312,7 @@ def _w4_row_kernel(
             else:
                 acc += (_nibbles(q, 2 * g, MAGIC) * s[:, None] + z[:, None]) * a0[None, :]
                 acc += (_nibbles(q, 2 * g + 1, MAGIC) * s[:, None] + z[:, None]) * a1[None, :]
-    tl.store(Y + tl.program_id(1) * sys + rn, (tl.sum(acc, 1) + zacc).to(Y.dtype.element_ty))
+    _finish(tl.sum(acc, 1) + zacc, Y, YF, CNT, tl.program_id(0), tl.program_id(1), sys, rn, rn < N, SPLIT_K, FIXUP)
 
 
 @triton.jit
@@ -332,23 +347,26 @@ def w4_matmul(x: torch.Tensor, w: W4Weight, cfg: W4Config) -> torch.Tensor:
     per_split = -(-chunks // cfg.split_k)
     y = x.new_empty(m, n)
     pdl = launch_options(x.device)
-    # K splits write fp32 partials, summed in a fixed order by a second kernel
+    # K splits write fp32 partials, summed in a fixed order: by the last split of each output tile
+    # (FIXUP) when the weight's counters cover the tiles, else by a second kernel
     out = y if cfg.split_k == 1 else torch.empty(cfg.split_k, m, n, device=x.device, dtype=torch.float32)
+    tiles = n // cfg.block_n * (1 if cfg.block_m == 0 else triton.cdiv(m, cfg.block_m))
+    fixup = cfg.split_k > 1 and cfg.fixup and tiles <= w.counters.numel()
     if cfg.block_m == 0:
         if m != 1:
             raise ValueError("the one-row kernel takes M == 1")
         _w4_row_kernel[(n // cfg.block_n, cfg.split_k)](
-            x, w.qw, w.scales, w.zeros, out, n, k, m * n, per_split, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k,
-            MAGIC=cfg.magic, num_warps=cfg.warps, num_stages=cfg.stages, **pdl,
+            x, w.qw, w.scales, w.zeros, out, y, w.counters, n, k, m * n, per_split, BLOCK_N=cfg.block_n,
+            SPLIT_K=cfg.split_k, MAGIC=cfg.magic, FIXUP=fixup, num_warps=cfg.warps, num_stages=cfg.stages, **pdl,
         )  # fmt: skip
     else:
         kernel = _w4_swap_kernel if cfg.swap else _w4_dot_kernel
         kernel[(n // cfg.block_n, triton.cdiv(m, cfg.block_m), cfg.split_k)](
-            x, w.qw, w.scales, w.zeros, out, m, n, k, x.stride(0), n, m * n, per_split, BLOCK_M=cfg.block_m,
-            BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k, MAGIC=cfg.magic, JOIN=cfg.join and cfg.swap,
-            num_warps=cfg.warps, num_stages=cfg.stages, **pdl,
+            x, w.qw, w.scales, w.zeros, out, y, w.counters, m, n, k, x.stride(0), n, m * n, per_split,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k, MAGIC=cfg.magic,
+            FIXUP=fixup, num_warps=cfg.warps, num_stages=cfg.stages, **pdl,
         )  # fmt: skip
-    if cfg.split_k > 1:
+    if cfg.split_k > 1 and not fixup:
         _sum_splits_kernel[(triton.cdiv(m * n, 1024),)](
             out, y, m * n, SPLIT_K=cfg.split_k, BLOCK=1024, num_warps=4, **pdl
         )  # fmt: skip
@@ -360,10 +378,13 @@ def launch_for(m: int, n: int) -> W4Config:
     H200 (Llama-3-8B layer shapes, docs/benchmarks.md), as a rule of M and N. Few output tiles (N <
     16,384) want more K splits to fill 132 SMs; the one-row kernel wins at M = 1, tensor-core kernels
     above it; the PTX dequantizing paths (magic 3, the one-row kernel's 4) won or tied on most shapes
-    (not o and down at 32 rows), and the joined operand never won."""
+    (not o and down at 32 rows)."""
     wide = n >= 16384
     if m == 1:  # BLOCK_N 64 beat 128 by 1.3-1.7x with the PTX path (fewer registers, more programs resident)
-        cfg = W4Config(0, 64, 4 if wide else 8, 4, 3, magic=4)
+        # the last split of a tile sums the partials: qkv 10.9 us against 12.3 with a second kernel; in
+        # the tensor-core kernels the one program summing up to 16 tiles cost more than it saved (a
+        # decode step at batch 8: 1,654 tok/s against 1,927)
+        cfg = W4Config(0, 64, 4 if wide else 8, 4, 3, magic=4, fixup=True)
     elif m <= 16:
         cfg = W4Config(16, 64, 4, 4, 3, magic=3) if wide else W4Config(16, 64, 16 if n <= 4096 else 8, 4, 2, magic=3)
     elif m <= 32:

@@ -75,7 +75,7 @@ for n, k in [(64, 256), (32, 576)]:
         (1, W4Config(0, 32, 1, 4, 2)), (1, W4Config(0, 16, 3, 4, 2, magic=0)), (1, W4Config(0, 16, 2, 4, 2, magic=3)),
         (3, W4Config(16, 32, 1, 4, 2)), (20, W4Config(16, 32, 2, 4, 2, magic=0)),
         (5, W4Config(16, 32, 3, 4, 2, swap=True)), (1, W4Config(16, 32, 1, 4, 2, swap=True)),
-        (33, W4Config(32, 32, 2, 4, 2, swap=True)), (7, W4Config(16, 32, 2, 4, 2, swap=True, join=True)),
+        (33, W4Config(32, 32, 2, 4, 2, swap=True)), (7, W4Config(16, 32, 2, 4, 2, swap=True, fixup=False)),
     ]:
         x = torch.randn(m, k).half()
         y = w4_matmul(x, pw, cfg)
@@ -91,8 +91,8 @@ assert worst < 2e-3, worst
                     "(Triton 3.6's interpreter cannot walk a loop bounded by tensors)")
 def test_the_triton_int4_kernels_match_a_float_reference() -> None:
     """Row (GEMV), tensor-core and swapped kernels; split-K 1-3 (uneven splits), K padded (576), M
-    past one tile, the int -> float paths, the row kernel's factored scale (magic 3) and the joined
-    32-deep operand. (The PTX path, magic 3 of the tensor-core kernels, runs only on CUDA:
+    past one tile, the int -> float paths, the row kernel's factored scale (magic 3), and K splits
+    summed by their last program or by a second kernel. (The PTX path, magic 3 of the tensor-core kernels, runs only on CUDA:
     test_torch_cuda.py.)"""
     out = subprocess.run([sys.executable, "-c", _KERNEL_CHECK], env={**os.environ, "TRITON_INTERPRET": "1"},
                          capture_output=True, text=True, timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
@@ -112,8 +112,9 @@ def test_a_launch_shape_that_does_not_tile_is_refused() -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only (the PTX dequantizing path and PDL)")
 def test_every_int4_path_matches_a_float_reference_on_cuda() -> None:
-    """bf16 on the GPU: each kernel with each int -> float path (3 is PTX there), the joined operand,
-    and launch_for's choices at 1-128 rows, against float64 on fresh random codes, scales and zeros."""
+    """bf16 on the GPU: each kernel with each int -> float path (3 is PTX there), K splits summed by
+    their last program or by a second kernel, and launch_for's choices at 1-128 rows, against float64
+    on fresh random codes, scales and zeros."""
     from engine.int4_triton import w4_matmul
 
     g = torch.Generator(device="cuda").manual_seed(7)
@@ -124,8 +125,8 @@ def test_every_int4_path_matches_a_float_reference_on_cuda() -> None:
         w = ((q.double().view(n, -1, 32) - 8) * s.double()[..., None] + z.double()[..., None]).view(n, k)
         pw = pack_int4(q, s, z)
         cfgs = [(1, W4Config(0, 32, 2, 4, 3, magic=m)) for m in (0, 1, 3, 4)]
-        cfgs += [(m, W4Config(16, 64, 2, 4, 2, magic=mg, swap=sw, join=j))
-                 for m in (3, 16) for mg in (1, 2, 3) for sw in (False, True) for j in (False, True)]
+        cfgs += [(m, W4Config(16, 64, 2, 4, 2, magic=mg, swap=sw, fixup=f))
+                 for m in (3, 16) for mg in (1, 2, 3) for sw in (False, True) for f in (False, True)]
         cfgs += [(m, launch_for(m, n)) for m in (1, 2, 8, 17, 32, 64, 128)]
         for m, cfg in cfgs:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
@@ -133,3 +134,33 @@ def test_every_int4_path_matches_a_float_reference_on_cuda() -> None:
             ref = x.double() @ w.T
             err = float((y.double() - ref).norm() / ref.norm())
             assert err < 1e-2 and not y.isnan().any(), (n, k, m, cfg, err)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
+def test_split_k_sums_are_the_same_bits_every_time_and_in_graphs() -> None:
+    """The last-program sum (counters per weight, reset by that program) against the summing kernel:
+    the same bits, on every eager call and every replay of a captured graph."""
+    import dataclasses
+
+    from engine.int4_triton import w4_matmul
+
+    g = torch.Generator(device="cuda").manual_seed(11)
+    n, k = 4096, 4096
+    q = torch.randint(0, 16, (n, k), device="cuda", dtype=torch.uint8, generator=g)
+    s = (torch.rand(n, k // 32, device="cuda", generator=g) * 0.02).bfloat16()
+    pw = pack_int4(q, s, torch.zeros_like(s))
+    for m in (1, 8, 32):
+        cfg = dataclasses.replace(launch_for(m, n), fixup=True)
+        assert cfg.split_k > 1
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
+        ref = w4_matmul(x, pw, dataclasses.replace(cfg, fixup=False))
+        for _ in range(5):
+            assert torch.equal(w4_matmul(x, pw, cfg), ref)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = w4_matmul(x, pw, cfg)
+        for _ in range(5):
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(out, ref)
+        assert int(pw.counters.abs().sum()) == 0  # every tile's counter back at 0
