@@ -1,0 +1,82 @@
+"""The int4 Triton kernels' machine code for Hopper, compiled here, without a GPU (issue 12).
+
+    python scripts/sass_int4.py row '{"BLOCK_N": 64, "SPLIT_K": 8, "MAGIC": 4, "FIXUP": True, "PDL": True}' 4 3
+    python scripts/sass_int4.py swap '{"BLOCK_M": 64, "BLOCK_N": 64, "SPLIT_K": 2, "MAGIC": 3, "FIXUP": False, "PDL": True}' 4 2
+
+Arguments: kernel (row, dot, swap), its constexprs as JSON, num_warps, num_stages. Triton compiles for
+sm_90 on the CPU (ptxas and nvdisasm ship in its wheel); integer arguments and pointers are declared
+divisible by 16, as the JIT specializes them at run time for Llama-3-8B's shapes. Prints the
+instruction mix of the whole kernel and of its main loop (the instructions between a backward
+branch and its target). Run it with the device's Triton (`pip install --target DIR triton==3.6.0`,
+then `PYTHONPATH=DIR`) to see the code the H200 runs. The figures in docs/benchmarks.md ("Why int4
+still misses") come from here.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import engine.int4_triton as k4  # noqa: E402
+
+_COMMON = {"X": "*bf16", "QW": "*i32", "S": "*bf16", "Z": "*bf16", "Y": "*fp32", "YF": "*bf16", "CNT": "*i32"}
+SIGNATURES = {
+    "row": {**_COMMON, "N": "i32", "K": "i32", "sys": "i32", "chunks_per_split": "i32"},
+    "dot": {**_COMMON, "M": "i32", "N": "i32", "K": "i32", "sxm": "i32", "sym": "i32", "sys": "i32",
+            "chunks_per_split": "i32"},
+}
+SIGNATURES["swap"] = SIGNATURES["dot"]
+KERNELS = {"row": k4._w4_row_kernel, "dot": k4._w4_dot_kernel, "swap": k4._w4_swap_kernel}
+_INSTR = re.compile(r"\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
+
+
+def sass(kind: str, consts: dict[str, object], warps: int, stages: int) -> str:
+    sig: dict[str, str] = dict(SIGNATURES[kind])
+    sig.update({name: "constexpr" for name in consts})
+    divisible = [i for i, (name, t) in enumerate(sig.items()) if t.startswith("*") or name in ("M", "N", "K", "sxm", "sym")]
+    src = ASTSource(fn=KERNELS[kind], signature=sig, constexprs=consts,
+                    attrs={(i,): [["tt.divisibility", 16]] for i in divisible})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        Path(path).write_bytes(compiled.asm["cubin"])
+        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+        return subprocess.run([tool, "-c", path], capture_output=True, text=True, check=True).stdout
+
+
+def mix(lines: list[str]) -> collections.Counter[str]:
+    return collections.Counter(m.group(2) for line in lines if (m := _INSTR.match(line)))
+
+
+def main() -> None:
+    kind, consts, warps, stages = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    lines = sass(kind, consts, warps, stages).splitlines()
+    whole = mix(lines)
+    print(f"{kind} {consts} warps={warps} stages={stages}: {sum(whole.values())} instructions")
+    print("  " + ", ".join(f"{op} {n}" for op, n in whole.most_common(24)))
+    for i, line in enumerate(lines):
+        target = re.search(r"BRA\s+`?\(?(\.L_x_\d+)", line)
+        if not target:
+            continue
+        start = next((j for j, text in enumerate(lines) if text.strip().startswith(target.group(1) + ":")), None)
+        if start is not None and start < i:
+            body = mix(lines[start : i + 1])
+            if sum(body.values()) > 8:
+                print(f"  main loop {target.group(1)}: {sum(body.values())} instructions: "
+                      + ", ".join(f"{op} {n}" for op, n in body.most_common(16)))
+
+
+if __name__ == "__main__":
+    main()
