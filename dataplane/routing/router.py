@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
@@ -194,7 +195,7 @@ class MeshRouter:
         until one gets as far as a new token; raises the last Busy when waiting ran out."""
         since, attempts = self.dispatch.now(), 0
         while True:
-            step = kv_wait.decide(error.retry_after_s, since, self.dispatch.now(), attempts)
+            step = kv_wait.decide(error.retry_after_s, since, self.dispatch.now(), attempts, draw=random.random())
             if isinstance(step, kv_wait.GiveUp):
                 log.warning("%s found no KV blocks for %.0f s: giving up", failed.generation.served_by, step.waited_s)
                 raise error

@@ -10,7 +10,7 @@ import pytest
 from core.errors import Busy, Unavailable
 from core.serving import Generation
 from core.types import Chunk, FinishReason, GenerationRequest, SamplingParams
-from dataplane.routing.kv_wait import BUDGET_S, MAX_DELAY_S, GiveUp, Wait, decide
+from dataplane.routing.kv_wait import BUDGET_S, JITTER, MAX_DELAY_S, GiveUp, Wait, decide
 from dataplane.routing.resume import Served, resuming
 from placement.cluster import Stage
 
@@ -30,6 +30,16 @@ CASES = [
                          ids=[c[0] for c in CASES])
 def test_decide(name, retry_after_s, since, now, attempts, expected):
     assert decide(retry_after_s, since, now, attempts) == expected
+
+
+@pytest.mark.parametrize(("draw", "expected"), [(0.0, 2.0 * (1 - JITTER)), (0.5, 2.0), (0.999999, 2.0 * (1 + JITTER))])
+def test_the_backoff_is_spread_by_the_draw(draw, expected):
+    step = decide(0, 100.0, 102.0, 2, draw=draw)
+    assert isinstance(step, Wait) and step.delay_s == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_spread_wait_never_goes_under_the_stages_retry_after():
+    assert decide(1, 100.0, 100.0, 0, draw=0.0) == Wait(1.0)  # backoff 0.5 * 0.75, retry-after 1
 
 
 def test_waits_add_up_to_at_most_the_budget():
