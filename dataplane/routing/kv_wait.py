@@ -4,7 +4,8 @@ A stage whose paged KV pool is spent by other sessions answers `Busy` (RESOURCE_
 retry-after; `dataplane/stage.py`). It is healthy, only full: it is not blamed or avoided. The stream
 has ended, so every stage of the chain gave its blocks back; the gateway waits (`decide`), then
 replays the prompt and the ids sent so far on a chain through the failover path (`resume.py`), as a
-whole-model stream steps aside and recomputes (`engine/torch_generate.py`). Each wait doubles, at
+whole-model stream steps aside and recomputes (`engine/torch_generate.py`). A prompt whose chain
+has no room before its first token waits the same way (`Router._when_room`). Each wait doubles, at
 least the stage's retry-after, at most `MAX_DELAY_S`, spread by +-`JITTER` so that streams that met
 the same full pool together do not all replay in the same instant and fill it again; a stream that
 found no room for `BUDGET_S` ends with the stage's Busy, as it did before waiting was tried.

@@ -190,25 +190,31 @@ class MeshRouter:
 
     async def _wait_and_replay(self, target: Target, available: list[str], request: GenerationRequest,
                                failed: Served, error: Busy, ids: list[int], exclude: set[str]) -> Served:
-        """`failed`'s chain ended with Busy (a stage out of KV blocks), so its sessions are closed: wait
-        per `kv_wait.decide`, then replay the prompt and `ids` on a chain (the same one, or a replica),
-        until one gets as far as a new token; raises the last Busy when waiting ran out."""
+        """`failed`'s chain ended with Busy (a stage out of KV blocks), so its sessions are closed:
+        replay the prompt and `ids` once a chain has room (`_when_room`)."""
+        opened = await self._when_room(target, available, request, error, tuple(ids[failed.offset:]), exclude)
+        log.info("replayed %d tokens on %s after waiting for KV blocks", len(ids), opened.generation.served_by)
+        return replace(opened, offset=failed.offset)
+
+    async def _when_room(self, target: Target, available: list[str], request: GenerationRequest, error: Busy,
+                         resume: tuple[int, ...], exclude: set[str]) -> Served:
+        """A stage answered Busy (its KV pool or session places are spent by other streams; it is
+        healthy, so not blamed): wait per `kv_wait.decide`, then open a chain (the same one, or a
+        replica) with `resume`, until one gets as far as a first token; raises the last Busy when
+        waiting ran out. Before a first token too, as a serving engine queues a request it has no
+        room for instead of refusing it."""
         since, attempts = self.dispatch.now(), 0
         while True:
             step = kv_wait.decide(error.retry_after_s, since, self.dispatch.now(), attempts, draw=random.random())
             if isinstance(step, kv_wait.GiveUp):
-                log.warning("%s found no KV blocks for %.0f s: giving up", failed.generation.served_by, step.waited_s)
+                log.warning("no chain of %s had room for %.0f s: giving up", target.alias, step.waited_s)
                 raise error
             await asyncio.sleep(step.delay_s)
             attempts += 1
             try:
-                opened = await self._open_pipeline(self.view(), target, available, request, exclude,
-                                                   tuple(ids[failed.offset:]))
+                return await self._open_pipeline(self.view(), target, available, request, exclude, resume)
             except Busy as e:
                 error = e
-                continue
-            log.info("replayed %d tokens on %s after waiting for KV blocks", len(ids), opened.generation.served_by)
-            return replace(opened, offset=failed.offset)
 
     async def _whole(self, view: MeshView, target: Target, request: GenerationRequest,
                      attempts: Attempts) -> Served | None:
@@ -230,7 +236,12 @@ class MeshRouter:
             held = await self._whole(view, target, request, attempts)
             if held is not None:
                 return held
-            return await self._open_pipeline(view, target, available, request, attempts.exclude, ())
+            try:
+                return await self._open_pipeline(view, target, available, request, attempts.exclude, ())
+            except Busy as e:
+                log.warning("a stage of %s has no room before the first token (waits, then retries): %s",
+                            target.alias, e.message)
+                return await self._when_room(target, available, request, e, (), attempts.exclude)
 
         return await self._or_looked_up(view, target.digest, attempts.exclude, attempt)
 
