@@ -41,10 +41,13 @@ def get(url: str, key: str | None = None) -> tuple[int, dict, bytes]:
 def mesh(module_node_factory):
     secret = "dash-" + secrets.token_hex(4)
     one = ("--threads", "1", "--mesh-secret", secret)
+    # the page's chat sends no max_tokens and samples: a 512-token context bounds an answer that never
+    # says EOS to ~40 s at this box's pipeline speed (the model's own 8,192 ran past the 120 s wait)
+    stage = ("--ctx-size", "512", *one)
     started = module_node_factory.many({
         "G": ("--no-model", "--api-key", KEY, *one),
-        "S1": ("--shard", f"{MODEL}:0-15", *one),
-        S2: ("--shard", f"{MODEL}:15-30", *one),
+        "S1": ("--shard", f"{MODEL}:0-15", *stage),
+        S2: ("--shard", f"{MODEL}:15-30", *stage),
     })
     nodes = {"G": started["G"], "S1": started["S1"], "S2": started[S2]}
     deadline = time.monotonic() + 60
