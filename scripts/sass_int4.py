@@ -1,7 +1,7 @@
 """The int4 Triton kernels' machine code for Hopper, compiled here, without a GPU (issue 12).
 
-    python scripts/sass_int4.py row '{"BLOCK_N": 64, "SPLIT_K": 8, "MAGIC": 4, "FIXUP": True, "PDL": True}' 4 3
-    python scripts/sass_int4.py swap '{"BLOCK_M": 64, "BLOCK_N": 64, "SPLIT_K": 2, "MAGIC": 3, "FIXUP": False, "PDL": True}' 4 2
+    python scripts/sass_int4.py row '{"BLOCK_N": 64, "SPLIT_K": 8, "MAGIC": 4, "FIXUP": true, "PDL": true}' 4 3
+    python scripts/sass_int4.py swap '{"BLOCK_M": 64, "BLOCK_N": 64, "SPLIT_K": 2, "MAGIC": 3, "FIXUP": false, "PDL": true}' 4 2
 
 Arguments: kernel (row, dot, swap), its constexprs as JSON, num_warps, num_stages. Triton compiles for
 sm_90 on the CPU (ptxas and nvdisasm ship in its wheel); integer arguments and pointers are declared
