@@ -19,6 +19,7 @@ BUDGET_S = 60.0  # the longest a stream waits for room, from its first Busy unti
 FIRST_DELAY_S = 0.5
 MAX_DELAY_S = 4.0
 JITTER = 0.25  # a wait is its backoff times 1 +- this (never under the stage's retry-after)
+MAX_WAITING = 32  # streams of one model a gateway lets wait at once; past that, Busy (429) at once
 
 
 @dataclass(frozen=True, slots=True)

@@ -61,6 +61,7 @@ class MeshRouter:
         replicas: int = 1,
         lookup: Lookup | None = None,
         lookup_wait_s: float = LOOKUP_WAIT_S,
+        draw: Callable[[], float] = random.random,
     ) -> None:
         self.node_name = node_name
         self._lookup = lookup  # records mode: Discovery.lookup_model (holders are found, not flooded)
@@ -73,6 +74,8 @@ class MeshRouter:
         self.dispatch = Dispatcher(local, channels, clock)
         self.placer = Placer(channels, replicas=replicas)
         self.streams: dict[str, int] = {}  # pipeline streams we drive now, per node: a burst spreads at once
+        self._waiting: dict[str, int] = {}  # streams waiting for a stage's KV blocks, per model digest
+        self._draw = draw  # [0, 1) for spreading those waits (random.random; tests pass their own)
         self._catalog: tuple[tuple, Catalog] | None = None  # (catalog_key, catalog): one per set of adverts
         if not channels.has_directory:
             channels.set_directory(self.grpc_endpoint_of)  # stages resolve next hops in our PeerTable
@@ -201,20 +204,33 @@ class MeshRouter:
         """A stage answered Busy (its KV pool or session places are spent by other streams; it is
         healthy, so not blamed): wait per `kv_wait.decide`, then open a chain (the same one, or a
         replica) with `resume`, until one gets as far as a first token; raises the last Busy when
-        waiting ran out. Before a first token too, as a serving engine queues a request it has no
-        room for instead of refusing it."""
-        since, attempts = self.dispatch.now(), 0
-        while True:
-            step = kv_wait.decide(error.retry_after_s, since, self.dispatch.now(), attempts, draw=random.random())
-            if isinstance(step, kv_wait.GiveUp):
-                log.warning("no chain of %s had room for %.0f s: giving up", target.alias, step.waited_s)
-                raise error
-            await asyncio.sleep(step.delay_s)
-            attempts += 1
-            try:
-                return await self._open_pipeline(self.view(), target, available, request, exclude, resume)
-            except Busy as e:
-                error = e
+        waiting ran out, or at once when `kv_wait.MAX_WAITING` streams of the model wait already (each
+        replay prefills again through the stages before the full one, so waiters are not free). Before
+        a first token too, as a serving engine queues a request it has no room for instead of
+        refusing it."""
+        if self._waiting.get(target.digest, 0) >= kv_wait.MAX_WAITING:
+            raise error
+        self._waiting[target.digest] = self._waiting.get(target.digest, 0) + 1
+        try:
+            since, attempts = self.dispatch.now(), 0
+            while True:
+                step = kv_wait.decide(error.retry_after_s, since, self.dispatch.now(), attempts, draw=self._draw())
+                if isinstance(step, kv_wait.GiveUp):
+                    log.warning("no chain of %s had room for %.0f s: giving up", target.alias, step.waited_s)
+                    raise error
+                await asyncio.sleep(step.delay_s)
+                attempts += 1
+                try:
+                    return await self._open_pipeline(self.view(), target, available, request, exclude, resume)
+                except Refused:
+                    raise Busy(1) from None
+                except Busy as e:
+                    error = e
+        finally:
+            if (left := self._waiting.get(target.digest, 0) - 1) > 0:
+                self._waiting[target.digest] = left
+            else:
+                self._waiting.pop(target.digest, None)
 
     async def _whole(self, view: MeshView, target: Target, request: GenerationRequest,
                      attempts: Attempts) -> Served | None:
@@ -238,7 +254,9 @@ class MeshRouter:
                 return held
             try:
                 return await self._open_pipeline(view, target, available, request, attempts.exclude, ())
-            except Busy as e:
+            except Refused:  # e.g. a stage without the pipeline service yet: the client may try again later
+                raise Busy(1) from None
+            except Busy as e:  # a stage's KV pool or session places are spent: room comes as streams end
                 log.warning("a stage of %s has no room before the first token (waits, then retries): %s",
                             target.alias, e.message)
                 return await self._when_room(target, available, request, e, (), attempts.exclude)
@@ -289,10 +307,7 @@ class MeshRouter:
             extra["resume"] = list(resume)
         stream = self._counted(chain, remote_generate(self._channels, chain[0].node, target.digest, request,
                                                       method="PipelineGenerate", extra=extra))
-        try:
-            head = await first_chunk(stream)
-        except Refused:  # e.g. a stage without the pipeline service yet: try again later
-            raise Busy(1) from None
+        head = await first_chunk(stream)  # a Refused (e.g. a stage without the pipeline service yet) rises
         return Served(Generation(served_by=names, first=head, rest=stream, model=target.alias), None, chain,
                       request=request)
 
