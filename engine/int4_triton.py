@@ -7,9 +7,11 @@ batches read the 4-bit weights once per step and stay in the 4-bit footprint.
 
 Layout (`pack_int4`): `qw` int32 [N, K / 8], one load per eight weights; within each chunk of 128 k
 the nibbles are ordered so that unpacking needs only shifts, and the two halves of a group of 32 sit
-16 bits apart in a word, where one PTX `lop3` makes both of them bf16 at once (see `pack_int4`). `scales` and `zeros` [K / 32, N] in the activation dtype, w[n, k] = (q - 8) * scale + zero (as
-tinygemm's and `Int4Groups`'). A first version loaded each word once per nibble
-(and each scale once per weight): 0.3-0.5x of bf16 on an H200, bound by load instructions, not bytes.
+16 bits apart in a word, where one PTX `lop3` makes both of them bf16 at once (see `pack_int4`).
+`scales` and `zeros` [K / 32, N] in the activation dtype, w[n, k] = (q - 8) * scale + zero (as
+tinygemm's and `Int4Groups`'). A first version loaded each word once per nibble (and each scale once
+per weight): 0.3-0.5x of bf16 on an H200, bound by load instructions, not bytes. Launch shapes:
+engine/int4_launch.py.
 
 The int -> float conversion is the ALU cost that decides whether dequantizing keeps up with HBM
 (Nsight Compute: the kernels were ALU-bound at 34 % of DRAM bandwidth). `magic` picks the path:
@@ -32,31 +34,18 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.int4_launch import W4Config, fits, launch_for
 from engine.pdl import launch_options, pdl_prologue
 
+__all__ = ["GROUP", "W4Config", "W4Weight", "fits", "launch_for", "pack_int4", "shift", "w4_matmul"]
+
 GROUP = 32
-COUNTER_TILES_PER_16 = 8  # output tiles one weight can count: 8 per 16 outputs (8 row tiles at BLOCK_N 16)
 
 
 def shift(j: int) -> int:
     """The bit offset of nibble j (k = 16 j + r of a 128-k chunk) in its word: a group's two halves
     (j = 2 g, 2 g + 1) 16 bits apart."""
     return 4 * (j // 2) + 16 * (j % 2)
-
-
-@dataclass(frozen=True, slots=True)
-class W4Config:
-    """One launch shape; `block_m` 0 selects the one-row kernel (M == 1), `swap` the kernel with the
-    weights as the A operand. K is walked in chunks of 128."""
-
-    block_m: int
-    block_n: int
-    split_k: int
-    warps: int
-    stages: int
-    magic: int = 1  # int -> float: 0 conversion, 1 fp32 mantissa trick, 2 bf16 math, 3 PTX bf16x2 (one-row: 3 fp32 factored, 4 PTX)
-    swap: bool = False
-    fixup: bool = False  # K splits: the last one of a tile sums them (else a second kernel does)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +56,9 @@ class W4Weight:
     scales: torch.Tensor  # [Kp / 32, N], activation dtype
     zeros: torch.Tensor  # [Kp / 32, N]
     in_features: int  # K before padding
-    counters: torch.Tensor  # int32, zero between calls: split-K programs count themselves per output tile
+    # int32, zero between calls: split-K programs count themselves per output tile. One stream at a
+    # time (the engine's steps are serialised): two concurrent calls would mix their counts.
+    counters: torch.Tensor
 
     @property
     def out_features(self) -> int:
@@ -84,7 +75,7 @@ def pack_int4(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> W4W
     kernels' layout.
 
     Chunk c of row n holds k in [128 c, 128 c + 128) as 16 words; word r holds k = 128 c + 16 j + r for
-    j = 0..7, j = 2 g at bits 4 g and j = 2 g + 1 at bits 4 g + 16 (`SHIFT`). So nibble j of a
+    j = 0..7, j = 2 g at bits 4 g and j = 2 g + 1 at bits 4 g + 16 (`shift`). So nibble j of a
     [BLOCK_N, 16] tile is the [BLOCK_N, 16] slice of W that starts at k = 128 c + 16 j: eight shifts give
     eight `tl.dot` operands, with no reshape in registers and one load per 8 weights; and the two
     halves of group g are one shift and one mask away from a bf16x2 pair.
@@ -104,7 +95,7 @@ def pack_int4(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> W4W
         out[: k // GROUP] = t.T
         return out.contiguous()
 
-    counters = torch.zeros(COUNTER_TILES_PER_16 * max(1, n // 16), dtype=torch.int32, device=q.device)
+    counters = torch.zeros(max(1, n // 16), dtype=torch.int32, device=q.device)  # a tile is 16+ outputs
     return W4Weight(qw.contiguous(), groups(scales), groups(zeros), k, counters)
 
 
@@ -328,9 +319,12 @@ def _sum_splits_kernel(P, Y, numel, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, 
     tl.store(Y + offs, acc.to(Y.dtype.element_ty), mask=ok)
 
 
-def fits(cfg: W4Config, n: int) -> bool:
-    """Whether a launch shape tiles N exactly (the kernels carry no N mask)."""
-    return n % cfg.block_n == 0
+def _ptx_ok(x: torch.Tensor, w: W4Weight) -> bool:
+    """The PTX paths (magic 3 of the tensor-core kernels, 4 of the one-row kernel) are written for bf16,
+    and `fma.rn.bf16x2` needs sm_80."""
+    if x.dtype != torch.bfloat16 or w.scales.dtype != torch.bfloat16:
+        return False
+    return x.device.type != "cuda" or torch.cuda.get_device_capability(x.device) >= (8, 0)
 
 
 def w4_matmul(x: torch.Tensor, w: W4Weight, cfg: W4Config) -> torch.Tensor:
@@ -340,9 +334,8 @@ def w4_matmul(x: torch.Tensor, w: W4Weight, cfg: W4Config) -> torch.Tensor:
     if k != w.in_features or not fits(cfg, n):
         raise ValueError(f"launch shape {cfg} or input [{m}, {k}] does not fit a [{n}, {w.in_features}] weight")
     x = x.contiguous()
-    if cfg.magic >= 3 and (x.dtype != torch.bfloat16 or w.scales.dtype != torch.bfloat16):
-        # the PTX paths are written for bf16 only (the row kernel's 3 is plain fp32)
-        cfg = dataclasses.replace(cfg, magic=3 if not cfg.block_m else 2)
+    if cfg.magic >= 3 and not _ptx_ok(x, w):  # the row kernel's 3 is plain fp32; 1 is fp32 anywhere
+        cfg = dataclasses.replace(cfg, magic=3 if not cfg.block_m else 1)
     chunks = w.qw.shape[1] // 16
     per_split = -(-chunks // cfg.split_k)
     y = x.new_empty(m, n)
@@ -371,34 +364,3 @@ def w4_matmul(x: torch.Tensor, w: W4Weight, cfg: W4Config) -> torch.Tensor:
             out, y, m * n, SPLIT_K=cfg.split_k, BLOCK=1024, num_warps=4, **pdl
         )  # fmt: skip
     return y
-
-
-def launch_for(m: int, n: int) -> W4Config:
-    """The launch shape for M rows of an [N, K] weight: the winners of `scripts/bench_int4_gemm.py` on an
-    H200 (Llama-3-8B layer shapes, docs/benchmarks.md), as a rule of M and N. Few output tiles (N <
-    16,384) want more K splits to fill 132 SMs; the one-row kernel wins at M = 1, tensor-core kernels
-    above it; the PTX dequantizing paths (magic 3, the one-row kernel's 4) won or tied on most shapes
-    (not o and down at 32 rows)."""
-    wide = n >= 16384
-    if m == 1:  # BLOCK_N 64 beat 128 by 1.3-1.7x with the PTX path (fewer registers, more programs resident)
-        # the last split of a tile sums the partials: qkv 10.9 us against 12.3 with a second kernel; in
-        # the tensor-core kernels the one program summing up to 16 tiles cost more than it saved (a
-        # decode step at batch 8: 1,654 tok/s against 1,927)
-        cfg = W4Config(0, 64, 4 if wide else 8, 4, 3, magic=4, fixup=True)
-    elif m <= 16:
-        cfg = W4Config(16, 64, 4, 4, 3, magic=3) if wide else W4Config(16, 64, 16 if n <= 4096 else 8, 4, 2, magic=3)
-    elif m <= 32:
-        if wide:
-            cfg = W4Config(32, 128, 4, 8, 3, magic=3)
-        else:  # N = 4,096 (o, down): bf16 math and a deeper pipeline won; qkv's 6,144: the PTX path
-            cfg = W4Config(32, 128, 8, 8, 3, magic=2, swap=True) if n <= 4096 else W4Config(32, 128, 8, 8, 2, magic=3, swap=True)
-    elif m <= 64:
-        cfg = W4Config(64, 64, 1 if wide else 4, 4, 2, magic=3, swap=True)
-    elif wide:
-        cfg = W4Config(128, 128, 1, 8, 3, magic=3, swap=True)
-    else:
-        cfg = W4Config(64, 64, 2, 4, 3, magic=3, swap=True) if n > 4096 else W4Config(64, 64, 4, 4, 2, magic=3, swap=True)
-    for block_n in (cfg.block_n, 32, 16):  # N that the tile does not divide (small models)
-        if n % block_n == 0:
-            return dataclasses.replace(cfg, block_n=block_n)
-    raise ValueError(f"N={n} is not a multiple of 16")

@@ -160,9 +160,10 @@ class Int4Linear:
 class TritonInt4Linear:
     """Group-32 int4 weights on CUDA in engine/int4_triton.py's layout, multiplied by its Triton kernels.
 
-    Against tinygemm on an H200 (Llama-3-8B shapes): 0.5-0.8x at one row, 1.1-1.4x at 8, 1.4-2.3x at 16
-    and 2.5-7.8x from 32 rows, where tinygemm's per-row loop falls to 0.2x of bf16; so it is the int4
-    form of a node that decodes wide batches (`Int4Kernel`)."""
+    Against tinygemm on an H200 (Llama-3-8B shapes, per matrix): 0.81-1.09x at one row, 1.1-1.9x at
+    8 and 3-10x from 32 rows, where tinygemm's per-row loop falls to 0.2x of bf16; a whole decode step
+    1.07-1.10x tinygemm's at batch 1 with PDL (docs/benchmarks.md). So it is the int4 form on Hopper
+    and of a node that decodes wide batches (`Int4Kernel`)."""
 
     def __init__(self, w: W4Weight, out_features: tuple[int, ...], bias: torch.Tensor | None) -> None:
         self.w = w

@@ -9,8 +9,10 @@ visible) before it reads anything, and at once lets its own successor launch. On
 latency overlaps, so results are bit-for-bit those of plain launches.
 
 Every kernel that takes a `PDL` flag must start with `pdl_prologue(PDL)`: a kernel launched with
-`launch_pdl=True` that reads before waiting would race its predecessor. `MESHLLM_PDL=0` turns it off
-(benchmarks measure both in one run).
+`launch_pdl=True` that reads before waiting would race its predecessor. The one exception is the
+batch-1 GEMV (engine/gemv_triton.py), which loads its first weight tile before waiting: weights are
+never written by a kernel. tests/engine/test_pdl.py checks both rules on every kernel's source.
+`MESHLLM_PDL=0` turns it off (benchmarks measure both in one run).
 """
 
 from __future__ import annotations

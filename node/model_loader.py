@@ -25,6 +25,20 @@ def _kv_dtype_bytes(config: NodeConfig) -> int:
     return 4 if config.kv_dtype == "32" else 2  # --kv-dtype: 16-bit by default
 
 
+
+def _launches_overlap(device: str) -> bool:
+    """Whether the torch engine's Triton kernels launch with PDL on `device` (engine/pdl.py): CUDA
+    Hopper+ with a Triton that has it. False without Triton, which a CUDA node need not have."""
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return False
+    try:
+        from engine.pdl import enabled
+    except ImportError:
+        return False
+    return enabled(torch.device(device))
+
 class BudgetError(ValueError):
     """What the node was asked to load does not fit its --memory-budget."""
 
@@ -150,14 +164,10 @@ class ModelManager:
         # The paged KV pool holds --kv-sessions full contexts (what the budget counts); sessions take
         # blocks as they grow, so SESSIONS_PER_CONTEXT times as many shorter ones share it.
         sessions = c.kv_sessions * SESSIONS_PER_CONTEXT
-        overlapped = False
-        if torch.device(c.device).type == "cuda":
-            from engine.pdl import enabled  # triton: only where CUDA kernels run
-
-            overlapped = enabled(torch.device(c.device))
+        int4_kernel = int4_kernel_for(c.int4_kernel, c.kv_sessions, _launches_overlap(c.device))
         engine = TorchShardEngine(model, spec=spec, device=c.device, threads=c.threads, weights=weights,
-                                  int4_kernel=int4_kernel_for(c.int4_kernel, c.kv_sessions, overlapped), kv_dtype=kv_dtype, max_sessions=sessions, max_context=self.context,
-                                  kv_tokens=c.kv_sessions * self.context)
+                                  int4_kernel=int4_kernel, kv_dtype=kv_dtype, max_sessions=sessions,
+                                  max_context=self.context, kv_tokens=c.kv_sessions * self.context)
         # As many requests in flight as sessions: the engine batches their decode steps.
         return LocalModel(model, self._runner(engine, model, parallel=sessions), "torch", spec)
 

@@ -75,13 +75,19 @@ for n, k in [(64, 256), (32, 576)]:
         (1, W4Config(0, 32, 1, 4, 2)), (1, W4Config(0, 16, 3, 4, 2, magic=0)), (1, W4Config(0, 16, 2, 4, 2, magic=3)),
         (3, W4Config(16, 32, 1, 4, 2)), (20, W4Config(16, 32, 2, 4, 2, magic=0)),
         (5, W4Config(16, 32, 3, 4, 2, swap=True)), (1, W4Config(16, 32, 1, 4, 2, swap=True)),
-        (33, W4Config(32, 32, 2, 4, 2, swap=True)), (7, W4Config(16, 32, 2, 4, 2, swap=True, fixup=False)),
+        (33, W4Config(32, 32, 2, 4, 2, swap=True)),
+        # K splits summed by the last program of each tile (per-weight counters): row, dot and swapped
+        (1, W4Config(0, 16, 3, 4, 2, magic=3, fixup=True)), (6, W4Config(16, 32, 3, 4, 2, fixup=True)),
+        (7, W4Config(16, 32, 2, 4, 2, swap=True, fixup=True)),
+        # the PTX paths asked for with fp16: the one-row kernel falls back to 3, the others to 1
+        (1, W4Config(0, 32, 2, 4, 2, magic=4)), (4, W4Config(16, 32, 2, 4, 2, magic=3, swap=True)),
     ]:
         x = torch.randn(m, k).half()
         y = w4_matmul(x, pw, cfg)
         assert y.shape == (m, n) and y.dtype == torch.float16, (y.shape, y.dtype, cfg)
         ref = x.float() @ w.T
         worst = max(worst, float((y.float() - ref).norm() / ref.norm()))
+        assert int(pw.counters.abs().sum()) == 0, cfg  # every counter back at 0 for the next call
 print("worst", worst)
 assert worst < 2e-3, worst
 """
