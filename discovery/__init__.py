@@ -1,7 +1,7 @@
 """Discovery and membership: signed adverts, the pure PeerTable, mDNS and libp2p transports.
 
-`Discovery`, `PeerChange` and `ChangeKind` (discovery/service.py) load lazily: importing them pulls in
-py-libp2p (about 1.5 s), which the simulator, using only PeerTable and NodeAdvert, never needs.
+`Discovery` (discovery/service.py) loads lazily: importing it pulls in py-libp2p (about 1.5 s), which
+the simulator, using only PeerTable and NodeAdvert, never needs.
 """
 
 from typing import Any
@@ -13,6 +13,7 @@ from discovery.envelope import (
     encode_signed,
     mesh_key_from_secret,
 )
+from discovery.peer_change import ChangeKind, PeerChange
 from discovery.peer_table import ApplyResult, Peer, PeerTable, freshness_error
 
 __all__ = [
@@ -38,8 +39,8 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("Discovery", "PeerChange", "ChangeKind"):
+    if name == "Discovery":
         from discovery import service
 
-        return getattr(service, name)
+        return service.Discovery
     raise AttributeError(f"module 'discovery' has no attribute {name!r}")

@@ -12,8 +12,6 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from enum import Enum
 from typing import TYPE_CHECKING
 
 from discovery.advert import AdvertError, NodeAdvert
@@ -26,6 +24,7 @@ from discovery.mdns import Mdns
 from discovery.missed import MissedAdverts
 from discovery.model_lookup import ModelLookups
 from discovery.netaddr import announce_ips, port_of
+from discovery.peer_change import ChangeKind, PeerChange
 from discovery.peer_table import ApplyResult, Peer, PeerTable, TouchResult, freshness_error
 from discovery.publisher import Publisher, advert_bucket
 from discovery.rejects import RejectCounter
@@ -40,19 +39,6 @@ DEFAULT_REFRESH_S = 2.5
 EXPIRE_INTERVAL_S = 0.5
 STOP_TASKS_TIMEOUT_S = 2.0
 GOODBYE_FLUSH_S = 0.2  # lets the goodbye leave over gossipsub before the host stops
-
-
-class ChangeKind(Enum):
-    JOINED = "joined"
-    UPDATED = "updated"  # content changed (not just seq/issued_at)
-    LEFT = "left"  # goodbye or expiry
-
-
-@dataclass(frozen=True, slots=True)
-class PeerChange:
-    kind: ChangeKind
-    node_id: str
-    peer: Peer | None  # None when LEFT
 
 
 def _comes_from(advert: NodeAdvert, origin: str) -> bool:
