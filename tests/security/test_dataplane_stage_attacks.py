@@ -182,7 +182,10 @@ def test_one_member_holds_at_most_its_share_of_slots_even_from_loopback(mesh):
     )
     assert cap == 12 and codes == [None] * cap + [grpc.StatusCode.RESOURCE_EXHAUSTED], codes
     assert answers and answers[0]["choices"][0]["text"]  # served while the member held its 3 slots
-    time.sleep(1.0)  # the stage closes the hung-up sessions
+    deadline = time.monotonic() + 10
+    while get_json(nodes["S2"].url + "/mesh/self")["load"]["active"]:  # the stage closes the hung-up sessions
+        assert time.monotonic() < deadline, "S2 kept the member's sessions after it hung up"
+        time.sleep(0.05)
     for _ in range(3):
         assert complete(nodes["G"].url)["choices"][0]["text"]  # every slot is free again
     grown = rss_bytes(pid) - before
