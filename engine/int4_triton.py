@@ -100,9 +100,15 @@ def pack_int4(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> W4W
 
 
 @triton.jit
+def _nib(q, j: tl.constexpr):
+    """Nibble j of each code word (at bit `shift(j)`), 0..15."""
+    return (q >> (4 * (j // 2) + 16 * (j % 2))) & 0xF
+
+
+@triton.jit
 def _nibbles(q, j: tl.constexpr, MAGIC: tl.constexpr):
     """Nibble j of each code word minus 8, in fp32."""
-    nib = (q >> (4 * (j // 2) + 16 * (j % 2))) & 0xF
+    nib = _nib(q, j)
     if MAGIC:  # 2^23 + nib as a float32 bit pattern, minus 2^23 + 8: exact, no int -> float conversion
         return (nib | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
     return nib.to(tl.float32) - 8.0
@@ -112,7 +118,7 @@ def _nibbles(q, j: tl.constexpr, MAGIC: tl.constexpr):
 def _tile(q, j: tl.constexpr, s, z, MAGIC: tl.constexpr):
     """The weights of nibble j of a code tile, for `tl.dot`, in the scales' 16-bit dtype."""
     if MAGIC == 2:  # 128 + nib as a bf16 bit pattern; the rest in bf16
-        f = (((q >> (4 * (j // 2) + 16 * (j % 2))) & 0xF) | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        f = (_nib(q, j) | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
         return (f - 136.0).to(s.dtype) * s + z
     return (_nibbles(q, j, MAGIC) * s.to(tl.float32) + z.to(tl.float32)).to(s.dtype)
 
@@ -193,9 +199,9 @@ def _finish(acc, Y, YF, CNT, tile, split, numel, offs, mask, SPLIT_K: tl.constex
 
 
 @triton.jit
-def _span(K, chunks_per_split):
-    """The 128-k chunks this program's K split walks."""
-    c_lo = tl.program_id(2) * chunks_per_split
+def _span(K, chunks_per_split, AXIS: tl.constexpr):
+    """The 128-k chunks this program's K split (program id AXIS) walks."""
+    c_lo = tl.program_id(AXIS) * chunks_per_split
     return c_lo, tl.minimum(c_lo + chunks_per_split, tl.cdiv(K, 128))
 
 
@@ -211,7 +217,7 @@ def _w4_dot_kernel(
     rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     r16 = tl.arange(0, 16)
-    c_lo, c_hi = _span(K, chunks_per_split)
+    c_lo, c_hi = _span(K, chunks_per_split, 2)
     rows_ok = rm[:, None] < M
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for c in range(c_lo, c_hi):
@@ -244,7 +250,7 @@ def _w4_swap_kernel(
     rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     r16 = tl.arange(0, 16)
-    c_lo, c_hi = _span(K, chunks_per_split)
+    c_lo, c_hi = _span(K, chunks_per_split, 2)
     rows_ok = rm[None, :] < M
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for c in range(c_lo, c_hi):
@@ -275,8 +281,7 @@ def _w4_row_kernel(
     kw = tl.cdiv(K, 128) * 16
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     r16 = tl.arange(0, 16)
-    c_lo = tl.program_id(1) * chunks_per_split
-    c_hi = tl.minimum(c_lo + chunks_per_split, tl.cdiv(K, 128))
+    c_lo, c_hi = _span(K, chunks_per_split, 1)
     acc = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
     zacc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for c in range(c_lo, c_hi):
@@ -284,14 +289,14 @@ def _w4_row_kernel(
         if MAGIC == 3:
             qh = q >> 16
         for g in tl.static_range(4):
-            s = tl.load(S + (c * 4 + g) * N + rn).to(tl.float32)
-            z = tl.load(Z + (c * 4 + g) * N + rn).to(tl.float32)
-            kk = c * 128 + g * 32 + r16  # (MAGIC 4 reloads s and z as bf16 words: the compiler merges the loads)
+            s16 = tl.load(S + (c * 4 + g) * N + rn)
+            z16 = tl.load(Z + (c * 4 + g) * N + rn)
+            s, z = s16.to(tl.float32), z16.to(tl.float32)
+            kk = c * 128 + g * 32 + r16
             a0 = tl.load(X + kk, mask=kk < K, other=0.0).to(tl.float32)
             a1 = tl.load(X + kk + 16, mask=kk + 16 < K, other=0.0).to(tl.float32)
             if MAGIC == 4:
-                w0, w1 = _pair_f32(q, g, _twice(tl.load(S + (c * 4 + g) * N + rn))[:, None],
-                                   _twice(tl.load(Z + (c * 4 + g) * N + rn))[:, None])
+                w0, w1 = _pair_f32(q, g, _twice(s16)[:, None], _twice(z16)[:, None])
                 acc += w0 * a0[None, :]
                 acc += w1 * a1[None, :]
             elif MAGIC == 3:
