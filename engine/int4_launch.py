@@ -23,6 +23,9 @@ class W4Config:
     magic: int = 1  # int -> float: 0 conversion, 1 fp32 mantissa trick, 2 bf16 math, 3 PTX bf16x2 (one-row: 3 fp32 factored, 4 PTX)
     swap: bool = False
     fixup: bool = False  # K splits: the last one of a tile sums them (else a second kernel does)
+    # the Gluon kernel (engine/int4_gluon.py: asynchronous wgmma, Hopper); elsewhere the swapped Triton
+    # kernel runs the same tile
+    gluon: bool = False
 
 
 def fits(cfg: W4Config, n: int) -> bool:
@@ -31,12 +34,13 @@ def fits(cfg: W4Config, n: int) -> bool:
 
 
 
-def launch_for(m: int, n: int) -> W4Config:
+def launch_for(m: int, n: int, k: int = 4096, gluon: bool = False) -> W4Config:
     """The launch shape for M rows of an [N, K] weight: the winners of `scripts/bench_int4_gemm.py` on an
-    H200 (Llama-3-8B layer shapes, docs/benchmarks.md), as a rule of M and N. Few output tiles (N <
-    16,384) want more K splits to fill 132 SMs; the one-row kernel wins at M = 1, tensor-core kernels
-    above it; the PTX dequantizing paths (magic 3, the one-row kernel's 4) won or tied on most shapes
-    (not o and down at 32 rows)."""
+    H200 (Llama-3-8B layer shapes, docs/benchmarks.md), as a rule of M, N and K. `gluon`: whether the
+    Gluon kernel can run here (engine/int4_gluon.py, Hopper), which then takes every shape from two
+    rows, and one row of long K (down's 14,336: 24.4 us against the one-row kernel's 28.0)."""
+    if gluon and (m > 1 or k > 8192):
+        return _gluon_shape(m, n, k)
     wide = n >= 16384
     if m == 1:  # BLOCK_N 64 beat 128 by 1.3-1.7x with the PTX path (fewer registers, more programs resident)
         # the last split of a tile sums the partials: qkv 10.9 us against 12.3 with a second kernel; in
@@ -48,15 +52,31 @@ def launch_for(m: int, n: int) -> W4Config:
     elif m <= 32:
         if wide:
             cfg = W4Config(32, 128, 4, 8, 3, magic=3)
-        else:  # N = 4,096 (o, down): bf16 math and a deeper pipeline won; qkv's 6,144: the PTX path
-            cfg = W4Config(32, 128, 8, 8, 3, magic=2, swap=True) if n <= 4096 else W4Config(32, 128, 8, 8, 2, magic=3, swap=True)
-    elif m <= 64:
-        cfg = W4Config(64, 64, 1 if wide else 4, 4, 2, magic=3, swap=True)
-    elif wide:
-        cfg = W4Config(128, 128, 1, 8, 3, magic=3, swap=True)
+        else:  # o and down: the weights as the B operand; qkv's 6,144: as the A operand
+            cfg = W4Config(32, 128, 8, 8, 3, magic=3) if n <= 4096 else W4Config(32, 128, 8, 8, 2, magic=3, swap=True)
     else:
-        cfg = W4Config(64, 64, 2, 4, 3, magic=3, swap=True) if n > 4096 else W4Config(64, 64, 4, 4, 2, magic=3, swap=True)
-    for block_n in (cfg.block_n, 32, 16):  # N that the tile does not divide (small models)
+        # from 33 rows: 128-wide tiles of 8 warps, weights as the A operand. gate/up at 64 rows runs best
+        # on 128-row tiles, half of them padding (85 us against 131 with 64 x 64 tiles): the larger
+        # tensor-core instruction and two warp groups per program hide more latency than the padding costs
+        splits = 8 if k > 8192 else 5 if n > 4096 else 4
+        cfg = W4Config(128 if wide or m > 64 else 64, 128, 1 if wide else splits, 8, 3, magic=3, swap=True)
+    return _narrowed(cfg, n)
+
+
+def _gluon_shape(m: int, n: int, k: int) -> W4Config:
+    """The Gluon kernel's shape: 64-wide tiles of one warp group, rows in tiles of 16, 32 or 64 (128
+    rows run as two 64-row tiles, back to back on each weight tile), and K splits for about 2,048
+    programs up to 16 rows (reading weights is all there is: more programs, more bytes in flight) and
+    512 above. From the H200 sweep: every shape within 3 % of its best launch shape, most on it."""
+    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
+    tiles = n // 64 * -(-m // block_m)
+    per_tile = max(1, (2048 if m <= 16 else 512) // tiles)
+    splits = min(8, 1 << (per_tile.bit_length() - 1), max(1, k // 256))
+    return _narrowed(W4Config(block_m, 64, splits, 4, 3, magic=3, swap=True, gluon=True), n)
+
+
+def _narrowed(cfg: W4Config, n: int) -> W4Config:
+    for block_n in dict.fromkeys((cfg.block_n, 64, 32, 16)):  # N that the tile does not divide (small models)
         if n % block_n == 0:
             return dataclasses.replace(cfg, block_n=block_n)
     raise ValueError(f"N={n} is not a multiple of 16")

@@ -28,6 +28,7 @@ PTX paths cut the one-row kernel's time by 20-30 % and the tensor-core kernels' 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +38,7 @@ import triton.language as tl
 from engine.int4_launch import W4Config, fits, launch_for
 from engine.pdl import launch_options, pdl_prologue
 
-__all__ = ["GROUP", "W4Config", "W4Weight", "fits", "launch_for", "pack_int4", "shift", "w4_matmul"]
+__all__ = ["GROUP", "W4Config", "W4Weight", "fits", "gluon_ok", "launch_for", "pack_int4", "shift", "w4_matmul"]
 
 GROUP = 32
 
@@ -214,8 +215,8 @@ def _w4_dot_kernel(
     """acc [BLOCK_M, BLOCK_N] += x tile @ dequantized W tile.T (weights as the B operand)."""
     pdl_prologue(PDL)
     kw = tl.cdiv(K, 128) * 16
-    rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # M tiles vary fastest: see w4_matmul
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     r16 = tl.arange(0, 16)
     c_lo, c_hi = _span(K, chunks_per_split, 2)
     rows_ok = rm[:, None] < M
@@ -247,8 +248,8 @@ def _w4_swap_kernel(
     (Interleaving a group's halves into one 32-deep operand was measured and lost 10-110 %.)"""
     pdl_prologue(PDL)
     kw = tl.cdiv(K, 128) * 16
-    rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # M tiles vary fastest: see w4_matmul
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     r16 = tl.arange(0, 16)
     c_lo, c_hi = _span(K, chunks_per_split, 2)
     rows_ok = rm[None, :] < M
@@ -332,6 +333,21 @@ def _ptx_ok(x: torch.Tensor, w: W4Weight) -> bool:
     return x.device.type != "cuda" or torch.cuda.get_device_capability(x.device) >= (8, 0)
 
 
+def gluon_ok(x: torch.Tensor, w: W4Weight) -> bool:
+    """The Gluon kernel's conditions: bf16, a Hopper GPU (its wgmma), a Triton with Gluon for it."""
+    ok = _ptx_ok(x, w) and x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) == (9, 0)
+    return ok and _gluon_importable()
+
+
+@functools.cache
+def _gluon_importable() -> bool:
+    try:
+        from engine import int4_gluon  # noqa: F401
+    except ImportError:  # a Triton without Gluon's Hopper API
+        return False
+    return True
+
+
 def w4_matmul(x: torch.Tensor, w: W4Weight, cfg: W4Config) -> torch.Tensor:
     """x [M, K] (16-bit) @ W.T -> [M, N] in x's dtype."""
     m, k = x.shape
@@ -350,7 +366,12 @@ def w4_matmul(x: torch.Tensor, w: W4Weight, cfg: W4Config) -> torch.Tensor:
     out = y if cfg.split_k == 1 else torch.empty(cfg.split_k, m, n, device=x.device, dtype=torch.float32)
     tiles = n // cfg.block_n * (1 if cfg.block_m == 0 else triton.cdiv(m, cfg.block_m))
     fixup = cfg.split_k > 1 and cfg.fixup and tiles <= w.counters.numel()
-    if cfg.block_m == 0:
+    if cfg.gluon and gluon_ok(x, w):
+        from engine import int4_gluon
+
+        int4_gluon.launch(x, w.qw, w.scales, w.zeros, out, cfg.block_m, cfg.block_n, cfg.split_k, cfg.warps)
+        fixup = False
+    elif cfg.block_m == 0:
         if m != 1:
             raise ValueError("the one-row kernel takes M == 1")
         _w4_row_kernel[(n // cfg.block_n, cfg.split_k)](
@@ -358,8 +379,9 @@ def w4_matmul(x: torch.Tensor, w: W4Weight, cfg: W4Config) -> torch.Tensor:
             SPLIT_K=cfg.split_k, MAGIC=cfg.magic, FIXUP=fixup, num_warps=cfg.warps, num_stages=cfg.stages, **pdl,
         )  # fmt: skip
     else:
-        kernel = _w4_swap_kernel if cfg.swap else _w4_dot_kernel
-        kernel[(n // cfg.block_n, triton.cdiv(m, cfg.block_m), cfg.split_k)](
+        kernel = _w4_swap_kernel if cfg.swap or cfg.gluon else _w4_dot_kernel
+        # programs of one weight tile run back to back, so a second row tile reads it from L2, not HBM
+        kernel[(triton.cdiv(m, cfg.block_m), n // cfg.block_n, cfg.split_k)](
             x, w.qw, w.scales, w.zeros, out, y, w.counters, m, n, k, x.stride(0), n, m * n, per_split,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k, MAGIC=cfg.magic,
             FIXUP=fixup, num_warps=cfg.warps, num_stages=cfg.stages, **pdl,

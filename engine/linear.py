@@ -184,11 +184,12 @@ class TritonInt4Linear:
         return cls(pack_int4(q, *sz), tuple(out_features), bias)
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        from engine.int4_triton import launch_for, w4_matmul
+        from engine.int4_triton import gluon_ok, launch_for, w4_matmul
 
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        y = w4_matmul(x2, self.w, launch_for(x2.shape[0], self.w.out_features))
+        cfg = launch_for(x2.shape[0], self.w.out_features, self.w.in_features, gluon=gluon_ok(x2, self.w))
+        y = w4_matmul(x2, self.w, cfg)
         if self.bias is not None:
             y = y + self.bias
         y = y.view(*lead, y.shape[-1])

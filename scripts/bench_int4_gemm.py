@@ -53,13 +53,20 @@ def graph_time(calls: list[Callable[[], object]], reps: int = 10) -> float:
     return (time.perf_counter() - t0) / reps / len(calls)
 
 
-def candidates(m: int, n: int) -> list[W4Config]:
+def candidates(m: int, n: int, k: int, grid_only: bool = False, gluon: bool = False) -> list[W4Config]:
     """Launch shapes around `launch_for`'s choice, one axis at a time (tile width, K splits, pipeline
     depth, warps, rows per tile, weights as A or B operand), each with the PTX dequantizing path
     (magic 3) and the bf16 one (magic 2); the one-row kernel on a grid of its own."""
     from engine.int4_triton import launch_for
 
-    base = launch_for(m, n)
+    base = launch_for(m, n, k)
+    if gluon:  # the Gluon kernel: tile rows (half to twice M), tile width (4 or 8 warps), K splits
+        out = {base}
+        for bm, bn, sk in itertools.product(sorted({max(16, min(128, v)) for v in (m // 2, m, 2 * m)}), (64, 128),
+                                            (1, 2, 4, 8, 16)):
+            if n // bn * -(-m // bm) * sk <= 4096 and k // 128 >= 2 * sk:
+                out.add(W4Config(bm, bn, sk, 8 if bn == 128 else 4, 3, magic=3, swap=True, gluon=True))
+        return sorted(out, key=str)
     if m == 1:
         return [W4Config(0, bn, sk, warps, st, magic=mg)
                 for bn, sk, warps, st, mg in itertools.product((16, 32, 64), (1, 2, 4, 8, 16), (1, 2, 4), (2, 3), (4,))
@@ -70,7 +77,12 @@ def candidates(m: int, n: int) -> list[W4Config]:
     shapes |= {dataclasses.replace(base, stages=st) for st in (2, 3, 4)}
     shapes |= {dataclasses.replace(base, warps=8 if base.warps == 4 else 4)}
     shapes |= {dataclasses.replace(base, block_m=bm) for bm in (16, 32, 64, 128) if bm != base.block_m and bm // 2 <= m}
-    out = {dataclasses.replace(c, magic=mg) for c in shapes for mg in (2, 3)}
+    out = {base} if grid_only else {dataclasses.replace(c, magic=mg) for c in shapes for mg in (2, 3)}
+    if m >= 32:  # a grid over the tile (rows padded up to twice M: 128-row tiles beat 64 at 64 rows)
+        for bm, bn, swap in itertools.product({m, min(2 * m, 128)}, (64, 128), (False, True)):
+            tiles = n // bn * -(-m // bm)
+            for sk in {max(1, 132 // tiles), max(1, 264 // tiles)}:
+                out.add(W4Config(bm, bn, sk, 8 if bn == 128 else 4, 3, magic=3, swap=swap))
     return sorted(out, key=str)
 
 
@@ -140,10 +152,12 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--budget-s", type=float, default=420.0, help="stop sweeping after this long")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--grid-only", action="store_true", help="from 32 rows: only launch_for's shape and the tile grid")
+    ap.add_argument("--gluon", action="store_true", help="only launch_for's shape and the Gluon kernel's grid")
     ap.add_argument("--dense", action="store_true", help="also sweep a bf16 Triton GEMV against cuBLAS at M=1")
     args = ap.parse_args()
 
-    from engine.int4_triton import fits, launch_for, pack_int4, w4_matmul
+    from engine.int4_triton import fits, gluon_ok, launch_for, pack_int4, w4_matmul
     from engine.linear import pack_tinygemm
 
     t_start = time.perf_counter()
@@ -173,7 +187,7 @@ def main() -> None:
             t_bf16 = graph_time([lambda w=w, x=x: torch.nn.functional.linear(x, w) for w in dense])
             t_tiny = graph_time([lambda t=t, x=x, sz=sz: torch._weight_int4pack_mm(x, t, 32, sz) for t in tiny])
             rows: list[tuple[float, W4Config]] = []
-            for cfg in candidates(m, n):
+            for cfg in candidates(m, n, k, args.grid_only, args.gluon):
                 if not fits(cfg, n) or time.perf_counter() - t_start > args.budget_s:
                     continue
                 try:
@@ -187,7 +201,7 @@ def main() -> None:
                 continue
             rows.sort(key=lambda r: r[0])
             t_best, cfg_best = rows[0]
-            old_cfg = launch_for(m, n)  # the rule before this sweep (what the engine runs now)
+            old_cfg = launch_for(m, n, k, gluon_ok(x, qw[0]))  # the rule before this sweep (what the engine runs now)
             t_old = graph_time([lambda w=w, c=old_cfg, x=x: w4_matmul(x, w, c) for w in qw], reps=5)
             conv = dataclasses.replace(cfg_best, magic=0)
             t_nomagic = graph_time([lambda w=w, c=conv, x=x: w4_matmul(x, w, c) for w in qw], reps=5)

@@ -28,7 +28,7 @@ def main() -> None:
         w = pack_int4(q, s, torch.zeros_like(s))
         for m in (1, 16):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            cfg = launch_for(m, n)
+            cfg = launch_for(m, n, k)
             for _ in range(3):
                 w4_matmul(x, w, cfg)
             torch.cuda.synchronize()

@@ -52,8 +52,14 @@ def sass(kind: str, consts: dict[str, object], warps: int, stages: int) -> str:
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "k.cubin")
         Path(path).write_bytes(compiled.asm["cubin"])
-        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
-        return subprocess.run([tool, "-c", path], capture_output=True, text=True, check=True).stdout
+        bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+        usage = subprocess.run([os.path.join(bin_dir, "cuobjdump"), "--dump-resource-usage", path],
+                               capture_output=True, text=True, check=True).stdout
+        code = subprocess.run([os.path.join(bin_dir, "nvdisasm"), "-c", path], capture_output=True, text=True, check=True)
+        # registers and spill stack decide how many programs an SM keeps resident (latency hiding)
+        found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+)", usage)
+        head = f"registers {found.group(1)}, stack {found.group(2)} B, shared {found.group(3)} B\n" if found else ""
+        return head + code.stdout
 
 
 def mix(lines: list[str]) -> collections.Counter[str]:
@@ -64,7 +70,7 @@ def main() -> None:
     kind, consts, warps, stages = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     lines = sass(kind, consts, warps, stages).splitlines()
     whole = mix(lines)
-    print(f"{kind} {consts} warps={warps} stages={stages}: {sum(whole.values())} instructions")
+    print(f"{kind} {consts} warps={warps} stages={stages}: {sum(whole.values())} instructions; {lines[0]}")
     print("  " + ", ".join(f"{op} {n}" for op, n in whole.most_common(24)))
     for i, line in enumerate(lines):
         target = re.search(r"BRA\s+`?\(?(\.L_x_\d+)", line)

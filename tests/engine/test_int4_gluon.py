@@ -1,0 +1,117 @@
+"""The Gluon int4 kernel (engine/int4_gluon.py): compiled for Hopper here, run against a float reference
+on an H200.
+
+Gluon kernels have no interpreter, so CI (no GPU) compiles the kernel for sm_90 with the Triton it
+has and checks the machine code for what the kernel exists for: asynchronous wgmma that waits for
+all but the last one in flight, and one barrier a chunk. On a GPU the results are compared with
+float64 and with the Triton kernel it replaces (same tile, same PTX dequantizing).
+"""
+
+import dataclasses
+import os
+import re
+import subprocess
+import tempfile
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+gluon = pytest.importorskip("triton.experimental.gluon")
+
+from engine.int4_launch import W4Config, launch_for  # noqa: E402
+from engine.int4_triton import pack_int4  # noqa: E402
+
+
+def _sass(block_m: int, block_n: int, warps: int) -> str:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from engine import int4_gluon
+
+    sig = {"X": "*bf16", "QW": "*i32", "S": "*bf16", "Z": "*bf16", "Y": "*fp32", "M": "i32", "N": "i32",
+           "K": "i32", "sxm": "i32", "sym": "i32", "sys": "i32", "chunks_per_split": "i32",
+           "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "NUM_WARPS": "constexpr"}
+    # pointers and the sizes and strides the JIT sees divisible by 16 at run time (Llama's shapes)
+    divisible = [i for i, (name, t) in enumerate(sig.items()) if t.startswith("*") or name in ("M", "N", "K", "sxm", "sym")]
+    src = GluonASTSource(fn=int4_gluon._w4_wgmma_kernel, signature=sig,
+                         constexprs={"BLOCK_M": block_m, "BLOCK_N": block_n, "NUM_WARPS": warps},
+                         attrs={(i,): [["tt.divisibility", 16]] for i in divisible})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        return subprocess.run([tool, "-c", f.name], capture_output=True, text=True, check=True).stdout
+
+
+@pytest.mark.parametrize("block_m,block_n,warps", [(64, 128, 8), (16, 64, 4), (128, 128, 8)])
+def test_the_kernel_compiles_for_hopper_with_asynchronous_wgmma(block_m: int, block_n: int, warps: int) -> None:
+    """sm_90 machine code from this machine's Triton: 8 wgmma a 128-k chunk, each followed by a wait
+    that leaves it in flight (`DEPBAR.LE gsb0, 0x1`, the point of the kernel), none that drains all
+    but at the end, and no barrier between the cp.async copies of a chunk (there was one after each
+    of eight per-slice copies). With Triton 3.9 the 8-warp build also has a barrier before each wgmma
+    (3.6, which the H200 measurements used, has one a chunk)."""
+    pytest.importorskip("triton.backends.nvidia")
+    code = _sass(block_m, block_n, warps)
+    mma = re.findall(r"HGMMA\.64x(\d+)x16\.F32\.BF16", code)
+    assert len(mma) == 8 and set(mma) == {str(block_m)}, mma
+    waits = re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, (0x[01])", code)
+    assert waits.count("0x1") == 8 and waits.count("0x0") == 1, waits
+    lines = code.splitlines()
+    copies = [i for i, line in enumerate(lines) if "LDGSTS" in line]
+    bars = [i for i, line in enumerate(lines) if "BAR.SYNC" in line]
+    per_copy = max(1, block_m * 128 * 2 // 16 // (32 * warps))  # 16-byte LDGSTS a thread issues per chunk
+    assert copies and len(copies) % per_copy == 0, copies
+    chunks = [copies[i : i + per_copy] for i in range(0, len(copies), per_copy)]
+    assert not [c for c in chunks if any(c[0] < b < c[-1] for b in bars)], (chunks, bars)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                    reason="runs on Hopper (wgmma)")
+def test_the_gluon_kernel_matches_float64_and_the_triton_kernel() -> None:
+    """Rows 1-128 (padded tiles, several row tiles), K splits, a K tail (576 = 4.5 chunks), N that
+    only 64-wide tiles divide: against float64, and within bf16 rounding of the swapped Triton kernel
+    on the same tile."""
+    from engine.int4_triton import w4_matmul
+
+    g = torch.Generator(device="cuda").manual_seed(5)
+    for n, k in [(256, 4096), (192, 576), (4096, 14336)]:
+        q = torch.randint(0, 16, (n, k), device="cuda", dtype=torch.uint8, generator=g)
+        s = (torch.rand(n, k // 32, device="cuda", generator=g) * 0.02).bfloat16()
+        z = (torch.randn(n, k // 32, device="cuda", generator=g) * 0.02).bfloat16()
+        w = ((q.double().view(n, -1, 32) - 8) * s.double()[..., None] + z.double()[..., None]).view(n, k)
+        pw = pack_int4(q, s, z)
+        for m, bm, bn, sk in [(1, 16, 64, 1), (5, 16, 64, 3), (16, 16, 64, 2), (33, 32, 64, 1), (64, 64, 64, 4),
+                              (100, 64, 64, 2), (128, 128, 64, 1), (40, 128, 64, 5)]:
+            bn = 128 if n % 128 == 0 and bm >= 64 else bn
+            cfg = W4Config(bm, bn, sk, 8 if bn == 128 else 4, 3, magic=3, swap=True, gluon=True)
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
+            y = w4_matmul(x, pw, cfg)
+            ref = x.double() @ w.T
+            err = float((y.double() - ref).norm() / ref.norm())
+            assert err < 1e-2 and not y.isnan().any(), (n, k, m, cfg, err)
+            triton_y = w4_matmul(x, pw, dataclasses.replace(cfg, gluon=False))
+            assert float((y.double() - triton_y.double()).norm() / ref.norm()) < 4e-3, (n, k, m, cfg)
+        for m in (1, 2, 8, 17, 32, 64, 100, 128):  # the engine's choices (launch_for with the Gluon kernel)
+            cfg = launch_for(m, n, k, gluon=True)
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
+            y = w4_matmul(x, pw, cfg)
+            ref = x.double() @ w.T
+            assert float((y.double() - ref).norm() / ref.norm()) < 1e-2 and not y.isnan().any(), (n, k, m, cfg)
+
+
+def test_launch_rule_with_the_gluon_kernel() -> None:
+    """Pure: the Gluon kernel takes every shape from two rows and one row of long K; its tiles divide N,
+    cover M in at most two row tiles, and its K splits leave each split at least two 128-k chunks."""
+    from engine.int4_launch import fits
+
+    for n, k in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096), (576, 576), (1536, 576)]:
+        for m in range(1, 129):
+            cfg = launch_for(m, n, k, gluon=True)
+            assert fits(cfg, n), (m, n, cfg)
+            assert cfg.gluon == (m > 1 or k > 8192), (m, k, cfg)
+            if cfg.gluon:
+                assert cfg.swap and cfg.magic == 3 and -(-m // cfg.block_m) <= 2 and 1 <= cfg.split_k <= max(1, k // 256)
+            assert launch_for(m, n, k, gluon=False).gluon is False
