@@ -19,7 +19,7 @@ class W4Config:
     block_n: int
     split_k: int
     warps: int
-    stages: int
+    stages: int  # software pipeline depth (the Gluon kernel: chunks in shared memory, at least 3)
     magic: int = 1  # int -> float: 0 conversion, 1 fp32 mantissa trick, 2 bf16 math, 3 PTX bf16x2 (one-row: 3 fp32 factored, 4 PTX)
     swap: bool = False
     fixup: bool = False  # K splits: the last one of a tile sums them (else a second kernel does)
@@ -37,9 +37,9 @@ def fits(cfg: W4Config, n: int) -> bool:
 def launch_for(m: int, n: int, k: int = 4096, gluon: bool = False) -> W4Config:
     """The launch shape for M rows of an [N, K] weight: the winners of `scripts/bench_int4_gemm.py` on an
     H200 (Llama-3-8B layer shapes, docs/benchmarks.md), as a rule of M, N and K. `gluon`: whether the
-    Gluon kernel can run here (engine/int4_gluon.py, Hopper), which then takes every shape from two
-    rows, and one row of long K (down's 14,336: 24.4 us against the one-row kernel's 28.0)."""
-    if gluon and (m > 1 or k > 8192):
+    Gluon kernel can run here (engine/int4_gluon.py, Hopper); it then takes every shape (at one row
+    too: gate/up 32.0 us against the one-row kernel's 38.2)."""
+    if gluon:
         return _gluon_shape(m, n, k)
     wide = n >= 16384
     if m == 1:  # BLOCK_N 64 beat 128 by 1.3-1.7x with the PTX path (fewer registers, more programs resident)
@@ -64,15 +64,19 @@ def launch_for(m: int, n: int, k: int = 4096, gluon: bool = False) -> W4Config:
 
 
 def _gluon_shape(m: int, n: int, k: int) -> W4Config:
-    """The Gluon kernel's shape: 64-wide tiles of one warp group, rows in tiles of 16, 32 or 64 (128
-    rows run as two 64-row tiles, back to back on each weight tile), and K splits for about 2,048
-    programs up to 16 rows (reading weights is all there is: more programs, more bytes in flight) and
-    512 above. From the H200 sweep: every shape within 3 % of its best launch shape, most on it."""
-    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
-    tiles = n // 64 * -(-m // block_m)
-    per_tile = max(1, (2048 if m <= 16 else 512) // tiles)
-    splits = min(8, 1 << (per_tile.bit_length() - 1), max(1, k // 256))
-    return _narrowed(W4Config(block_m, 64, splits, 4, 3, magic=3, swap=True, gluon=True), n)
+    """The Gluon kernel's shape, four chunks deep: up to 32 rows, 64-wide tiles of one warp group in row
+    tiles of 16 or 32, four K splits (eight for down's long K, two for wide N at 32 rows); above,
+    128-wide tiles of two warp groups in row tiles of 64 or 128, splits to fill the SMs when N is
+    narrow. Every Llama-3-8B shape of the H200 sweep runs within 5 % of its best launch shape."""
+    wide = n >= 16384
+    if m <= 32:
+        block_m, block_n, warps = (16 if m <= 16 else 32), 64, 4
+        splits = 8 if k > 8192 and m <= 16 else 2 if wide and m > 16 else 4
+    else:
+        block_m, block_n, warps = (64 if m <= 64 else 128), 128, 8
+        splits = 1 if wide else 4 if m <= 64 or n <= 4096 else 2
+    splits = max(1, min(splits, k // 256))  # at least two 128-k chunks a split
+    return _narrowed(W4Config(block_m, block_n, splits, warps, 4, magic=3, swap=True, gluon=True), n)
 
 
 def _narrowed(cfg: W4Config, n: int) -> W4Config:

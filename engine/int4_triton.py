@@ -369,7 +369,7 @@ def w4_matmul(x: torch.Tensor, w: W4Weight, cfg: W4Config) -> torch.Tensor:
     if cfg.gluon and gluon_ok(x, w):
         from engine import int4_gluon
 
-        int4_gluon.launch(x, w.qw, w.scales, w.zeros, out, cfg.block_m, cfg.block_n, cfg.split_k, cfg.warps)
+        int4_gluon.launch(x, w.qw, w.scales, w.zeros, out, cfg.block_m, cfg.block_n, cfg.split_k, cfg.warps, cfg.stages)
         fixup = False
     elif cfg.block_m == 0:
         if m != 1:

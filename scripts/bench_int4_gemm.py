@@ -65,7 +65,8 @@ def candidates(m: int, n: int, k: int, grid_only: bool = False, gluon: bool = Fa
         for bm, bn, sk in itertools.product(sorted({max(16, min(128, v)) for v in (m // 2, m, 2 * m)}), (64, 128),
                                             (1, 2, 4, 8, 16)):
             if n // bn * -(-m // bm) * sk <= 4096 and k // 128 >= 2 * sk:
-                out.add(W4Config(bm, bn, sk, 8 if bn == 128 else 4, 3, magic=3, swap=True, gluon=True))
+                for st in (3, 4, 6) if bm <= 32 else (3, 4):  # chunks streamed ahead in shared memory
+                    out.add(W4Config(bm, bn, sk, 8 if bn == 128 else 4, st, magic=3, swap=True, gluon=True))
         return sorted(out, key=str)
     if m == 1:
         return [W4Config(0, bn, sk, warps, st, magic=mg)

@@ -23,7 +23,7 @@ from engine.int4_launch import W4Config, launch_for  # noqa: E402
 from engine.int4_triton import pack_int4  # noqa: E402
 
 
-def _sass(block_m: int, block_n: int, warps: int) -> str:
+def _sass(block_m: int, block_n: int, warps: int, depth: int) -> str:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -32,11 +32,11 @@ def _sass(block_m: int, block_n: int, warps: int) -> str:
 
     sig = {"X": "*bf16", "QW": "*i32", "S": "*bf16", "Z": "*bf16", "Y": "*fp32", "M": "i32", "N": "i32",
            "K": "i32", "sxm": "i32", "sym": "i32", "sys": "i32", "chunks_per_split": "i32",
-           "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "NUM_WARPS": "constexpr"}
+           "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "NUM_WARPS": "constexpr", "DEPTH": "constexpr"}
     # pointers and the sizes and strides the JIT sees divisible by 16 at run time (Llama's shapes)
     divisible = [i for i, (name, t) in enumerate(sig.items()) if t.startswith("*") or name in ("M", "N", "K", "sxm", "sym")]
     src = GluonASTSource(fn=int4_gluon._w4_wgmma_kernel, signature=sig,
-                         constexprs={"BLOCK_M": block_m, "BLOCK_N": block_n, "NUM_WARPS": warps},
+                         constexprs={"BLOCK_M": block_m, "BLOCK_N": block_n, "NUM_WARPS": warps, "DEPTH": depth},
                          attrs={(i,): [["tt.divisibility", 16]] for i in divisible})
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
@@ -46,26 +46,29 @@ def _sass(block_m: int, block_n: int, warps: int) -> str:
         return subprocess.run([tool, "-c", f.name], capture_output=True, text=True, check=True).stdout
 
 
-@pytest.mark.parametrize("block_m,block_n,warps", [(64, 128, 8), (16, 64, 4), (128, 128, 8)])
-def test_the_kernel_compiles_for_hopper_with_asynchronous_wgmma(block_m: int, block_n: int, warps: int) -> None:
+@pytest.mark.parametrize("block_m,block_n,warps,depth", [(64, 128, 8, 4), (16, 64, 4, 4), (128, 128, 8, 4), (32, 64, 4, 6)])
+def test_the_kernel_compiles_for_hopper_with_asynchronous_wgmma(block_m: int, block_n: int, warps: int, depth: int) -> None:
     """sm_90 machine code from this machine's Triton: 8 wgmma a 128-k chunk, each followed by a wait
     that leaves it in flight (`DEPBAR.LE gsb0, 0x1`, the point of the kernel), none that drains all
-    but at the end, and no barrier between the cp.async copies of a chunk (there was one after each
-    of eight per-slice copies). With Triton 3.9 the 8-warp build also has a barrier before each wgmma
-    (3.6, which the H200 measurements used, has one a chunk)."""
+    but at the end; the copies of a chunk (x, weights, scales, zeros: one commit group each) with no
+    barrier among them (there was one after each of eight per-slice copies of x), and DEPTH - 1
+    chunks copied before the loop. With Triton 3.9 the 8-warp build also has a barrier before each
+    wgmma (3.6, which the H200 measurements used, has two a chunk)."""
     pytest.importorskip("triton.backends.nvidia")
-    code = _sass(block_m, block_n, warps)
+    code = _sass(block_m, block_n, warps, depth)
     mma = re.findall(r"HGMMA\.64x(\d+)x16\.F32\.BF16", code)
     assert len(mma) == 8 and set(mma) == {str(block_m)}, mma
     waits = re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, (0x[01])", code)
     assert waits.count("0x1") == 8 and waits.count("0x0") == 1, waits
-    lines = code.splitlines()
-    copies = [i for i, line in enumerate(lines) if "LDGSTS" in line]
-    bars = [i for i, line in enumerate(lines) if "BAR.SYNC" in line]
-    per_copy = max(1, block_m * 128 * 2 // 16 // (32 * warps))  # 16-byte LDGSTS a thread issues per chunk
-    assert copies and len(copies) % per_copy == 0, copies
-    chunks = [copies[i : i + per_copy] for i in range(0, len(copies), per_copy)]
-    assert not [c for c in chunks if any(c[0] < b < c[-1] for b in bars)], (chunks, bars)
+    groups, copying = 0, False  # LDGSTS runs closed by LDGDEPBAR (commit_group)
+    for line in code.splitlines():
+        if "LDGSTS" in line:
+            copying = True
+        elif "LDGDEPBAR" in line:
+            groups += copying
+            copying = False
+        assert not (copying and "BAR.SYNC" in line), line
+    assert groups == depth, groups  # DEPTH - 1 before the loop, one in it
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
@@ -83,10 +86,12 @@ def test_the_gluon_kernel_matches_float64_and_the_triton_kernel() -> None:
         z = (torch.randn(n, k // 32, device="cuda", generator=g) * 0.02).bfloat16()
         w = ((q.double().view(n, -1, 32) - 8) * s.double()[..., None] + z.double()[..., None]).view(n, k)
         pw = pack_int4(q, s, z)
-        for m, bm, bn, sk in [(1, 16, 64, 1), (5, 16, 64, 3), (16, 16, 64, 2), (33, 32, 64, 1), (64, 64, 64, 4),
-                              (100, 64, 64, 2), (128, 128, 64, 1), (40, 128, 64, 5)]:
-            bn = 128 if n % 128 == 0 and bm >= 64 else bn
-            cfg = W4Config(bm, bn, sk, 8 if bn == 128 else 4, 3, magic=3, swap=True, gluon=True)
+        for m, bm, bn, sk, st in [(1, 16, 64, 1, 3), (5, 16, 64, 3, 3), (16, 16, 64, 2, 3), (33, 32, 64, 1, 3),
+                                  (64, 64, 64, 4, 3), (100, 64, 64, 2, 3), (128, 128, 64, 1, 3), (40, 128, 64, 5, 3),
+                                  (1, 16, 64, 1, 6), (5, 16, 64, 3, 4), (33, 32, 64, 2, 5), (100, 64, 64, 2, 4),
+                                  (16, 16, 128, 3, 6)]:  # fmt: skip
+            bn = 128 if n % 128 == 0 and (bm >= 64 or bn == 128) else 64
+            cfg = W4Config(bm, bn, sk, 8 if bn == 128 else 4, st, magic=3, swap=True, gluon=True)
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
             y = w4_matmul(x, pw, cfg)
             ref = x.double() @ w.T
@@ -103,15 +108,15 @@ def test_the_gluon_kernel_matches_float64_and_the_triton_kernel() -> None:
 
 
 def test_launch_rule_with_the_gluon_kernel() -> None:
-    """Pure: the Gluon kernel takes every shape from two rows and one row of long K; its tiles divide N,
-    cover M in at most two row tiles, and its K splits leave each split at least two 128-k chunks."""
+    """Pure: the Gluon kernel takes every shape; its tiles divide N, cover M in at most two row tiles,
+    and its K splits leave each split at least two 128-k chunks."""
     from engine.int4_launch import fits
 
     for n, k in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096), (576, 576), (1536, 576)]:
         for m in range(1, 129):
             cfg = launch_for(m, n, k, gluon=True)
             assert fits(cfg, n), (m, n, cfg)
-            assert cfg.gluon == (m > 1 or k > 8192), (m, k, cfg)
+            assert cfg.gluon and cfg.stages >= 3, (m, k, cfg)
             if cfg.gluon:
                 assert cfg.swap and cfg.magic == 3 and -(-m // cfg.block_m) <= 2 and 1 <= cfg.split_k <= max(1, k // 256)
             assert launch_for(m, n, k, gluon=False).gluon is False
