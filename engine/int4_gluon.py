@@ -28,6 +28,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
+from engine.pdl import launch_options
+
 # cp.async into shared memory: `async_load` from Triton 3.7 on, `async_copy_global_to_shared` before
 _cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
 _barrier = getattr(gl, "barrier", None) or gl.thread_barrier  # renamed in Triton 3.7
@@ -57,6 +59,15 @@ def _pair(q, g: gl.constexpr, s, z):
 
 
 @gluon.jit
+def _pdl_prologue(PDL: gl.constexpr):
+    """engine/pdl.py's `pdl_prologue` in Gluon: wait for the previous kernel, then let the next launch."""
+    if PDL:
+        gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
+                                  is_pure=False, pack=1)  # fmt: skip
+
+
+@gluon.jit
 def _copy_chunk(X, QW, S, Z, xs, qs, ss, zs, c, ok, buf, xm, xk, wn, wk, gi, gn, M, N, K, sxm, kw):
     """cp.async all of chunk c a program reads into shared stage `buf` (nothing unless `ok`): x [BLOCK_M,
     128], the packed weights [BLOCK_N, 16], and the four groups' scales and zeros [4 * BLOCK_N]."""
@@ -71,11 +82,12 @@ def _copy_chunk(X, QW, S, Z, xs, qs, ss, zs, c, ok, buf, xm, xk, wn, wk, gi, gn,
 @gluon.jit
 def _w4_wgmma_kernel(
     X, QW, S, Z, Y, M, N, K, sxm, sym, sys, chunks_per_split,
-    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_WARPS: gl.constexpr, DEPTH: gl.constexpr,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_WARPS: gl.constexpr, DEPTH: gl.constexpr, PDL: gl.constexpr,
 ):  # fmt: skip
     """acc [BLOCK_N, BLOCK_M] += dequantized W tile @ x tile.T over this program's K split. Everything a
     chunk reads (x, packed weights, scales, zeros) streams into shared memory DEPTH chunks deep
     (Marlin's schedule); DEPTH - 1 chunks are in flight while one is multiplied."""
+    _pdl_prologue(PDL)
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
                                                   instr_shape=[16, BLOCK_M, 16])
     a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
@@ -149,5 +161,5 @@ def launch(x: torch.Tensor, qw: torch.Tensor, scales: torch.Tensor, zeros: torch
     per_split = -(-chunks // split_k)
     _w4_wgmma_kernel[(-(-m // block_m), n // block_n, split_k)](
         x, qw, scales, zeros, out, m, n, k, x.stride(0), n, m * n, per_split,
-        BLOCK_M=block_m, BLOCK_N=block_n, NUM_WARPS=warps, DEPTH=depth, num_warps=warps,
+        BLOCK_M=block_m, BLOCK_N=block_n, NUM_WARPS=warps, DEPTH=depth, num_warps=warps, **launch_options(x.device),
     )  # fmt: skip

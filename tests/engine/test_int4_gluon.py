@@ -32,11 +32,12 @@ def _sass(block_m: int, block_n: int, warps: int, depth: int) -> str:
 
     sig = {"X": "*bf16", "QW": "*i32", "S": "*bf16", "Z": "*bf16", "Y": "*fp32", "M": "i32", "N": "i32",
            "K": "i32", "sxm": "i32", "sym": "i32", "sys": "i32", "chunks_per_split": "i32",
-           "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "NUM_WARPS": "constexpr", "DEPTH": "constexpr"}
+           "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "NUM_WARPS": "constexpr", "DEPTH": "constexpr",
+           "PDL": "constexpr"}
     # pointers and the sizes and strides the JIT sees divisible by 16 at run time (Llama's shapes)
     divisible = [i for i, (name, t) in enumerate(sig.items()) if t.startswith("*") or name in ("M", "N", "K", "sxm", "sym")]
     src = GluonASTSource(fn=int4_gluon._w4_wgmma_kernel, signature=sig,
-                         constexprs={"BLOCK_M": block_m, "BLOCK_N": block_n, "NUM_WARPS": warps, "DEPTH": depth},
+                         constexprs={"BLOCK_M": block_m, "BLOCK_N": block_n, "NUM_WARPS": warps, "DEPTH": depth, "PDL": True},
                          attrs={(i,): [["tt.divisibility", 16]] for i in divisible})
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
