@@ -82,11 +82,13 @@ def _copy_chunk(X, QW, S, Z, xs, qs, ss, zs, c, ok, buf, xm, xk, wn, wk, gi, gn,
 @gluon.jit
 def _w4_wgmma_kernel(
     X, QW, S, Z, Y, M, N, K, sxm, sym, sys, chunks_per_split,
-    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_WARPS: gl.constexpr, DEPTH: gl.constexpr, PDL: gl.constexpr,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_WARPS: gl.constexpr, DEPTH: gl.constexpr, INFLIGHT: gl.constexpr,
+    PDL: gl.constexpr,
 ):  # fmt: skip
     """acc [BLOCK_N, BLOCK_M] += dequantized W tile @ x tile.T over this program's K split. Everything a
     chunk reads (x, packed weights, scales, zeros) streams into shared memory DEPTH chunks deep
-    (Marlin's schedule); DEPTH - 1 chunks are in flight while one is multiplied."""
+    (Marlin's schedule); DEPTH - 1 chunks are in flight while one is multiplied. INFLIGHT (1 or 2)
+    wgmma stay in flight while the next slice is dequantized."""
     _pdl_prologue(PDL)
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
                                                   instr_shape=[16, BLOCK_M, 16])
@@ -118,7 +120,9 @@ def _w4_wgmma_kernel(
     for d in gl.static_range(DEPTH - 1):
         _copy_chunk(X, QW, S, Z, xs, qs, ss, zs, c_lo + d, c_lo + d < c_hi, d, xm, xk, wn, wk, gi, gn, M, N, K, sxm, kw)
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=mma)
-    held = gl.zeros([BLOCK_N, 16], gl.bfloat16, layout=a_l)
+    # the A operands of the wgmma in flight (registers a wgmma reads until it completes)
+    held1 = gl.zeros([BLOCK_N, 16], gl.bfloat16, layout=a_l)
+    held2 = gl.zeros([BLOCK_N, 16], gl.bfloat16, layout=a_l)
     for c in range(c_lo, c_hi):
         buf = (c - c_lo) % DEPTH
         async_copy.wait_group(DEPTH - 2)  # chunk c has landed (the DEPTH - 2 after it may not have)
@@ -130,11 +134,11 @@ def _w4_wgmma_kernel(
             z = zs.index(buf).slice(g * BLOCK_N, BLOCK_N).load(gl.SliceLayout(1, a_l))
             w0, w1 = _pair(q, g, s[:, None], z[:, None])
             acc = warpgroup_mma(w0, xs.index(buf).slice(32 * g, 16, dim=1).permute((1, 0)), acc, is_async=True)
-            acc, held = warpgroup_mma_wait(num_outstanding=1, deps=[acc, held])
-            held = w0
+            acc, held1, held2 = warpgroup_mma_wait(num_outstanding=INFLIGHT, deps=[acc, held1, held2])
+            held1, held2 = w0, held1
             acc = warpgroup_mma(w1, xs.index(buf).slice(32 * g + 16, 16, dim=1).permute((1, 0)), acc, is_async=True)
-            acc, held = warpgroup_mma_wait(num_outstanding=1, deps=[acc, held])
-            held = w1
+            acc, held1, held2 = warpgroup_mma_wait(num_outstanding=INFLIGHT, deps=[acc, held1, held2])
+            held1, held2 = w1, held1
         # into the previous chunk's stage: every wgmma that read it is done (each warp group waited past
         # them above; Triton puts a barrier before this write for the other warp group)
         nc = c + DEPTH - 1
@@ -149,17 +153,17 @@ def _w4_wgmma_kernel(
 
 
 def launch(x: torch.Tensor, qw: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, out: torch.Tensor,
-           block_m: int, block_n: int, split_k: int, warps: int, depth: int) -> None:
+           block_m: int, block_n: int, split_k: int, warps: int, depth: int, inflight: int = 1) -> None:
     """One launch over x [M, K] (bf16, contiguous) into `out` ([M, N] bf16 when split_k is 1, else the
     [split_k, M, N] fp32 partials), `depth` chunks of each program's inputs in shared memory (>= 3:
     a chunk is copied into the stage two chunks back, whose last wgmma may have been in flight)."""
-    if depth < 3:
-        raise ValueError(f"the Gluon kernel streams at least 3 chunks deep, not {depth}")
+    if depth < 3 or inflight not in (1, 2):
+        raise ValueError(f"the Gluon kernel streams at least 3 chunks deep with 1 or 2 wgmma in flight, not {depth}, {inflight}")
     m, k = x.shape
     n = qw.shape[0]
     chunks = qw.shape[1] // 16
     per_split = -(-chunks // split_k)
     _w4_wgmma_kernel[(-(-m // block_m), n // block_n, split_k)](
         x, qw, scales, zeros, out, m, n, k, x.stride(0), n, m * n, per_split,
-        BLOCK_M=block_m, BLOCK_N=block_n, NUM_WARPS=warps, DEPTH=depth, num_warps=warps, **launch_options(x.device),
+        BLOCK_M=block_m, BLOCK_N=block_n, NUM_WARPS=warps, DEPTH=depth, INFLIGHT=inflight, num_warps=warps, **launch_options(x.device),
     )  # fmt: skip

@@ -26,6 +26,7 @@ class W4Config:
     # the Gluon kernel (engine/int4_gluon.py: asynchronous wgmma, Hopper); elsewhere the swapped Triton
     # kernel runs the same tile
     gluon: bool = False
+    inflight: int = 1  # the Gluon kernel: wgmma left in flight while the next slice is dequantized (1 or 2)
 
 
 def fits(cfg: W4Config, n: int) -> bool:
@@ -76,7 +77,8 @@ def _gluon_shape(m: int, n: int, k: int) -> W4Config:
         block_m, block_n, warps = (64 if m <= 64 else 128), 128, 8
         splits = 1 if wide else 4 if m <= 64 or n <= 4096 else 2
     splits = max(1, min(splits, k // 256))  # at least two 128-k chunks a split
-    return _narrowed(W4Config(block_m, block_n, splits, warps, 4, magic=3, swap=True, gluon=True), n)
+    cfg = W4Config(block_m, block_n, splits, warps, 4, magic=3, swap=True, gluon=True, inflight=2 if m > 32 else 1)
+    return _narrowed(cfg, n)
 
 
 def _narrowed(cfg: W4Config, n: int) -> W4Config:

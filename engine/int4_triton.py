@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -334,7 +335,11 @@ def _ptx_ok(x: torch.Tensor, w: W4Weight) -> bool:
 
 
 def gluon_ok(x: torch.Tensor, w: W4Weight) -> bool:
-    """The Gluon kernel's conditions: bf16, a Hopper GPU (its wgmma), a Triton with Gluon for it."""
+    """The Gluon kernel's conditions: bf16, a Hopper GPU (its wgmma), a Triton with Gluon for it, and
+    not turned off (`MESHLLM_GLUON=0`: Gluon is Triton's experimental API; the Triton kernels then
+    take its shapes)."""
+    if os.environ.get("MESHLLM_GLUON", "1") == "0":
+        return False
     ok = _ptx_ok(x, w) and x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) == (9, 0)
     return ok and _gluon_importable()
 
@@ -369,7 +374,8 @@ def w4_matmul(x: torch.Tensor, w: W4Weight, cfg: W4Config) -> torch.Tensor:
     if cfg.gluon and gluon_ok(x, w):
         from engine import int4_gluon
 
-        int4_gluon.launch(x, w.qw, w.scales, w.zeros, out, cfg.block_m, cfg.block_n, cfg.split_k, cfg.warps, cfg.stages)
+        int4_gluon.launch(x, w.qw, w.scales, w.zeros, out, cfg.block_m, cfg.block_n, cfg.split_k, cfg.warps, cfg.stages,
+                          cfg.inflight)
         fixup = False
     elif cfg.block_m == 0:
         if m != 1:

@@ -41,9 +41,10 @@ WIDE_NODE_KV_SESSIONS = 8  # auto: a node sized for this many full contexts (4x 
 def int4_kernel_for(choice: str, kv_sessions: int, overlapped_launch: bool = False) -> Int4Kernel:
     """The int4 kernel of a CUDA node. Each stores its own layout, so a node picks one at load, by the
     batches it is sized for and whether its GPU overlaps kernel launches (PDL, engine/pdl.py: Hopper
-    and later). On an H200 Triton decodes one stream 1.07x faster than tinygemm with PDL and 0.92x
-    without (tinygemm is not a Triton kernel, so PDL cannot overlap it), 8 streams 1.6x faster, and 32
-    to 128 streams 3-5x faster (docs/benchmarks.md)."""
+    and later). On an H200 the Triton form (there the Gluon kernel, engine/int4_gluon.py) multiplies
+    one row at 0.88-1.29x tinygemm's speed per Llama-3-8B matrix and 8-128 rows 1.7-14.5x faster;
+    before Hopper the Triton kernels decoded one stream 0.92x tinygemm, which launches no faster
+    without PDL (docs/benchmarks.md)."""
     if choice == "auto":
         return "triton" if overlapped_launch or kv_sessions >= WIDE_NODE_KV_SESSIONS else "tinygemm"
     if choice in ("tinygemm", "triton"):

@@ -73,9 +73,10 @@ def _join_parser(sub: argparse._SubParsersAction) -> None:
     join.add_argument("--kv-dtype", choices=("16", "32"), default="16",
                       help="torch engine KV cache: 16-bit (fp16 on CPU, bf16 on CUDA) or fp32")
     join.add_argument("--int4-kernel", choices=("auto", "tinygemm", "triton"), default="auto",
-                      help="CUDA, quantized weights: tinygemm (torch's kernel), triton (1.07x tinygemm for one "
-                           "stream on Hopper, 1.6-5x from 8 streams), auto: triton on Hopper or later (kernel "
-                           "launches overlap) or when --kv-sessions >= 8, else tinygemm")
+                      help="CUDA, quantized weights: tinygemm (torch's kernel), triton (our kernels; on Hopper "
+                           "the Gluon one: per matrix 0.9-1.3x tinygemm at one row, 1.7-14x from 8 rows; MESHLLM_GLUON=0 "
+                           "turns it off), auto: triton on Hopper or later (kernel launches overlap) or when "
+                           "--kv-sessions >= 8, else tinygemm")
     join.add_argument("--kv-sessions", type=int, default=4, metavar="N",
                       help="torch engine: KV memory for N full-context sequences, shared by up to 4N "
                            "concurrent shorter ones (paged)")

@@ -67,6 +67,9 @@ def candidates(m: int, n: int, k: int, grid_only: bool = False, gluon: bool = Fa
             if n // bn * -(-m // bm) * sk <= 4096 and k // 128 >= 2 * sk:
                 for st in (3, 4, 6) if bm <= 32 else (3, 4):  # chunks streamed ahead in shared memory
                     out.add(W4Config(bm, bn, sk, 8 if bn == 128 else 4, st, magic=3, swap=True, gluon=True))
+                    if bm >= 64:  # two wgmma in flight: the tensor cores are busier than the copies there
+                        out.add(W4Config(bm, bn, sk, 8 if bn == 128 else 4, st, magic=3, swap=True, gluon=True,
+                                         inflight=2))
         return sorted(out, key=str)
     if m == 1:
         return [W4Config(0, bn, sk, warps, st, magic=mg)

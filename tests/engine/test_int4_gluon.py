@@ -33,11 +33,12 @@ def _sass(block_m: int, block_n: int, warps: int, depth: int) -> str:
     sig = {"X": "*bf16", "QW": "*i32", "S": "*bf16", "Z": "*bf16", "Y": "*fp32", "M": "i32", "N": "i32",
            "K": "i32", "sxm": "i32", "sym": "i32", "sys": "i32", "chunks_per_split": "i32",
            "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "NUM_WARPS": "constexpr", "DEPTH": "constexpr",
-           "PDL": "constexpr"}
+           "INFLIGHT": "constexpr", "PDL": "constexpr"}
     # pointers and the sizes and strides the JIT sees divisible by 16 at run time (Llama's shapes)
     divisible = [i for i, (name, t) in enumerate(sig.items()) if t.startswith("*") or name in ("M", "N", "K", "sxm", "sym")]
     src = GluonASTSource(fn=int4_gluon._w4_wgmma_kernel, signature=sig,
-                         constexprs={"BLOCK_M": block_m, "BLOCK_N": block_n, "NUM_WARPS": warps, "DEPTH": depth, "PDL": True},
+                         constexprs={"BLOCK_M": block_m, "BLOCK_N": block_n, "NUM_WARPS": warps, "DEPTH": depth, "INFLIGHT": 1,
+                                     "PDL": True},
                          attrs={(i,): [["tt.divisibility", 16]] for i in divisible})
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
@@ -90,9 +91,10 @@ def test_the_gluon_kernel_matches_float64_and_the_triton_kernel() -> None:
         for m, bm, bn, sk, st in [(1, 16, 64, 1, 3), (5, 16, 64, 3, 3), (16, 16, 64, 2, 3), (33, 32, 64, 1, 3),
                                   (64, 64, 64, 4, 3), (100, 64, 64, 2, 3), (128, 128, 64, 1, 3), (40, 128, 64, 5, 3),
                                   (1, 16, 64, 1, 6), (5, 16, 64, 3, 4), (33, 32, 64, 2, 5), (100, 64, 64, 2, 4),
-                                  (16, 16, 128, 3, 6)]:  # fmt: skip
+                                  (16, 16, 128, 3, 6), (128, 128, 128, 2, 4), (70, 64, 64, 1, 4)]:  # fmt: skip
             bn = 128 if n % 128 == 0 and (bm >= 64 or bn == 128) else 64
-            cfg = W4Config(bm, bn, sk, 8 if bn == 128 else 4, st, magic=3, swap=True, gluon=True)
+            cfg = W4Config(bm, bn, sk, 8 if bn == 128 else 4, st, magic=3, swap=True, gluon=True,
+                           inflight=2 if bm >= 64 and st == 4 else 1)
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
             y = w4_matmul(x, pw, cfg)
             ref = x.double() @ w.T
@@ -121,3 +123,17 @@ def test_launch_rule_with_the_gluon_kernel() -> None:
             if cfg.gluon:
                 assert cfg.swap and cfg.magic == 3 and -(-m // cfg.block_m) <= 2 and 1 <= cfg.split_k <= max(1, k // 256)
             assert launch_for(m, n, k, gluon=False).gluon is False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                    reason="runs on Hopper (wgmma)")
+def test_the_switch_turns_the_gluon_kernel_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`MESHLLM_GLUON=0` (Gluon is Triton's experimental API): the Triton kernels take its shapes."""
+    from engine.int4_triton import gluon_ok
+
+    x = torch.zeros(1, 128, device="cuda", dtype=torch.bfloat16)
+    s = torch.ones(64, 4, device="cuda", dtype=torch.bfloat16)
+    w = pack_int4(torch.zeros(64, 128, device="cuda", dtype=torch.uint8), s, s)
+    assert gluon_ok(x, w)
+    monkeypatch.setenv("MESHLLM_GLUON", "0")
+    assert not gluon_ok(x, w)
