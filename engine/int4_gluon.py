@@ -28,6 +28,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
+from engine.int4_triton import PAIR_PTX
 from engine.pdl import launch_options
 
 # cp.async into shared memory: `async_load` from Triton 3.7 on, `async_copy_global_to_shared` before
@@ -40,18 +41,7 @@ def _pair(q, g: gl.constexpr, s, z):
     """The two halves of group g (nibbles 2 g and 2 g + 1 of each word) as bf16 weights: one lop3 makes
     128 + q for both, one fma.bf16x2 subtracts 136, one applies scale and zero (int4_triton._pair)."""
     lo, hi = gl.inline_asm_elementwise(
-        asm="""{
-        .reg .b32 t, sc, zc, one, off;
-        lop3.b32 t, $2, 0x000F000F, 0x43004300, 0xEA;
-        mov.b32 one, 0x3F803F80;
-        mov.b32 off, 0xC308C308;
-        fma.rn.bf16x2 t, t, one, off;
-        mov.b32 sc, {$3, $3};
-        mov.b32 zc, {$4, $4};
-        fma.rn.bf16x2 t, t, sc, zc;
-        mov.b32 {$0, $1}, t;
-        }""",
-        constraints="=h,=h,r,h,h",
+        asm=PAIR_PTX, constraints="=h,=h,r,h,h",
         args=[q >> (4 * g), s.to(gl.int16, bitcast=True), z.to(gl.int16, bitcast=True)],
         dtype=(gl.int16, gl.int16), is_pure=True, pack=1,
     )

@@ -125,6 +125,21 @@ def _tile(q, j: tl.constexpr, s, z, MAGIC: tl.constexpr):
     return (_nibbles(q, j, MAGIC) * s.to(tl.float32) + z.to(tl.float32)).to(s.dtype)
 
 
+# two nibbles 16 bits apart ($2, shifted to bits 0-3 and 16-19) -> two bf16 weights ($0, $1) with
+# scale $3 and zero $4: lop3 into 128.0's mantissa, subtract 136, apply scale and zero (the Gluon kernel's too)
+PAIR_PTX = tl.constexpr("""{
+    .reg .b32 t, sc, zc, one, off;
+    lop3.b32 t, $2, 0x000F000F, 0x43004300, 0xEA;
+    mov.b32 one, 0x3F803F80;
+    mov.b32 off, 0xC308C308;
+    fma.rn.bf16x2 t, t, one, off;
+    mov.b32 sc, {$3, $3};
+    mov.b32 zc, {$4, $4};
+    fma.rn.bf16x2 t, t, sc, zc;
+    mov.b32 {$0, $1}, t;
+    }""")
+
+
 @triton.jit
 def _pair(q, g: tl.constexpr, s, z, MAGIC: tl.constexpr):
     """The two halves of group g of a code tile (nibbles 2 g and 2 g + 1), dequantized for `tl.dot`.
@@ -132,18 +147,7 @@ def _pair(q, g: tl.constexpr, s, z, MAGIC: tl.constexpr):
     one fma.bf16x2 subtracts 136 (exact), one applies scale and zero: 1.5 instructions a weight."""
     if MAGIC == 3:
         lo, hi = tl.inline_asm_elementwise(
-            asm="""{
-            .reg .b32 t, sc, zc, one, off;
-            lop3.b32 t, $2, 0x000F000F, 0x43004300, 0xEA;
-            mov.b32 one, 0x3F803F80;
-            mov.b32 off, 0xC308C308;
-            fma.rn.bf16x2 t, t, one, off;
-            mov.b32 sc, {$3, $3};
-            mov.b32 zc, {$4, $4};
-            fma.rn.bf16x2 t, t, sc, zc;
-            mov.b32 {$0, $1}, t;
-            }""",
-            constraints="=h,=h,r,h,h",
+            asm=PAIR_PTX, constraints="=h,=h,r,h,h",
             args=[q >> (4 * g), s.to(tl.int16, bitcast=True), z.to(tl.int16, bitcast=True)],
             dtype=(tl.int16, tl.int16), is_pure=True, pack=1,
         )
