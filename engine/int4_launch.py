@@ -68,7 +68,9 @@ def _gluon_shape(m: int, n: int, k: int) -> W4Config:
     """The Gluon kernel's shape, four chunks deep: up to 32 rows, 64-wide tiles of one warp group in row
     tiles of 16 or 32, four K splits (eight for down's long K, two for wide N at 32 rows); above,
     128-wide tiles of two warp groups in row tiles of 64 or 128, splits to fill the SMs when N is
-    narrow. Every Llama-3-8B shape of the H200 sweep runs within 5 % of its best launch shape."""
+    narrow; from 33 rows two wgmma in flight. In the H200 sweep that fitted it (one wgmma in flight)
+    every Llama-3-8B shape ran within 5 % of its best launch shape; the last sweep, with two, found o
+    at 128 rows faster on a 64-wide tile (15.2 us against 18.4), not yet taken (docs/benchmarks.md)."""
     wide = n >= 16384
     if m <= 32:
         block_m, block_n, warps = (16 if m <= 16 else 32), 64, 4
