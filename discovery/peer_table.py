@@ -43,6 +43,10 @@ class TouchResult(Enum):
     DUPLICATE = "duplicate"  # same issued_at again (the same beat over another path): nothing to do
     STALE = "stale"  # older seq, or issued_at not newer than the last beat: a replay, rejected
     NEWER_SEQ = "newer_seq"  # the node has an advert we missed: fetch it
+    # it expired here and the beat names the advert we held: check the beat against that advert's key
+    # (PeerTable.held), then touch() puts the node back, as if its advert had come again
+    EXPIRED = "expired"
+    REVIVED = "revived"  # touch(): an expired node is back in the table
     UNKNOWN = "unknown"  # not in the table: the beat cannot be verified, ignore it
     SELF = "self"
 
@@ -120,6 +124,9 @@ class PeerTable:
         self._deadlines: list[tuple[float, str]] = []
         # last seq of departed (goodbye or expired) nodes, so a replay cannot resurrect them; capped FIFO
         self._departed: OrderedDict[str, int] = OrderedDict()
+        # the last entry of nodes that expired (not said goodbye): a fresh signed beat naming its seq
+        # puts one back (touch), else it waited up to FULL_REPUBLISH_S for a re-signed advert; capped FIFO
+        self._expired: OrderedDict[str, Peer] = OrderedDict()
         self._max_departed = max_peers
 
     def __len__(self) -> int:
@@ -127,6 +134,10 @@ class PeerTable:
 
     def get(self, node_id: str) -> Peer | None:
         return self._peers.get(node_id)
+
+    def held(self, node_id: str) -> Peer | None:
+        """The node's entry, or its last one if it expired: the key its beats are checked against."""
+        return self._peers.get(node_id) or self._expired.get(node_id)
 
     def apply(self, advert: NodeAdvert, now: float, source: str = "", *, verified: bool = False) -> ApplyResult:
         """`verified`: the advert came from the address it advertises (see Discovery.receive)."""
@@ -140,6 +151,7 @@ class PeerTable:
                 if advert.seq <= departed_seq:
                     return ApplyResult.STALE
                 del self._departed[node_id]
+                self._expired.pop(node_id, None)
             if self._per_host.get(advert_host(advert), 0) >= self.max_per_host:
                 return ApplyResult.HOST_FULL
             if len(self._peers) >= self.max_peers and not self._make_room(now, verified):
@@ -217,6 +229,11 @@ class PeerTable:
         if node_id == self.self_id:
             return TouchResult.SELF
         peer = self._peers.get(node_id)
+        gone = None if peer is not None else self._expired.get(node_id)
+        if gone is not None and self._departed.get(node_id) == gone.advert.seq:
+            if seq == gone.advert.seq and issued_at > gone.beat_at:
+                return TouchResult.EXPIRED
+            peer = gone  # newer seq: fetch it; older or not newer than its last beat: a replay
         if peer is None:
             return TouchResult.UNKNOWN
         if seq > peer.advert.seq:
@@ -232,7 +249,14 @@ class PeerTable:
         and is newer than every liveness proof seen for it (so a captured beat cannot be replayed);
         a beat's `load` replaces the stored advert's load (the node signed both)."""
         result = self.peek_touch(node_id, seq, issued_at)
-        if result is TouchResult.REFRESHED:
+        if result is TouchResult.EXPIRED:
+            gone = self._expired.pop(node_id)
+            del self._departed[node_id]
+            if not self.apply(gone.advert, now, gone.source, verified=gone.verified).accepted:
+                self._remember_departed(node_id, seq, gone)  # full: it stays gone, its beats still count
+                return result
+            result = TouchResult.REVIVED
+        if result in (TouchResult.REFRESHED, TouchResult.REVIVED):
             old = self._peers[node_id]
             advert = old.advert if load is None else dataclasses.replace(old.advert, load=load)
             self._put(node_id, dataclasses.replace(old, advert=advert, last_seen=now, beat_at=issued_at))
@@ -250,6 +274,7 @@ class PeerTable:
             peer = self._peers.get(node_id)
             if peer is not None and peer.expires_at() == deadline:
                 self._remove(node_id)
+                self._remember_departed(node_id, peer.advert.seq, peer)
                 gone.append(node_id)
         return gone
 
@@ -275,8 +300,15 @@ class PeerTable:
             self._deadlines = [(p.expires_at(), nid) for nid, p in self._peers.items()]
             heapq.heapify(self._deadlines)
 
-    def _remember_departed(self, node_id: str, seq: int) -> None:
+    def _remember_departed(self, node_id: str, seq: int, expired: Peer | None = None) -> None:
+        """`expired`: the entry of a node that expired (a beat may revive it); else it said goodbye or
+        was evicted, and only an advert of a newer seq brings it back."""
         self._departed[node_id] = seq
         self._departed.move_to_end(node_id)
         while len(self._departed) > self._max_departed:
             self._departed.popitem(last=False)
+        self._expired.pop(node_id, None)
+        if expired is not None:
+            self._expired[node_id] = expired
+            while len(self._expired) > self._max_departed:
+                self._expired.popitem(last=False)

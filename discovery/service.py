@@ -348,7 +348,7 @@ class Discovery:
             return False
         if result in (TouchResult.SELF, TouchResult.DUPLICATE):
             return False
-        peer = self.table.get(beat.node_id)
+        peer = self.table.held(beat.node_id)  # live, or expired here (EXPIRED, or NEWER_SEQ after it)
         assert peer is not None
         if not beat.verify(peer.advert.public_key):  # node id -> key is fixed, whatever the seq
             self._rejects.reject("bad_signature", source, beat.node_id)
@@ -356,7 +356,12 @@ class Discovery:
         if result is TouchResult.NEWER_SEQ:
             self._fetch_missed(peer)  # the beat names an advert newer than ours: its push was lost
             return False
-        return self.table.touch(beat.node_id, beat.seq, beat.issued_at, now, beat.load) is TouchResult.REFRESHED
+        result = self.table.touch(beat.node_id, beat.seq, beat.issued_at, now, beat.load)
+        for node_id in self.table.take_evicted():
+            self._emit(ChangeKind.LEFT, node_id)
+        if result is TouchResult.REVIVED:  # it expired here (a starved loop), not left: back at once
+            self._emit(ChangeKind.JOINED, beat.node_id)
+        return result in (TouchResult.REFRESHED, TouchResult.REVIVED)
 
     def _receive_goodbye(self, advert: NodeAdvert, source: str) -> bool:
         peer = self.table.get(advert.node_id)

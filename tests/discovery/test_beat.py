@@ -9,7 +9,7 @@ import pytest
 from disc_builders import make_advert
 
 from discovery import envelope as e
-from discovery.advert import AdvertError, NodeAdvert
+from discovery.advert import AdvertError, Load, NodeAdvert
 from discovery.beat import Beat, decode_message, encode_beat
 from discovery.changes import significant_change
 from discovery.envelope import encode_signed, mesh_key_from_secret
@@ -111,7 +111,61 @@ def test_beats_keep_a_peer_alive_and_silence_expires_it() -> None:
         assert table.expire(now) == []
     assert table.touch(PEER.node_id, 5, issued, now + 1) is TouchResult.DUPLICATE  # the replayed last beat
     assert table.expire(now + 10.0) == [] and table.expire(now + 10.1) == [PEER.node_id]
-    assert table.touch(PEER.node_id, 5, issued + 20, now + 20) is TouchResult.UNKNOWN  # no resurrection
+    assert table.touch(PEER.node_id, 5, issued, now + 20) is TouchResult.DUPLICATE  # a replay revives nothing
+    assert table.get(PEER.node_id) is None
+
+
+def _expired(seq: int = 5) -> PeerTable:
+    """PEER's advert seq 5 at 100, beats until 110, silent since: expired at 120.1 (ttl 10 s)."""
+    table = _table(seq)
+    assert table.touch(PEER.node_id, seq, 110.0, now=110.0) is TouchResult.REFRESHED
+    assert table.expire(120.1) == [PEER.node_id]
+    return table
+
+
+@pytest.mark.parametrize(
+    ("seq", "issued_at", "expected", "listed"),
+    [
+        (5, 125.0, TouchResult.REVIVED, True),  # it was starved, not gone: back at its next beat
+        (5, 110.0, TouchResult.DUPLICATE, False),  # the last beat we had, replayed
+        (5, 108.0, TouchResult.STALE, False),  # older than the last beat we had
+        (4, 125.0, TouchResult.STALE, False),  # an older seq
+        (6, 125.0, TouchResult.NEWER_SEQ, False),  # an advert we never had: fetched (Discovery)
+    ],
+    ids=["fresh", "replayed last beat", "replayed older beat", "old seq", "newer seq"],
+)
+def test_a_beat_of_an_expired_peer(seq: int, issued_at: float, expected: TouchResult, listed: bool) -> None:
+    table = _expired()
+    peek = table.peek_touch(PEER.node_id, seq, issued_at)
+    assert peek is (TouchResult.EXPIRED if expected is TouchResult.REVIVED else expected)
+    held = table.held(PEER.node_id)
+    assert held is not None and held.advert.public_key == PEER.public_key_raw  # the beat is checked against it
+    assert table.touch(PEER.node_id, seq, issued_at, now=126.0, load=Load(1, 0, 4)) is expected
+    peer = table.get(PEER.node_id)
+    assert (peer is not None) is listed
+    if peer is not None:
+        assert (peer.last_seen, peer.beat_at, peer.advert.seq, peer.advert.load) == (126.0, 125.0, 5, Load(1, 0, 4))
+        assert table.snapshot(126.0) == [peer] and table.expire(136.0) == [] and table.expire(136.1) == [PEER.node_id]
+
+
+def test_no_beat_revives_a_peer_that_said_goodbye_or_was_replaced() -> None:
+    table = _table()
+    assert table.goodbye(PEER.node_id)
+    assert table.touch(PEER.node_id, 5, 125.0, now=126.0) is TouchResult.UNKNOWN and table.held(PEER.node_id) is None
+    table = _expired()
+    assert table.apply(make_advert(PEER, seq=7, issued_at=121.0), now=121.0).accepted  # back by a new advert
+    assert table.touch(PEER.node_id, 5, 125.0, now=126.0) is TouchResult.STALE  # its old seq stays old
+
+
+def test_a_full_host_keeps_an_expired_peer_out_until_room() -> None:
+    table = PeerTable(ME.node_id, max_per_host=1)  # every make_advert is on 127.0.0.1
+    table.apply(make_advert(PEER, seq=5, issued_at=100.0), now=100.0)
+    assert table.expire(110.1) == [PEER.node_id]
+    other = Identity.generate()
+    assert table.apply(make_advert(other, issued_at=111.0), now=111.0).accepted
+    assert table.touch(PEER.node_id, 5, 112.0, now=112.0) is TouchResult.EXPIRED and table.get(PEER.node_id) is None
+    assert table.goodbye(other.node_id)
+    assert table.touch(PEER.node_id, 5, 113.0, now=113.0) is TouchResult.REVIVED
 
 
 def test_a_same_seq_advert_does_not_rewind_the_beat_clock() -> None:

@@ -8,6 +8,7 @@ import msgpack
 from disc_builders import make_advert
 
 from discovery import envelope as e  # its private helpers forge a correctly MACed envelope
+from discovery.beat import encode_beat
 from discovery.envelope import encode_signed, mesh_key_from_secret
 from discovery.identity import Identity
 from discovery.peer_table import PeerTable
@@ -113,3 +114,35 @@ def test_expiry_loop_drops_silent_peer() -> None:
             await d.stop()
 
     asyncio.run(main())
+
+
+def test_a_peer_that_expired_here_is_back_at_its_next_beat() -> None:
+    """Our loop or its was starved past ttl_s: its beats went on naming the advert we held. It used to
+    stay out (beats of a node not in the table were ignored) until its next re-signed advert, up to
+    FULL_REPUBLISH_S later; a fresh signed beat now puts it back at once."""
+    clock = Clock()
+    d, changes = make_discovery(clock)
+    assert d.receive(signed(PEER, 5), "libp2p")
+    assert d.receive(encode_beat(PEER, KEY, 5, 1002.5), "libp2p")
+    clock.now += 13.0  # 10.5 s without a beat: past ttl_s=10
+    assert d.expire_now() == [PEER.node_id]
+    assert not d.receive(signed(PEER, 5), "libp2p")  # its advert again (a reopened stream): a replay
+    assert not d.receive(encode_beat(PEER, KEY, 5, 1002.5), "libp2p")  # its last beat again: a replay
+    assert not d.receive(encode_beat(OTHER, KEY, 5, 1013.0), "libp2p")  # signed by another key
+    assert d.table.get(PEER.node_id) is None
+    assert d.receive(encode_beat(PEER, KEY, 5, 1013.0), "libp2p")
+    assert [p.advert.node_id for p in d.table.snapshot(clock.now)] == [PEER.node_id]
+    assert [c.kind for c in changes] == [ChangeKind.JOINED, ChangeKind.LEFT, ChangeKind.JOINED]
+    assert d.beats_unknown == 1 and d.rejects == {"replayed_seq": 1}  # OTHER's beat: no advert of OTHER held
+
+
+def test_a_beat_of_an_expired_peer_naming_a_newer_seq_fetches_that_advert() -> None:
+    clock = Clock()
+    d, _ = make_discovery(clock)
+    fetched: list[str] = []
+    d.use_transports(None, None, lambda peer: fetched.append(peer.advert.node_id))
+    assert d.receive(signed(PEER, 5), "libp2p")
+    clock.now += 11.0
+    assert d.expire_now() == [PEER.node_id]
+    assert not d.receive(encode_beat(PEER, KEY, 6, 1011.0), "libp2p")
+    assert fetched == [PEER.node_id]  # from the HTTP address of the advert we held (MissedAdverts)
