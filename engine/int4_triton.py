@@ -9,9 +9,7 @@ Layout (`pack_int4`): `qw` int32 [N, K / 8], one load per eight weights; within 
 the nibbles are ordered so that unpacking needs only shifts, and the two halves of a group of 32 sit
 16 bits apart in a word, where one PTX `lop3` makes both of them bf16 at once (see `pack_int4`).
 `scales` and `zeros` [K / 32, N] in the activation dtype, w[n, k] = (q - 8) * scale + zero (as
-tinygemm's and `Int4Groups`'). A first version loaded each word once per nibble (and each scale once
-per weight): 0.3-0.5x of bf16 on an H200, bound by load instructions, not bytes. Launch shapes:
-engine/int4_launch.py.
+tinygemm's and `Int4Groups`'). Launch shapes: engine/int4_launch.py; on Hopper, engine/int4_gluon.py.
 
 The int -> float conversion is the ALU cost that decides whether dequantizing keeps up with HBM
 (Nsight Compute: the kernels were ALU-bound at 34 % of DRAM bandwidth). `magic` picks the path:
@@ -339,20 +337,18 @@ def _ptx_ok(x: torch.Tensor, w: W4Weight) -> bool:
 
 
 def gluon_ok(x: torch.Tensor, w: W4Weight) -> bool:
-    """The Gluon kernel's conditions: bf16, a Hopper GPU (its wgmma), a Triton with Gluon for it, and
-    not turned off (`MESHLLM_GLUON=0`: Gluon is Triton's experimental API; the Triton kernels then
-    take its shapes)."""
-    if os.environ.get("MESHLLM_GLUON", "1") == "0":
+    """bf16 on a Hopper GPU (wgmma) with a Triton whose Gluon has the Hopper API, unless MESHLLM_GLUON=0
+    (Gluon is Triton's experimental API: the Triton kernels then take its shapes)."""
+    if os.environ.get("MESHLLM_GLUON", "1") == "0" or not _ptx_ok(x, w) or x.device.type != "cuda":
         return False
-    ok = _ptx_ok(x, w) and x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) == (9, 0)
-    return ok and _gluon_importable()
+    return torch.cuda.get_device_capability(x.device) == (9, 0) and _gluon_importable()
 
 
 @functools.cache
 def _gluon_importable() -> bool:
     try:
         from engine import int4_gluon  # noqa: F401
-    except ImportError:  # a Triton without Gluon's Hopper API
+    except (ImportError, AttributeError):  # a Triton without Gluon's Hopper API as int4_gluon uses it
         return False
     return True
 

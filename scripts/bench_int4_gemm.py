@@ -2,6 +2,7 @@
 
     python scripts/bench_int4_gemm.py                       # H200: sweep launch shapes, Llama-3-8B layer shapes
     python scripts/bench_int4_gemm.py --rows 1 8 --budget-s 120
+    python scripts/bench_int4_gemm.py --gluon                # the Gluon kernel (Hopper) against the rest
 
 Every side runs on the same shapes in the same run, inside CUDA graphs (as the engine's decode step
 runs) over enough copies of the weights that L2 holds none of them (as when 32 layers stream past).
@@ -54,9 +55,10 @@ def graph_time(calls: list[Callable[[], object]], reps: int = 10) -> float:
 
 
 def candidates(m: int, n: int, k: int, grid_only: bool = False, gluon: bool = False) -> list[W4Config]:
-    """Launch shapes around `launch_for`'s choice, one axis at a time (tile width, K splits, pipeline
+    """Launch shapes around the Triton rule's choice, one axis at a time (tile width, K splits, pipeline
     depth, warps, rows per tile, weights as A or B operand), each with the PTX dequantizing path
-    (magic 3) and the bf16 one (magic 2); the one-row kernel on a grid of its own."""
+    (magic 3) and the bf16 one (magic 2); the one-row kernel on a grid of its own; from 32 rows a tile
+    grid (only that with `grid_only`). `gluon`: the Triton rule's choice and the Gluon kernel's grid."""
     from engine.int4_triton import launch_for
 
     base = launch_for(m, n, k)
