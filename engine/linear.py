@@ -161,10 +161,9 @@ class Int4Linear:
 class TritonInt4Linear:
     """Group-32 int4 weights on CUDA in engine/int4_triton.py's layout, multiplied by its Triton kernels.
 
-    Against tinygemm on an H200 (Llama-3-8B shapes, per matrix): 0.81-1.09x at one row, 1.1-1.9x at
-    8 and 3-10x from 32 rows, where tinygemm's per-row loop falls to 0.2x of bf16; a whole decode step
-    1.07-1.10x tinygemm's at batch 1 with PDL (docs/benchmarks.md). So it is the int4 form on Hopper
-    and of a node that decodes wide batches (`Int4Kernel`)."""
+    On Hopper its matmuls run the Gluon kernel (engine/int4_gluon.py). It is the int4 form on Hopper
+    and of a node that decodes wide batches, where tinygemm's per-row loop falls to 0.2x of bf16
+    (`int4_kernel_for` has the figures against tinygemm)."""
 
     def __init__(self, w: W4Weight, out_features: tuple[int, ...], bias: torch.Tensor | None) -> None:
         self.w = w

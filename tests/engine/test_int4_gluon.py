@@ -8,10 +8,7 @@ float64 and with the Triton kernel it replaces (same tile, same PTX dequantizing
 """
 
 import dataclasses
-import os
 import re
-import subprocess
-import tempfile
 
 import pytest
 import torch
@@ -23,31 +20,6 @@ from engine.int4_launch import W4Config, launch_for  # noqa: E402
 from engine.int4_triton import pack_int4  # noqa: E402
 
 
-def _sass(block_m: int, block_n: int, warps: int, depth: int) -> str:
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    from engine import int4_gluon
-
-    sig = {"X": "*bf16", "QW": "*i32", "S": "*bf16", "Z": "*bf16", "Y": "*fp32", "M": "i32", "N": "i32",
-           "K": "i32", "sxm": "i32", "sym": "i32", "sys": "i32", "chunks_per_split": "i32",
-           "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "NUM_WARPS": "constexpr", "DEPTH": "constexpr",
-           "INFLIGHT": "constexpr", "PDL": "constexpr"}
-    # pointers and the sizes and strides the JIT sees divisible by 16 at run time (Llama's shapes)
-    divisible = [i for i, (name, t) in enumerate(sig.items()) if t.startswith("*") or name in ("M", "N", "K", "sxm", "sym")]
-    src = GluonASTSource(fn=int4_gluon._w4_wgmma_kernel, signature=sig,
-                         constexprs={"BLOCK_M": block_m, "BLOCK_N": block_n, "NUM_WARPS": warps, "DEPTH": depth, "INFLIGHT": 1,
-                                     "PDL": True},
-                         attrs={(i,): [["tt.divisibility", 16]] for i in divisible})
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        return subprocess.run([tool, "-c", f.name], capture_output=True, text=True, check=True).stdout
-
-
 @pytest.mark.parametrize("block_m,block_n,warps,depth", [(64, 128, 8, 4), (16, 64, 4, 4), (128, 128, 8, 4), (32, 64, 4, 6)])
 def test_the_kernel_compiles_for_hopper_with_asynchronous_wgmma(block_m: int, block_n: int, warps: int, depth: int) -> None:
     """sm_90 machine code from this machine's Triton: 8 wgmma a 128-k chunk, each followed by a wait
@@ -57,7 +29,10 @@ def test_the_kernel_compiles_for_hopper_with_asynchronous_wgmma(block_m: int, bl
     chunks copied before the loop. With Triton 3.9 the 8-warp build also has a barrier before each
     wgmma (3.6, which the H200 measurements used, has two a chunk)."""
     pytest.importorskip("triton.backends.nvidia")
-    code = _sass(block_m, block_n, warps, depth)
+    from scripts.sass_int4 import sass
+
+    consts = {"BLOCK_M": block_m, "BLOCK_N": block_n, "NUM_WARPS": warps, "DEPTH": depth, "INFLIGHT": 1, "PDL": True}
+    code = sass("gluon", consts, warps, 1)
     mma = re.findall(r"HGMMA\.64x(\d+)x16\.F32\.BF16", code)
     assert len(mma) == 8 and set(mma) == {str(block_m)}, mma
     waits = re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, (0x[01])", code)
@@ -120,8 +95,7 @@ def test_launch_rule_with_the_gluon_kernel() -> None:
             cfg = launch_for(m, n, k, gluon=True)
             assert fits(cfg, n), (m, n, cfg)
             assert cfg.gluon and cfg.stages >= 3, (m, k, cfg)
-            if cfg.gluon:
-                assert cfg.swap and cfg.magic == 3 and -(-m // cfg.block_m) <= 2 and 1 <= cfg.split_k <= max(1, k // 256)
+            assert cfg.swap and cfg.magic == 3 and -(-m // cfg.block_m) <= 2 and 1 <= cfg.split_k <= max(1, k // 256)
             assert launch_for(m, n, k, gluon=False).gluon is False
 
 
