@@ -7,8 +7,9 @@ tensor header pointing into the GGUF's memory map.
 
 Only documented ggml API is used (no struct layouts): tensors live in no-alloc contexts and get their
 addresses with `ggml_backend_tensor_alloc` inside buffers made by `ggml_backend_cpu_buffer_from_ptr`.
-A call builds a tiny graph (one `mul_mat` per weight of a group sharing an input, or one `get_rows`)
-and runs it on the CPU backend. Not thread-safe: one `GgmlCpu` per engine, whose steps are serialised.
+A call runs a tiny graph (one `mul_mat` per weight of a group sharing an input, or one `get_rows`) on
+the CPU backend; graphs of up to CACHED_ROWS rows are built once and replayed (engine/ggml_graphs.py).
+Not thread-safe: one `GgmlCpu` per engine, whose steps are serialised.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ import ctypes
 import functools
 import glob
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from engine.ggml_graphs import CachedGraph, GraphCache, Place, _InitParams
 
 # enum ggml_type values for the GGUF tensor types we run (ggml.h; GGUF uses the same numbers)
 GGML_TYPES = {
@@ -36,14 +39,16 @@ ROW_INVARIANT_ROWS = 16  # up to this many input rows, each row is multiplied on
 _GRAPH_NODES = 4 * ROW_INVARIANT_ROWS * 2  # parts x rows x (view + product), with room
 _CTX_BYTES = 512 * 1024  # tensor headers and one small graph per call
 _ALIGN = 32
+# Graphs of up to this many rows (decode batches, embedding lookups) are built once and replayed;
+# longer prompt chunks are built per call (their compute dwarfs the building). GRAPH_CACHE is the
+# A/B switch of scripts/bench_stage_cpu.py; the products are the same bits either way.
+GRAPH_CACHE = True
+CACHED_ROWS = ROW_INVARIANT_ROWS
+GRAPH_CACHE_BYTES = 32 * 1024 * 1024  # tensor headers held per GgmlCpu, least recently used first out
 
 
 class GgmlUnavailable(RuntimeError):
     """llama-cpp-python's ggml libraries could not be loaded."""
-
-
-class _InitParams(ctypes.Structure):
-    _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +93,8 @@ def _lib() -> _Lib:
         (base, "ggml_backend_buffer_free", None, [p]),
         (base, "ggml_backend_tensor_alloc", i32, [p, p, p]),
         (base, "ggml_backend_graph_compute", i32, [p, p]),
+        (base, "ggml_tensor_overhead", sz, []),
+        (base, "ggml_graph_overhead_custom", sz, [sz, ctypes.c_bool]),
         (cpu, "ggml_backend_cpu_init", p, []),
         (cpu, "ggml_backend_cpu_set_n_threads", None, [p, i32]),
     ]
@@ -177,6 +184,7 @@ class GgmlCpu:
         self._wctx = self._b.ggml_init(_InitParams(64 * 1024 * 1024, None, True))
         self._weights: list[tuple[int, int, np.ndarray]] = []  # (tensor, buffer, keep-alive array)
         self._scratch = ctypes.create_string_buffer(_CTX_BYTES)
+        self._cache = GraphCache(self._b, max_bytes=GRAPH_CACHE_BYTES, graph_nodes=_GRAPH_NODES)
 
     def register(self, w: GgmlWeight) -> int:
         """Makes a ggml tensor over `w.data` (no copy); returns its handle for `matmul`/`get_rows`."""
@@ -200,45 +208,84 @@ class GgmlCpu:
         """
         if x.dtype != torch.float32 or x.dim() != 2:
             raise ValueError("ggml matmul takes float32 [M, K]")
-        x = _aligned_tensor(x)
         m, k = x.shape
-        outs = [torch.empty((m, n), dtype=torch.float32) for n in out_features]
         per_row = 1 < m <= ROW_INVARIANT_ROWS
         b = self._b
+        if GRAPH_CACHE and m <= CACHED_ROWS:
+            key = ("mm", tuple(weights), m, per_row)
+            g = self._cache.get(key) or self._cache_matmul(key, m, k, weights, out_features, per_row)
+            return self._replay(g, x)
+        x = _aligned_tensor(x)
+        outs = [torch.empty((m, n), dtype=torch.float32) for n in out_features]
         with self._graph() as (ctx, graph, bufs):
             xt = b.ggml_new_tensor_2d(ctx, 0, k, m)
             bufs.append(self._bind(xt, x))
-            for w, out in zip(weights, outs, strict=True):
-                if not per_row:
-                    y = b.ggml_mul_mat(ctx, w, xt)
-                    bufs.append(self._bind(y, out))
-                    b.ggml_build_forward_expand(graph, y)
-                    continue
-                obuf = self._b.ggml_backend_cpu_buffer_from_ptr(out.data_ptr(), out.numel() * 4)
-                bufs.append(obuf)
-                row_out = out.shape[1] * 4
-                for i in range(m):
-                    xi = b.ggml_view_2d(ctx, xt, k, 1, k * 4, i * k * 4)
-                    y = b.ggml_mul_mat(ctx, w, xi)
-                    if b.ggml_backend_tensor_alloc(obuf, y, out.data_ptr() + i * row_out) != 0:
-                        raise RuntimeError("could not bind a ggml tensor")
-                    b.ggml_build_forward_expand(graph, y)
+            places = []
+            for out in outs:
+                bufs.append(self._buffer(out))
+                places.append(Place(bufs[-1], out.data_ptr(), out.shape[1] * 4))
+            self._products(ctx, graph, xt, m, k, weights, places, per_row)
             self._compute(graph)
         return outs
 
+    def _cache_matmul(
+        self, key: Hashable, m: int, k: int, weights: Sequence[int], out_features: Sequence[int], per_row: bool
+    ) -> CachedGraph:
+        def build(ctx: int, graph: int, xp: Place, places: list[Place]) -> None:
+            xt = self._b.ggml_new_tensor_2d(ctx, 0, k, m)
+            self._alloc(xp.buf, xt, xp.addr)
+            self._products(ctx, graph, xt, m, k, weights, places, per_row)
+
+        n_tensors = 1 + len(weights) * (2 * m if per_row else 1)  # x, then (view +) product per row
+        return self._cache.add(key, (m, k), torch.float32, [(m, n) for n in out_features], n_tensors, build)
+
+    def _products(
+        self, ctx: int, graph: int, xt: int, m: int, k: int, weights: Sequence[int], places: list[Place],
+        per_row: bool,
+    ) -> None:
+        """Adds x @ W_i.T (xt: [M, K]) to `graph`, into places[i]: one product, or one per row (see matmul)."""
+        b = self._b
+        for w, p in zip(weights, places, strict=True):
+            if not per_row:
+                y = b.ggml_mul_mat(ctx, w, xt)
+                self._alloc(p.buf, y, p.addr)
+                b.ggml_build_forward_expand(graph, y)
+                continue
+            for i in range(m):
+                xi = b.ggml_view_2d(ctx, xt, k, 1, k * 4, i * k * 4)
+                y = b.ggml_mul_mat(ctx, w, xi)
+                self._alloc(p.buf, y, p.addr + i * p.row_bytes)
+                b.ggml_build_forward_expand(graph, y)
+
     def get_rows(self, weight: int, ids: torch.Tensor, cols: int) -> torch.Tensor:
         """Rows `ids` [T] of a registered matrix, dequantized: [T, cols] float32."""
-        ids = _aligned_tensor(ids.to(torch.int32))
-        out = torch.empty((ids.shape[0], cols), dtype=torch.float32)
+        ids = ids.to(torch.int32)
+        t = ids.shape[0]
         b = self._b
-        with self._graph() as (ctx, graph, bufs):
-            it = b.ggml_new_tensor_2d(ctx, _GGML_TYPE_I32, ids.shape[0], 1)
-            bufs.append(self._bind(it, ids))
+
+        def build(ctx: int, graph: int, xp: Place, places: list[Place]) -> None:
+            it = b.ggml_new_tensor_2d(ctx, _GGML_TYPE_I32, t, 1)
+            self._alloc(xp.buf, it, xp.addr)
             y = b.ggml_get_rows(ctx, weight, it)
-            bufs.append(self._bind(y, out))
+            self._alloc(places[0].buf, y, places[0].addr)
             b.ggml_build_forward_expand(graph, y)
+
+        if GRAPH_CACHE and t <= CACHED_ROWS:
+            key = ("rows", weight, t)
+            g = self._cache.get(key) or self._cache.add(key, (1, t), torch.int32, [(t, cols)], 2, build)
+            return self._replay(g, ids.view(1, t))[0]
+        ids = _aligned_tensor(ids)
+        out = torch.empty((t, cols), dtype=torch.float32)
+        with self._graph() as (ctx, graph, bufs):
+            bufs += [self._buffer(ids), self._buffer(out)]
+            build(ctx, graph, Place(bufs[0], ids.data_ptr(), 0), [Place(bufs[1], out.data_ptr(), cols * 4)])
             self._compute(graph)
         return out
+
+    def _replay(self, g: CachedGraph, x: torch.Tensor) -> list[torch.Tensor]:
+        g.x.copy_(x)
+        self._compute(g.graph)
+        return [o.clone() for o in g.outs]  # the arena is the next call's: callers keep their own
 
     @contextlib.contextmanager
     def _graph(self) -> Iterator[tuple[int, int, list[int]]]:
@@ -257,14 +304,28 @@ class GgmlCpu:
         if self._b.ggml_backend_graph_compute(self._backend, graph) != 0:
             raise RuntimeError("ggml graph compute failed")
 
-    def _bind(self, tensor: int, t: torch.Tensor) -> int:
-        ptr, n = t.data_ptr(), t.numel() * t.element_size()
-        buf = self._b.ggml_backend_cpu_buffer_from_ptr(ptr, n)
-        if not buf or self._b.ggml_backend_tensor_alloc(buf, tensor, ptr) != 0:
+    def _buffer(self, t: torch.Tensor) -> int:
+        """A ggml buffer over a torch tensor's memory (the caller frees it)."""
+        buf = self._b.ggml_backend_cpu_buffer_from_ptr(t.data_ptr(), t.numel() * t.element_size())
+        if not buf:
+            raise RuntimeError("could not make a ggml buffer")
+        return buf
+
+    def _alloc(self, buf: int, tensor: int, addr: int) -> None:
+        if not tensor or self._b.ggml_backend_tensor_alloc(buf, tensor, addr) != 0:
             raise RuntimeError("could not bind a ggml tensor")
+
+    def _bind(self, tensor: int, t: torch.Tensor) -> int:
+        buf = self._buffer(t)
+        try:
+            self._alloc(buf, tensor, t.data_ptr())
+        except RuntimeError:
+            self._b.ggml_backend_buffer_free(buf)
+            raise
         return buf
 
     def close(self) -> None:
+        self._cache.clear()  # its graphs point at the weights' headers
         if self._wctx:
             for _, buf, _ in self._weights:
                 self._b.ggml_backend_buffer_free(buf)

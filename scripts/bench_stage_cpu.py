@@ -2,14 +2,15 @@
 """Where a CPU pipeline's time goes (issue 12's 4-streams-through-2-stages target), in one run.
 
 (1) A stage's decode step on the real SmolLM2 file (layers 0-15, one thread) at batch 1, 2 and 4,
-    with ggml multiplying each row on its own (the engine's batch-invariant mode) and as one M-row
-    product, alternating.
+    and the time ggml's compute takes of it, in three modes alternating: the engine's (ggml graphs
+    cached, each row multiplied on its own for batch invariance), graphs built per call (the graph
+    cache's A/B), and one M-row product.
 (2) The 2-stage pipeline of `scripts/bench_pipeline.py` (gateway + 2 stage processes, mTLS), one
     stream then 4 concurrent streams of 64 tokens: tok/s, each process's CPU seconds from /proc, and
     the stages' own decode-step counters: how busy two cores are, and how much CPU a token costs
     outside the forward pass.
 
-    .venv/bin/python scripts/bench_stage_cpu.py [--steps 30] [--base-port 8970]
+    .venv/bin/python scripts/bench_stage_cpu.py [--steps 25] [--rounds 5] [--steps-only] [--base-port 8970]
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import json
 import os
 import secrets
+import statistics
 import sys
 import tempfile
 import threading
@@ -33,7 +35,7 @@ from scripts.bench_common import DATA_PLANE_FLAGS, MODEL, PROMPT, start_node, st
 from scripts.bench_pipeline import _wait_pipeline, decode_rate  # noqa: E402
 
 
-def stage_steps(steps: int) -> None:
+def stage_steps(steps: int, rounds: int) -> None:
     import engine.ggml_cpu as ggml_cpu
     from engine.model_file import load_model_file
     from engine.torch_engine import TorchShardEngine
@@ -53,20 +55,45 @@ def stage_steps(steps: int) -> None:
         shard.decode(list(range(b)), ids[:b], pos[:b])
         pos[:b] = [p + 1 for p in pos[:b]]
 
-    rows_default = ggml_cpu.ROW_INVARIANT_ROWS
-    for mode in ("row by row", "one M-row product") * 2:
-        ggml_cpu.ROW_INVARIANT_ROWS = rows_default if mode == "row by row" else 1
-        times = {}
-        for b in (1, 2, 4):
-            for _ in range(3):
-                step(b)
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                step(b)
-            times[b] = (time.perf_counter() - t0) / steps * 1000
-        ggml_cpu.ROW_INVARIANT_ROWS = rows_default
-        print(f"stage 0-15 decode step, ggml {mode:17s}: " + ", ".join(
-            f"batch {b} {t:.2f} ms ({t / times[1]:.2f}x)" for b, t in times.items()))
+    # time inside ggml's graph compute, the rest of a step being Python and torch around it
+    ggml_s = [0.0]
+    compute = ggml_cpu.GgmlCpu._compute
+
+    def timed(self: ggml_cpu.GgmlCpu, graph: int) -> None:
+        t = time.perf_counter()
+        compute(self, graph)
+        ggml_s[0] += time.perf_counter() - t
+
+    # (cache graphs, rows multiplied one by one): the engine's mode, graphs built per call (the A/B of
+    # the graph cache), and one M-row product (what batch invariance costs)
+    rows_default, cache_default = ggml_cpu.ROW_INVARIANT_ROWS, ggml_cpu.GRAPH_CACHE
+    modes = {"graphs cached, row by row": (True, rows_default), "graphs built per call": (False, rows_default),
+             "graphs cached, one M-row product": (True, 1)}
+    runs: dict[tuple[str, int], list[tuple[float, float]]] = {}  # (mode, batch) -> [(step ms, ggml ms)]
+    ggml_cpu.GgmlCpu._compute = timed  # type: ignore[method-assign]
+    try:
+        for _ in range(rounds):  # modes alternate within each round: a busy neighbour hits them all
+            for mode, (cache, rows) in modes.items():
+                ggml_cpu.GRAPH_CACHE, ggml_cpu.ROW_INVARIANT_ROWS = cache, rows
+                for b in (1, 2, 4):
+                    pos[:] = [40] * 4  # every mode and batch attends over the same lengths
+                    for _ in range(3):
+                        step(b)
+                    ggml_s[0] = 0.0
+                    t0 = time.perf_counter()
+                    for _ in range(steps):
+                        step(b)
+                    runs.setdefault((mode, b), []).append(
+                        ((time.perf_counter() - t0) / steps * 1000, ggml_s[0] / steps * 1000))
+    finally:
+        ggml_cpu.GgmlCpu._compute = compute  # type: ignore[method-assign]
+        ggml_cpu.GRAPH_CACHE, ggml_cpu.ROW_INVARIANT_ROWS = cache_default, rows_default
+    print(f"stage 0-15 decode step, medians of {rounds} alternating rounds of {steps} steps (ggml: time in its compute)")
+    for mode in modes:
+        med = {b: (statistics.median(t for t, _ in runs[mode, b]), statistics.median(g for _, g in runs[mode, b]))
+               for b in (1, 2, 4)}
+        print(f"  {mode:32s}: " + ", ".join(
+            f"batch {b} {t:.2f} ms ({t / med[1][0]:.2f}x, ggml {g:.2f} ms = {g / t:.0%})" for b, (t, g) in med.items()))
     engine.close()
 
 
@@ -123,11 +150,14 @@ def pipeline(base: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--base-port", type=int, default=8970)
+    ap.add_argument("--steps-only", action="store_true", help="(1) only: the stage's decode steps")
     args = ap.parse_args()
     print(f"{os.cpu_count()} CPUs, torch {torch.__version__}")
-    stage_steps(args.steps)
-    pipeline(args.base_port)
+    stage_steps(args.steps, args.rounds)
+    if not args.steps_only:
+        pipeline(args.base_port)
 
 
 if __name__ == "__main__":
