@@ -12,6 +12,8 @@ reason is in ShardModel's docstring). Both take the same inputs, so tests compar
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -32,6 +34,23 @@ def triton_supported(head_dim: int, n_heads: int, n_kv_heads: int) -> bool:
     return 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0 and 1 <= rep <= 16
 
 
+@dataclass(frozen=True, slots=True)
+class HostKeys:
+    """The keys each session of a CPU decode step reads: `rows` [sum of lens] index a layer's cache
+    seen as [n_blocks * block_size, kv_heads, head_dim], session b's `lens[b]` rows after those before."""
+
+    rows: torch.Tensor  # int64
+    lens: list[int]
+
+
+def host_keys(kv: PagedKVCache, slots: list[int], positions: list[int], *, window: int, window_table: bool) -> HostKeys:
+    """Session b in slots[b] attends to its keys [max(0, p - window + 1), p] (p = positions[b]), found
+    in the window layers' table or the full one. The same for every layer of a kind: once a step."""
+    spans = [(max(0, p - window + 1) if window else 0, p + 1) for p in positions]
+    rows = [kv.write_index(s, lo, end, window=window_table) for s, (lo, end) in zip(slots, spans, strict=True)]
+    return HostKeys(torch.cat(rows), [end - lo for lo, end in spans])
+
+
 def decode_attention_host(
     q: torch.Tensor,
     kv: PagedKVCache,
@@ -41,20 +60,27 @@ def decode_attention_host(
     *,
     window: int,
     scale: float,
+    keys: HostKeys | None = None,
 ) -> torch.Tensor:
     """The same attention with host bookkeeping: q [B, H, D] -> [B, H, D]; session b in slots[b]
-    attends to its keys [max(0, p - window + 1), p] (p = positions[b])."""
-    out = []
-    for b, (slot, p) in enumerate(zip(slots, positions, strict=True)):
-        lo = max(0, p - window + 1) if window else 0
-        k, v = kv.gather(layer, slot, lo, p + 1)  # [Hkv, L, D]
-        # contiguous copies in q's dtype: CPU SDPA is far slower in 16-bit and on strided views
-        k, v = k.to(q.dtype).contiguous(), v.to(q.dtype).contiguous()
-        o = F.scaled_dot_product_attention(
-            q[b : b + 1, :, None], k[None], v[None], scale=scale, enable_gqa=True
-        )  # [1, H, 1, D]
-        out.append(o[:, :, 0])
-    return torch.cat(out)
+    attends to its keys [max(0, p - window + 1), p] (p = positions[b]); `keys`: from `host_keys`.
+
+    Every session's keys are gathered and widened to q's dtype in one op for K and one for V (the
+    per-session ops were most of the attention's cost); each session's SDPA then reads a view of
+    exactly its own keys, which gives the bits of a lone session's contiguous keys."""
+    if keys is None:
+        keys = host_keys(kv, slots, positions, window=window, window_table=kv.is_window(layer))
+    kv_all = []
+    for cache in (kv.k[layer], kv.v[layer]):
+        rows = cache.flatten(0, 1).index_select(0, keys.rows)  # [sum L, Hkv, D]
+        # contiguous [Hkv, sum L, D] in q's dtype: CPU SDPA is far slower in 16-bit and on transposed views
+        kv_all.append(rows.transpose(0, 1).to(q.dtype, memory_format=torch.contiguous_format)[None])
+    k_each, v_each = (t.split(keys.lens, dim=2) for t in kv_all)  # [1, Hkv, L_b, D] views
+    out = [
+        F.scaled_dot_product_attention(qb, kb, vb, scale=scale, enable_gqa=True)  # [1, H, 1, D]
+        for qb, kb, vb in zip(q[:, :, None].split(1), k_each, v_each, strict=True)
+    ]
+    return torch.cat(out)[:, :, 0]
 
 
 def decode_attention_dense(

@@ -33,7 +33,13 @@ from engine.arch_llama import rms_norm, rope
 from engine.decode_graphs import DecodeGraphs
 from engine.kv_cache import PagedKVCache, blocks_for
 from engine.linear import LinearFactory
-from engine.paged_attention import decode_attention_dense, decode_attention_host, triton_supported
+from engine.paged_attention import (
+    HostKeys,
+    decode_attention_dense,
+    decode_attention_host,
+    host_keys,
+    triton_supported,
+)
 from shard.config import ModelConfig
 from shard.loader import ShardWeights
 from shard.memory import PREFILL_CHUNK, window_pool_tokens
@@ -231,18 +237,23 @@ class ShardModel:
         h = h.unsqueeze(1)  # [B, 1, hidden]
         il = c.rope_interleaved
         delta: torch.Tensor | None = None
+        keys: dict[tuple[int, bool], HostKeys] = {}  # (window, window table) -> the rows sessions read
         for i, layer in enumerate(self.layers):
             kc, vc = self.kv.k[i].flatten(0, 1), self.kv.v[i].flatten(0, 1)
             window = self.window if self.sliding[i] else 0
             r = rope_swa if self.sliding[i] else rope_full
             write = writes[self.kv.is_window(i)]
+            kind = (window, self.kv.is_window(i))
+            if kind not in keys:
+                keys[kind] = host_keys(self.kv, slots, positions, window=window, window_table=kind[1])
+            ks = keys[kind]
 
             def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
                 q, k = rope(q, *r, il), rope(k, *r, il)  # noqa: B023
                 kc.index_copy_(0, write, k[:, :, 0].to(kc.dtype))  # noqa: B023 - k: [B, Hkv, 1, D]
                 vc.index_copy_(0, write, v[:, :, 0].to(vc.dtype))  # noqa: B023
                 o = decode_attention_host(
-                    q[:, :, 0], self.kv, i, slots, positions, window=window, scale=c.attn_scale  # noqa: B023
+                    q[:, :, 0], self.kv, i, slots, positions, window=window, scale=c.attn_scale, keys=ks  # noqa: B023
                 )
                 return o[:, :, None]
 
