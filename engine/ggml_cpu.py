@@ -18,6 +18,7 @@ import contextlib
 import ctypes
 import functools
 import glob
+import math
 import os
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
@@ -198,46 +199,52 @@ class GgmlCpu:
         return t
 
     def matmul(self, x: torch.Tensor, weights: Sequence[int], out_features: Sequence[int]) -> list[torch.Tensor]:
-        """x: [M, K] float32 -> [x @ W_i.T for each weight]: [M, N_i] float32, in one graph.
+        """x: [..., K] float32 -> [x @ W_i.T for each weight]: [..., N_i] float32, in one graph.
 
         Up to ROW_INVARIANT_ROWS rows, each row is its own product (one graph node per row): ggml
         picks kernels by M (llamafile's tinyBLAS for M >= 2 on Q4_0/Q8_0/F16..., the dot-product
         path for M = 1), and they round differently. Row by row, a session's decode step gives the
         same bits alone or batched with others, so concurrent requests never change each other's
         output; on this CPU the row products cost about what one M-row product does (compute-bound).
+        Outputs keep x's leading dimensions: a cached graph's views have them already, where a
+        reshape per input and a view per output cost more than the graph's replay bookkeeping.
         """
-        if x.dtype != torch.float32 or x.dim() != 2:
-            raise ValueError("ggml matmul takes float32 [M, K]")
-        m, k = x.shape
+        if x.dtype != torch.float32 or x.dim() < 2:
+            raise ValueError("ggml matmul takes float32 [..., K]")
+        lead, k = x.shape[:-1], x.shape[-1]
+        m = math.prod(lead)
         per_row = 1 < m <= ROW_INVARIANT_ROWS
-        b = self._b
         if GRAPH_CACHE and m <= CACHED_ROWS:
-            key = ("mm", tuple(weights), m, per_row)
-            g = self._cache.get(key) or self._cache_matmul(key, m, k, weights, out_features, per_row)
+            key = ("mm", tuple(weights), lead, per_row)
+            g = self._cache.get(key) or self._cache_matmul(key, lead, k, weights, out_features, per_row)
             return self._replay(g, x)
-        x = _aligned_tensor(x)
-        outs = [torch.empty((m, n), dtype=torch.float32) for n in out_features]
+        b = self._b
+        x = _aligned_tensor(x.reshape(m, k))
+        outs = [torch.empty((*lead, n), dtype=torch.float32) for n in out_features]
         with self._graph() as (ctx, graph, bufs):
             xt = b.ggml_new_tensor_2d(ctx, 0, k, m)
             bufs.append(self._bind(xt, x))
             places = []
-            for out in outs:
+            for out, n in zip(outs, out_features, strict=True):
                 bufs.append(self._buffer(out))
-                places.append(Place(bufs[-1], out.data_ptr(), out.shape[1] * 4))
+                places.append(Place(bufs[-1], out.data_ptr(), n * 4))
             self._products(ctx, graph, xt, m, k, weights, places, per_row)
             self._compute(graph)
         return outs
 
     def _cache_matmul(
-        self, key: Hashable, m: int, k: int, weights: Sequence[int], out_features: Sequence[int], per_row: bool
+        self, key: Hashable, lead: torch.Size, k: int, weights: Sequence[int], out_features: Sequence[int],
+        per_row: bool,
     ) -> CachedGraph:
+        m = math.prod(lead)
+
         def build(ctx: int, graph: int, xp: Place, places: list[Place]) -> None:
             xt = self._b.ggml_new_tensor_2d(ctx, 0, k, m)
             self._alloc(xp.buf, xt, xp.addr)
             self._products(ctx, graph, xt, m, k, weights, places, per_row)
 
         n_tensors = 1 + len(weights) * (2 * m if per_row else 1)  # x, then (view +) product per row
-        return self._cache.add(key, (m, k), torch.float32, [(m, n) for n in out_features], n_tensors, build)
+        return self._cache.add(key, (*lead, k), torch.float32, [(*lead, n) for n in out_features], n_tensors, build)
 
     def _products(
         self, ctx: int, graph: int, xt: int, m: int, k: int, weights: Sequence[int], places: list[Place],

@@ -12,6 +12,7 @@ least recently used graph goes first past `max_bytes`. An arena that must grow d
 from __future__ import annotations
 
 import ctypes
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
@@ -60,8 +61,8 @@ class _Arena:
     def nbytes(self) -> int:
         return self.mem.numel()
 
-    def view(self, offset: int, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
-        n = shape[0] * shape[1] * dtype.itemsize
+    def view(self, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        n = math.prod(shape) * dtype.itemsize
         return self.mem[offset : offset + n].view(dtype).view(shape)
 
 
@@ -91,18 +92,19 @@ class GraphCache:
         return g
 
     def add(
-        self, key: Hashable, x_shape: tuple[int, int], x_dtype: torch.dtype, out_shapes: Sequence[tuple[int, int]],
+        self, key: Hashable, x_shape: tuple[int, ...], x_dtype: torch.dtype, out_shapes: Sequence[tuple[int, ...]],
         n_tensors: int, build: Build,
     ) -> CachedGraph:
         """Builds the graph of `key` with `build` (`n_tensors` bounds the tensors it makes, for its
-        context's size). Its input is `x_shape` of `x_dtype`, its outputs float32 `out_shapes`."""
+        context's size). Its input is `x_shape` of `x_dtype`, its outputs float32 `out_shapes`; the
+        places `build` gets are of their rows (the last dimension)."""
         b = self._b
         offsets, end = [], 0
-        for m, n in out_shapes:
+        for shape in out_shapes:
             offsets.append(end)
-            end += _round_up(m * n * 4)
-        row_bytes = x_shape[1] * x_dtype.itemsize
-        arena_in, arena_out = self._reserve(x_shape[0] * row_bytes, end)
+            end += _round_up(math.prod(shape) * 4)
+        row_bytes = x_shape[-1] * x_dtype.itemsize
+        arena_in, arena_out = self._reserve(math.prod(x_shape[:-1]) * row_bytes, end)
         header = int(b.ggml_tensor_overhead()) * n_tensors + int(b.ggml_graph_overhead_custom(self._nodes, False))
         ctx = b.ggml_init(_InitParams(header, None, True))
         if not ctx:
@@ -114,7 +116,7 @@ class GraphCache:
             outs = [arena_out.view(o, s, torch.float32) for o, s in zip(offsets, out_shapes, strict=True)]
             build(
                 ctx, graph, Place(arena_in.buf, xv.data_ptr(), row_bytes),
-                [Place(arena_out.buf, out_base + o, s[1] * 4) for o, s in zip(offsets, out_shapes, strict=True)],
+                [Place(arena_out.buf, out_base + o, s[-1] * 4) for o, s in zip(offsets, out_shapes, strict=True)],
             )
         except BaseException:
             b.ggml_free(ctx)

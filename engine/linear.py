@@ -106,14 +106,11 @@ class GgmlLinear:
         self.nbytes = sum(p.nbytes for p in parts) + (0 if bias is None else bias.numel() * 4)
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        lead = x.shape[:-1]
-        outs = self._ggml.matmul(x.reshape(-1, x.shape[-1]).float(), self._handles, self.out_features)
+        outs = self._ggml.matmul(x.float(), self._handles, self.out_features)  # [..., N_i] each
         if self.bias is not None:
             y = torch.cat(outs, dim=-1) + self.bias
             outs = list(y.split(self.out_features, dim=-1))
-        if len(lead) == 1:  # already [M, N_i]: a view per part costs a microsecond each, 60+ times a step
-            return outs
-        return [o.view(*lead, o.shape[-1]) for o in outs]
+        return outs
 
 
 class Int4Linear:
