@@ -215,7 +215,7 @@ class GgmlCpu:
         m = math.prod(lead)
         per_row = 1 < m <= ROW_INVARIANT_ROWS
         if GRAPH_CACHE and m <= CACHED_ROWS:
-            key = ("mm", tuple(weights), lead, per_row)
+            key = ("mm", tuple(weights), x.shape, per_row)  # K too: x of another width builds (and fails) as uncached, never broadcasts
             g = self._cache.get(key) or self._cache_matmul(key, lead, k, weights, out_features, per_row)
             return self._replay(g, x)
         b = self._b
