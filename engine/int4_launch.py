@@ -66,18 +66,25 @@ def launch_for(m: int, n: int, k: int = 4096, gluon: bool = False) -> W4Config:
 
 def _gluon_shape(m: int, n: int, k: int) -> W4Config:
     """The Gluon kernel's shape, four chunks deep: up to 32 rows, 64-wide tiles of one warp group in row
-    tiles of 16 or 32, four K splits (eight for down's long K, two for wide N at 32 rows); above,
-    128-wide tiles of two warp groups in row tiles of 64 or 128, splits to fill the SMs when N is
-    narrow; from 33 rows two wgmma in flight. In the H200 sweep that fitted it (one wgmma in flight)
-    every Llama-3-8B shape ran within 5 % of its best launch shape; the last sweep, with two, found o
-    at 128 rows faster on a 64-wide tile (15.2 us against 18.4), not yet taken (docs/benchmarks.md)."""
+    tiles of 16 or 32, four K splits (eight for down's long K, two for wide N at 32 rows); above, wide
+    N (gate/up) on 128-wide tiles of two warp groups in row tiles of 64 or 128 with no split, the
+    narrower matrices on 64-wide tiles of one warp group (64-row tiles, four splits; from 65 rows o's
+    128-row tiles with two splits, qkv and down keeping 128-wide tiles); from 33 rows two wgmma in
+    flight. Fitted to two H200 sweeps (`bench_int4_gemm.py --rows 64 128 --gluon`): at 64 rows qkv /
+    o / down 14.3-14.5 / 10.9 / 26.7-26.9 us against 17.1 / 12.0 / 28.2 on 128-wide tiles, o at 128
+    rows 15.0-15.2 against 18.6; 256-wide tiles of four warp groups were slower everywhere."""
     wide = n >= 16384
     if m <= 32:
         block_m, block_n, warps = (16 if m <= 16 else 32), 64, 4
         splits = 8 if k > 8192 and m <= 16 else 2 if wide and m > 16 else 4
+    elif wide:
+        block_m, block_n, warps, splits = (64 if m <= 64 else 128), 128, 8, 1
+    elif m <= 64:
+        block_m, block_n, warps, splits = 64, 64, 4, 4
+    elif n <= 4096 and k <= 4096:
+        block_m, block_n, warps, splits = 128, 64, 4, 2
     else:
-        block_m, block_n, warps = (64 if m <= 64 else 128), 128, 8
-        splits = 1 if wide else 4 if m <= 64 or n <= 4096 else 2
+        block_m, block_n, warps, splits = 128, 128, 8, 4 if n <= 4096 else 2
     splits = max(1, min(splits, k // 256))  # at least two 128-k chunks a split
     cfg = W4Config(block_m, block_n, splits, warps, 4, magic=3, swap=True, gluon=True, inflight=2 if m > 32 else 1)
     return _narrowed(cfg, n)

@@ -64,14 +64,15 @@ def candidates(m: int, n: int, k: int, grid_only: bool = False, gluon: bool = Fa
     base = launch_for(m, n, k)
     if gluon:  # the Gluon kernel: tile rows (half to twice M), tile width (4 or 8 warps), K splits
         out = {base}
-        for bm, bn, sk in itertools.product(sorted({max(16, min(128, v)) for v in (m // 2, m, 2 * m)}), (64, 128),
+        # one warp group per 64 weight rows; 256-wide tiles (four warp groups) read x half as often as
+        # 128-wide ones, and only on row tiles up to 64 (128 rows spill registers)
+        for bm, bn, sk in itertools.product(sorted({max(16, min(128, v)) for v in (m // 2, m, 2 * m)}), (64, 128, 256),
                                             (1, 2, 4, 8, 16)):
-            if n // bn * -(-m // bm) * sk <= 4096 and k // 128 >= 2 * sk:
+            if n // bn * -(-m // bm) * sk <= 4096 and k // 128 >= 2 * sk and (bn < 256 or 32 <= bm <= 64):
                 for st in (3, 4, 6) if bm <= 32 else (3, 4):  # chunks streamed ahead in shared memory
-                    out.add(W4Config(bm, bn, sk, 8 if bn == 128 else 4, st, magic=3, swap=True, gluon=True))
+                    out.add(W4Config(bm, bn, sk, bn // 16, st, magic=3, swap=True, gluon=True))
                     if bm >= 64:  # two wgmma in flight: the tensor cores are busier than the copies there
-                        out.add(W4Config(bm, bn, sk, 8 if bn == 128 else 4, st, magic=3, swap=True, gluon=True,
-                                         inflight=2))
+                        out.add(W4Config(bm, bn, sk, bn // 16, st, magic=3, swap=True, gluon=True, inflight=2))
         return sorted(out, key=str)
     if m == 1:
         return [W4Config(0, bn, sk, warps, st, magic=mg)
@@ -223,6 +224,9 @@ def main() -> None:
                   f"  err {err:.1e}  [{cfg_best}]")
             print("      next best: " + "; ".join(f"{t * 1e6:.1f} us {c}" for t, c in rows[1:4]))
             by_path = {f"magic {mg}": min((t for t, c in rows if c.magic == mg), default=0.0) for mg in (1, 2, 3, 4)}
+            if args.gluon:
+                by_width = {bn: min((t for t, c in rows if c.block_n == bn), default=0.0) for bn in (64, 128, 256)}
+                print("      best per tile width: " + ", ".join(f"{bn} {t * 1e6:.1f} us" for bn, t in by_width.items() if t))
             print("      best per dequantizing path: " + ", ".join(f"{p} {t * 1e6:.1f} us" for p, t in by_path.items() if t))
             best[f"{name}:{m}"] = {"cfg": dataclasses.asdict(cfg_best),
                                    "us": t_best * 1e6, "old_us": t_old * 1e6, "bf16_us": t_bf16 * 1e6, "tiny_us": t_tiny * 1e6}

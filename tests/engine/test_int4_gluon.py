@@ -20,7 +20,8 @@ from engine.int4_launch import W4Config, launch_for  # noqa: E402
 from engine.int4_triton import pack_int4  # noqa: E402
 
 
-@pytest.mark.parametrize("block_m,block_n,warps,depth", [(64, 128, 8, 4), (16, 64, 4, 4), (128, 128, 8, 4), (32, 64, 4, 6)])
+@pytest.mark.parametrize("block_m,block_n,warps,depth", [(64, 128, 8, 4), (16, 64, 4, 4), (128, 128, 8, 4), (32, 64, 4, 6),
+                                                         (64, 256, 16, 4)])
 def test_the_kernel_compiles_for_hopper_with_asynchronous_wgmma(block_m: int, block_n: int, warps: int, depth: int) -> None:
     """sm_90 machine code from this machine's Triton: 8 wgmma a 128-k chunk, each followed by a wait
     that leaves it in flight (`DEPBAR.LE gsb0, 0x1`, the point of the kernel), none that drains all
@@ -77,6 +78,12 @@ def test_the_gluon_kernel_matches_float64_and_the_triton_kernel() -> None:
             assert err < 1e-2 and not y.isnan().any(), (n, k, m, cfg, err)
             triton_y = w4_matmul(x, pw, dataclasses.replace(cfg, gluon=False))
             assert float((y.double() - triton_y.double()).norm() / ref.norm()) < 4e-3, (n, k, m, cfg)
+        for m, bm, sk, st in [(64, 64, 1, 4), (128, 64, 2, 4), (40, 64, 4, 3)] if n % 256 == 0 else []:
+            cfg = W4Config(bm, 256, sk, 16, st, magic=3, swap=True, gluon=True, inflight=2)  # four warp groups
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
+            y = w4_matmul(x, pw, cfg)
+            ref = x.double() @ w.T
+            assert float((y.double() - ref).norm() / ref.norm()) < 1e-2 and not y.isnan().any(), (n, k, m, cfg)
         for m in (1, 2, 8, 17, 32, 64, 100, 128):  # the engine's choices (launch_for with the Gluon kernel)
             cfg = launch_for(m, n, k, gluon=True)
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
