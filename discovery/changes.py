@@ -35,3 +35,16 @@ def significant_change(old: NodeAdvert, new: NodeAdvert) -> bool:
         budget_free_bytes=o.budget_free_bytes,
     )
     return dataclasses.replace(new, seq=old.seq, issued_at=old.issued_at, resources=same_free) != old
+
+
+def comes_from(advert: NodeAdvert, origin: str) -> bool:
+    """Does the advert's own HTTP address match where its bytes came from ("host" or "host:port")?"""
+    if not origin:
+        return False
+    if ":" in origin:
+        return advert.addresses.http == origin
+    return advert.addresses.http.rpartition(":")[0] == origin
+
+
+def same_content(a: NodeAdvert, b: NodeAdvert) -> bool:
+    return dataclasses.replace(a, seq=b.seq, issued_at=b.issued_at) == b

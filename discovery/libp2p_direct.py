@@ -14,6 +14,8 @@ import trio
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
+from discovery.anti_entropy import is_exchange
+
 log = logging.getLogger(__name__)
 
 BEAT_PROTOCOL = TProtocol("/meshllm/beat/1")  # one long-lived stream per connected peer, our side to theirs
@@ -21,7 +23,8 @@ INTRODUCE_EVERY_S = 0.5  # how often a new connection is looked for, to send it 
 DIRECT_WRITE_TIMEOUT_S = 2.0
 MAX_FRAME_BYTES = 16 * 1024  # = MAX_ENVELOPE_BYTES: a direct frame is one envelope
 
-Direct = tuple[bytes, bool, frozenset[str]]  # (envelope, is our full advert, peer ids to skip)
+# (envelope, is our full advert, peer ids to skip, the one peer id to send it to or "" for all)
+Direct = tuple[bytes, bool, frozenset[str], str]
 
 
 class DirectBeats:
@@ -31,12 +34,16 @@ class DirectBeats:
     def __init__(
         self,
         deliver: Callable[[bytes], None],
+        exchange: Callable[[bytes, str], None],
         *,
         max_peers: int,
         max_inbound: int,
         open_timeout_s: float,
     ) -> None:
         self._deliver = deliver
+        self._exchange = exchange  # anti-entropy digests and answers, with the sender's peer id
+        # peer ids we hold an outbound stream to (swapped whole, read from the asyncio thread)
+        self.streams_to: frozenset[str] = frozenset()
         self._max_peers = max_peers
         self._max_inbound = max_inbound
         self._open_timeout_s = open_timeout_s
@@ -50,8 +57,9 @@ class DirectBeats:
         while True:
             data: bytes | None = None
             skip: frozenset[str] = frozenset()
+            only = ""
             with trio.move_on_after(INTRODUCE_EVERY_S):
-                data, full, skip = await envelopes.receive()
+                data, full, skip, only = await envelopes.receive()
                 if full:
                     advert = data
             for pid in [p for p in streams if p not in network.connections]:
@@ -66,16 +74,18 @@ class DirectBeats:
                     streams[pid] = stream
                     if data == advert:
                         continue  # the introduction was this very envelope
-                if data is None or (skip and pid.to_base58() in skip):
+                if data is None or (skip and pid.to_base58() in skip) or (only and pid.to_base58() != only):
                     continue
                 if not await self._write_frame(streams[pid], data):
                     streams.pop(pid, None)  # reopened (with an introduction) on the next round
+            self.streams_to = frozenset(p.to_base58() for p in streams)
 
     async def serve(self, stream: object) -> None:
         """Inbound direct stream: length-prefixed envelopes, each handed to `deliver`."""
         if self._inbound_streams >= self._max_inbound:
             await stream.reset()  # type: ignore[attr-defined]
             return
+        peer = stream.muxed_conn.peer_id.to_base58()  # type: ignore[attr-defined]  # Noise-authenticated
         self._inbound_streams += 1
         buf = bytearray()
         try:
@@ -89,7 +99,11 @@ class DirectBeats:
                         return  # not our framing: drop the stream, the envelope check would refuse it anyway
                     if len(buf) < 2 + size:
                         break
-                    self._deliver(bytes(buf[2:2 + size]))
+                    frame = bytes(buf[2:2 + size])
+                    if is_exchange(frame):  # the exchange needs to know who asked or answered
+                        self._exchange(frame, peer)
+                    else:
+                        self._deliver(frame)
                     del buf[:2 + size]
                 chunk = await stream.read(2 + MAX_FRAME_BYTES - len(buf))  # type: ignore[attr-defined]
                 if not chunk:

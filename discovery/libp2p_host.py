@@ -2,8 +2,8 @@
 
 py-libp2p is trio-only and the node runs asyncio, so the host lives in a dedicated thread under
 `trio.run`. Crossing the boundary is explicit and one-way each time: asyncio -> trio through
-`TrioToken.run_sync_soon` (publish, connect, stop), trio -> asyncio through
-`loop.call_soon_threadsafe` (received messages, start-up). Nothing else is shared between threads.
+`TrioToken.run_sync_soon` (publish, connect, stop), trio -> asyncio through `loop.call_soon_threadsafe`
+(received messages, start-up). Shared otherwise: only `connected_peers`, a frozenset swapped whole.
 """
 
 from __future__ import annotations
@@ -18,13 +18,10 @@ from typing import cast
 import multiaddr
 import trio
 from libp2p import new_host
-from libp2p.crypto.ed25519 import Ed25519PrivateKey as P2PPrivateKey
-from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.network.config import ConnectionConfig
-from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
 from libp2p.pubsub.pubsub import Pubsub
@@ -37,6 +34,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from discovery.envelope import derive_subkey
 from discovery.identity import Identity
 from discovery.libp2p_direct import BEAT_PROTOCOL, Direct, DirectBeats
+from discovery.libp2p_keys import libp2p_key_pair, own_addrs, peer_id_of  # noqa: F401  (peer_id_of: re-exported)
 from discovery.libp2p_records import NAMESPACE, AdvertRecordValidator, advert_record_key
 from discovery.model_records import MAX_RESULTS, sample_peers
 from discovery.netaddr import announce_ips
@@ -60,22 +58,13 @@ MAX_RECORD_KEYS = 16  # model keys one put provides (a node advertising more pro
 
 
 class Libp2pError(Exception):
-    pass
-
-
-def libp2p_key_pair(identity: Identity) -> KeyPair:
-    """The node's own Ed25519 key, so its libp2p peer id is a function of the node id's key."""
-    private = P2PPrivateKey.from_bytes(identity.private_key_raw)
-    return KeyPair(private, private.get_public_key())
-
-
-def peer_id_of(identity: Identity) -> str:
-    return ID.from_pubkey(libp2p_key_pair(identity).public_key).to_base58()
+    """The host did not start (START_TIMEOUT_S) or its thread died."""
 
 
 async def start_host(identity: Identity, mesh_key: bytes, on_message: Callable[[bytes], object], host_ip: str,
                      port: int, bootstrap: Sequence[str], *, records: bool,
-                     on_record: Callable[[bytes], object] | None = None) -> Libp2pHost:
+                     on_record: Callable[[bytes], object] | None = None,
+                     on_exchange: Callable[[bytes, str], object] | None = None) -> Libp2pHost:
     """The node's host, started: its pnet PSK derived from the mesh key (another mesh cannot even finish
     a handshake), in records mode with the DHT's advert record validator."""
     host = Libp2pHost(
@@ -88,6 +77,7 @@ async def start_host(identity: Identity, mesh_key: bytes, on_message: Callable[[
         psk_hex=derive_subkey(mesh_key, "libp2p-pnet").hex(),
         mesh_key=mesh_key if records else None,
         on_record=on_record,
+        on_exchange=on_exchange,
     )
     await host.start()
     return host
@@ -108,6 +98,7 @@ class Libp2pHost:
         psk_hex: str | None = None,
         mesh_key: bytes | None = None,
         on_record: Callable[[bytes], object] | None = None,
+        on_exchange: Callable[[bytes, str], object] | None = None,
     ) -> None:
         """`mesh_key`: given, records mode: the DHT takes advert records (libp2p_records.py), and the
         host dials its bootstrap peers, a sample (model_records.sample_peers) of the DHT's peers and the
@@ -115,6 +106,7 @@ class Libp2pHost:
         self._identity = identity
         self._on_message = on_message  # runs on the asyncio loop
         self._on_record = on_record or on_message  # an advert a lookup got from the DHT (asyncio loop)
+        self._on_exchange = on_exchange or (lambda _d, _p: None)  # an anti-entropy frame and its sender's peer id (asyncio loop)
         self._listen_ip = listen_ip
         self._announce_ips = list(announce_ips) or [listen_ip]
         self._port = port
@@ -132,6 +124,7 @@ class Libp2pHost:
         self._records: trio.MemorySendChannel[tuple[str, object]] | None = None
         self._beats = DirectBeats(  # trio thread only
             self._deliver,
+            lambda data, peer: self._call_loop(functools.partial(self._on_exchange, data, peer)),
             max_peers=MAX_CONNECTIONS,
             max_inbound=MAX_BEAT_STREAMS,
             open_timeout_s=CONNECT_TIMEOUT_S,
@@ -188,7 +181,16 @@ class Libp2pHost:
         that connects learns who we are before our heartbeats (which it can only check against it).
         `skip`: peer ids (base58) not to send this one to (they hear our LAN multicast).
         """
-        self._send_to_trio(self._direct, (data, full, skip))
+        self._send_to_trio(self._direct, (data, full, skip, ""))
+
+    def send_to(self, peer_id: str, data: bytes) -> None:
+        """One frame (an anti-entropy digest or answer) to one connected peer's direct stream."""
+        self._send_to_trio(self._direct, (data, False, frozenset(), peer_id))
+
+    @property
+    def connected_peers(self) -> frozenset[str]:
+        """Peer ids (base58) we have a direct stream to, as of the last send round (0.5 s at most)."""
+        return self._beats.streams_to
 
     def put_records(self, advert: bytes, keys: Sequence[str]) -> None:
         """Puts our signed advert under our advert record key and provides each model key (at most
@@ -284,7 +286,7 @@ class Libp2pHost:
             async with background_trio_service(pubsub), background_trio_service(router):
                 await pubsub.wait_until_ready()
                 subscription = await pubsub.subscribe(ADVERT_TOPIC)
-                self._addrs = self._own_addrs(host)
+                self._addrs = own_addrs(host, self._port, self._announce_ips, self.peer_id)
                 with trio.CancelScope() as cancel:
                     self._cancel = cancel
                     self._token = trio.lowlevel.current_trio_token()
@@ -300,15 +302,6 @@ class Libp2pHost:
                         nursery.start_soon(self._beats.send_loop, host, direct_recv)
                         nursery.start_soon(self._records_loop, host, dht, records_recv)
                 self._outbox = self._dial = self._direct = self._records = None
-
-    def _own_addrs(self, host: object) -> list[str]:
-        port = self._port
-        for addr in host.get_addrs():  # type: ignore[attr-defined]
-            tcp = addr.value_for_protocol("tcp")
-            if tcp:
-                port = int(tcp)
-                break
-        return [f"/ip4/{ip}/tcp/{port}/p2p/{self.peer_id}" for ip in self._announce_ips]
 
     async def _read_loop(self, subscription: object) -> None:
         while True:

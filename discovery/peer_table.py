@@ -278,6 +278,10 @@ class PeerTable:
                 gone.append(node_id)
         return gone
 
+    def departed_seqs(self) -> list[tuple[str, int]]:
+        """(node id, last seq) of nodes that left or expired (what an anti-entropy digest names)."""
+        return list(self._departed.items())
+
     def is_member(self, node_id: str, now: float) -> bool:
         peer = self._peers.get(node_id)
         return peer is not None and peer.expires_at() >= now

@@ -8,7 +8,6 @@ publishing schedule (seq, issued_at, ttl_s, our libp2p addresses) are the Publis
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -16,6 +15,8 @@ from typing import TYPE_CHECKING
 
 from discovery.advert import AdvertError, NodeAdvert
 from discovery.beat import Beat, decode_message
+from discovery.changes import comes_from, same_content
+from discovery.exchange import AntiEntropy
 from discovery.fetch import FetchAdvert, HttpAdvertFetcher
 from discovery.identity import Identity
 from discovery.lan import LanPeers
@@ -39,19 +40,6 @@ DEFAULT_REFRESH_S = 2.5
 EXPIRE_INTERVAL_S = 0.5
 STOP_TASKS_TIMEOUT_S = 2.0
 GOODBYE_FLUSH_S = 0.2  # lets the goodbye leave over gossipsub before the host stops
-
-
-def _comes_from(advert: NodeAdvert, origin: str) -> bool:
-    """Does the advert's own HTTP address match where its bytes came from ("host" or "host:port")?"""
-    if not origin:
-        return False
-    if ":" in origin:
-        return advert.addresses.http == origin
-    return advert.addresses.http.rpartition(":")[0] == origin
-
-
-def _same_content(a: NodeAdvert, b: NodeAdvert) -> bool:
-    return dataclasses.replace(a, seq=b.seq, issued_at=b.issued_at) == b
 
 
 class Discovery:
@@ -111,6 +99,9 @@ class Discovery:
         self._tasks: list[asyncio.Task[None]] = []
         self._missed = MissedAdverts(fetch_advert, lambda data: self.receive(data, "libp2p"))
         self._fetch_missed: Callable[[Peer], None] = self._missed.fetch
+        # anti-entropy at rest (libp2p, not records mode): a digest to one direct peer per period
+        self.exchange = AntiEntropy(table, clock, lambda data: self.receive(data, "relay"),
+                                    lambda reason, detail: self._rejects.reject(reason, "libp2p", detail))
         self._lan = LanPeers(
             fetch_advert,
             receive=lambda data, origin: self.receive(data, "mdns", origin=origin, fetched=True),
@@ -180,6 +171,7 @@ class Discovery:
         """Runs over transports driven from outside instead of start() (the simulator's, on its own
         clock): it calls `publisher.publish_once()` each period and `expire_now()` as the node would."""
         self._libp2p = self._publisher.libp2p = libp2p
+        self.exchange.host = None if self._records else libp2p
         self._multicast = self._publisher.multicast = multicast
         self._fetch_missed = fetch_missed
 
@@ -202,8 +194,10 @@ class Discovery:
 
             self._libp2p = await start_host(self._identity, self._mesh_key, lambda data: self.receive(data, "libp2p"),
                                             self._host_ip, self._libp2p_port, self._bootstrap, records=self._records,
-                                            on_record=lambda data: self.receive(data, "dht"))
+                                            on_record=lambda data: self.receive(data, "dht"),
+                                            on_exchange=self.exchange.on_frame)
             self._publisher.libp2p = self._libp2p
+            self.exchange.host = None if self._records else self._libp2p
             self._publisher.records = self._records
             if self._records:
                 self.lookups.send = self._libp2p.lookup
@@ -234,6 +228,8 @@ class Discovery:
         ]
         if self._mdns is not None:
             self._tasks.append(asyncio.create_task(self._lan.refresh_loop(), name="discovery-lan"))
+        if self.exchange.host is not None:
+            self._tasks.append(asyncio.create_task(self.exchange.run(), name="discovery-exchange"))
         self.publish_soon()
 
     async def stop(self) -> None:
@@ -258,6 +254,7 @@ class Discovery:
             await self._multicast.async_stop()
             self._multicast = self._publisher.multicast = None
         if self._libp2p is not None:
+            self.exchange.host = None
             self._libp2p.publish(self._goodbye)
             await asyncio.sleep(GOODBYE_FLUSH_S)
             await self._libp2p.stop()
@@ -298,7 +295,7 @@ class Discovery:
             if advert.node_id != self._identity.node_id:
                 self._rejects.reject("not_allowed", source, advert.node_id)
             return False
-        verified = _comes_from(advert, origin)
+        verified = comes_from(advert, origin)
         if fetched and not verified:
             self._rejects.reject("address_mismatch", source, f"{advert.node_id} fetched from {origin}")
             return False
@@ -308,9 +305,13 @@ class Discovery:
         result = self.table.apply(advert, now, source, verified=verified)
         for node_id in self.table.take_evicted():
             self._emit(ChangeKind.LEFT, node_id)
+        if result in (ApplyResult.NEW, ApplyResult.UPDATED):
+            self.exchange.note(advert, data)  # relayed unchanged to peers whose digest lacks it
         if result is ApplyResult.STALE:
-            if source != "dht":  # a record is put every 60 s, re-signed adverts go out every 30 s: older
-                self._rejects.reject("replayed_seq", source, advert.node_id)  # copies there are normal
+            # a record is put every 60 s, re-signed adverts go out every 30 s: older copies there are
+            # normal; a relay may race the owner's own newer advert
+            if source not in ("dht", "relay"):
+                self._rejects.reject("replayed_seq", source, advert.node_id)
         elif result is ApplyResult.FULL:
             self._rejects.reject("table_full", source, advert.node_id)
         elif result is ApplyResult.HOST_FULL:
@@ -322,7 +323,7 @@ class Discovery:
             if self._libp2p is not None and not self._records:  # records mode: lookups dial
                 for addr in advert.addresses.libp2p:
                     self._libp2p.connect(addr)
-        elif result is ApplyResult.UPDATED and old is not None and not _same_content(old.advert, advert):
+        elif result is ApplyResult.UPDATED and old is not None and not same_content(old.advert, advert):
             self._emit(ChangeKind.UPDATED, advert.node_id)
             if old.advert.tls_cert != advert.tls_cert and source in ("libp2p", "mdns"):
                 self._publisher.introduce_soon()  # it restarted: its server trusts only members it has heard of
