@@ -7,7 +7,13 @@ with shares of a measured device copy bandwidth (weights and KV cache read per s
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -120,14 +126,15 @@ def _time_decode(model, slots: list[int], start: int, tokens: int) -> float:  # 
 def bench_gpu(
     preset: str, tokens: int, batches: list[int], context: int, hf_batches: list[int],
     forms: tuple[str, ...] = ("full", "quantized", "quantized-triton"), eager: bool = True,
-    pdl: tuple[str, ...] = ("on",),
+    pdl: tuple[str, ...] = ("on",), isolate: bool = True, results_path: str | None = None,
 ) -> None:  # fmt: skip
     """ShardModel.decode, CUDA graphs against the same fixed-shape step eager, bf16 and int4, against
     HF transformers (static cache + torch.compile) on the same shapes; shares of the measured copy
     bandwidth count the weights and the KV cache each step reads. `pdl` ("on", "off" or both) sets
-    MESHLLM_PDL (engine/pdl.py) for each model built; with both, each form runs twice."""
-    import os
+    MESHLLM_PDL (engine/pdl.py) for each model built; with both, each form runs twice.
 
+    `isolate`: each form in a process of its own, as a node holds one form. In one process the int4
+    step after bf16's 15 GB came and went ran 2.83 or 3.01-3.02 ms by run, alone 2.83-2.88 in four."""
     from engine.torch_model import ShardModel
 
     dev = torch.device("cuda")
@@ -137,6 +144,10 @@ def bench_gpu(
     results: dict[tuple[str, int], float] = {}
     labels = {"full": "bf16", "quantized": "int4", "quantized-triton": "int4-triton"}
     runs = [(form, mode) for form in forms for mode in pdl]
+    if isolate and len(runs) > 1:
+        for form, pdl_mode in runs:
+            results.update(_isolated(preset, tokens, batches, context, form, pdl_mode, eager))
+        runs = []
     for form, pdl_mode in runs:
         os.environ["MESHLLM_PDL"] = "1" if pdl_mode == "on" else "0"
         model = ShardModel(synthetic_weights(preset), _SyntheticLinears(form, dev),  # type: ignore[arg-type]
@@ -162,6 +173,9 @@ def bench_gpu(
         model.graphs = graphs
         del model
         torch.cuda.empty_cache()
+    if results_path:
+        with open(results_path, "w") as f:
+            json.dump([[label, batch, v] for (label, batch), v in results.items()], f)
     for batch in hf_batches:
         try:
             results["hf", batch] = _hf_static_compile(preset, batch, context, tokens)
@@ -182,6 +196,19 @@ def bench_gpu(
         if ("hf", batch) in results and ("bf16-graph", batch) in results:
             line += f"  bf16/HF {results['bf16-graph', batch] / results['hf', batch]:.2f}x"
         print(line)
+
+
+def _isolated(preset: str, tokens: int, batches: list[int], context: int, form: str, pdl_mode: str,
+              eager: bool) -> dict[tuple[str, int], float]:
+    """One form measured by `bench_torch_engine.py gpu` in a process of its own; its tok/s by (label, batch)."""
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "results.json")
+        cmd = [sys.executable, str(Path(__file__).resolve().parent / "bench_torch_engine.py"), "gpu", "--preset",
+               preset, "--tokens", str(tokens), "--context", str(context), "--batches", *map(str, batches),
+               "--hf-batches", "--forms", form, "--pdl", pdl_mode, "--results", path, *(() if eager else ("--no-eager",))]
+        subprocess.run(cmd, check=True)
+        with open(path) as f:
+            return {(label, batch): v for label, batch, v in json.load(f)}
 
 
 def _hf_static_compile(preset: str, batch: int, context: int, tokens: int) -> float:

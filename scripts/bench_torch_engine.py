@@ -224,6 +224,9 @@ def main() -> None:
     g.add_argument("--no-eager", action="store_true", help="graphs only (the eager step is the slow part)")
     g.add_argument("--pdl", nargs="+", choices=["on", "off"], default=["on"],
                    help="programmatic dependent launch (engine/pdl.py); 'off on' measures both")
+    g.add_argument("--same-process", action="store_true",
+                   help="every form in this process (default: each form in a process of its own)")
+    g.add_argument("--results", default=None, help=argparse.SUPPRESS)  # a child process's tok/s, as JSON
     e = sub.add_parser("gpu-engine")
     e.add_argument("--model", default="smollm2-135m-instruct")
     e.add_argument("--tokens", type=int, default=128)
@@ -238,7 +241,7 @@ def main() -> None:
         bench_cpu(args.threads, args.tokens, not args.no_synthetic)
     elif args.what == "gpu":
         bench_gpu(args.preset, args.tokens, args.batches, args.context, args.hf_batches, tuple(args.forms),
-                  not args.no_eager, tuple(args.pdl))
+                  not args.no_eager, tuple(args.pdl), not args.same_process, args.results)
     else:
         bench_gpu_engine(args.model, args.tokens, args.batches)
 
