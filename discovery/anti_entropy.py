@@ -30,7 +30,7 @@ MAX_ANSWER_BYTES = 16 * 1024  # = the direct stream's frame cap
 ANSWER_WINDOW_S = 5.0  # an answer is taken only from the peer we asked, this long after asking
 DIGEST_KIND, ANSWER_KIND = 3, 4  # envelopes are 1 (advert) and 2 (beat)
 _ID_BYTES, _TAG_BYTES = 16, 4
-_MAX_INT = 2**63 - 1
+MAX_SEQ = _MAX_INT = 2**63 - 1
 
 
 class ExchangeError(ValueError):

@@ -18,6 +18,7 @@ from discovery.anti_entropy import (
     ANSWER_WINDOW_S,
     DIGEST_KIND,
     EXCHANGE_EVERY_S,
+    MAX_SEQ,
     Digest,
     ExchangeError,
     Version,
@@ -75,6 +76,9 @@ class AntiEntropy:
         out = [Version(p.advert.node_id, p.advert.seq, self._tag(p.advert.node_id, p.advert.seq))
                for p in self._table.snapshot(now)]
         out += [Version(nid, seq, self._tag(nid, seq)) for nid, seq in self._table.departed_seqs()]
+        # ourselves at the highest seq: no peer ever has a newer advert of ours to send back (without
+        # it every answer carried our own advert, as the one id our digest lacked)
+        out.append(Version(self._table.self_id, MAX_SEQ, 0))
         return out
 
     def ask(self) -> None:

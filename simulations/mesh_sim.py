@@ -23,6 +23,7 @@ from typing import Any, cast
 
 from discovery import model_records as mr
 from discovery.advert import ModelAdvert
+from discovery.anti_entropy import EXCHANGE_EVERY_S
 from discovery.envelope import mesh_key_from_secret
 from discovery.peer_table import Peer
 from discovery.publisher import PUBLISH_DEBOUNCE_S
@@ -60,6 +61,8 @@ class ScenarioConfig:
     out_tokens: int = 128
     crash_per_min: float = 0.05  # share of the nodes crashing per minute once requests flow
     crashes: int = -1  # >= 0: exactly this many crashes instead of crash_per_min
+    anti_entropy: bool = True  # a digest to one connected peer per EXCHANGE_EVERY_S (discovery/exchange.py)
+    lost_announce: int = 0  # the last nodes to boot whose gossiped announcements never get out
 
     def __post_init__(self) -> None:
         if self.n_nodes < 2 or self.n_sites < 1 or self.duration_s <= 0 or self.ttl_s <= self.refresh_s:
@@ -113,7 +116,10 @@ class MeshSim:
         self.crash_at: dict[str, float] = {}
         self.rest_window: tuple[float, float] = (0.0, 0.0)
         self.rest_traffic: tuple[dict[int, int], dict[int, int]] = ({}, {})
+        self.rest_messages = 0
         self.gateways = Gateways(self)
+        self.lost_met: dict[str, set[str]] = {}  # lost node id -> the (node, peer) pairs met, as "a>b"
+        self.lost_met_at: float | None = None
         self._load_whole_models()
 
     # --- the world --------------------------------------------------------------------------------
@@ -152,10 +158,20 @@ class MeshSim:
             for nid in ids:
                 node.host.connect(self.by_id[nid].host.addrs[0])
         elif self.cfg.mode == "libp2p" and live:
-            node.host.connect(self.nodes[0].host.addrs[0] if self.nodes[0].alive else live[0].host.addrs[0])
+            # node 0 is the bootstrap; booting after others, node 0 itself dials the first live node
+            boot = self.nodes[0] if self.nodes[0].alive and self.nodes[0] is not node else live[0]
+            node.host.connect(boot.host.addrs[0])
         node.discovery.publish_soon()
         self.events.after(self.rng.uniform(0, self.cfg.refresh_s), self._period, node)
         self.events.after(self.rng.uniform(0, EXPIRE_INTERVAL_S), self._expire, node)
+        if self.cfg.anti_entropy and self.cfg.mode != "records":
+            self.events.after(self.rng.uniform(0, EXCHANGE_EVERY_S), self._exchange, node)
+
+    def _exchange(self, node: SimNode) -> None:
+        """The node's exchange loop (AntiEntropy.run): one digest to one connected peer per period."""
+        if node.alive:
+            node.discovery.exchange.ask()
+            self.events.after(EXCHANGE_EVERY_S, self._exchange, node)
 
     def _period(self, node: SimNode) -> None:
         if not node.alive:
@@ -197,6 +213,7 @@ class MeshSim:
             for gone in node.discovery.expire_now():
                 self.gateways.on_left(node, gone)
             self._check_converged()
+            self._check_lost(node)
         self.events.after(EXPIRE_INTERVAL_S, self._expire, node)
 
     def _fetch_missed(self, node: SimNode, peer: Peer) -> None:
@@ -268,6 +285,20 @@ class MeshSim:
         if all(self.gateways.converged(o) for o in self.nodes if o.receives and o.alive):
             self.converged_at = self.events.now
 
+    def _check_lost(self, node: SimNode) -> None:
+        """Lost announcements: when has every node held each lost node, and each lost node every node?"""
+        if not self.lost_met or self.lost_met_at is not None:
+            return
+        table = node.discovery.table
+        for lost_id, met in self.lost_met.items():
+            if node.node_id != lost_id and table.get(lost_id) is not None:
+                met.add(node.node_id + ">")
+            if node.node_id == lost_id:
+                met.update("<" + p.advert.node_id for p in table.snapshot(self.events.now))
+        want = 2 * (sum(1 for n in self.nodes if n.receives) - 1)
+        if all(len(met) >= want for met in self.lost_met.values()):
+            self.lost_met_at = self.events.now
+
     def crash(self, node: SimNode) -> None:
         if not node.alive:
             return
@@ -277,12 +308,14 @@ class MeshSim:
 
     def _begin_rest(self) -> None:
         self._rest_from = self.events.now
+        self._rest_messages0 = self.net.traffic.messages
         self.net.traffic.sent.clear()
         self.net.traffic.received.clear()
 
     def _end_rest(self) -> None:
         self.rest_window = (self._rest_from, self.events.now)
         self.rest_traffic = (dict(self.net.traffic.sent), dict(self.net.traffic.received))
+        self.rest_messages = self.net.traffic.messages - self._rest_messages0
         self.net.traffic.sent.clear()
         self.net.traffic.received.clear()
         self._load_from = self.events.now
@@ -291,6 +324,9 @@ class MeshSim:
         cfg, ev, rng = self.cfg, self.events, self.rng
         boots = [rng.uniform(0, cfg.boot_window_s) for _ in self.nodes]
         self.final_boot = max(boots)
+        last = sorted(range(len(boots)), key=boots.__getitem__)[len(boots) - cfg.lost_announce:]
+        self.net.lost_announce = set(last) if cfg.lost_announce else set()
+        self.lost_met = {self.nodes[i].node_id: set() for i in self.net.lost_announce}
         for n, at in zip(self.nodes, boots, strict=True):
             ev.at(at, self.boot, n)
             if cfg.mode == "records":
@@ -334,6 +370,11 @@ class MeshSim:
             "table_convergence_s": None if self.converged_at is None else round(self.converged_at - self.last_boot, 3),
             "crashes": len(self.crash_at), "events": self.events.ran,
             "rejects": sum(sum(x.discovery.rejects.values()) for x in self.nodes),
+            "rest_messages_per_min_per_node": round(self.rest_messages / n / rest_s * 60, 1),
+            "exchange_digests": sum(x.discovery.exchange.digests_sent for x in self.nodes),
+            "exchange_relayed_accepted": sum(x.discovery.exchange.relayed for x in self.nodes),
+            "lost_announce_met_all_s": None if self.lost_met_at is None
+            else round(self.lost_met_at - self.final_boot, 1),
             **g,
         }
 

@@ -8,6 +8,7 @@ an `{"error": ...}` line), because outside checkers parse it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from typing import Any
@@ -58,7 +59,10 @@ def _benchmark(args: argparse.Namespace) -> int:
 
 
 def _scenario(args: argparse.Namespace) -> int:
-    result = run_scenario(args.command, seed=args.seed)
+    cfg = SCENARIOS[args.command]
+    if args.no_anti_entropy:
+        cfg = dataclasses.replace(cfg, anti_entropy=False)
+    result = run_scenario(args.command, seed=args.seed, config=cfg)
     print(json.dumps(result) if args.json else format_table(result))
     return 0
 
@@ -78,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         s = sub.add_parser(name, help=f"simulate the {name} scenario")
         s.add_argument("--seed", type=int, default=0)
         s.add_argument("--json", action="store_true")
+        s.add_argument("--no-anti-entropy", action="store_true", help="nodes without the exchange (before)")
     args = parser.parse_args(argv)
     if args.command == "plan":
         return _plan(args)

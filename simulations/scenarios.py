@@ -18,6 +18,14 @@ SCENARIOS: dict[str, ScenarioConfig] = {c.name: c for c in (
     # two sites: LAN multicast inside each, libp2p between them
     ScenarioConfig("office-32", 32, _HOME + ("h100-80gb",), n_sites=2, duration_s=150, request_rate_per_s=4.0),
     # past one LAN: a bounded sample of peers and model-keyed records
+    # libp2p only, the last node to boot loses its gossiped announcement (docs/discovery.md, anti-entropy);
+    # --no-anti-entropy runs the same without the exchange
+    ScenarioConfig("lost-announce-48", 48, _HOME, mode="libp2p", duration_s=100, request_rate_per_s=0.1,
+                   crashes=0, lost_announce=1),
+    ScenarioConfig("lost-announce-100", 100, _HOME, mode="libp2p", duration_s=100, request_rate_per_s=0.1,
+                   crashes=0, lost_announce=1),
+    ScenarioConfig("lost-announce-1000", 1000, _HOME, mode="libp2p", boot_window_s=10.0, rest_s=30.0,
+                   duration_s=60, request_rate_per_s=0.1, crashes=0, lost_announce=1),
     ScenarioConfig("campus-1000", 1000, _HOME + ("h100-80gb",), n_sites=4, mode="records", duration_s=120,
                    boot_window_s=10.0, request_rate_per_s=20.0),
 )}

@@ -63,6 +63,7 @@ class SimNet:
         self.traffic = Traffic()
         self.counting = True
         self.on_record_put: Callable[[SimNode, bytes], None] | None = None  # records mode
+        self.lost_announce: set[int] = set()  # nodes outside the gossip mesh: their announcements are lost
 
     def add(self, node: SimNode) -> None:
         self.by_peer_id[node.host.peer_id] = node
@@ -79,6 +80,11 @@ class SimNet:
 def _arrive(dst: SimNode, data: bytes, source: str, origin: str) -> None:
     if dst.alive and dst.receives:
         dst.discovery.receive(data, source, origin=origin)
+
+
+def _arrive_exchange(dst: SimNode, data: bytes, peer_id: str) -> None:
+    if dst.alive and dst.receives:
+        dst.discovery.exchange.on_frame(data, peer_id)
 
 
 class SimHost:
@@ -99,6 +105,8 @@ class SimHost:
         """gossip: every live node gets it once (after log_D n hops); each forwards D copies.
         records: no mesh-wide flood; the node's model records are put again with this advert."""
         net = self.net
+        if self.node.index in net.lost_announce:
+            return
         if net.mode == "records":
             if net.on_record_put is not None:
                 net.on_record_put(self.node, data)
@@ -107,8 +115,8 @@ class SimHost:
         hops = tm.dht_hops(len(live)) // 2 + 1
         wire = tm.libp2p_bytes(len(data))
         for dst in live:
-            if dst is self.node:
-                continue
+            if dst is self.node or dst.index in net.lost_announce:
+                continue  # a lost node is in no gossipsub mesh: gossip neither leaves it nor reaches it
             if net.counting:
                 net.traffic.add_sent(dst.index, wire * tm.GOSSIP_DEGREE / 2)  # forwards, shared among senders
                 net.traffic.add_received(dst.index, wire * tm.GOSSIP_DEGREE / 2)
@@ -128,6 +136,19 @@ class SimHost:
                 self.connections.discard(pid)  # the stream write fails: the connection is dropped
                 continue
             self.net.deliver(self.node, dst, data, "libp2p", wire)
+
+    @property
+    def connected_peers(self) -> set[str]:
+        return self.connections
+
+    def send_to(self, peer_id: str, data: bytes) -> None:
+        """An anti-entropy digest or answer to one connected peer (discovery/exchange.py)."""
+        dst = self.net.by_peer_id.get(peer_id)
+        if dst is None or peer_id not in self.connections or not dst.alive or len(data) > MAX_FRAME_BYTES:
+            return
+        if self.net.counting:
+            self.net.traffic.count(self.node.index, dst.index, tm.libp2p_bytes(len(data)))
+        self.net.events.after(self.net.latency_s(self.node, dst), _arrive_exchange, dst, data, self.peer_id)
 
     def connect(self, addr: str) -> None:
         """Dials a peer (if not connected, below MAX_CONNECTIONS); on the new connection each side
