@@ -177,8 +177,12 @@ class MeshRouter:
                     held = await self._whole(view, target, continued, attempts)
                     if held is not None:
                         return replace(held, offset=len(ids))
-                    opened = await self._open_pipeline(view, target, available, base, attempts.exclude,
-                                                       tuple(ids[failed.offset:]))
+                    resume = tuple(ids[failed.offset:])
+                    try:
+                        opened = await self._open_pipeline(view, target, available, base, attempts.exclude, resume)
+                    except Busy as e:  # the replacement is healthy but full: wait for room, as a new stream does
+                        log.warning("%s; the replacement has no room (waits, then replays): %s", why, e.message)
+                        opened = await self._when_room(target, available, base, e, resume, attempts.exclude)
                     return replace(opened, offset=failed.offset)
 
                 opened = await self._or_looked_up(view, target.digest, attempts.exclude, attempt)

@@ -1,7 +1,8 @@
 """The router's wait for a pipeline stage's KV blocks (`MeshRouter._when_room`, `_open`), with no
 processes: the pipeline opener is a fake, the clock and the sleeps are a fake clock, and the jitter
 draw is passed in. Before a first token a stage's Busy is waited out and replayed, a refusal is a Busy
-at once (no wait), a full waiting room is a Busy at once, and waiting stops within the budget."""
+at once (no wait), a full waiting room is a Busy at once, and waiting stops within the budget. After a
+stage fails mid-stream, a replacement chain that answers Busy is waited out the same way."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import asyncio
 import pytest
 from routing_builders import M, node
 
-from core.errors import Busy, Refused
-from core.types import GenerationRequest, SamplingParams
+from core.errors import Busy, Refused, Unavailable
+from core.serving import Generation
+from core.types import Chunk, FinishReason, GenerationRequest, SamplingParams
 from dataplane.channels import PeerChannels
 from dataplane.routing import kv_wait
 from dataplane.routing import router as router_module
@@ -20,6 +22,7 @@ from dataplane.routing.retry import Attempts
 from dataplane.routing.router import MeshRouter
 from dataplane.routing.view import Target
 from engine.local_models import LocalModels
+from placement.cluster import Stage
 
 ME = node("me", digest="")
 RANGE = node("s0", start=0, end=15)  # a range only: nobody holds the model whole, so a chain is opened
@@ -96,3 +99,46 @@ def test_waiting_gives_up_within_the_budget(monkeypatch: pytest.MonkeyPatch) -> 
         _open(router)
     assert sum(t.sleeps) <= kv_wait.BUDGET_S and len(calls) > 10
     assert max(t.sleeps) == kv_wait.MAX_DELAY_S and router._waiting == {}
+
+
+async def _stream(*chunks: Chunk, fail: str = ""):  # noqa: ANN202
+    for c in chunks:
+        yield c
+    if fail:
+        raise Unavailable(fail)
+
+
+def test_a_busy_replacement_after_a_stage_failed_is_waited_out_and_the_stream_resumed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Stage 1 of the chain goes silent after one token; the replacement chain is full at first (Busy),
+    then has room: the stream resumes from the id it had, instead of ending with "no replacement"."""
+    first = Served(Generation("s0+s1", Chunk(text="a", token_ids=[1]), _stream(fail="next stage 5331aaaa went silent")),
+                   None, (Stage("s0" + "0" * 8, 0, 15), Stage("5331aaaa" + "0" * 8, 15, 30)), request=_request())
+    done = Chunk(text="b", token_ids=[2], finish_reason=FinishReason.STOP)
+    replacement = Served(Generation("s0+s2", done, _stream()), None, (), request=_request())
+    router, t, calls = _setup(monkeypatch, [None, Busy(1, "KV cache full"), None])
+    opened = iter([first, None, replacement])
+
+    async def open_pipeline(view, target, available, request, exclude, resume):  # noqa: ANN001, ANN202
+        calls.append(len(resume))
+        served = next(opened)
+        if served is None:
+            raise Busy(1, "KV cache full")
+        return served
+
+    monkeypatch.setattr(router, "_open_pipeline", open_pipeline)
+
+    async def run() -> list[Chunk]:
+        generation = await router.open_generation("m", _request())
+        return [generation.first, *[c async for c in generation.rest]]
+
+    monkeypatch.setattr(router, "_find", lambda model: _found(router))
+    out = asyncio.run(run())
+    assert "".join(c.text for c in out) == "ab" and out[-1].finish_reason == FinishReason.STOP
+    assert calls == [0, 1, 1]  # opened, then the replacement twice with the one id sent so far
+    assert t.sleeps == [1.0] and router._waiting == {}
+
+
+async def _found(router: MeshRouter):  # noqa: ANN202
+    return router.view(), TARGET, ["m"]
