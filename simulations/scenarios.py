@@ -24,8 +24,6 @@ SCENARIOS: dict[str, ScenarioConfig] = {c.name: c for c in (
                    crashes=0, lost_announce=1),
     ScenarioConfig("lost-announce-100", 100, _HOME, mode="libp2p", duration_s=100, request_rate_per_s=0.1,
                    crashes=0, lost_announce=1),
-    ScenarioConfig("lost-announce-1000", 1000, _HOME, mode="libp2p", boot_window_s=10.0, rest_s=30.0,
-                   duration_s=60, request_rate_per_s=0.1, crashes=0, lost_announce=1),
     ScenarioConfig("campus-1000", 1000, _HOME + ("h100-80gb",), n_sites=4, mode="records", duration_s=120,
                    boot_window_s=10.0, request_rate_per_s=20.0),
 )}
