@@ -34,7 +34,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from discovery.envelope import derive_subkey
 from discovery.identity import Identity
 from discovery.libp2p_direct import BEAT_PROTOCOL, Direct, DirectBeats
-from discovery.libp2p_keys import libp2p_key_pair, own_addrs, peer_id_of  # noqa: F401  (peer_id_of: re-exported)
+from discovery.libp2p_keys import libp2p_key_pair, own_addrs, peer_id_of
 from discovery.libp2p_records import NAMESPACE, AdvertRecordValidator, advert_record_key
 from discovery.model_records import MAX_RESULTS, sample_peers
 from discovery.netaddr import announce_ips

@@ -7,7 +7,7 @@ import threading
 
 from disc_builders import MeshNode, wait_until
 
-from discovery.libp2p_host import peer_id_of
+from discovery.libp2p_keys import peer_id_of
 
 
 def test_two_nodes_meet_through_one_bootstrap_and_say_goodbye() -> None:

@@ -16,7 +16,8 @@ from discovery.advert import Addresses, NodeAdvert
 from discovery.beat import decode_message
 from discovery.envelope import encode_signed, mesh_key_from_secret
 from discovery.identity import Identity
-from discovery.libp2p_host import Libp2pHost, peer_id_of
+from discovery.libp2p_host import Libp2pHost
+from discovery.libp2p_keys import peer_id_of
 from discovery.libp2p_records import AdvertRecordValidator, advert_record_key
 from discovery.model_records import record_key
 

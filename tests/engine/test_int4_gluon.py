@@ -27,8 +27,8 @@ def test_the_kernel_compiles_for_hopper_with_asynchronous_wgmma(block_m: int, bl
     that leaves it in flight (`DEPBAR.LE gsb0, 0x1`, the point of the kernel), none that drains all
     but at the end; the copies of a chunk (x, weights, scales, zeros: one commit group each) with no
     barrier among them (there was one after each of eight per-slice copies of x), and DEPTH - 1
-    chunks copied before the loop. With Triton 3.9 the 8-warp build also has a barrier before each
-    wgmma (3.6, which the H200 measurements used, has two a chunk)."""
+    chunks copied before the loop. With Triton 3.9 the 8-warp build also has a barrier after each
+    wgmma wait (3.6, which the H200 measurements used, has two a chunk)."""
     pytest.importorskip("triton.backends.nvidia")
     from scripts.sass_int4 import sass
 
