@@ -99,6 +99,8 @@ def _join_parser(sub: argparse._SubParsersAction) -> None:
     join.add_argument("--replicas", type=int, default=1, metavar="N",
                       help="when this node places an offered model, load N disjoint chains if memory allows "
                            "(requests spread over them; a failed node's streams move to another)")
+    join.add_argument("--advert-ttl-s", type=float, default=10.0, metavar="S",
+                      help="peers drop this node S seconds after its last advert or heartbeat (one every S/4)")
     join.add_argument("--no-metrics", action="store_true",
                       help="no /metrics, /mesh/stats or per-request timing (to measure what they cost)")
     join.add_argument("--upstream", action="append", default=[], metavar="URL",
@@ -223,6 +225,7 @@ def _config(args: argparse.Namespace) -> NodeConfig:
         disk_budget_bytes=args.disk_budget,
         serve_streams=args.serve_streams,
         replicas=args.replicas,
+        advert_ttl_s=args.advert_ttl_s,
     )
 
 

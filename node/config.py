@@ -57,6 +57,9 @@ class NodeConfig:
     disk_budget_bytes: int | None = None  # most disk the weights cache (<data dir>/weights) may use
     serve_streams: int = 4  # weight transfer: FetchTensors calls served at once (advertised)
     replicas: int = 1  # disjoint chains this node plans when it places an offered model (--replicas)
+    # peers drop us this long after our last advert or beat; we send one every quarter of it
+    # (discovery/service.py's DEFAULT_TTL_S and DEFAULT_REFRESH_S); tests shorten it to see expiry sooner
+    advert_ttl_s: float = 10.0
     upstreams: tuple[UpstreamConfig, ...] = ()  # OpenAI-compatible servers fronted as engines (--upstream)
 
     def __post_init__(self) -> None:
@@ -100,6 +103,8 @@ class NodeConfig:
             raise ValueError("serve-streams must be between 1 and 64")
         if not 1 <= self.replicas <= 8:
             raise ValueError("replicas must be between 1 and 8")
+        if not 2 <= self.advert_ttl_s <= 60:  # PeerTable holds an advert at most 60 s
+            raise ValueError("advert-ttl-s must be between 2 and 60")
         for key in self.api_keys:
             if not key or len(key) > 256 or not key.isprintable() or any(c.isspace() for c in key):
                 raise ValueError("an API key must be 1 to 256 printable characters without spaces")

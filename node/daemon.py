@@ -24,7 +24,7 @@ from discovery.identity import Identity
 from discovery.netaddr import WILDCARDS, announce_ips
 from discovery.peer_table import PeerTable
 from discovery.rejects import RejectCounter
-from discovery.service import Discovery
+from discovery.service import DEFAULT_REFRESH_S, DEFAULT_TTL_S, Discovery
 from engine.local_models import LocalModels
 from engine.runner import EngineRunner
 from gateway.app import build_app
@@ -90,6 +90,8 @@ class Node:
             host_ip=disc_host,
             fetch_advert=self._fetcher,
             records=config.records,
+            ttl_s=config.advert_ttl_s,
+            refresh_s=config.advert_ttl_s * DEFAULT_REFRESH_S / DEFAULT_TTL_S,
         )
         self.router = MeshRouter(self.name, self.local, self.self_advert, self.peer_adverts, self.channels, self.describe_self,
                                  replicas=config.replicas,
