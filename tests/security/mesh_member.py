@@ -31,7 +31,10 @@ def node_endpoint(url: str, mesh_key: bytes) -> tuple[str, str, str]:
 
 
 class Member:
-    def __init__(self, secret: str, *, advertise: bool = True) -> None:
+    def __init__(self, secret: str, *, advertise: bool = True, ttl_s: float = 10.0) -> None:
+        """`ttl_s`: how long nodes keep the member after its last advert (one a second): a test that waits
+        for it to expire asks for less."""
+        self.ttl_s = ttl_s
         self.identity = Identity.generate()
         self.node_id = self.identity.node_id
         self.mesh_key = mesh_key_from_secret(secret)
@@ -49,7 +52,7 @@ class Member:
             node_id=self.node_id, name="test-member", version="0.1.0", public_key=self.identity.public_key_raw,
             addresses=Addresses(http="127.0.0.1:1", grpc="", libp2p=()), models=(),
             resources=Resources("cpu", 0, 0, 8 << 30, 4 << 30, 0.0), load=Load(0, 0, 0),
-            seq=int(now * 1000), issued_at=now, ttl_s=10.0, tls_cert=self.tls.cert_pem,
+            seq=int(now * 1000), issued_at=now, ttl_s=self.ttl_s, tls_cert=self.tls.cert_pem,
         )
 
     def _advertise(self) -> None:
