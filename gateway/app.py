@@ -34,6 +34,7 @@ BODY_TIMEOUT_S = 20.0  # to send the whole body once the headers are in (4 MiB a
 NODE_HEADER = "X-Meshllm-Node"
 BACKEND_KEY = web.AppKey("backend", Backend)
 KEYS_KEY = web.AppKey("api_keys", ApiKeys)
+BODY_TIMEOUT_KEY = web.AppKey("body_timeout_s", float)
 CALLER_KEY = web.RequestKey("api_key", ApiKey)  # the request's key, once authenticated
 KEYED_PATHS = frozenset({"/metrics", "/mesh/stats"})  # what API clients asked for: behind the keys too
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -101,11 +102,12 @@ def _check_model(request: web.Request, model: str) -> None:
 async def _json_body(request: web.Request) -> Any:
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY_BYTES, actual_size=request.content_length)
+    body_timeout_s = request.app[BODY_TIMEOUT_KEY]
     try:
-        async with asyncio.timeout(BODY_TIMEOUT_S):
+        async with asyncio.timeout(body_timeout_s):
             raw = await request.read()
     except TimeoutError:
-        raise ApiError(408, f"The request body was not received within {BODY_TIMEOUT_S:.0f} s.",
+        raise ApiError(408, f"The request body was not received within {body_timeout_s:.0f} s.",
                        code="request_timeout", headers={"Connection": "close"}) from None
     try:
         return json.loads(raw)
@@ -269,9 +271,11 @@ def build_app(
     api_keys: Iterable[str] = (),
     api_keys_file: Path | None = None,
     header_timeout_s: float = HEADER_TIMEOUT_S,
+    body_timeout_s: float = BODY_TIMEOUT_S,
 ) -> web.Application:
     """The API app. With `api_keys` or `api_keys_file` (format: `gateway/api_keys.py`), /v1/* needs a
-    bearer key; a keys file that cannot be read raises ValueError."""
+    bearer key; a keys file that cannot be read raises ValueError. The timeouts: HEADER_TIMEOUT_S and
+    BODY_TIMEOUT_S (tests of the cut-off pass shorter ones)."""
     app = web.Application(
         client_max_size=MAX_BODY_BYTES,
         middlewares=[error_middleware, api_key_middleware],
@@ -279,6 +283,7 @@ def build_app(
     )
     app[BACKEND_KEY] = backend
     app[KEYS_KEY] = ApiKeys.load(api_keys, api_keys_file)
+    app[BODY_TIMEOUT_KEY] = body_timeout_s
     app.on_response_prepare.append(_add_node_header)
     app.router.add_get("/health", health)
     app.router.add_get("/v1/models", models)

@@ -101,6 +101,10 @@ def _join_parser(sub: argparse._SubParsersAction) -> None:
                            "(requests spread over them; a failed node's streams move to another)")
     join.add_argument("--advert-ttl-s", type=float, default=10.0, metavar="S",
                       help="peers drop this node S seconds after its last advert or heartbeat (one every S/4)")
+    join.add_argument("--header-timeout-s", type=float, default=15.0, metavar="S",
+                      help="an API client has S seconds to send a request's headers (and an idle connection lives S)")
+    join.add_argument("--body-timeout-s", type=float, default=20.0, metavar="S",
+                      help="then S seconds to send its body (else 408)")
     join.add_argument("--no-metrics", action="store_true",
                       help="no /metrics, /mesh/stats or per-request timing (to measure what they cost)")
     join.add_argument("--upstream", action="append", default=[], metavar="URL",
@@ -226,6 +230,8 @@ def _config(args: argparse.Namespace) -> NodeConfig:
         serve_streams=args.serve_streams,
         replicas=args.replicas,
         advert_ttl_s=args.advert_ttl_s,
+        header_timeout_s=args.header_timeout_s,
+        body_timeout_s=args.body_timeout_s,
     )
 
 

@@ -60,6 +60,10 @@ class NodeConfig:
     # peers drop us this long after our last advert or beat; we send one every quarter of it
     # (discovery/service.py's DEFAULT_TTL_S and DEFAULT_REFRESH_S); tests shorten it to see expiry sooner
     advert_ttl_s: float = 10.0
+    # a client has this long to send a request's headers, then its body (gateway/app.py's
+    # HEADER_TIMEOUT_S and BODY_TIMEOUT_S); tests shorten them to see half-sent requests cut off sooner
+    header_timeout_s: float = 15.0
+    body_timeout_s: float = 20.0
     upstreams: tuple[UpstreamConfig, ...] = ()  # OpenAI-compatible servers fronted as engines (--upstream)
 
     def __post_init__(self) -> None:
@@ -105,6 +109,8 @@ class NodeConfig:
             raise ValueError("replicas must be between 1 and 8")
         if not 2 <= self.advert_ttl_s <= 60:  # PeerTable holds an advert at most 60 s
             raise ValueError("advert-ttl-s must be between 2 and 60")
+        if self.header_timeout_s <= 0 or self.body_timeout_s <= 0:
+            raise ValueError("header-timeout-s and body-timeout-s must be > 0")
         for key in self.api_keys:
             if not key or len(key) > 256 or not key.isprintable() or any(c.isspace() for c in key):
                 raise ValueError("an API key must be 1 to 256 printable characters without spaces")

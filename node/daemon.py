@@ -222,7 +222,8 @@ class Node:
             self.grpc_port = server.add_secure_port(address, self.tls.server_credentials())
         await server.start()
         self._grpc = server
-        app = build_app(self.router, api_keys=self.config.api_keys, api_keys_file=self.config.api_keys_file)
+        app = build_app(self.router, api_keys=self.config.api_keys, api_keys_file=self.config.api_keys_file,
+                        header_timeout_s=self.config.header_timeout_s, body_timeout_s=self.config.body_timeout_s)
         add_mesh_routes(app, self)
         add_weights_routes(app, self)
         self.observability.attach(app)
