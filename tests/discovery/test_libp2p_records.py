@@ -91,16 +91,17 @@ def test_discovery_in_records_mode_finds_the_holder_by_lookup(monkeypatch: pytes
     from discovery.peer_table import PeerTable
     from discovery.service import Discovery
 
-    def make(models: bool, bootstrap: list[str]) -> tuple[Identity, Discovery]:
+    def make(models: bool, bootstrap: list[str], ttl_s: float = 10.0) -> tuple[Identity, Discovery]:
         ident = Identity.generate()
         advert = make_advert(ident) if models else make_advert(ident, models=())
         return ident, Discovery(ident, KEY, lambda: advert, PeerTable(ident.node_id), mdns=False, multicast=False,
-                                libp2p_port=0, bootstrap=bootstrap, records=True)
+                                libp2p_port=0, bootstrap=bootstrap, records=True, ttl_s=ttl_s, refresh_s=ttl_s / 4)
 
     async def main() -> None:
         _, hub = make(False, [])
         await hub.start()
-        holder_id, holder = make(True, hub.libp2p_addrs)
+        # a 2 s ttl (beats every 0.5 s): the 4.5 s below outlasts two of them, so only beats keep it known
+        holder_id, holder = make(True, hub.libp2p_addrs, ttl_s=2.0)
         await holder.start()
         await asyncio.sleep(3.0)  # the holder's records are in (a Kademlia put dials the replicas: all here)
         _, reader = make(False, hub.libp2p_addrs)  # holds nothing: puts nothing, dials only the hub
@@ -110,7 +111,7 @@ def test_discovery_in_records_mode_finds_the_holder_by_lookup(monkeypatch: pytes
             assert reader.table.get(holder_id.node_id) is None  # not flooded, not dialed
             reader.lookup_model(make_advert(holder_id).models[0].digest)
             await wait_until(lambda: reader.table.get(holder_id.node_id) is not None, 15.0)
-            await asyncio.sleep(6.0)  # beats keep it (ttl 10 s) once dialed
+            await asyncio.sleep(4.5)  # beats keep it (ttl 2 s) once dialed
             assert reader.table.get(holder_id.node_id) is not None
         finally:
             for d in (reader, holder, hub):
