@@ -109,9 +109,10 @@ def mesh(module_node_factory):
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     secret = "hostile-" + secrets.token_hex(4)
-    u = module_node_factory("U", "--upstream", f"http://127.0.0.1:{port}/v1", "--upstream-timeout-s", "2",
-                            "--mesh-secret", secret)
-    g = module_node_factory("G", "--no-model", "--mesh-secret", secret)
+    started = module_node_factory.many({
+        "U": ("--upstream", f"http://127.0.0.1:{port}/v1", "--upstream-timeout-s", "2", "--mesh-secret", secret),
+        "G": ("--no-model", "--mesh-secret", secret)})
+    u, g = started["U"], started["G"]
     wait_for(lambda: len(get_json(g.url + "/v1/models")["data"]) == len(MODELS), 20, "G to list the upstream's models")
     yield {"U": u, "G": g}
     server.shutdown()

@@ -64,8 +64,9 @@ def mesh(module_node_factory):
     port = free_port()
     upstream = start_upstream(port)
     secret = "upstream-" + secrets.token_hex(4)
-    u = module_node_factory("U", "--upstream", f"http://127.0.0.1:{port}", "--mesh-secret", secret)
-    g = module_node_factory("G", "--no-model", "--mesh-secret", secret)
+    started = module_node_factory.many({"U": ("--upstream", f"http://127.0.0.1:{port}", "--mesh-secret", secret),
+                                        "G": ("--no-model", "--mesh-secret", secret)})
+    u, g = started["U"], started["G"]
     wait_for(lambda: SERVED in models_at(g), 20, "G to list the upstream's model")
     state = {"U": u, "G": g, "port": port, "upstream": upstream}
     yield state

@@ -25,9 +25,11 @@ def status(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def mesh(module_node_factory):
     secret = "status-" + secrets.token_hex(4)
-    b = module_node_factory("B", "--threads", "1", "--mesh-secret", secret)
-    a = module_node_factory("A", "--no-model", "--mesh-secret", secret)
-    e = module_node_factory(HOSTILE, "--no-model", "--mesh-secret", secret)
+    # started together: their start-ups overlap (conftest.spawn_nodes)
+    started = module_node_factory.many({"B": ("--threads", "1", "--mesh-secret", secret),
+                                        "A": ("--no-model", "--mesh-secret", secret),
+                                        HOSTILE: ("--no-model", "--mesh-secret", secret)})
+    a, b, e = started["A"], started["B"], started[HOSTILE]
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         with urllib.request.urlopen(a.url + "/mesh/peers", timeout=10) as resp:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "mesh"))
-from conftest import NodeProc  # noqa: E402
+from conftest import NodeFactory, NodeProc  # noqa: E402
 from discovery_mesh_helpers import get_json, node_id, peer_ids  # noqa: E402
 
 from discovery.join_token import JoinToken, decode_token, encode_token  # noqa: E402
@@ -73,15 +73,16 @@ def _wait(pred: Callable[[], bool], timeout_s: float, what: str) -> None:
         time.sleep(0.2)
 
 
-def test_first_lan_node_prints_a_token_and_a_second_joins_with_it(node_factory: Callable[..., NodeProc]) -> None:
+def test_first_lan_node_prints_a_token_and_a_second_joins_with_it(node_factory: NodeFactory) -> None:
     first = node_factory("first", "--no-model", *LOOPBACK_LAN)
     token = _token_line(first)
     secret_file = first.data_dir / SECRET_FILE
     assert secret_file.stat().st_mode & 0o777 == 0o600
     assert decode_token(token).secret == secret_file.read_text().strip()
-    second = node_factory("second", "--no-model", "--advertise-host", "127.0.0.1", "--token", token)
     # a node given nothing has a random secret of its own: it never joins, and is counted
-    loner = node_factory("loner", "--no-model")
+    started = node_factory.many({"second": ("--no-model", "--advertise-host", "127.0.0.1", "--token", token),
+                                 "loner": ("--no-model",)})
+    second, loner = started["second"], started["loner"]
     a, b, c = node_id(first.url), node_id(second.url), node_id(loner.url)
     _wait(lambda: peer_ids(first.url) == {b} and peer_ids(second.url) == {a}, 10.0, "token holders never met")
     assert (second.data_dir / SECRET_FILE).read_text().strip() == decode_token(token).secret
@@ -90,10 +91,10 @@ def test_first_lan_node_prints_a_token_and_a_second_joins_with_it(node_factory: 
     assert get_json(first.url + "/health") == {"status": "ok"}
 
 
-def test_allow_node_admits_only_listed_members(node_factory: Callable[..., NodeProc]) -> None:
+def test_allow_node_admits_only_listed_members(node_factory: NodeFactory) -> None:
     secret = "allow-" + str(time.time_ns())
-    friend = node_factory("friend", "--no-model", "--mesh-secret", secret)
-    other = node_factory("other", "--no-model", "--mesh-secret", secret)
+    started = node_factory.many({name: ("--no-model", "--mesh-secret", secret) for name in ("friend", "other")})
+    friend, other = started["friend"], started["other"]
     f_id, o_id = node_id(friend.url), node_id(other.url)
     strict = node_factory("strict", "--no-model", "--mesh-secret", secret, "--allow-node", f_id)
     _wait(lambda: peer_ids(strict.url) == {f_id}, 10.0, "the allowed node never appeared")

@@ -39,7 +39,8 @@ def test_a_lan_node_serves_its_advert_to_members_only(node_factory) -> None:
     key = mesh_key_from_secret(secret)
     # LAN mode on the loopback interface (zeroconf and the LAN fetch path run, as on a LAN)
     args = ("--no-model", "--mesh-secret", secret, "--lan", "--advertise-host", "127.0.0.1")
-    a, b = node_factory("A", *args), node_factory("B", *args)
+    started = node_factory.many({"A": args, "B": args})
+    a, b = started["A"], started["B"]
     other_mesh = advert_token(mesh_key_from_secret("another mesh"))
     for token in (None, "", other_mesh, advert_token(key)[:-1] + "0", "x" * 5000):
         status, body = fetch(a.url, token)
