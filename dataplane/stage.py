@@ -101,9 +101,9 @@ class PipelineService:
             self._books[digest] = SessionBook(cap, self._clock)
         return self._books[digest]
 
-    def _open(self, engine: TorchShardEngine, sid: str, params: SamplingParams | None) -> None:
+    def _open(self, engine: TorchShardEngine, sid: str, params: SamplingParams | None, ring: int = 1) -> None:
         try:
-            engine.open_session(sid, params)
+            engine.open_session(sid, params, ring=ring)
         except SessionLimitError as e:
             raise Busy(1, str(e)) from None
         except SessionError as e:
@@ -187,7 +187,7 @@ class PipelineService:
         book.open(sid, peer)
         nxt = None
         try:
-            self._open(engine, sid, params if single else None)
+            self._open(engine, sid, params if single else None, ring=len(chain))
             output = TokenOutput(engine.tokenizer, params.stop, len(ids), max_new) if single else None
             state = await sampler_state_off_loop(params, engine.model.path, engine.device) if single else None
             if not single:

@@ -9,6 +9,11 @@ Threads resubmit at slightly different times (sampling, detokenizing), so a lead
 steps queued than sessions open waits up to `gather_s` for the rest before it runs: without that,
 four streams settle into batches of one or two.
 
+Sessions driven round a pipeline of R stages are batched at most 1/R of them at a time by the stage
+that drives them (`opened(slot, ring=R)`), so that R micro-batches keep every stage busy. All of them
+in one batch is lockstep, each stage idle while the others run, and nothing broke lockstep once it
+formed: runs of 4 streams through 2 stages fell to 45-55 tok/s against 70-80 (docs/benchmarks.md).
+
 A batch may leave a step unfinished (a long prompt runs one chunk per batch, between other
 sessions' decode steps: continuous batching with chunked prefill). Such a step goes back to the
 front of the queue, and its thread keeps waiting or leads the next batch.
@@ -56,6 +61,17 @@ class StepCombiner:
         self._cond = threading.Condition()
         self._queue: list[Step] = []
         self._running = False
+        self._ring: dict[int, int] = {}  # open slots this stage drives round a pipeline: its stages
+
+    def opened(self, slot: int, ring: int) -> None:
+        """This stage drives the session in `slot` round a pipeline of `ring` stages (see `_limit`)."""
+        with self._cond:
+            if ring > 1:
+                self._ring[slot] = ring
+
+    def closed(self, slot: int) -> None:
+        with self._cond:
+            self._ring.pop(slot, None)
 
     def submit(self, steps: Sequence[Step]) -> list[torch.Tensor]:
         """Runs `steps` (together with whatever else is queued) and returns their results in order."""
@@ -68,7 +84,8 @@ class StepCombiner:
                     continue
                 self._running = True
                 self._gather()
-                batch, self._queue = self._queue, []
+                limit = self._limit(len(self._queue))
+                batch, self._queue = self._queue[:limit], self._queue[limit:]
                 self._cond.release()
                 try:
                     self._run(batch)
@@ -82,8 +99,17 @@ class StepCombiner:
                 raise s.error
         return [s.result for s in steps]  # type: ignore[misc]
 
+    def _limit(self, queued: int) -> int:
+        """Steps one batch takes of `queued`: all, or 1/R of the open sessions when this stage drives
+        them round R stages (the largest R among them)."""
+        if not self._ring:
+            return queued
+        return max(1, -(-self._expected() // max(self._ring.values())))
+
     def _gather(self) -> None:
-        """Leader, holding the lock: wait briefly for the other open sessions' steps."""
+        """Leader, holding the lock: wait briefly for the other open sessions' steps. (Waiting only for
+        a driving stage's micro-batch, not the group a stage away, measured slower: 54.8 against
+        62.6 tok/s, docs/benchmarks.md.)"""
         if self._gather_s <= 0:
             return
         deadline = time.monotonic() + self._gather_s

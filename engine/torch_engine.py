@@ -135,9 +135,11 @@ class TorchShardEngine:
             return len(self._sessions)
 
     def open_session(
-        self, session_id: str, params: SamplingParams | None = None, *, wait_s: float = 0.0
+        self, session_id: str, params: SamplingParams | None = None, *, wait_s: float = 0.0, ring: int = 1
     ) -> None:
         """Takes a KV slot for `session_id`; `params` sets up its sampler (needed on the last stage).
+        `ring`: the pipeline stages its steps go round when this engine's stage drives it (the first
+        stage), so that they batch in that many micro-batches (engine/torch_batcher.py).
 
         Waits up to `wait_s` for a free slot, then raises SessionError.
         """
@@ -150,6 +152,7 @@ class TorchShardEngine:
             if not self._slot_freed.wait_for(lambda: bool(self._free), timeout=wait_s):
                 raise SessionLimitError(f"all {self.max_sessions} sessions busy")
             self._sessions[session_id] = _Session(slot=self._free.pop(), sampler=sampler)
+            self._combiner.opened(self._sessions[session_id].slot, ring)
 
     def close_session(self, session_id: str) -> bool:
         """Frees the session's KV slot and blocks (once its step in flight, if any, ends); returns False
@@ -166,6 +169,7 @@ class TorchShardEngine:
     def _free_slot(self, slot: int) -> None:
         """Holding the lock: the slot's blocks back to the pool, the slot to the free list."""
         self.shard.release(slot)
+        self._combiner.closed(slot)
         self._free.append(slot)
         self._slot_freed.notify()
 
