@@ -20,10 +20,26 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from tests.simulations import rest_bench
+
 if TYPE_CHECKING:
     from engine.model_file import ModelFile
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+# The at-rest traffic mesh of tests/simulations/test_traffic_vs_real.py runs in the background, in a
+# network namespace of its own, while the other tests run (tests/simulations/rest_bench.py says why).
+def pytest_configure(config: pytest.Config) -> None:
+    rest_bench.start_early(config)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rest_bench.keep_if_selected(config, items)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    rest_bench.stop(config)
 
 
 def free_port() -> int:
