@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-
-from tests.simulations import rest_bench
+import rest_bench
 
 if TYPE_CHECKING:
     from engine.model_file import ModelFile
@@ -29,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 # The at-rest traffic mesh of tests/simulations/test_traffic_vs_real.py runs in the background, in a
-# network namespace of its own, while the other tests run (tests/simulations/rest_bench.py says why).
+# network namespace of its own, while the other tests run (tests/rest_bench.py says why).
 def pytest_configure(config: pytest.Config) -> None:
     rest_bench.start_early(config)
 

@@ -5,9 +5,9 @@ run is the one started in the background with the session (rest_bench.py), when 
 from __future__ import annotations
 
 import pytest
+import rest_bench
 
 from simulations.scenarios import SCENARIOS, run_scenario
-from tests.simulations import rest_bench
 
 
 @pytest.mark.skipif(not rest_bench.can_run(), reason="needs root and ip netns")

@@ -7,7 +7,8 @@ it runs while they do: started before collection (its nodes' start-up overlaps t
 imports), its figures read by the test when its turn comes. The test runs it in the foreground when it
 was not started here (the test not selected at first) or when that mesh did not form.
 
-tests/conftest.py calls start_early, keep_if_selected and stop from pytest's hooks.
+tests/conftest.py calls start_early, keep_if_selected and stop from pytest's hooks. A unique module
+name: tests/ has no __init__.py.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 TEST_FILE = REPO / "tests" / "simulations" / "test_traffic_vs_real.py"
 TEST_NAME = "test_homelab8_bytes_match_a_real_8_process_mesh"
 ARGS = ("--rest-only", "--modes", "libp2p", "--sizes", "8", "--rest-s", "30", "--settle-s", "5")
