@@ -11,6 +11,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+from conftest import NodeProc
 
 from discovery.envelope import decode_signed, mesh_key_from_secret
 from discovery.fetch import ADVERT_TOKEN_HEADER, advert_token
@@ -61,9 +62,15 @@ def test_a_lan_node_serves_its_advert_to_members_only(node_factory) -> None:
     assert a.proc.poll() is None and b.proc.poll() is None
 
 
-@pytest.mark.parametrize("token", [None, "wrong"])
-def test_a_loopback_node_serves_its_advert_to_this_machine(node_factory, token) -> None:
+@pytest.fixture(scope="module")
+def loopback_node(module_node_factory) -> tuple[NodeProc, str]:
+    """One loopback node for both tokens below: fetching its advert changes nothing on it."""
     secret = "adv-" + secrets.token_hex(4)
-    node = node_factory("L", "--no-model", "--mesh-secret", secret)
+    return module_node_factory("L", "--no-model", "--mesh-secret", secret), secret
+
+
+@pytest.mark.parametrize("token", [None, "wrong"])
+def test_a_loopback_node_serves_its_advert_to_this_machine(loopback_node, token) -> None:
+    node, secret = loopback_node
     status, body = fetch(node.url, token)
     assert status == 200 and decode_signed(body, mesh_key_from_secret(secret)).node_id == node_id(node.url)
