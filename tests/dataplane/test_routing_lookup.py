@@ -45,13 +45,17 @@ def test_has_holder(peers: tuple[NodeAdvert, ...], exclude: frozenset[str], expe
     assert has_holder(MeshView(ME, peers), M, exclude) is expected
 
 
+ANSWER_S = 0.2  # the DHT's adverts reach the table this long after a lookup
+WAIT_S = 0.8  # the router's bounded wait: four times that, what a test that finds nothing sits through
+
+
 def _router(peers: list[NodeAdvert], answers: dict[str, list[NodeAdvert]], asked: list[str]) -> MeshRouter:
     def lookup(name: str) -> None:  # the DHT: the holders' adverts reach the table a little later
         asked.append(name)
-        asyncio.get_running_loop().call_later(0.2, lambda: peers.extend(answers.get(name, [])))
+        asyncio.get_running_loop().call_later(ANSWER_S, lambda: peers.extend(answers.get(name, [])))
 
     return MeshRouter("me", LocalModels(), lambda: ME, lambda: list(peers), PeerChannels("t"), dict,
-                      lookup=lookup, lookup_wait_s=1.5)
+                      lookup=lookup, lookup_wait_s=WAIT_S)
 
 
 def test_an_unknown_model_is_looked_up_and_resolved() -> None:
@@ -67,7 +71,7 @@ def test_an_unknown_model_is_looked_up_and_resolved() -> None:
 def test_nothing_found_is_a_404_after_the_bounded_wait() -> None:
     asked: list[str] = []
     router = _router([], {}, asked)
-    with pytest.raises(ModelNotFound, match="DHT within 1.5 s"):
+    with pytest.raises(ModelNotFound, match=f"DHT within {WAIT_S:g} s"):
         asyncio.run(router._find("nowhere"))
     assert asked == ["nowhere"]
 
