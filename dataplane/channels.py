@@ -47,9 +47,12 @@ class PeerChannels:
     is mTLS and a peer whose advert carries no certificate is not called at all.
     """
 
-    def __init__(self, token: str, directory: Directory | None = None, tls: MeshTls | None = None) -> None:
+    def __init__(self, token: str, directory: Directory | None = None, tls: MeshTls | None = None,
+                 fresh_connect_s: float = FRESH_CONNECT_S) -> None:
+        """`fresh_connect_s`: FRESH_CONNECT_S (tests of the wait itself pass a shorter one)."""
         self._token = token
         self._tls = tls
+        self._fresh_connect_s = fresh_connect_s
         self._channels: dict[tuple[str, str, str], grpc.aio.Channel] = {}  # (node id, address, cert)
         self._closing: set[asyncio.Task] = set()
         self._fresh: dict[tuple[str, str, str], float] = {}  # new mTLS channels: key -> wait-until (monotonic)
@@ -82,11 +85,11 @@ class PeerChannels:
             channel = self._open(node_id, endpoint)
             self._channels[key] = channel
             if self._tls is not None:
-                self._fresh[key] = time.monotonic() + FRESH_CONNECT_S
+                self._fresh[key] = time.monotonic() + self._fresh_connect_s
         return key, channel
 
     async def connect(self, node_id: str) -> grpc.aio.Channel | None:
-        """`channel_to`, and on a new mTLS channel a wait (at most FRESH_CONNECT_S from its creation)
+        """`channel_to`, and on a new mTLS channel a wait (at most fresh_connect_s from its creation)
         until a handshake succeeds, redialling on a new channel every REDIAL_S while the peer refuses us
         (it has not heard of us yet); a call made after that wait fails as it would have."""
         found = self._lookup(node_id)

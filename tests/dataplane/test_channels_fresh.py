@@ -1,6 +1,7 @@
 """A fresh mTLS channel to a peer that refuses us at first (it restarted and has not heard of us yet):
 `PeerChannels.connect` redials until the peer knows our certificate, so the first call succeeds.
-Real gRPC servers and handshakes on loopback."""
+Real gRPC servers and handshakes on loopback. The channels wait WINDOW_S, not FRESH_CONNECT_S (5 s):
+the same wait, and the test of its end takes 2 s instead of 5 s."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import grpc
 import pytest
 
 from dataplane import rpc
-from dataplane.channels import FRESH_CONNECT_S, Endpoint, PeerChannels
+from dataplane.channels import Endpoint, PeerChannels
 from dataplane.tls import MeshTls
 
+WINDOW_S = 2.0  # PeerChannels(fresh_connect_s=...)
 SERVER_ID = "aaaaaaaa" + "0" * 24
 CLIENT_ID = "bbbbbbbb" + "0" * 24
 
@@ -38,13 +40,14 @@ async def _call(channel: grpc.aio.Channel) -> bytes:
     return await call(b"hi", timeout=5)
 
 
-@pytest.mark.parametrize("learns_after_s", [0.0, 0.8, 2.5])
+@pytest.mark.parametrize("learns_after_s", [0.0, 0.8, 1.5])  # at once, soon, late in the window
 def test_a_peer_that_learns_us_late_still_takes_the_first_call(learns_after_s):
     async def main() -> float:
         known: list[str] = []
         server, server_tls, port = await _serve(known)
         client_tls = MeshTls(CLIENT_ID, lambda: [])
-        channels = PeerChannels("t", lambda n: Endpoint(f"127.0.0.1:{port}", server_tls.cert_pem), tls=client_tls)
+        channels = PeerChannels("t", lambda n: Endpoint(f"127.0.0.1:{port}", server_tls.cert_pem), tls=client_tls,
+                                fresh_connect_s=WINDOW_S)
         loop = asyncio.get_running_loop()
         loop.call_later(learns_after_s, known.append, client_tls.cert_pem)
         try:
@@ -65,7 +68,7 @@ def test_a_peer_that_never_learns_us_fails_after_the_window():
     async def main() -> float:
         server, server_tls, port = await _serve([])
         channels = PeerChannels("t", lambda n: Endpoint(f"127.0.0.1:{port}", server_tls.cert_pem),
-                                tls=MeshTls(CLIENT_ID, lambda: []))
+                                tls=MeshTls(CLIENT_ID, lambda: []), fresh_connect_s=WINDOW_S)
         try:
             started = time.monotonic()
             channel = await channels.connect(SERVER_ID)
@@ -79,4 +82,4 @@ def test_a_peer_that_never_learns_us_fails_after_the_window():
             await server.stop(0)
 
     took_s = asyncio.run(main())
-    assert FRESH_CONNECT_S - 0.3 < took_s < FRESH_CONNECT_S + 1.5
+    assert WINDOW_S - 0.3 < took_s < WINDOW_S + 1.5
