@@ -1,4 +1,6 @@
-"""StepCombiner: concurrent submitters share batches; failures reach every waiter."""
+"""StepCombiner: concurrent submitters share batches; failures reach every waiter; the stage that drives
+sessions round a pipeline of R stages batches at most 1/R of them at a time (R micro-batches keep
+every stage busy, where all of them in one batch is lockstep)."""
 
 import threading
 
@@ -12,6 +14,21 @@ def _step(i: int) -> Step:
     return Step(slot=i, x=torch.tensor([i]), start_pos=0)
 
 
+def _from_threads(combiner: StepCombiner, n: int) -> dict[int, int]:
+    """Steps of slots 0..n-1 submitted by a thread each; their results by slot."""
+    results: dict[int, int] = {}
+
+    def submit(i: int) -> None:
+        results[i] = int(combiner.submit([_step(i)])[0])
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    return results
+
+
 def test_concurrent_steps_run_as_one_batch() -> None:
     sizes: list[int] = []
 
@@ -21,16 +38,7 @@ def test_concurrent_steps_run_as_one_batch() -> None:
             s.finish(s.x * 10)
 
     combiner = StepCombiner(run, expected=lambda: 4, gather_s=5.0)
-    results: dict[int, int] = {}
-
-    def submit(i: int) -> None:
-        results[i] = int(combiner.submit([_step(i)])[0])
-
-    threads = [threading.Thread(target=submit, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=10)
+    results = _from_threads(combiner, 4)
     assert sizes == [4] and results == {0: 0, 1: 10, 2: 20, 3: 30}
 
 
@@ -77,3 +85,45 @@ def test_an_unfinished_step_is_requeued_until_its_last_chunk() -> None:
     long.join(10)
     assert out["long"].tolist() == [0, 1, 2, 3, 4]
     assert sum(b.count("long") for b in chunks) == 5  # one chunk per batch
+
+
+def _recording(n_open: int) -> tuple[StepCombiner, list[list[int]]]:
+    batches: list[list[int]] = []
+
+    def run(batch: list[Step]) -> None:
+        batches.append(sorted(s.slot for s in batch))
+        for s in batch:
+            s.finish(s.x)
+
+    return StepCombiner(run, expected=lambda: n_open, gather_s=0.5), batches
+
+
+def test_all_queued_at_once_run_in_as_many_groups_as_stages() -> None:
+    for ring, expected in ((2, [[0, 1], [2, 3]]), (3, [[0, 1], [2, 3]]), (4, [[0], [1], [2], [3]]), (1, [[0, 1, 2, 3]])):
+        combiner, batches = _recording(4)
+        for slot in range(4):
+            combiner.opened(slot, ring)
+        assert [int(r) for r in combiner.submit([_step(s) for s in range(4)])] == [0, 1, 2, 3]
+        assert batches == expected, ring
+
+
+def test_the_cap_follows_the_sessions_open_and_closed() -> None:
+    combiner, batches = _recording(3)
+    for slot in range(3):
+        combiner.opened(slot, 2)
+    combiner.submit([_step(s) for s in range(3)])
+    assert batches == [[0, 1], [2]]  # 3 open on 2 stages: 2 a batch
+    for slot in range(3):
+        combiner.closed(slot)
+    batches.clear()
+    combiner.submit([_step(s) for s in range(3)])
+    assert batches == [[0, 1, 2]]  # nobody driven round a pipeline any more
+
+
+def test_concurrent_submitters_on_a_pipeline_are_all_served() -> None:
+    """Four threads, four sessions on 2 stages: every step runs once, two at a time at most."""
+    combiner, batches = _recording(4)
+    for slot in range(4):
+        combiner.opened(slot, 2)
+    assert _from_threads(combiner, 4) == {0: 0, 1: 1, 2: 2, 3: 3}
+    assert sorted(s for b in batches for s in b) == [0, 1, 2, 3] and max(len(b) for b in batches) <= 2
