@@ -49,11 +49,23 @@ def status_of(url: str, key: str | None = None) -> int:
 
 
 @pytest.fixture(scope="module")
-def mesh(module_node_factory):
-    """B holds the model; A holds none and routes to B."""
+def started(module_node_factory, tmp_path_factory):
+    """Every node of this module, started together (their start-ups overlap): the mesh of A and B, and
+    the two lone nodes K and N (see `lone`)."""
     secret = "metrics-" + secrets.token_hex(4)
-    started = module_node_factory.many({"B": ("--threads", "1", "--mesh-secret", secret),
-                                        "A": ("--no-model", "--mesh-secret", secret)})
+    keys = tmp_path_factory.mktemp("keys") / "keys"
+    keys.write_text("sk-limited rpm=2\n")
+    return module_node_factory.many({
+        "B": ("--threads", "1", "--mesh-secret", secret),
+        "A": ("--no-model", "--mesh-secret", secret),
+        "K": ("--api-key", "sk-metrics-key", "--threads", "1", "--api-keys-file", str(keys)),
+        "N": ("--no-metrics", "--threads", "1"),
+    })
+
+
+@pytest.fixture(scope="module")
+def mesh(started):
+    """B holds the model; A holds none and routes to B."""
     a, b = started["A"], started["B"]
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -155,14 +167,9 @@ def test_a_cancelled_stream_is_counted_as_cancelled(mesh):
 
 
 @pytest.fixture(scope="module")
-def lone(module_node_factory, tmp_path_factory):
-    """Two nodes of meshes of their own, started together: K has API keys, N serves no metrics."""
-    keys = tmp_path_factory.mktemp("keys") / "keys"
-    keys.write_text("sk-limited rpm=2\n")
-    return module_node_factory.many({
-        "K": ("--api-key", "sk-metrics-key", "--threads", "1", "--api-keys-file", str(keys)),
-        "N": ("--no-metrics", "--threads", "1"),
-    })
+def lone(started):
+    """Two nodes of meshes of their own: K has API keys, N serves no metrics."""
+    return {name: started[name] for name in ("K", "N")}
 
 
 def test_metrics_and_stats_need_the_key_when_the_node_has_keys(lone):

@@ -13,7 +13,8 @@ import pytest
 
 from tests.mesh.failover_helpers import MODEL, PROMPT, Mesh, run_stream
 
-GREEDY = {"model": MODEL, "prompt": PROMPT, "temperature": 0, "max_tokens": 40, "return_token_ids": True}
+# 32 tokens: 8 before the fault, 24 after it on the replacement (the reference must reach 24)
+GREEDY = {"model": MODEL, "prompt": PROMPT, "temperature": 0, "max_tokens": 32, "return_token_ids": True}
 SEEDED = {**GREEDY, "temperature": 0.8, "top_p": 0.95, "seed": 1234}
 
 
