@@ -63,6 +63,11 @@ def fault(kind: str) -> dict[str, str]:
     return {"MESHLLM_FAULT_WEIGHTS": kind}
 
 
+# A slow source sleeps this long before each 1 MiB piece: a whole pull from one takes ~5 s, so the kills
+# below (after 8 MB and 48 MB of the 146) land mid-transfer with most of the file still to come.
+SLOW = "slow:0.05"
+
+
 @pytest.fixture(scope="module")
 def manifest():
     return build_manifest(SMOL.path, SMOL.digest, MODEL)
@@ -137,7 +142,7 @@ def test_a_killed_source_and_a_corrupting_one_are_routed_around(node_factory):
     source = ("--offer", MODEL, "--memory-budget", BUDGET, *secret)
     nodes = node_factory.many({"S1": source, "L": source, "S2": source,
                                "R": ("--no-model", "--memory-budget", BUDGET, *secret)},
-                              env={"S1": fault("slow:0.1"), "L": fault("corrupt"), "S2": fault("slow:0.1")})
+                              env={"S1": fault(SLOW), "L": fault("corrupt"), "S2": fault(SLOW)})
     slow, liar, good, receiver = nodes["S1"], nodes["L"], nodes["S2"], nodes["R"]
     wait_peers(receiver.url, 3)
     ids = {n.name: get_json(n.url + "/mesh/self")["node_id"] for n in (slow, liar, good)}
@@ -200,7 +205,7 @@ def test_fetch_tensors_for_a_model_not_held_is_not_found(node_factory):
 def test_a_restarted_receiver_resumes_and_a_small_disk_budget_is_one_line(node_factory, tmp_path):
     secret = ("--mesh-secret", "w-" + secrets.token_hex(4))
     receiver = node_factory.many({"S": ("--offer", MODEL, "--memory-budget", BUDGET, *secret),
-                                  "R": ("--no-model", *secret)}, env={"S": fault("slow:0.1")})["R"]
+                                  "R": ("--no-model", *secret)}, env={"S": fault(SLOW)})["R"]
     wait_peers(receiver.url, 1)
     status, _, _ = post(receiver.url, "/mesh/pull", {"model": MODEL})
     assert status == 202
