@@ -19,6 +19,9 @@ from node.mesh_secret import SECRET_FILE  # noqa: E402
 
 BOOT = "/ip4/10.0.0.5/tcp/4001/p2p/12D3KooWQYhTNQdmr3ArTeUHRYzFg94BKyTkoWBDWez9kSCVe2Xo"
 LOOPBACK_LAN = ("--lan", "--advertise-host", "127.0.0.1")  # LAN mode, on the loopback interface
+# The nodes whose adverts must keep being refused beat every 1 s (a quarter of a 4 s ttl) instead of
+# every 2.5 s: the waits below see two (first test) and one (second) of each, as many as 3 s and 2 s did.
+FAST_BEATS = ("--advert-ttl-s", "4")
 
 
 def test_token_round_trip() -> None:
@@ -74,32 +77,32 @@ def _wait(pred: Callable[[], bool], timeout_s: float, what: str) -> None:
 
 
 def test_first_lan_node_prints_a_token_and_a_second_joins_with_it(node_factory: NodeFactory) -> None:
-    first = node_factory("first", "--no-model", *LOOPBACK_LAN)
+    first = node_factory("first", "--no-model", *LOOPBACK_LAN, *FAST_BEATS)
     token = _token_line(first)
     secret_file = first.data_dir / SECRET_FILE
     assert secret_file.stat().st_mode & 0o777 == 0o600
     assert decode_token(token).secret == secret_file.read_text().strip()
     # a node given nothing has a random secret of its own: it never joins, and is counted
-    started = node_factory.many({"second": ("--no-model", "--advertise-host", "127.0.0.1", "--token", token),
-                                 "loner": ("--no-model",)})
+    started = node_factory.many({"second": ("--no-model", "--advertise-host", "127.0.0.1", "--token", token, *FAST_BEATS),
+                                 "loner": ("--no-model", *FAST_BEATS)})
     second, loner = started["second"], started["loner"]
     a, b, c = node_id(first.url), node_id(second.url), node_id(loner.url)
     _wait(lambda: peer_ids(first.url) == {b} and peer_ids(second.url) == {a}, 10.0, "token holders never met")
     assert (second.data_dir / SECRET_FILE).read_text().strip() == decode_token(token).secret
-    time.sleep(3.0)
+    time.sleep(2.0)
     assert c not in peer_ids(first.url) | peer_ids(second.url) and peer_ids(loner.url) == set()
     assert get_json(first.url + "/health") == {"status": "ok"}
 
 
 def test_allow_node_admits_only_listed_members(node_factory: NodeFactory) -> None:
     secret = "allow-" + str(time.time_ns())
-    started = node_factory.many({name: ("--no-model", "--mesh-secret", secret) for name in ("friend", "other")})
+    started = node_factory.many({name: ("--no-model", "--mesh-secret", secret, *FAST_BEATS) for name in ("friend", "other")})
     friend, other = started["friend"], started["other"]
     f_id, o_id = node_id(friend.url), node_id(other.url)
     strict = node_factory("strict", "--no-model", "--mesh-secret", secret, "--allow-node", f_id)
     _wait(lambda: peer_ids(strict.url) == {f_id}, 10.0, "the allowed node never appeared")
     _wait(lambda: get_json(strict.url + "/mesh/self")["rejected_adverts"].get("not_allowed", 0) > 0, 10.0,
           "the other member's adverts were never refused")
-    time.sleep(2.0)
+    time.sleep(1.0)
     assert o_id not in peer_ids(strict.url)
     assert get_json(strict.url + "/health") == {"status": "ok"}
