@@ -1,11 +1,15 @@
 """The paged KV cache, the decode kernels' contract, chunked prefill and the continuous-batching
 scheduler, on CPU (the CUDA graph and Triton side is in test_torch_cuda.py)."""
 
+import importlib.util
+import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import interpreted_checks
 import pytest
 import torch
 from engine_chain import greedy_chain
@@ -19,6 +23,20 @@ from engine.types import GenerationRequest, SamplingParams
 from scripts.synthetic_gguf import write_synthetic_llama
 
 GREEDY = SamplingParams(temperature=0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def interpreted() -> Iterator[dict[str, subprocess.Popen]]:
+    """The Triton-interpreter checks (interpreted_checks.py), started with this module's first test so
+    they run beside the others; their tests read what they printed."""
+    if importlib.util.find_spec("triton") is None:
+        yield {}
+        return
+    procs = {"decode": interpreted_checks.start(interpreted_checks.KERNEL_CHECK),
+             "fused": interpreted_checks.start(interpreted_checks.FUSED_CHECK)}
+    yield procs
+    for proc in procs.values():
+        interpreted_checks.stop(proc)
 
 
 def _cache(pool_tokens: int = 64, sessions: int = 4, block: int = 16) -> PagedKVCache:
@@ -257,99 +275,20 @@ def test_the_fixed_shape_decode_step_equals_the_host_step(model) -> None:
         engine.close()
 
 
-_KERNEL_CHECK = """
-import torch
-from engine.kv_cache import PagedKVCache
-from engine.paged_attention import decode_attention_dense
-from engine.paged_attention_triton import paged_decode
-
-g = torch.Generator().manual_seed(0)
-worst = 0.0
-for heads, kv_heads, dim, block, dtype in [(4, 2, 16, 16, torch.float32), (9, 3, 64, 32, torch.float16),
-                                           (4, 1, 256, 32, torch.float16)]:  # the interpreter has no bf16
-    kv = PagedKVCache(1, kv_heads, dim, max_sessions=4, max_context=640, pool_tokens=2048, block_size=block,
-                      device=torch.device("cpu"), dtype=dtype)
-    kv.k[0].copy_(torch.randn(kv.k[0].shape, generator=g))
-    kv.v[0].copy_(torch.randn(kv.v[0].shape, generator=g))
-    slots, pos = [3, 0, 1, 4], [0, 600, 16, 0]  # slot 4: the pad row
-    for s, p in zip(slots[:3], pos, strict=False):
-        kv.ensure(s, p + 1)
-    stale = kv.write_index(0, 601, 608)  # past slot 0's end, in its last block: an earlier owner's NaN
-    kv.k[0].flatten(0, 1)[stale] = float("nan")
-    kv.v[0].flatten(0, 1)[stale] = float("nan")
-    q = torch.randn(4, heads, dim, generator=g).to(dtype)
-    lens = torch.tensor(pos) + 1
-    for window in (0, 7, 512):
-        a = paged_decode(q, kv.k[0], kv.v[0], kv.table[slots].int(), lens.int(), window=window, scale=0.2)
-        b = decode_attention_dense(q, kv.k[0], kv.v[0], kv.table[slots], lens, window=window, scale=0.2)
-        worst = max(worst, (a.float() - b.float()).abs().max().item())
-
-from engine.arch_llama import rope
-from engine.paged_attention_triton import rope_and_cache
-from engine.torch_model import rope_table
-
-for interleaved in (True, False):  # RoPE fused with the cache write, against torch's rope + index_copy
-    kv = PagedKVCache(1, 2, 64, max_sessions=2, max_context=64, pool_tokens=128, block_size=16,
-                      device=torch.device("cpu"), dtype=torch.float32)
-    cos, sin = rope_table(10000.0, 64, 64, 1.0, None, torch.device("cpu"), torch.float32, interleaved=interleaved)
-    q, k, v = torch.randn(3, 6, 64, generator=g), torch.randn(3, 2, 64, generator=g), torch.randn(3, 2, 64, generator=g)
-    pos, write = torch.tensor([5, 0, 63]), torch.tensor([17, 3, 100])
-    q1 = rope_and_cache(q, k, v, cos, sin, pos, write, kv.k[0], kv.v[0], interleaved)
-    c, s_ = cos[pos][:, None], sin[pos][:, None]
-    worst = max(worst, (q1 - rope(q, c, s_, interleaved)).abs().max().item())
-    worst = max(worst, (kv.k[0].flatten(0, 1)[write] - rope(k, c, s_, interleaved)).abs().max().item())
-    worst = max(worst, (kv.v[0].flatten(0, 1)[write] - v).abs().max().item())
-print(worst)
-"""
-
-
-def test_the_triton_decode_kernels_match_torch() -> None:
+def test_the_triton_decode_kernels_match_torch(interpreted) -> None:
     """The CUDA kernels themselves, run by Triton's interpreter on CPU. Attention: GQA of 2, 3 and 4
     heads per KV head, head sizes 16/64/256, sliding windows, a long session over many splits, a pad
     row and stale NaN past a session's end. RoPE + cache write: both pair layouts."""
     pytest.importorskip("triton")
-    import subprocess
-    import sys
-
-    env = {**__import__("os").environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run(
-        [sys.executable, "-c", _KERNEL_CHECK], env=env, capture_output=True, text=True, timeout=600, check=True
-    )
-    assert float(out.stdout.strip().splitlines()[-1]) < 0.05, out.stdout  # fp16 rounding at most (bf16 runs on the GPU tests)
+    worst = interpreted_checks.last_line(interpreted["decode"])
+    assert float(worst) < 0.05, worst  # fp16 rounding at most (bf16 runs on the GPU tests)
 
 
-_FUSED_CHECK = """
-import torch
-import torch.nn.functional as F
-from engine.fused_triton import act_mul, add_rms_norm
-
-g = torch.Generator().manual_seed(0)
-worst = 0.0
-for n in (576, 640, 4096):
-    h, d = torch.randn(3, 2, n, generator=g).half(), torch.randn(3, 2, n, generator=g).half()
-    w = (1 + 0.1 * torch.randn(n, generator=g)).half()
-    ho, xo = add_rms_norm(h, d, w, 1e-6)
-    s = (h + d)
-    worst = max(worst, (ho.float() - s.float()).abs().max().item())
-    worst = max(worst, (xo.float() - F.rms_norm(s.float(), (n,), w.float(), 1e-6)).abs().max().item())
-    gu = torch.randn(3, 2 * n, generator=g).half()
-    gate, up = gu.split(n, -1)  # views, as the gate_up projection returns them
-    for act, ref in (("silu", F.silu(gate.float())), ("gelu_tanh", F.gelu(gate.float(), approximate="tanh"))):
-        worst = max(worst, (act_mul(gate, up, act).float() - ref * up.float()).abs().max().item())
-print(worst)
-"""
-
-
-def test_the_fused_elementwise_kernels_match_torch() -> None:
+def test_the_fused_elementwise_kernels_match_torch(interpreted) -> None:
     """Residual add + RMSNorm and activation x up, as CUDA runs them (Triton's interpreter here)."""
     pytest.importorskip("triton")
-    import os
-    import subprocess
-    import sys
-
-    out = subprocess.run([sys.executable, "-c", _FUSED_CHECK], env={**os.environ, "TRITON_INTERPRET": "1"},
-                         capture_output=True, text=True, timeout=600, check=True)
-    assert float(out.stdout.strip().splitlines()[-1]) < 0.02, out.stdout  # fp16 rounding
+    worst = interpreted_checks.last_line(interpreted["fused"])
+    assert float(worst) < 0.02, worst  # fp16 rounding
 
 
 def test_streams_that_outgrow_the_pool_step_aside_and_finish(model) -> None:
