@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import interpreted_checks
 import pytest
 import rest_bench
 
@@ -39,6 +40,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     rest_bench.stop(config)
+    interpreted_checks.stop_all(config)
+
+
+# The Triton-interpreter checks of tests/engine/ run in the background from its first test, beside the
+# single-threaded engine tests (tests/interpreted_checks.py says why).
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    interpreted_checks.start_early(item)
 
 
 def free_port() -> int:

@@ -1,13 +1,24 @@
-"""The Triton kernels' checks on CPU, by Triton's interpreter (TRITON_INTERPRET=1), as scripts run in a
-subprocess of their own (the interpreter is switched on at import). test_paged_kv.py starts them in the
-background with its first test: each takes one core for seconds, and that module's other tests leave
-one free (torch.set_num_threads(1)). A unique module name: tests/ has no __init__.py."""
+"""The Triton kernels' checks on CPU by Triton's interpreter (TRITON_INTERPRET=1, switched on at import,
+so each check is a script run in a subprocess), run in the background.
+
+Each takes one core for a few seconds. The engine tests leave one core free (torch.set_num_threads(1)),
+so tests/conftest.py starts the checks this session will run at its first test under tests/engine/,
+and each check's test reads what its script printed (a test run without them starts its own then).
+A unique module name: tests/ has no __init__.py.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ENGINE_TESTS = REPO / "tests" / "engine"
 
 KERNEL_CHECK = """
 import torch
@@ -77,24 +88,66 @@ print(worst)
 """
 
 
-def start(script: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "TRITON_INTERPRET": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+GEMV_CHECK = r"""
+import torch, torch.nn.functional as F
+from engine.gemv_triton import gemv
+torch.manual_seed(0)
+for n, k in [(96, 576), (4104, 96), (40, 1536)]:  # K not a multiple of the 512 tile; N of no tile; N > 4096
+    x = torch.randn(k).half()
+    w = (torch.randn(n, k) * 0.05).half()
+    y = gemv(x, w)
+    assert y.shape == (n,) and y.dtype == torch.float16
+    torch.testing.assert_close(y.float(), w.float() @ x.float(), atol=2e-3, rtol=2e-3)
+    f = n // 2
+    g, u = w.float()[:f] @ x.float(), w.float()[f:] @ x.float()
+    for act, ref in (("silu", F.silu(g) * u), ("gelu_tanh", F.gelu(g, approximate="tanh") * u)):
+        torch.testing.assert_close(gemv(x, w, act).float(), ref, atol=2e-3, rtol=2e-3)
+print("ok")
+"""
+
+SCRIPTS = {"decode": KERNEL_CHECK, "fused": FUSED_CHECK, "gemv": GEMV_CHECK}
+TESTS = {  # the test that reads each check
+    "decode": "test_the_triton_decode_kernels_match_torch",  # test_paged_kv.py
+    "fused": "test_the_fused_elementwise_kernels_match_torch",  # test_paged_kv.py
+    "gemv": "test_the_gemv_and_its_fused_activations_match_torch",  # test_gemv_triton.py (skipped on CUDA)
+}
+_PROCS = pytest.StashKey[dict[str, subprocess.Popen]]()
 
 
-def last_line(proc: subprocess.Popen, timeout_s: float = 600) -> str:
-    """Waits for the check; the last line it printed (CalledProcessError if it failed)."""
+def _start(name: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", SCRIPTS[name]], env={**os.environ, "TRITON_INTERPRET": "1"},
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def start_early(item: pytest.Item) -> None:
+    """Before the session's first test under tests/engine/: starts the checks whose tests it will run."""
+    config = item.config
+    if _PROCS in config.stash or ENGINE_TESTS not in Path(str(item.path)).parents:
+        return
+    config.stash[_PROCS] = {}
+    if importlib.util.find_spec("triton") is None:
+        return
+    import torch
+
+    wanted = {i.name for i in item.session.items}
+    config.stash[_PROCS] = {name: _start(name) for name, test in TESTS.items()
+                            if test in wanted and not (name == "gemv" and torch.cuda.is_available())}
+
+
+def result(config: pytest.Config, name: str, timeout_s: float = 600) -> subprocess.CompletedProcess:
+    """The check's exit status and output, once it is done (started now if it was not)."""
+    proc = config.stash.setdefault(_PROCS, {}).pop(name, None) or _start(name)
     try:
         out, err = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        stop(proc)
-        raise
-    if proc.returncode != 0:
-        raise subprocess.CalledProcessError(proc.returncode, proc.args, out, err)
-    return out.strip().splitlines()[-1]
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
         proc.kill()
-    proc.communicate()
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def stop_all(config: pytest.Config) -> None:
+    for proc in config.stash.get(_PROCS, {}).values():
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()

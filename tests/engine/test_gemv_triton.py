@@ -1,39 +1,18 @@
 """engine/gemv_triton.py (batch-1 bf16 decode on CUDA) against torch, under Triton's interpreter on CPU
 (fp16: the interpreter computes through numpy, which has no bfloat16)."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
+import interpreted_checks
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
-_CHECK = r"""
-import torch, torch.nn.functional as F
-from engine.gemv_triton import gemv
-torch.manual_seed(0)
-for n, k in [(96, 576), (4104, 96), (40, 1536)]:  # K not a multiple of the 512 tile; N of no tile; N > 4096
-    x = torch.randn(k).half()
-    w = (torch.randn(n, k) * 0.05).half()
-    y = gemv(x, w)
-    assert y.shape == (n,) and y.dtype == torch.float16
-    torch.testing.assert_close(y.float(), w.float() @ x.float(), atol=2e-3, rtol=2e-3)
-    f = n // 2
-    g, u = w.float()[:f] @ x.float(), w.float()[f:] @ x.float()
-    for act, ref in (("silu", F.silu(g) * u), ("gelu_tanh", F.gelu(g, approximate="tanh") * u)):
-        torch.testing.assert_close(gemv(x, w, act).float(), ref, atol=2e-3, rtol=2e-3)
-print("ok")
-"""
-
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU CI's check; on CUDA the compiled kernel is tested below "
                     "(Triton 3.6's interpreter cannot walk a loop bounded by tensors)")
-def test_the_gemv_and_its_fused_activations_match_torch() -> None:
-    out = subprocess.run([sys.executable, "-c", _CHECK], env={**os.environ, "TRITON_INTERPRET": "1"},
-                         capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[2])
+def test_the_gemv_and_its_fused_activations_match_torch(pytestconfig) -> None:
+    """interpreted_checks.GEMV_CHECK, run in the background from the first engine test."""
+    out = interpreted_checks.result(pytestconfig, "gemv")
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
 
 

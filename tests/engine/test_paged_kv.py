@@ -1,11 +1,8 @@
 """The paged KV cache, the decode kernels' contract, chunked prefill and the continuous-batching
 scheduler, on CPU (the CUDA graph and Triton side is in test_torch_cuda.py)."""
 
-import importlib.util
-import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,20 +20,6 @@ from engine.types import GenerationRequest, SamplingParams
 from scripts.synthetic_gguf import write_synthetic_llama
 
 GREEDY = SamplingParams(temperature=0)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def interpreted() -> Iterator[dict[str, subprocess.Popen]]:
-    """The Triton-interpreter checks (interpreted_checks.py), started with this module's first test so
-    they run beside the others; their tests read what they printed."""
-    if importlib.util.find_spec("triton") is None:
-        yield {}
-        return
-    procs = {"decode": interpreted_checks.start(interpreted_checks.KERNEL_CHECK),
-             "fused": interpreted_checks.start(interpreted_checks.FUSED_CHECK)}
-    yield procs
-    for proc in procs.values():
-        interpreted_checks.stop(proc)
 
 
 def _cache(pool_tokens: int = 64, sessions: int = 4, block: int = 16) -> PagedKVCache:
@@ -275,20 +258,24 @@ def test_the_fixed_shape_decode_step_equals_the_host_step(model) -> None:
         engine.close()
 
 
-def test_the_triton_decode_kernels_match_torch(interpreted) -> None:
-    """The CUDA kernels themselves, run by Triton's interpreter on CPU. Attention: GQA of 2, 3 and 4
-    heads per KV head, head sizes 16/64/256, sliding windows, a long session over many splits, a pad
-    row and stale NaN past a session's end. RoPE + cache write: both pair layouts."""
+def test_the_triton_decode_kernels_match_torch(pytestconfig) -> None:
+    """The CUDA kernels themselves, run by Triton's interpreter on CPU (interpreted_checks.KERNEL_CHECK,
+    run in the background). Attention: GQA of 2, 3 and 4 heads per KV head, head sizes 16/64/256, sliding
+    windows, a long session over many splits, a pad row and stale NaN past a session's end. RoPE + cache
+    write: both pair layouts."""
     pytest.importorskip("triton")
-    worst = interpreted_checks.last_line(interpreted["decode"])
-    assert float(worst) < 0.05, worst  # fp16 rounding at most (bf16 runs on the GPU tests)
+    out = interpreted_checks.result(pytestconfig, "decode")
+    out.check_returncode()
+    assert float(out.stdout.strip().splitlines()[-1]) < 0.05, out.stdout  # fp16 rounding at most (bf16 runs on the GPU tests)
 
 
-def test_the_fused_elementwise_kernels_match_torch(interpreted) -> None:
-    """Residual add + RMSNorm and activation x up, as CUDA runs them (Triton's interpreter here)."""
+def test_the_fused_elementwise_kernels_match_torch(pytestconfig) -> None:
+    """Residual add + RMSNorm and activation x up, as CUDA runs them (Triton's interpreter here:
+    interpreted_checks.FUSED_CHECK)."""
     pytest.importorskip("triton")
-    worst = interpreted_checks.last_line(interpreted["fused"])
-    assert float(worst) < 0.02, worst  # fp16 rounding
+    out = interpreted_checks.result(pytestconfig, "fused")
+    out.check_returncode()
+    assert float(out.stdout.strip().splitlines()[-1]) < 0.02, out.stdout  # fp16 rounding
 
 
 def test_streams_that_outgrow_the_pool_step_aside_and_finish(model) -> None:
