@@ -2,8 +2,9 @@
 so each check is a script run in a subprocess), run in the background.
 
 Each takes one core for a few seconds. The engine tests leave one core free (torch.set_num_threads(1)),
-so tests/conftest.py starts the checks this session will run at its first test under tests/engine/,
-and each check's test reads what its script printed (a test run without them starts its own then).
+so tests/conftest.py starts the checks this session will run at its first test under tests/engine/, one
+after another (more at once would slow the engine tests), and each check's test reads what its script
+printed (a test run without them runs its own then).
 A unique module name: tests/ has no __init__.py.
 """
 
@@ -13,6 +14,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -105,38 +107,19 @@ for n, k in [(96, 576), (4104, 96), (40, 1536)]:  # K not a multiple of the 512 
 print("ok")
 """
 
-SCRIPTS = {"decode": KERNEL_CHECK, "fused": FUSED_CHECK, "gemv": GEMV_CHECK}
+SCRIPTS = {"gemv": GEMV_CHECK, "decode": KERNEL_CHECK, "fused": FUSED_CHECK}  # in the order their tests run
 TESTS = {  # the test that reads each check
+    "gemv": "test_the_gemv_and_its_fused_activations_match_torch",  # test_gemv_triton.py (skipped on CUDA)
     "decode": "test_the_triton_decode_kernels_match_torch",  # test_paged_kv.py
     "fused": "test_the_fused_elementwise_kernels_match_torch",  # test_paged_kv.py
-    "gemv": "test_the_gemv_and_its_fused_activations_match_torch",  # test_gemv_triton.py (skipped on CUDA)
 }
-_PROCS = pytest.StashKey[dict[str, subprocess.Popen]]()
 
 
-def _start(name: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", SCRIPTS[name]], env={**os.environ, "TRITON_INTERPRET": "1"},
+def _run(name: str, timeout_s: float, started: list[subprocess.Popen] | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPTS[name]], env={**os.environ, "TRITON_INTERPRET": "1"},
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def start_early(item: pytest.Item) -> None:
-    """Before the session's first test under tests/engine/: starts the checks whose tests it will run."""
-    config = item.config
-    if _PROCS in config.stash or ENGINE_TESTS not in Path(str(item.path)).parents:
-        return
-    config.stash[_PROCS] = {}
-    if importlib.util.find_spec("triton") is None:
-        return
-    import torch
-
-    wanted = {i.name for i in item.session.items}
-    config.stash[_PROCS] = {name: _start(name) for name, test in TESTS.items()
-                            if test in wanted and not (name == "gemv" and torch.cuda.is_available())}
-
-
-def result(config: pytest.Config, name: str, timeout_s: float = 600) -> subprocess.CompletedProcess:
-    """The check's exit status and output, once it is done (started now if it was not)."""
-    proc = config.stash.setdefault(_PROCS, {}).pop(name, None) or _start(name)
+    if started is not None:
+        started.append(proc)
     try:
         out, err = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -146,8 +129,67 @@ def result(config: pytest.Config, name: str, timeout_s: float = 600) -> subproce
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
+class Background:
+    """The wanted checks, one after another in a thread: one core, beside the engine tests' one."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.results: dict[str, subprocess.CompletedProcess | BaseException] = {}
+        self.done = {name: threading.Event() for name in names}
+        self.procs: list[subprocess.Popen] = []
+        self.stopped = False
+        self.thread = threading.Thread(target=self._main, name="interpreted-checks", daemon=True)
+        self.thread.start()
+
+    def _main(self) -> None:
+        for name, done in self.done.items():
+            if self.stopped:
+                break
+            try:
+                self.results[name] = _run(name, 600, self.procs)
+            except BaseException as e:  # noqa: BLE001 - handed to the test that reads it
+                self.results[name] = e
+            done.set()
+
+    def stop(self) -> None:
+        self.stopped = True
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+        self.thread.join(30)
+
+
+_BACKGROUND = pytest.StashKey[Background]()
+
+
+def start_early(item: pytest.Item) -> None:
+    """Before the session's first test under tests/engine/: starts the checks whose tests it will run."""
+    config = item.config
+    if _BACKGROUND in config.stash or ENGINE_TESTS not in Path(str(item.path)).parents:
+        return
+    wanted: list[str] = []
+    if importlib.util.find_spec("triton") is not None:
+        import torch
+
+        selected = {i.name for i in item.session.items}
+        wanted = [name for name, test in TESTS.items()
+                  if test in selected and not (name == "gemv" and torch.cuda.is_available())]
+    config.stash[_BACKGROUND] = Background(wanted)
+
+
+def result(config: pytest.Config, name: str, timeout_s: float = 600) -> subprocess.CompletedProcess:
+    """The check's exit status and output, once it is done (run now if it was not started)."""
+    background = config.stash.get(_BACKGROUND, None)
+    if background is None or name not in background.done:
+        return _run(name, timeout_s)
+    if not background.done[name].wait(timeout_s):
+        raise TimeoutError(f"the {name} check did not finish in {timeout_s} s")
+    got = background.results[name]
+    if isinstance(got, BaseException):
+        raise got
+    return got
+
+
 def stop_all(config: pytest.Config) -> None:
-    for proc in config.stash.get(_PROCS, {}).values():
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
+    background = config.stash.get(_BACKGROUND, None)
+    if background is not None:
+        background.stop()
