@@ -4,6 +4,7 @@ the measured memory of a loaded shard (RSS on CPU; torch.cuda.memory_allocated o
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -113,17 +114,30 @@ print(json.dumps({"measured": rss() - before, "estimate": est.total}))
 """
 
 
-@pytest.mark.parametrize(
-    ("start", "end", "ctx", "sessions", "form"),
-    [(0, 30, 2048, 2, "quantized"), (10, 20, 1024, 4, "quantized"), (22, 30, 512, 2, "full")],
-)
-def test_estimate_matches_measured_rss(start: int, end: int, ctx: int, sessions: int, form: str) -> None:
+MEASURED = [(0, 30, 2048, 2, "quantized"), (10, 20, 1024, 4, "quantized"), (22, 30, 512, 2, "full")]
+
+
+@pytest.fixture(scope="module")
+def measuring() -> Iterator[dict[tuple, subprocess.Popen]]:
+    """The three measurements, each a process of its own (RSS is per process), started together with
+    the first of their tests: they overlap on the two cores instead of taking turns."""
+    procs = {case: subprocess.Popen([sys.executable, "-c", _MEASURE, *map(str, case)], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True) for case in MEASURED}
+    yield procs
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+@pytest.mark.parametrize(("start", "end", "ctx", "sessions", "form"), MEASURED)
+def test_estimate_matches_measured_rss(measuring, start: int, end: int, ctx: int, sessions: int, form: str) -> None:
     """The whole model touches its tied embedding as the head, so every byte counted is resident."""
-    args = [str(start), str(end), str(ctx), str(sessions), form]
-    out = subprocess.run(
-        [sys.executable, "-c", _MEASURE, *args], capture_output=True, text=True, timeout=180, check=True
-    )
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+    proc = measuring[(start, end, ctx, sessions, form)]
+    stdout, stderr = proc.communicate(timeout=180)
+    if proc.returncode != 0:
+        raise subprocess.CalledProcessError(proc.returncode, proc.args, stdout, stderr)
+    r = json.loads(stdout.strip().splitlines()[-1])
     # the tokenizer (a llama.cpp vocab-only model) and allocator slack come on top of the estimate
     assert abs(r["measured"] - r["estimate"]) <= 0.15 * r["estimate"] + 40 * 2**20, r
 
