@@ -12,9 +12,11 @@ import sys
 from pathlib import Path
 
 from discovery.join_token import MAX_BOOTSTRAP, JoinToken, encode_token, is_bootstrap_addr
+from discovery.service import DEFAULT_TTL_S
 from engine.model_file import DEFAULT_ALIAS, ModelFileError
 from engine.types import EngineLoadError
 from engine.upstream import UpstreamConfig
+from gateway.app import BODY_TIMEOUT_S, HEADER_TIMEOUT_S
 from node.config import WEIGHTS, NodeConfig, default_data_dir, lan_mode
 from node.log_format import LOG_FORMATS, setup_logging
 from node.mesh_secret import MeshSecret, resolve_secret
@@ -99,11 +101,11 @@ def _join_parser(sub: argparse._SubParsersAction) -> None:
     join.add_argument("--replicas", type=int, default=1, metavar="N",
                       help="when this node places an offered model, load N disjoint chains if memory allows "
                            "(requests spread over them; a failed node's streams move to another)")
-    join.add_argument("--advert-ttl-s", type=float, default=10.0, metavar="S",
+    join.add_argument("--advert-ttl-s", type=float, default=DEFAULT_TTL_S, metavar="S",
                       help="peers drop this node S seconds after its last advert or heartbeat (one every S/4)")
-    join.add_argument("--header-timeout-s", type=float, default=15.0, metavar="S",
+    join.add_argument("--header-timeout-s", type=float, default=HEADER_TIMEOUT_S, metavar="S",
                       help="an API client has S seconds to send a request's headers (and an idle connection lives S)")
-    join.add_argument("--body-timeout-s", type=float, default=20.0, metavar="S",
+    join.add_argument("--body-timeout-s", type=float, default=BODY_TIMEOUT_S, metavar="S",
                       help="then S seconds to send its body (else 408)")
     join.add_argument("--no-metrics", action="store_true",
                       help="no /metrics, /mesh/stats or per-request timing (to measure what they cost)")

@@ -7,7 +7,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from discovery.service import DEFAULT_TTL_S
 from engine.upstream import UpstreamConfig
+from gateway.app import BODY_TIMEOUT_S, HEADER_TIMEOUT_S
 
 
 def default_data_dir() -> Path:
@@ -16,6 +18,9 @@ def default_data_dir() -> Path:
 
 
 WEIGHTS = ("quantized", "full")
+
+
+MAX_CLIENT_TIMEOUT_S = 600.0  # a half-sent request holds a connection: not for ever (NaN fails the check too)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,12 +63,12 @@ class NodeConfig:
     serve_streams: int = 4  # weight transfer: FetchTensors calls served at once (advertised)
     replicas: int = 1  # disjoint chains this node plans when it places an offered model (--replicas)
     # peers drop us this long after our last advert or beat; we send one every quarter of it
-    # (discovery/service.py's DEFAULT_TTL_S and DEFAULT_REFRESH_S); tests shorten it to see expiry sooner
-    advert_ttl_s: float = 10.0
-    # a client has this long to send a request's headers, then its body (gateway/app.py's
-    # HEADER_TIMEOUT_S and BODY_TIMEOUT_S); tests shorten them to see half-sent requests cut off sooner
-    header_timeout_s: float = 15.0
-    body_timeout_s: float = 20.0
+    # (discovery/service.py's DEFAULT_REFRESH_S to DEFAULT_TTL_S); tests shorten it to see expiry sooner
+    advert_ttl_s: float = DEFAULT_TTL_S
+    # a client has this long to send a request's headers, then its body; tests shorten them to see
+    # half-sent requests cut off sooner
+    header_timeout_s: float = HEADER_TIMEOUT_S
+    body_timeout_s: float = BODY_TIMEOUT_S
     upstreams: tuple[UpstreamConfig, ...] = ()  # OpenAI-compatible servers fronted as engines (--upstream)
 
     def __post_init__(self) -> None:
@@ -109,8 +114,8 @@ class NodeConfig:
             raise ValueError("replicas must be between 1 and 8")
         if not 2 <= self.advert_ttl_s <= 60:  # PeerTable holds an advert at most 60 s
             raise ValueError("advert-ttl-s must be between 2 and 60")
-        if self.header_timeout_s <= 0 or self.body_timeout_s <= 0:
-            raise ValueError("header-timeout-s and body-timeout-s must be > 0")
+        if not (0 < self.header_timeout_s <= MAX_CLIENT_TIMEOUT_S and 0 < self.body_timeout_s <= MAX_CLIENT_TIMEOUT_S):
+            raise ValueError(f"header-timeout-s and body-timeout-s must be > 0 and <= {MAX_CLIENT_TIMEOUT_S:.0f}")
         for key in self.api_keys:
             if not key or len(key) > 256 or not key.isprintable() or any(c.isspace() for c in key):
                 raise ValueError("an API key must be 1 to 256 printable characters without spaces")
