@@ -26,7 +26,7 @@ from core.errors import BadRequest, MeshError, Unavailable
 from core.types import Chunk, GenerationRequest
 from engine.model_file import ModelFile
 from engine.upstream_chunks import AnswerReader, BadEvent, request_body
-from engine.upstream_signals import Signals, clean_message, error_for, error_message
+from engine.upstream_signals import CONTINUING_KINDS, Signals, clean_message, error_for, error_message
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class UpstreamClient:
     def __init__(self, config: UpstreamConfig) -> None:
         self.config = config
         self._session: aiohttp.ClientSession | None = None
-        self.kind = "openai"
+        self.kind = "openai"  # set by the manager once detected (engine/upstream_signals.py)
         self.signals: dict[str, Signals] = {}  # served name -> latest reading
 
     def session(self) -> aiohttp.ClientSession:
@@ -194,8 +194,11 @@ class UpstreamClient:
             chunk = reader.event(obj)
             if chunk is not None:
                 yield chunk
-        if not done and reader.finish is None:
-            raise Unavailable("upstream closed the stream before the answer ended", code="upstream_error")
+        if reader.finish is None:
+            # A bare [DONE] is an interrupted answer (llama-cpp-python ends the stream in progress so
+            # when another request arrives): a truncated answer must not pass for a whole one.
+            raise Unavailable("upstream closed the stream before the answer ended" if not done else
+                              "upstream ended the stream without a finish reason (interrupted)", code="upstream_error")
 
     async def embed(self, served_name: str, inputs: list[Any]) -> tuple[list[list[float]], int]:
         body = {"model": served_name, "input": [list(t) if isinstance(t, tuple) else t for t in inputs]}
@@ -278,6 +281,9 @@ class UpstreamEngine:
 
     def astream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         chat = request.messages is not None
+        if chat and request.continuation and self.client.kind not in CONTINUING_KINDS:
+            # it would answer the final assistant message anew: the client would get the answer twice
+            raise Unavailable(f"this upstream ({self.client.kind}) cannot continue an answer", code="upstream_error")
         try:
             body, _ = request_body(request, self.served_name)
         except (ValueError, RecursionError):

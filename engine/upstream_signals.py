@@ -101,6 +101,22 @@ def kind_from_owner(body: Any) -> str | None:
     return None
 
 
+def serial_server(body: Any) -> bool:
+    """llama-cpp-python's server (it lists `owned_by: "me"` with empty `permissions`) generates one
+    answer at a time and ends the one in progress (a bare `[DONE]`, no finish reason) as soon as any
+    other request that touches the model arrives, its own `GET /v1/models` included (its
+    `interrupt_requests`, on by default). Such a server is sent one request at a time and not polled
+    while a generation is in flight. Its kind stays `openai`: the kind is part of model identities."""
+    data = body.get("data") if isinstance(body, dict) else None
+    entries = [e for e in data if isinstance(e, dict)] if isinstance(data, list) else []
+    return bool(entries) and all(e.get("owned_by") == "me" and e.get("permissions") == [] for e in entries)
+
+
+# Kinds that continue a final assistant message (a resumed chat stream) rather than answer it anew:
+# vLLM and SGLang with `continue_final_message`, llama-server by prefilling the assistant turn.
+CONTINUING_KINDS = frozenset({"vllm", "sglang", "llama-server"})
+
+
 def kind_from_metrics(text: str) -> str | None:
     for prefix, kind in (("vllm:", "vllm"), ("sglang:", "sglang"), ("llamacpp:", "llama-server")):
         if prefix in text:

@@ -7,11 +7,16 @@ an upstream that stops answering (connection refused or reset: at once; timeouts
 DOWN_AFTER_S of them, since a busy server may just be slow to list its models) has its models taken out
 and the advert re-published, so peers stop routing there within one advert period; they come back
 when it answers again.
+
+llama-cpp-python's server (`serial_server`) generates one answer at a time and ends the one in progress
+when any other request arrives, a model list included: the node sends it one request at a time (the
+poll takes the same slot as a generation) and skips the poll while a generation is in flight.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -30,6 +35,7 @@ from engine.upstream_signals import (
     parse_models,
     parse_ollama_ps,
     parse_slots,
+    serial_server,
 )
 from shard.spec import ShardSpec
 
@@ -43,6 +49,7 @@ class _Upstream:
     slots: asyncio.Semaphore
     up: bool | None = None  # None: never heard from
     kind: str | None = None
+    serial: bool = False  # one generation at a time, no poll meanwhile (`serial_server`)
     held: dict[str, LocalModel] = field(default_factory=dict)  # model id -> ours (kept while down)
     serving: set[str] = field(default_factory=set)  # model ids in LocalModels now
     failing_since: float | None = None  # monotonic time of the first failed poll in a row
@@ -92,10 +99,18 @@ class UpstreamManager:
 
     async def poll(self, u: _Upstream) -> None:
         timeout_s = max(0.2, min(2.0, u.config.poll_s * 1.5))
+        serial = u.serial
+        if serial and u.slots.locked():
+            return  # its one generation in flight is the sign of life: a model list now would end it
         try:
-            listing = await u.client.get_json("/v1/models", timeout_s)
+            async with u.slots if serial else contextlib.nullcontext():
+                listing = await u.client.get_json("/v1/models", timeout_s)
             if u.kind is None:
                 u.kind = await self._detect(u, listing, timeout_s)
+                u.client.kind = u.kind
+                u.serial = serial_server(listing)
+                if u.serial and not u.held:
+                    u.slots = asyncio.Semaphore(1)  # one at a time: a second request would end the first
             digests = await self._ollama_digests(u, timeout_s) if u.kind == "ollama" else None
             models, skipped = parse_models(listing, u.kind, u.config.models, digests)
         except UpstreamDown as e:
@@ -127,7 +142,7 @@ class UpstreamManager:
             lm = u.held.get(model_id)
             if lm is None:
                 engine = UpstreamEngine(u.client, m.name, model_id, m.context_length)
-                runner = UpstreamRunner(engine, slots=u.slots, parallel=u.config.concurrency,
+                runner = UpstreamRunner(engine, slots=u.slots, parallel=1 if u.serial else u.config.concurrency,
                                         max_queue=self._max_queue, on_load_change=self._on_load_change)
                 lm = LocalModel(engine.model, runner, "upstream", ShardSpec.whole_model(model_id, 1))
                 u.held[model_id] = lm

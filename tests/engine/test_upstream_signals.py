@@ -10,9 +10,18 @@ from core.errors import BadRequest, Busy, Unavailable
 from core.types import FinishReason, GenerationRequest, SamplingParams, is_model_id, is_upstream_id
 from discovery.advert import ModelAdvert
 from engine.runner import LoadFigures
+from engine.upstream import UpstreamClient, UpstreamConfig, UpstreamEngine
 from engine.upstream_chunks import AnswerReader, BadEvent, request_body
 from engine.upstream_runner import combined_load
-from engine.upstream_signals import error_for, error_message, parse_metrics, parse_models, parse_slots
+from engine.upstream_signals import (
+    error_for,
+    error_message,
+    kind_from_owner,
+    parse_metrics,
+    parse_models,
+    parse_slots,
+    serial_server,
+)
 
 GGUF = "a" * 64
 
@@ -110,3 +119,32 @@ def test_answer_reader():
     for bad in ([1], {"choices": "x"}, {"choices": [{"delta": "x"}]}, {"no": "choices"}):
         with pytest.raises(BadEvent):
             AnswerReader(chat=True).event(bad)
+
+
+def test_llama_cpp_pythons_server_is_serial_and_keeps_the_openai_kind():
+    ours = {"object": "list", "data": [{"id": "smollm2", "object": "model", "owned_by": "me", "permissions": []}]}
+    assert serial_server(ours) and kind_from_owner(ours) is None  # kind "openai": identities unchanged
+    vllm = {"data": [{"id": "m", "object": "model", "owned_by": "vllm", "root": "m"}]}
+    assert kind_from_owner(vllm) == "vllm" and not serial_server(vllm)
+    for other in ({"data": []}, {"data": [{"id": "m", "owned_by": "me"}]}, {"data": "x"}, [],
+                  {"data": [ours["data"][0], vllm["data"][0]]}):
+        assert not serial_server(other)
+
+
+@pytest.mark.parametrize("kind, refused", [("openai", True), ("ollama", True), ("vllm", False),
+                                           ("sglang", False), ("llama-server", False)])
+def test_a_chat_resume_goes_only_to_an_upstream_that_continues_a_message(kind, refused):
+    """Anywhere else the final assistant message would be answered anew: the client would get its
+    answer twice. A completion resumes anywhere (the text is appended to the prompt)."""
+    client = UpstreamClient(UpstreamConfig("http://127.0.0.1:9"))
+    client.kind = kind
+    engine = UpstreamEngine(client, "served", "upstream:openai:0123456789abcdef:served", 2048)
+    chat = GenerationRequest("r", SamplingParams(max_tokens=4), messages=({"role": "user", "content": "x"},),
+                             continuation="so far")
+    if refused:
+        with pytest.raises(Unavailable, match="cannot continue"):
+            engine.astream(chat)
+    else:
+        engine.astream(chat)  # built, never started: no request is sent
+    engine.astream(GenerationRequest("r", SamplingParams(max_tokens=4), prompt="p", continuation="c"))
+    engine.astream(GenerationRequest("r", SamplingParams(max_tokens=4), messages=chat.messages))

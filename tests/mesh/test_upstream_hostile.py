@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import free_port
 
-MODELS = ["echo", "garbage", "slow", "huge", "error400", "hugeline", "cut"]
+MODELS = ["echo", "garbage", "slow", "huge", "error400", "hugeline", "cut", "bare_done"]
 
 
 class Hostile(BaseHTTPRequestHandler):
@@ -72,6 +72,9 @@ class Hostile(BaseHTTPRequestHandler):
             elif model == "cut":  # a good start, then the connection drops
                 event = {"choices": [{"index": 0, "delta": {"content": "half"}, "finish_reason": None}]}
                 self.wfile.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+            elif model == "bare_done":  # a good start, then [DONE] with no finish reason (an interrupted answer)
+                event = {"choices": [{"index": 0, "delta": {"content": "half"}, "finish_reason": None}]}
+                self.wfile.write(b"data: " + json.dumps(event).encode() + b"\n\ndata: [DONE]\n\n")
             self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
             pass
@@ -161,7 +164,7 @@ def test_upstream_error_keeps_its_message(mesh):
     assert "the upstream does not like this" in body["error"]["message"]
 
 
-@pytest.mark.parametrize("model", ["garbage", "slow", "huge", "hugeline", "cut"])
+@pytest.mark.parametrize("model", ["garbage", "slow", "huge", "hugeline", "cut", "bare_done"])
 def test_bad_answers_are_a_clean_502_and_the_node_keeps_serving(mesh, model):
     started = time.monotonic()
     status, body = chat(mesh["G"], model, max_tokens=4)
