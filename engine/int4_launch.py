@@ -27,6 +27,13 @@ class W4Config:
     # kernel runs the same tile
     gluon: bool = False
     inflight: int = 1  # the Gluon kernel: wgmma left in flight while the next slice is dequantized (1 or 2)
+    ws: bool = False  # the Gluon kernel's warp-specialized TMA form (256-wide tiles); elsewhere `plain()`'s tile
+
+
+def plain(cfg: W4Config) -> W4Config:
+    """What runs a warp-specialized shape where that kernel cannot (no TMA: unaligned input, another
+    GPU, MESHLLM_GLUON=0): the 128-wide tile it replaced."""
+    return dataclasses.replace(cfg, ws=False, block_n=min(cfg.block_n, 128), stages=max(cfg.stages, 4)) if cfg.ws else cfg
 
 
 def fits(cfg: W4Config, n: int) -> bool:
@@ -65,26 +72,28 @@ def launch_for(m: int, n: int, k: int = 4096, gluon: bool = False) -> W4Config:
 
 
 def _gluon_shape(m: int, n: int, k: int) -> W4Config:
-    """The Gluon kernel's shape, four chunks deep: up to 32 rows, 64-wide tiles of one warp group in row
-    tiles of 16 or 32, four K splits (eight for down's long K, two for wide N at 32 rows); above, wide
-    N (gate/up) on 128-wide tiles of two warp groups in row tiles of 64 or 128 with no split, the
-    narrower matrices on 64-wide tiles of one warp group (64-row tiles, four splits; from 65 rows o's
-    128-row tiles with two splits, qkv and down keeping 128-wide tiles); from 33 rows two wgmma in
-    flight. Fitted to two H200 sweeps (`bench_int4_gemm.py --rows 64 128 --gluon`): at 64 rows qkv /
-    o / down 14.3-14.5 / 10.9 / 26.7-26.9 us against 17.1 / 12.0 / 28.2 on 128-wide tiles, o at 128
-    rows 15.0-15.2 against 18.6; 256-wide tiles of four warp groups were slower everywhere."""
+    """The Gluon kernel's shape, four chunks deep. Up to 32 rows: 64-wide tiles of one warp group in row
+    tiles of 16 or 32, four K splits (eight for down's long K, two for wide N at 32 rows). Above, in row
+    tiles of 64 or 128 with two wgmma in flight: o on the plain kernel's 64-wide tiles (64-row tiles,
+    four splits; 128-row tiles, two), down up to 64 rows likewise; the rest on the warp-specialized
+    kernel (`ws`) with 128-wide tiles of two warp groups, wide N (gate/up, the head) unsplit and 256
+    wide up to 64 rows, qkv in two K splits and down in four. Fitted to H200 sweeps (`bench_int4_gemm.py
+    --rows 64 128 --gluon` and the warp-specialized kernel's, docs/benchmarks.md): at 128 rows gate/up
+    59.8 us against the plain kernel's 73.9 (bf16 66.3), down 34.2 against 38.9, qkv 21.2 against 22.7,
+    the head 248.6 against 292.6; o stays faster on the plain kernel (14.9 against 17.7)."""
     wide = n >= 16384
     if m <= 32:
         block_m, block_n, warps = (16 if m <= 16 else 32), 64, 4
         splits = 8 if k > 8192 and m <= 16 else 2 if wide and m > 16 else 4
-    elif wide:
-        block_m, block_n, warps, splits = (64 if m <= 64 else 128), 128, 8, 1
-    elif m <= 64:
-        block_m, block_n, warps, splits = 64, 64, 4, 4
-    elif n <= 4096 and k <= 4096:
-        block_m, block_n, warps, splits = 128, 64, 4, 2
+    elif (n <= 4096 and k <= 4096) or (k > 8192 and m <= 64 and not wide):
+        block_m, block_n, warps = (64, 64, 4) if m <= 64 else (128, 64, 4)
+        splits = 4 if m <= 64 or k > 8192 else 2
     else:
-        block_m, block_n, warps, splits = 128, 128, 8, 4 if n <= 4096 else 2
+        block_n = 256 if wide and m <= 64 and n % 256 == 0 else 128
+        splits = 1 if wide else 4 if k > 8192 else 2
+        splits = max(1, min(splits, k // 256))
+        ws = W4Config(64 if m <= 64 else 128, block_n, splits, 8, 4, magic=3, swap=True, gluon=True, inflight=2, ws=True)
+        return ws if n % block_n == 0 else _narrowed(plain(ws), n)  # the warp-specialized kernel has no narrower tile
     splits = max(1, min(splits, k // 256))  # at least two 128-k chunks a split
     cfg = W4Config(block_m, block_n, splits, warps, 4, magic=3, swap=True, gluon=True, inflight=2 if m > 32 else 1)
     return _narrowed(cfg, n)

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.int4_launch import W4Config, fits, launch_for
+from engine.int4_launch import W4Config, fits, launch_for, plain
 from engine.pdl import launch_options, pdl_prologue
 
 __all__ = ["GROUP", "W4Config", "W4Weight", "fits", "gluon_ok", "launch_for", "pack_int4", "shift", "w4_matmul"]
@@ -353,6 +353,12 @@ def _gluon_importable() -> bool:
     return True
 
 
+def _ws_ok(x: torch.Tensor, w: W4Weight) -> bool:
+    from engine import int4_gluon
+
+    return int4_gluon.ws_ok(x, w.qw, w.scales, w.zeros)
+
+
 def w4_matmul(x: torch.Tensor, w: W4Weight, cfg: W4Config) -> torch.Tensor:
     """x [M, K] (16-bit) @ W.T -> [M, N] in x's dtype."""
     m, k = x.shape
@@ -362,6 +368,9 @@ def w4_matmul(x: torch.Tensor, w: W4Weight, cfg: W4Config) -> torch.Tensor:
     x = x.contiguous()
     if cfg.magic >= 3 and not _ptx_ok(x, w):  # the row kernel's 3 is plain fp32; 1 is fp32 anywhere
         cfg = dataclasses.replace(cfg, magic=3 if not cfg.block_m else 1)
+    ws = cfg.ws and gluon_ok(x, w) and _ws_ok(x, w)
+    if not ws:
+        cfg = plain(cfg)
     chunks = w.qw.shape[1] // 16
     per_split = -(-chunks // cfg.split_k)
     y = x.new_empty(m, n)
@@ -371,7 +380,13 @@ def w4_matmul(x: torch.Tensor, w: W4Weight, cfg: W4Config) -> torch.Tensor:
     out = y if cfg.split_k == 1 else torch.empty(cfg.split_k, m, n, device=x.device, dtype=torch.float32)
     tiles = n // cfg.block_n * (1 if cfg.block_m == 0 else triton.cdiv(m, cfg.block_m))
     fixup = cfg.split_k > 1 and cfg.fixup and tiles <= w.counters.numel()
-    if cfg.gluon and gluon_ok(x, w):
+    if ws:
+        from engine import int4_gluon
+
+        int4_gluon.launch_ws(x, w.qw, w.scales, w.zeros, out, cfg.block_m, cfg.block_n, cfg.split_k, cfg.warps,
+                             cfg.stages, cfg.inflight)
+        fixup = False
+    elif cfg.gluon and gluon_ok(x, w):
         from engine import int4_gluon
 
         int4_gluon.launch(x, w.qw, w.scales, w.zeros, out, cfg.block_m, cfg.block_n, cfg.split_k, cfg.warps, cfg.stages,

@@ -3,9 +3,10 @@
     python scripts/sass_int4.py row '{"BLOCK_N": 64, "SPLIT_K": 8, "MAGIC": 4, "FIXUP": true, "PDL": true}' 4 3
     python scripts/sass_int4.py swap '{"BLOCK_M": 64, "BLOCK_N": 64, "SPLIT_K": 2, "MAGIC": 3, "FIXUP": false, "PDL": true}' 4 2
     python scripts/sass_int4.py gluon '{"BLOCK_M": 64, "BLOCK_N": 128, "NUM_WARPS": 8, "DEPTH": 4, "INFLIGHT": 2, "PDL": true}' 8 1
+    python scripts/sass_int4.py gluon_ws '{"BLOCK_M": 128, "BLOCK_N": 256, "NUM_WARPS": 8, "DEPTH": 3, "INFLIGHT": 2, "PDL": true}' 8 1
 
-Arguments: kernel (row, dot, swap of engine/int4_triton.py; gluon: engine/int4_gluon.py's, whose
-depth is its DEPTH, not num_stages), its constexprs as JSON, num_warps, num_stages. Triton compiles for
+Arguments: kernel (row, dot, swap of engine/int4_triton.py; gluon, gluon_ws: engine/int4_gluon.py's
+plain and warp-specialized kernels, whose depth is their DEPTH, not num_stages), its constexprs as JSON, num_warps, num_stages. Triton compiles for
 sm_90 on the CPU (ptxas and nvdisasm ship in its wheel); integer arguments and pointers are declared
 divisible by 16, as the JIT specializes them at run time for Llama-3-8B's shapes. Prints the
 instruction mix of the whole kernel and of its main loop (the instructions between a backward
@@ -41,6 +42,7 @@ SIGNATURES = {
 }
 SIGNATURES["swap"] = SIGNATURES["dot"]
 SIGNATURES["gluon"] = {k: v for k, v in SIGNATURES["dot"].items() if k not in ("YF", "CNT")}
+SIGNATURES["gluon_ws"] = {**SIGNATURES["gluon"], "Y": "*bf16"}
 KERNELS = {"row": k4._w4_row_kernel, "dot": k4._w4_dot_kernel, "swap": k4._w4_swap_kernel}
 _INSTR = re.compile(r"\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
 
@@ -50,12 +52,19 @@ def sass(kind: str, consts: dict[str, object], warps: int, stages: int) -> str:
     sig.update({name: "constexpr" for name in consts})
     divisible = [i for i, (name, t) in enumerate(sig.items()) if t.startswith("*") or name in ("M", "N", "K", "sxm", "sym")]
     attrs = {(i,): [["tt.divisibility", 16]] for i in divisible}
-    if kind == "gluon":  # imported here: the Triton kernels compile with a Triton that has no Gluon
+    if kind.startswith("gluon"):  # imported here: the Triton kernels compile with a Triton that has no Gluon
         from triton.experimental.gluon._runtime import GluonASTSource
 
         from engine import int4_gluon
 
-        src: ASTSource = GluonASTSource(fn=int4_gluon._w4_wgmma_kernel, signature=sig, constexprs=consts, attrs=attrs)
+        fn = int4_gluon._w4_wgmma_kernel
+        if kind == "gluon_ws":  # TMA descriptors: block shape and shared layout are part of the type
+            fn, bm, bn, lay = int4_gluon._w4_ws_kernel, consts["BLOCK_M"], consts["BLOCK_N"], int4_gluon.WS_LAYOUTS
+            descs = {"x_desc": f"tensordesc<bf16[{bm}, 128],{lay['x']!r}>", "q_desc": f"tensordesc<i32[{bn}, 16],{lay['q']!r}>",
+                     "s_desc": f"tensordesc<bf16[{bn}],{lay['g']!r}>", "z_desc": f"tensordesc<bf16[{bn}],{lay['g']!r}>"}
+            sig = {**descs, **{k: v for k, v in sig.items() if k not in ("X", "QW", "S", "Z", "sxm")}}
+            attrs = {}
+        src: ASTSource = GluonASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     else:
         src = ASTSource(fn=KERNELS[kind], signature=sig, constexprs=consts, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
