@@ -32,7 +32,7 @@ def test_the_kernel_compiles_for_hopper_with_asynchronous_wgmma(block_m: int, bl
     pytest.importorskip("triton.backends.nvidia")
     from scripts.sass_int4 import sass
 
-    consts = {"BLOCK_M": block_m, "BLOCK_N": block_n, "NUM_WARPS": warps, "DEPTH": depth, "INFLIGHT": 1, "PDL": True}
+    consts: dict[str, object] = {"BLOCK_M": block_m, "BLOCK_N": block_n, "NUM_WARPS": warps, "DEPTH": depth, "INFLIGHT": 1, "PDL": True}
     code = sass("gluon", consts, warps, 1)
     mma = re.findall(r"HGMMA\.64x(\d+)x16\.F32\.BF16", code)
     assert len(mma) == 8 and set(mma) == {str(block_m)}, mma
