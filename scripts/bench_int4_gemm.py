@@ -58,7 +58,8 @@ def candidates(m: int, n: int, k: int, grid_only: bool = False, gluon: bool = Fa
     """Launch shapes around the Triton rule's choice, one axis at a time (tile width, K splits, pipeline
     depth, warps, rows per tile, weights as A or B operand), each with the PTX dequantizing path
     (magic 3) and the bf16 one (magic 2); the one-row kernel on a grid of its own; from 32 rows a tile
-    grid (only that with `grid_only`). `gluon`: the Triton rule's choice and the Gluon kernel's grid."""
+    grid (only that with `grid_only`). `gluon`: the Triton rule's choice and the Gluon kernels' grid (the
+    plain and, from 33 rows, the warp-specialized one)."""
     from engine.int4_triton import launch_for
 
     base = launch_for(m, n, k)
@@ -73,6 +74,11 @@ def candidates(m: int, n: int, k: int, grid_only: bool = False, gluon: bool = Fa
                     out.add(W4Config(bm, bn, sk, bn // 16, st, magic=3, swap=True, gluon=True))
                     if bm >= 64:  # two wgmma in flight: the tensor cores are busier than the copies there
                         out.add(W4Config(bm, bn, sk, bn // 16, st, magic=3, swap=True, gluon=True, inflight=2))
+        if m > 32:  # the warp-specialized kernel: two consumer warp groups, 128- or 256-wide tiles
+            for bn, sk, st in itertools.product((128, 256), (1, 2, 4, 8), (3, 4)):
+                if n % bn == 0 and k // 128 >= 2 * sk:
+                    out.add(W4Config(64 if m <= 64 else 128, bn, sk, 8, st, magic=3, swap=True, gluon=True, inflight=2,
+                                     ws=True))
         return sorted(out, key=str)
     if m == 1:
         return [W4Config(0, bn, sk, warps, st, magic=mg)
