@@ -64,7 +64,7 @@ def _n_bytes(dtype: str, shape: list[int]) -> int:
     numel = 1
     for d in shape:
         numel *= d
-    return numel * torch.empty((), dtype=_DTYPES[dtype]).element_size()
+    return numel * _DTYPES[dtype].itemsize  # no tensor per frame (this runs for every frame's check)
 
 
 @dataclass(slots=True)
