@@ -125,9 +125,10 @@ class MeshRouter:
         return found, *self._resolve(found, name)
 
     async def _or_looked_up(self, view: MeshView, digest: str, exclude: set[str],
-                            attempt: Callable[[MeshView], Awaitable[Served]]) -> Served:
+                            attempt: Callable[[MeshView], Awaitable[Served]], wait_s: float | None = None) -> Served:
         """`attempt(view)`; in records mode, when it finds no working holder, the model is looked up once
-        and, when a holder outside `exclude` appears within the bounded wait, attempted once more."""
+        and, when a holder outside `exclude` appears within the bounded wait (`wait_s`: what is left of
+        the request's, else the whole), attempted once more."""
         try:
             return await attempt(view)
         except Unavailable as e:
@@ -135,7 +136,8 @@ class MeshRouter:
                 raise
             self._lookup(digest)
             avoid = frozenset(exclude)
-            found = await await_view(self.view, lambda v: has_holder(v, digest, avoid), self._lookup_wait_s)
+            bound_s = self._lookup_wait_s if wait_s is None else max(0.0, wait_s)
+            found = await await_view(self.view, lambda v: has_holder(v, digest, avoid), bound_s)
             if found is None:
                 raise Unavailable(f"{e.message}; no other holder found in the DHT within {self._lookup_wait_s:g} s",
                                   code=e.code) from None
@@ -144,9 +146,12 @@ class MeshRouter:
 
     # --- generation ----------------------------------------------------------------------------------
     async def open_generation(self, model: str, request: GenerationRequest) -> Generation:
+        started = time.monotonic()
         view, target, available = await self._find(model)
         attempts = Attempts()
-        served = await self._open(view, target, available, request, attempts)
+        # one bounded DHT wait per request: a lookup for the name and one after a failed holder share it
+        left_s = self._lookup_wait_s - (time.monotonic() - started)
+        served = await self._open(view, target, available, request, attempts, lookup_wait_s=left_s)
 
         async def reopen(failed: Served, error: Unavailable | Busy, text: str, ids: list[int]) -> Served:
             if isinstance(error, Busy):  # a stage's KV pool is spent: healthy, so not blamed; wait, replay
@@ -251,7 +256,7 @@ class MeshRouter:
         return Served(generation, served[-1], request=request) if generation is not None else None
 
     async def _open(self, view: MeshView, target: Target, available: list[str], request: GenerationRequest,
-                    attempts: Attempts) -> Served:
+                    attempts: Attempts, lookup_wait_s: float | None = None) -> Served:
         async def attempt(view: MeshView) -> Served:
             held = await self._whole(view, target, request, attempts)
             if held is not None:
@@ -265,7 +270,7 @@ class MeshRouter:
                             target.alias, e.message)
                 return await self._when_room(target, available, request, e, (), attempts.exclude)
 
-        return await self._or_looked_up(view, target.digest, attempts.exclude, attempt)
+        return await self._or_looked_up(view, target.digest, attempts.exclude, attempt, lookup_wait_s)
 
     async def _open_pipeline(self, view: MeshView, target: Target, available: list[str],
                              request: GenerationRequest, exclude: set[str], resume: tuple[int, ...]) -> Served:

@@ -11,7 +11,7 @@ from routing_builders import OTHER, M, node
 
 from core.errors import ModelNotFound, Unavailable
 from dataplane.channels import PeerChannels
-from dataplane.routing.lookup import has_holder, known
+from dataplane.routing.lookup import SETTLE_S, has_holder, known
 from dataplane.routing.resume import Served
 from dataplane.routing.router import MeshRouter
 from dataplane.routing.view import MeshView
@@ -114,3 +114,28 @@ def test_a_failure_is_retried_once_after_a_lookup(answers: dict, opened_on: str 
     else:
         assert asyncio.run(run()).node_id == opened_on
     assert asked == [M] and len(calls) == tries
+
+
+def test_one_bounded_wait_per_request() -> None:
+    """A name looked up (its holder's advert arrives after ANSWER_S) whose holder then fails: the second
+    lookup gets what is left of the request's wait, not a whole one more."""
+    peers: list[NodeAdvert] = []
+    asked: list[str] = []
+    router = _router(peers, {"m": [node("h1")]}, asked)
+
+    async def attempt(view: MeshView) -> Served:
+        raise Unavailable("h1 failed", code="holder_failed")
+
+    async def run() -> float:
+        started = asyncio.get_running_loop().time()
+        _, target, _ = await router._find("m")
+        left_s = WAIT_S - (asyncio.get_running_loop().time() - started)
+        with pytest.raises(Unavailable, match="no other holder found"):
+            await router._or_looked_up(router.view(), target.digest, {"h1"}, attempt, left_s)
+        return asyncio.get_running_loop().time() - started
+
+    took_s = asyncio.run(run())
+    assert asked == ["m", M]
+    # the first wait: the answer, then SETTLE_S for the holder to learn us; the second: what is left
+    # (nothing here), where it used to be WAIT_S more
+    assert took_s < ANSWER_S + SETTLE_S + 0.3, took_s
