@@ -61,6 +61,20 @@ def _pair(q, g: gl.constexpr, s, z):
 
 
 @gluon.jit
+def _group(q, g: gl.constexpr, s, z, xb, acc, held1, held2, INFLIGHT: gl.constexpr):
+    """Group g of a chunk (k 32 g to 32 g + 32): its two 16-deep weight slices dequantized, each
+    multiplied by x's slice `xb` asynchronously, waiting until INFLIGHT wgmma are left; `held1` and
+    `held2` keep the registers of those still reading their A operand alive."""
+    w0, w1 = _pair(q, g, s[:, None], z[:, None])
+    acc = warpgroup_mma(w0, xb.slice(32 * g, 16, dim=1).permute((1, 0)), acc, is_async=True)
+    acc, held1, held2 = warpgroup_mma_wait(num_outstanding=INFLIGHT, deps=[acc, held1, held2])
+    held1, held2 = w0, held1
+    acc = warpgroup_mma(w1, xb.slice(32 * g + 16, 16, dim=1).permute((1, 0)), acc, is_async=True)
+    acc, held1, held2 = warpgroup_mma_wait(num_outstanding=INFLIGHT, deps=[acc, held1, held2])
+    return acc, w1, held1
+
+
+@gluon.jit
 def _pdl_prologue(PDL: gl.constexpr):
     """engine/pdl.py's `pdl_prologue` in Gluon: wait for the previous kernel, then let the next launch."""
     if PDL:
@@ -134,13 +148,7 @@ def _w4_wgmma_kernel(
         for g in gl.static_range(4):
             s = ss.index(buf).slice(g * BLOCK_N, BLOCK_N).load(gl.SliceLayout(1, a_l))
             z = zs.index(buf).slice(g * BLOCK_N, BLOCK_N).load(gl.SliceLayout(1, a_l))
-            w0, w1 = _pair(q, g, s[:, None], z[:, None])
-            acc = warpgroup_mma(w0, xs.index(buf).slice(32 * g, 16, dim=1).permute((1, 0)), acc, is_async=True)
-            acc, held1, held2 = warpgroup_mma_wait(num_outstanding=INFLIGHT, deps=[acc, held1, held2])
-            held1, held2 = w0, held1
-            acc = warpgroup_mma(w1, xs.index(buf).slice(32 * g + 16, 16, dim=1).permute((1, 0)), acc, is_async=True)
-            acc, held1, held2 = warpgroup_mma_wait(num_outstanding=INFLIGHT, deps=[acc, held1, held2])
-            held1, held2 = w1, held1
+            acc, held1, held2 = _group(q, g, s, z, xs.index(buf), acc, held1, held2, INFLIGHT)
         # into the previous chunk's stage: every wgmma that read it is done (each warp group waited past
         # them above; Triton puts a barrier before this write for the other warp group)
         nc = c + DEPTH - 1
@@ -210,13 +218,7 @@ def _ws_consumer(xs, qs, ss, zs, ready, empty, n_chunks, BLOCK_N: gl.constexpr, 
         for g in gl.static_range(4):
             s = ss.index(buf * 4 + g).load(gl.SliceLayout(1, a_l))
             z = zs.index(buf * 4 + g).load(gl.SliceLayout(1, a_l))
-            w0, w1 = _pair(q, g, s[:, None], z[:, None])
-            acc = warpgroup_mma(w0, xs.index(buf).slice(32 * g, 16, dim=1).permute((1, 0)), acc, is_async=True)
-            acc, held1, held2 = warpgroup_mma_wait(num_outstanding=INFLIGHT, deps=[acc, held1, held2])
-            held1, held2 = w0, held1
-            acc = warpgroup_mma(w1, xs.index(buf).slice(32 * g + 16, 16, dim=1).permute((1, 0)), acc, is_async=True)
-            acc, held1, held2 = warpgroup_mma_wait(num_outstanding=INFLIGHT, deps=[acc, held1, held2])
-            held1, held2 = w1, held1
+            acc, held1, held2 = _group(q, g, s, z, xs.index(buf), acc, held1, held2, INFLIGHT)
         if i > 0:
             # at most INFLIGHT (<= 2) wgmma are outstanding, both this chunk's: none reads the stage
             # before, which the producer may now refill (the fence orders our reads before its TMA)
