@@ -49,6 +49,15 @@ def test_the_kernel_compiles_for_hopper_with_asynchronous_wgmma(block_m: int, bl
     assert groups == depth, groups  # DEPTH - 1 before the loop, one in it
 
 
+def _random_weight(n: int, k: int, g: torch.Generator) -> tuple:
+    """A random int4 weight [N, K] on the GPU, packed, and the same weight in float64."""
+    q = torch.randint(0, 16, (n, k), device="cuda", dtype=torch.uint8, generator=g)
+    s = (torch.rand(n, k // 32, device="cuda", generator=g) * 0.02).bfloat16()
+    z = (torch.randn(n, k // 32, device="cuda", generator=g) * 0.02).bfloat16()
+    w = ((q.double().view(n, -1, 32) - 8) * s.double()[..., None] + z.double()[..., None]).view(n, k)
+    return pack_int4(q, s, z), w
+
+
 @pytest.mark.parametrize("block_m,block_n,depth", [(128, 128, 4), (64, 256, 4), (128, 256, 3)])
 def test_the_warp_specialized_kernel_compiles_with_tma_and_asynchronous_wgmma(block_m: int, block_n: int,
                                                                             depth: int) -> None:
@@ -78,11 +87,7 @@ def test_the_warp_specialized_kernel_matches_float64_and_the_plain_kernel() -> N
 
     g = torch.Generator(device="cuda").manual_seed(7)
     for n, k in [(512, 4096), (256, 576), (768, 1536)]:
-        q = torch.randint(0, 16, (n, k), device="cuda", dtype=torch.uint8, generator=g)
-        s = (torch.rand(n, k // 32, device="cuda", generator=g) * 0.02).bfloat16()
-        z = (torch.randn(n, k // 32, device="cuda", generator=g) * 0.02).bfloat16()
-        w = ((q.double().view(n, -1, 32) - 8) * s.double()[..., None] + z.double()[..., None]).view(n, k)
-        pw = pack_int4(q, s, z)
+        pw, w = _random_weight(n, k, g)
         for m, bm, bn, sk, st in [(1, 64, 128, 1, 4), (65, 128, 128, 2, 4), (128, 128, 256, 1, 3), (200, 128, 128, 4, 2),
                                   (40, 64, 256, 3, 4), (128, 128, 128, 4, 4), (100, 64, 128, 1, 3)]:  # fmt: skip
             if n % bn:
@@ -118,11 +123,7 @@ def test_the_gluon_kernel_matches_float64_and_the_triton_kernel() -> None:
 
     g = torch.Generator(device="cuda").manual_seed(5)
     for n, k in [(256, 4096), (192, 576), (4096, 14336)]:
-        q = torch.randint(0, 16, (n, k), device="cuda", dtype=torch.uint8, generator=g)
-        s = (torch.rand(n, k // 32, device="cuda", generator=g) * 0.02).bfloat16()
-        z = (torch.randn(n, k // 32, device="cuda", generator=g) * 0.02).bfloat16()
-        w = ((q.double().view(n, -1, 32) - 8) * s.double()[..., None] + z.double()[..., None]).view(n, k)
-        pw = pack_int4(q, s, z)
+        pw, w = _random_weight(n, k, g)
         for m, bm, bn, sk, st in [(1, 16, 64, 1, 3), (5, 16, 64, 3, 3), (16, 16, 64, 2, 3), (33, 32, 64, 1, 3),
                                   (64, 64, 64, 4, 3), (100, 64, 64, 2, 3), (128, 128, 64, 1, 3), (40, 128, 64, 5, 3),
                                   (1, 16, 64, 1, 6), (5, 16, 64, 3, 4), (33, 32, 64, 2, 5), (100, 64, 64, 2, 4),
