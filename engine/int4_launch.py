@@ -101,6 +101,7 @@ def _gluon_shape(m: int, n: int, k: int) -> W4Config:
 
 def _narrowed(cfg: W4Config, n: int) -> W4Config:
     for block_n in dict.fromkeys((cfg.block_n, 64, 32, 16)):  # N that the tile does not divide (small models)
-        if n % block_n == 0:
-            return dataclasses.replace(cfg, block_n=block_n)
+        if n % block_n == 0:  # Gluon: one warp group below 128 wide (two would each hold the same 64 rows)
+            warps = min(cfg.warps, 4) if cfg.gluon and block_n < 128 else cfg.warps
+            return dataclasses.replace(cfg, block_n=block_n, warps=warps)
     raise ValueError(f"N={n} is not a multiple of 16")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +23,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from core.errors import BadRequest, MeshError, Unavailable
+from core.errors import BadRequest, MeshError, Refused, Unavailable
 from core.types import Chunk, GenerationRequest
 from engine.model_file import ModelFile
 from engine.upstream_chunks import AnswerReader, BadEvent, request_body
@@ -85,6 +86,7 @@ class UpstreamClient:
         self._session: aiohttp.ClientSession | None = None
         self.kind = "openai"  # set by the manager once detected (engine/upstream_signals.py)
         self.signals: dict[str, Signals] = {}  # served name -> latest reading
+        self.last_heard = 0.0  # monotonic time a generation last sent or received bytes (a sign of life)
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -135,6 +137,7 @@ class UpstreamClient:
     async def stream(self, path: str, body: dict[str, Any], chat: bool) -> AsyncIterator[Chunk]:
         """POSTs `body` and yields the answer's chunks (the last with finish reason and usage)."""
         reader = AnswerReader(chat)
+        self.last_heard = time.monotonic()
         try:
             async with self.session().post(self.config.base + path, json=body, timeout=self._timeout(),
                                            allow_redirects=False) as resp:
@@ -170,6 +173,7 @@ class UpstreamClient:
             line = await resp.content.readline()  # ValueError beyond MAX_LINE_BYTES (read_bufsize)
             if not line:
                 break
+            self.last_heard = time.monotonic()
             total += len(line)
             if total > self.config.max_response_bytes:
                 raise Unavailable(f"upstream answer larger than {self.config.max_response_bytes} bytes",
@@ -282,8 +286,9 @@ class UpstreamEngine:
     def astream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         chat = request.messages is not None
         if chat and request.continuation and self.client.kind not in CONTINUING_KINDS:
-            # it would answer the final assistant message anew: the client would get the answer twice
-            raise Unavailable(f"this upstream ({self.client.kind}) cannot continue an answer", code="upstream_error")
+            # it would answer the final assistant message anew: the client would get the answer twice.
+            # Refused: this holder is healthy and is not backed off for it (another may continue)
+            raise Refused(f"this upstream ({self.client.kind}) cannot continue an answer")
         try:
             body, _ = request_body(request, self.served_name)
         except (ValueError, RecursionError):

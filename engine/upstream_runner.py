@@ -39,10 +39,10 @@ class UpstreamRunner(EngineRunner):
                              self.parallel)
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        chunks = self.upstream.astream(request)  # what it refuses, it refuses before the queue
         async with self.admit():
             started = time.monotonic()
             n_tokens = 0
-            chunks = self.upstream.astream(request)
             try:
                 async for chunk in chunks:
                     n_tokens += len(chunk.token_ids) or (1 if chunk.text else 0)

@@ -101,16 +101,21 @@ class UpstreamManager:
         timeout_s = max(0.2, min(2.0, u.config.poll_s * 1.5))
         serial = u.serial
         if serial and u.slots.locked():
-            return  # its one generation in flight is the sign of life: a model list now would end it
+            # A generation holds the one slot, and a model list now would end it: the generation's own
+            # bytes are the sign of life. Silent that long, it counts as a failed poll.
+            silent_s = time.monotonic() - u.client.last_heard
+            u.failing_since = None
+            if silent_s >= DOWN_AFTER_S:  # as DOWN_AFTER_S of failed polls would be (a long prefill too)
+                self._down(u, f"a generation has been silent for {silent_s:.0f} s")
+            return
         try:
             async with u.slots if serial else contextlib.nullcontext():
                 listing = await u.client.get_json("/v1/models", timeout_s)
-            if u.kind is None:
+            if u.kind is None:  # first heard, or back after down (nothing of it is served then)
                 u.kind = await self._detect(u, listing, timeout_s)
                 u.client.kind = u.kind
-                u.serial = serial_server(listing)
-                if u.serial and not u.held:
-                    u.slots = asyncio.Semaphore(1)  # one at a time: a second request would end the first
+                if serial_server(listing) != u.serial or u.up is None:
+                    self._reslot(u, serial_server(listing))
             digests = await self._ollama_digests(u, timeout_s) if u.kind == "ollama" else None
             models, skipped = parse_models(listing, u.kind, u.config.models, digests)
         except UpstreamDown as e:
@@ -156,6 +161,16 @@ class UpstreamManager:
         await self._read_signals(u, [u.held[i].runner.upstream.served_name for i in u.serving], timeout_s)  # type: ignore[attr-defined]
         if changed:
             self._on_change()
+
+    def _reslot(self, u: _Upstream, serial: bool) -> None:
+        """The upstream's slots: one for a server that ends an answer when another request arrives
+        (`serial_server`), else its concurrency. Runners built for the other kind go (a different server
+        now answers at that address; none of them is served while it was down)."""
+        for lm in u.held.values():
+            lm.runner.close()
+        u.held.clear()
+        u.serial = serial
+        u.slots = asyncio.Semaphore(1 if serial else u.config.concurrency)
 
     def _withdraw(self, u: _Upstream, model_id: str) -> bool:
         u.serving.discard(model_id)

@@ -157,12 +157,13 @@ def test_launch_rule_with_the_gluon_kernel() -> None:
     and its K splits leave each split at least two 128-k chunks."""
     from engine.int4_launch import fits, plain
 
-    for n, k in [(960, 576), (6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096), (576, 576), (1536, 576)]:
+    for n, k in [(960, 576), (32064, 3072), (6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096), (576, 576), (1536, 576)]:
         for m in range(1, 129):
             cfg = launch_for(m, n, k, gluon=True)
             assert fits(cfg, n), (m, n, cfg)
             assert cfg.gluon and cfg.stages >= 3, (m, k, cfg)
             assert cfg.swap and cfg.magic == 3 and -(-m // cfg.block_m) <= 2 and 1 <= cfg.split_k <= max(1, k // 256)
+            assert cfg.block_n >= 16 * cfg.warps, (m, n, cfg)  # no warp group duplicating another's rows
             assert launch_for(m, n, k, gluon=False).gluon is False
             if cfg.ws:  # the warp-specialized kernel: 128+ rows of x or wide tiles, one warp group per 64 weight rows
                 assert m > 32 and cfg.block_n in (128, 256) and cfg.warps == 8 and n % cfg.block_n == 0, (m, n, cfg)

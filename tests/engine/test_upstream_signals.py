@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from core.errors import BadRequest, Busy, Unavailable
+from core.errors import BadRequest, Busy, Refused, Unavailable
 from core.types import FinishReason, GenerationRequest, SamplingParams, is_model_id, is_upstream_id
 from discovery.advert import ModelAdvert
 from engine.runner import LoadFigures
@@ -142,7 +142,7 @@ def test_a_chat_resume_goes_only_to_an_upstream_that_continues_a_message(kind, r
     chat = GenerationRequest("r", SamplingParams(max_tokens=4), messages=({"role": "user", "content": "x"},),
                              continuation="so far")
     if refused:
-        with pytest.raises(Unavailable, match="cannot continue"):
+        with pytest.raises(Refused, match="cannot continue"):  # not Unavailable: the holder is not backed off
             engine.astream(chat)
     else:
         engine.astream(chat)  # built, never started: no request is sent
