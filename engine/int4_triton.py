@@ -29,6 +29,7 @@ import dataclasses
 import functools
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
@@ -341,22 +342,17 @@ def gluon_ok(x: torch.Tensor, w: W4Weight) -> bool:
     (Gluon is Triton's experimental API: the Triton kernels then take its shapes)."""
     if os.environ.get("MESHLLM_GLUON", "1") == "0" or not _ptx_ok(x, w) or x.device.type != "cuda":
         return False
-    return torch.cuda.get_device_capability(x.device) == (9, 0) and _gluon_importable()
+    return torch.cuda.get_device_capability(x.device) == (9, 0) and _gluon() is not None
 
 
 @functools.cache
-def _gluon_importable() -> bool:
+def _gluon() -> Any:
+    """engine/int4_gluon, imported on first use; None with a Triton without Gluon's Hopper API as it uses it."""
     try:
-        from engine import int4_gluon  # noqa: F401
-    except (ImportError, AttributeError):  # a Triton without Gluon's Hopper API as int4_gluon uses it
-        return False
-    return True
-
-
-def _ws_ok(x: torch.Tensor, w: W4Weight) -> bool:
-    from engine import int4_gluon
-
-    return int4_gluon.ws_ok(x, w.qw, w.scales, w.zeros)
+        from engine import int4_gluon
+    except (ImportError, AttributeError):
+        return None
+    return int4_gluon
 
 
 def w4_matmul(x: torch.Tensor, w: W4Weight, cfg: W4Config) -> torch.Tensor:
@@ -368,9 +364,8 @@ def w4_matmul(x: torch.Tensor, w: W4Weight, cfg: W4Config) -> torch.Tensor:
     x = x.contiguous()
     if cfg.magic >= 3 and not _ptx_ok(x, w):  # the row kernel's 3 is plain fp32; 1 is fp32 anywhere
         cfg = dataclasses.replace(cfg, magic=3 if not cfg.block_m else 1)
-    ws = cfg.ws and gluon_ok(x, w) and _ws_ok(x, w)
-    if not ws:
-        cfg = plain(cfg)
+    if cfg.ws and not (gluon_ok(x, w) and _gluon().ws_ok(x, w.qw, w.scales, w.zeros)):
+        cfg = plain(cfg)  # the plain kernel's tile where TMA cannot read the inputs
     chunks = w.qw.shape[1] // 16
     per_split = -(-chunks // cfg.split_k)
     y = x.new_empty(m, n)
@@ -380,18 +375,9 @@ def w4_matmul(x: torch.Tensor, w: W4Weight, cfg: W4Config) -> torch.Tensor:
     out = y if cfg.split_k == 1 else torch.empty(cfg.split_k, m, n, device=x.device, dtype=torch.float32)
     tiles = n // cfg.block_n * (1 if cfg.block_m == 0 else triton.cdiv(m, cfg.block_m))
     fixup = cfg.split_k > 1 and cfg.fixup and tiles <= w.counters.numel()
-    if ws:
-        from engine import int4_gluon
-
-        int4_gluon.launch_ws(x, w.qw, w.scales, w.zeros, out, cfg.block_m, cfg.block_n, cfg.split_k, cfg.warps,
-                             cfg.stages, cfg.inflight)
-        fixup = False
-    elif cfg.gluon and gluon_ok(x, w):
-        from engine import int4_gluon
-
-        int4_gluon.launch(x, w.qw, w.scales, w.zeros, out, cfg.block_m, cfg.block_n, cfg.split_k, cfg.warps, cfg.stages,
-                          cfg.inflight)
-        fixup = False
+    if cfg.gluon and gluon_ok(x, w):
+        launch, fixup = (_gluon().launch_ws if cfg.ws else _gluon().launch), False
+        launch(x, w.qw, w.scales, w.zeros, out, cfg.block_m, cfg.block_n, cfg.split_k, cfg.warps, cfg.stages, cfg.inflight)
     elif cfg.block_m == 0:
         if m != 1:
             raise ValueError("the one-row kernel takes M == 1")
@@ -408,7 +394,5 @@ def w4_matmul(x: torch.Tensor, w: W4Weight, cfg: W4Config) -> torch.Tensor:
             FIXUP=fixup, num_warps=cfg.warps, num_stages=cfg.stages, **pdl,
         )  # fmt: skip
     if cfg.split_k > 1 and not fixup:
-        _sum_splits_kernel[(triton.cdiv(m * n, 1024),)](
-            out, y, m * n, SPLIT_K=cfg.split_k, BLOCK=1024, num_warps=4, **pdl
-        )  # fmt: skip
+        _sum_splits_kernel[(triton.cdiv(m * n, 1024),)](out, y, m * n, SPLIT_K=cfg.split_k, BLOCK=1024, num_warps=4, **pdl)
     return y
