@@ -81,21 +81,20 @@ def _gluon_shape(m: int, n: int, k: int) -> W4Config:
     --rows 64 128 --gluon` and the warp-specialized kernel's, docs/benchmarks.md): at 128 rows gate/up
     59.8 us against the plain kernel's 73.9 (bf16 66.3), down 34.2 against 38.9, qkv 21.2 against 22.7,
     the head 248.6 against 292.6; o stays faster on the plain kernel (14.9 against 17.7)."""
-    wide = n >= 16384
+    wide, ws = n >= 16384, False
     if m <= 32:
         block_m, block_n, warps = (16 if m <= 16 else 32), 64, 4
         splits = 8 if k > 8192 and m <= 16 else 2 if wide and m > 16 else 4
     elif (n <= 4096 and k <= 4096) or (k > 8192 and m <= 64 and not wide):
-        block_m, block_n, warps = (64, 64, 4) if m <= 64 else (128, 64, 4)
+        block_m, block_n, warps = (64 if m <= 64 else 128), 64, 4
         splits = 4 if m <= 64 or k > 8192 else 2
     else:
-        block_n = 256 if wide and m <= 64 and n % 256 == 0 else 128
+        block_m, block_n, warps, ws = (64 if m <= 64 else 128), (256 if wide and m <= 64 and n % 256 == 0 else 128), 8, True
         splits = 1 if wide else 4 if k > 8192 else 2
-        splits = max(1, min(splits, k // 256))
-        ws = W4Config(64 if m <= 64 else 128, block_n, splits, 8, 4, magic=3, swap=True, gluon=True, inflight=2, ws=True)
-        return ws if n % block_n == 0 else _narrowed(plain(ws), n)  # the warp-specialized kernel has no narrower tile
     splits = max(1, min(splits, k // 256))  # at least two 128-k chunks a split
-    cfg = W4Config(block_m, block_n, splits, warps, 4, magic=3, swap=True, gluon=True, inflight=2 if m > 32 else 1)
+    cfg = W4Config(block_m, block_n, splits, warps, 4, magic=3, swap=True, gluon=True, inflight=2 if m > 32 else 1, ws=ws)
+    if ws and n % block_n:
+        cfg = plain(cfg)  # the warp-specialized kernel has no narrower tile
     return _narrowed(cfg, n)
 
 

@@ -364,7 +364,8 @@ def w4_matmul(x: torch.Tensor, w: W4Weight, cfg: W4Config) -> torch.Tensor:
     x = x.contiguous()
     if cfg.magic >= 3 and not _ptx_ok(x, w):  # the row kernel's 3 is plain fp32; 1 is fp32 anywhere
         cfg = dataclasses.replace(cfg, magic=3 if not cfg.block_m else 1)
-    if cfg.ws and not (gluon_ok(x, w) and _gluon().ws_ok(x, w.qw, w.scales, w.zeros)):
+    gluon = cfg.gluon and gluon_ok(x, w)
+    if cfg.ws and not (gluon and _gluon().ws_ok(x, w.qw, w.scales, w.zeros)):
         cfg = plain(cfg)  # the plain kernel's tile where TMA cannot read the inputs
     chunks = w.qw.shape[1] // 16
     per_split = -(-chunks // cfg.split_k)
@@ -375,7 +376,7 @@ def w4_matmul(x: torch.Tensor, w: W4Weight, cfg: W4Config) -> torch.Tensor:
     out = y if cfg.split_k == 1 else torch.empty(cfg.split_k, m, n, device=x.device, dtype=torch.float32)
     tiles = n // cfg.block_n * (1 if cfg.block_m == 0 else triton.cdiv(m, cfg.block_m))
     fixup = cfg.split_k > 1 and cfg.fixup and tiles <= w.counters.numel()
-    if cfg.gluon and gluon_ok(x, w):
+    if gluon:
         launch, fixup = (_gluon().launch_ws if cfg.ws else _gluon().launch), False
         launch(x, w.qw, w.scales, w.zeros, out, cfg.block_m, cfg.block_n, cfg.split_k, cfg.warps, cfg.stages, cfg.inflight)
     elif cfg.block_m == 0:

@@ -84,7 +84,7 @@ class UpstreamClient:
     def __init__(self, config: UpstreamConfig) -> None:
         self.config = config
         self._session: aiohttp.ClientSession | None = None
-        self.kind = "openai"  # set by the manager once detected (engine/upstream_signals.py)
+        self.kind: str | None = None  # vllm, ..., openai: detected by the manager (node/upstream.py); None until then
         self.signals: dict[str, Signals] = {}  # served name -> latest reading
         self.last_heard = 0.0  # monotonic time a generation last sent or received bytes (a sign of life)
 

@@ -48,7 +48,6 @@ class _Upstream:
     client: UpstreamClient
     slots: asyncio.Semaphore
     up: bool | None = None  # None: never heard from
-    kind: str | None = None
     serial: bool = False  # one generation at a time, no poll meanwhile (`serial_server`)
     held: dict[str, LocalModel] = field(default_factory=dict)  # model id -> ours (kept while down)
     serving: set[str] = field(default_factory=set)  # model ids in LocalModels now
@@ -57,6 +56,10 @@ class _Upstream:
     @property
     def config(self) -> UpstreamConfig:
         return self.client.config
+
+    @property
+    def kind(self) -> str | None:
+        return self.client.kind
 
 
 class UpstreamManager:
@@ -99,8 +102,7 @@ class UpstreamManager:
 
     async def poll(self, u: _Upstream) -> None:
         timeout_s = max(0.2, min(2.0, u.config.poll_s * 1.5))
-        serial = u.serial
-        if serial and u.slots.locked():
+        if u.serial and u.slots.locked():
             # A generation holds the one slot, and a model list now would end it: the generation's own
             # bytes are the sign of life. Silent that long, it counts as a failed poll.
             silent_s = time.monotonic() - u.client.last_heard
@@ -109,15 +111,16 @@ class UpstreamManager:
                 self._down(u, f"a generation has been silent for {silent_s:.0f} s")
             return
         try:
-            async with u.slots if serial else contextlib.nullcontext():
+            async with u.slots if u.serial else contextlib.nullcontext():
                 listing = await u.client.get_json("/v1/models", timeout_s)
-            if u.kind is None:  # first heard, or back after down (nothing of it is served then)
-                u.kind = await self._detect(u, listing, timeout_s)
-                u.client.kind = u.kind
-                if serial_server(listing) != u.serial or u.up is None:
-                    self._reslot(u, serial_server(listing))
-            digests = await self._ollama_digests(u, timeout_s) if u.kind == "ollama" else None
-            models, skipped = parse_models(listing, u.kind, u.config.models, digests)
+            if u.client.kind is None:  # first heard, or back after down (nothing of it is served then)
+                u.client.kind = await self._detect(u, listing, timeout_s)
+                serial = serial_server(listing)
+                if serial != u.serial:  # a new upstream starts with its concurrency's slots, not serial
+                    self._reslot(u, serial)
+            kind = u.client.kind
+            digests = await self._ollama_digests(u, timeout_s) if kind == "ollama" else None
+            models, skipped = parse_models(listing, kind, u.config.models, digests)
         except UpstreamDown as e:
             # Refused or reset: nothing listens there, down now. Silent or failing: maybe only busy
             # (llama-cpp-python answers nothing else while it generates, for anyone), so down once it has
@@ -180,7 +183,7 @@ class UpstreamManager:
         if u.up is not False:
             log.warning("upstream %s is down (%s): withdrawing %d model(s)", u.config.base, why, len(u.serving))
         u.up = False
-        u.kind = None  # another server may come back at that address
+        u.client.kind = None  # another server may come back at that address
         changed = False
         for model_id in list(u.serving):
             changed |= self._withdraw(u, model_id)

@@ -7,6 +7,7 @@ which a stage checks against its own hidden size and context first (`ActivationL
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,10 +62,7 @@ class ActivationLimits:
 
 
 def _n_bytes(dtype: str, shape: list[int]) -> int:
-    numel = 1
-    for d in shape:
-        numel *= d
-    return numel * _DTYPES[dtype].itemsize  # no tensor per frame (this runs for every frame's check)
+    return math.prod(shape) * _DTYPES[dtype].itemsize
 
 
 @dataclass(slots=True)
