@@ -39,10 +39,12 @@ from dataplane.liveness import Beating
 from dataplane.next_stage import NextStage
 from dataplane.replay import Replay
 from dataplane.service import IsMember, authorise
+from dataplane.stage_batcher import LoopBatcher
 from dataplane.stage_sessions import FRAME_TIMEOUT_S, SessionBook, peer_key, per_peer_cap
 from dataplane.stage_wire import (
     Header,
     decode_chain,
+    decode_group,
     decode_header,
     decode_reply,
     decode_resume,
@@ -52,8 +54,9 @@ from dataplane.status import abort
 from dataplane.wire import decode_request, encode_chunk
 from engine.local_models import LocalModel, LocalModels
 from engine.sampling import SamplerState, sample
+from engine.session_errors import KVFullError, SessionError, SessionLimitError
 from engine.token_output import TokenOutput
-from engine.torch_engine import KVFullError, SessionError, SessionLimitError, TorchShardEngine
+from engine.torch_engine import TorchShardEngine
 from engine.torch_generate import prompt_tokens, resumed_ids, sampler_state_off_loop
 from engine.types import check_context
 from placement.cluster import Stage
@@ -77,6 +80,7 @@ class PipelineService:
         self._per_peer = per_peer
         self._clock = clock
         self._books: dict[str, SessionBook] = {}  # by model digest (one engine each)
+        self._batchers: dict[str, LoopBatcher] = {}  # by model digest
         self.sessions_opened = 0
 
     def handlers(self) -> dict[str, grpc.RpcMethodHandler]:
@@ -110,20 +114,28 @@ class PipelineService:
             raise BadRequest(str(e)) from None
         self.sessions_opened += 1
 
-    async def _run(self, engine: TorchShardEngine, sid: str, x: torch.Tensor, pos: int) -> torch.Tensor:
+    def _batcher(self, engine: TorchShardEngine) -> LoopBatcher:
+        digest = engine.model.digest
+        batcher = self._batchers.get(digest)
+        if batcher is None or batcher.engine is not engine:  # a range unloaded and loaded again: a new engine
+            batcher = self._batchers[digest] = LoopBatcher(engine, engine.batch_wait_s)
+        return batcher
+
+    async def _run(self, engine: TorchShardEngine, sid: str, x: torch.Tensor, pos: int,
+                   group: int | None = None) -> tuple[torch.Tensor, int]:
+        """One step of a session: its output, and the size of the batch it ran in. `group`: the size
+        of the batch that made x at the previous stage (stage_batcher.py)."""
+
         def timed() -> tuple[torch.Tensor, float]:
             started = time.perf_counter()
             result = engine.forward_stage([sid], [x], [pos])[0]
             return result, time.perf_counter() - started  # compute alone, without the thread hand-off
 
+        size = 1
         try:
-            if engine.n_sessions == 1 and x.shape[0] == 1:
-                # The one place model compute runs on the event loop, on purpose: a lone session's
-                # decode step has nothing to batch with, and running it inline saves two thread
-                # hand-offs per token (per-hop overhead 0.88 -> 0.24 ms, docs/benchmarks.md). The loop
-                # is busy for one step, as the engine would be.
-                out, compute_s = timed()
-            else:  # off the loop; concurrent sessions' steps are batched by the engine
+            if x.shape[0] == 1:  # decode: batched on this loop with the other sessions' steps
+                out, compute_s, size = await self._batcher(engine).step(sid, x, pos, group)
+            else:  # a prompt: off the loop, in chunks between other sessions' decode steps
                 out, compute_s = await asyncio.to_thread(timed)
         except KVFullError as e:  # the pool is spent by other sessions: busy, not a bad request
             raise Busy(1, str(e)) from None
@@ -133,7 +145,7 @@ class PipelineService:
             log.exception("stage step of %s failed", sid)
             raise Internal("the stage step failed") from None
         self._on_step(engine.model.digest, x.shape[0], compute_s)
-        return out
+        return out, size
 
     def _sample(self, state: SamplerState, h: torch.Tensor, output: TokenOutput) -> tuple[Chunk, int]:
         """The last stage's half of the token loop: sample (grammar, logprobs: `state`), then text,
@@ -193,16 +205,18 @@ class PipelineService:
             if not single:
                 nxt = NextStage(self._channels, Header(sid, digest, chain[1:], params, len(ids), max_new, resume))
             replay = Replay(resume)  # resumed: the prompt in one step, then each generated id in one
-            x, pos = torch.tensor(ids), 0
+            x, pos, group = torch.tensor(ids), 0, None
             while True:
-                h = await self._run(engine, sid, x, pos)
+                h, size = await self._run(engine, sid, x, pos, group)
                 book.step(sid)
                 pos += x.shape[0]
                 if output is not None and state is not None:  # one stage holds it all: sample here
                     chunk, token = self._sample(state, replay.logits(h) if replay.active else h, output)
                 else:
                     assert nxt is not None
-                    chunk, token = decode_reply(await nxt.ask(h, pos - x.shape[0]))
+                    reply = await nxt.ask(h, pos - x.shape[0], size)
+                    chunk, token = decode_reply(reply)
+                    group = decode_group(reply)  # the last stage's batch: ours, next step
                 if replay.active:  # a replayed step: the client had its chunk
                     replay.check(chunk, token)
                     x = torch.tensor([token])
@@ -279,17 +293,18 @@ class PipelineService:
                     continue
                 pos, x = done
                 book.step(sid)
-                h = await self._run(engine, sid, x.to(engine.device, dtype=engine.shard.dtype), pos)
+                x = x.to(engine.device, dtype=engine.shard.dtype)
+                h, size = await self._run(engine, sid, x, pos, decode_group(obj))
                 if output is not None and state is not None:
                     if replay.active:  # a resumed stream's replayed step: draw the id it had drawn
                         chunk, token = self._sample(state, replay.logits(h), output)
                         replay.check(chunk, token)
-                        await out.write(rpc.pack(encode_reply(chunk, token)))
+                        await out.write(rpc.pack(encode_reply(chunk, token, size)))
                         continue
-                    await out.write(rpc.pack(encode_reply(*self._sample(state, h, output))))
+                    await out.write(rpc.pack(encode_reply(*self._sample(state, h, output), size)))
                 else:
                     assert nxt is not None
-                    await out.write(rpc.pack(await nxt.ask(h, pos)))
+                    await out.write(rpc.pack(await nxt.ask(h, pos, size)))
         finally:
             book.close(sid)
             engine.close_session(sid)

@@ -19,6 +19,7 @@ from placement.cluster import Stage
 MAX_CHAIN = 64
 MAX_RESUME = 1 << 16  # generated ids a resumed stream re-prefills (capped again by the stage's context)
 MAX_TOKEN_ID = 1 << 24
+MAX_GROUP = 4096  # a batch size a frame may name; the receiver caps it by its open sessions
 NODE_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -89,9 +90,22 @@ def decode_header(obj: dict[str, Any]) -> Header:
     return Header(sid, digest, decode_chain(h.get("chain")), probe.params, prompt_len, max_new, resume)
 
 
-def encode_reply(chunk: Chunk, token: int) -> dict[str, Any]:
-    """The last stage's answer to one step: the chunk, and the token stage 0 feeds back in."""
-    return {**encode_chunk(chunk), "tok": token}
+def encode_reply(chunk: Chunk, token: int, group: int) -> dict[str, Any]:
+    """The last stage's answer to one step: the chunk, the token stage 0 feeds back in, and the size
+    of the batch the step ran in (`decode_group`)."""
+    return {**encode_chunk(chunk), "tok": token, "b": group}
+
+
+def decode_group(obj: dict[str, Any]) -> int | None:
+    """`b` of an activation frame or a reply: the size of the batch the sending stage ran the step in,
+    so that the receiving stage waits for that many steps before it runs a batch
+    (dataplane/stage_batcher.py). Absent from older nodes: None."""
+    group = obj.get("b")
+    if group is None:
+        return None
+    if not isinstance(group, int) or isinstance(group, bool) or not 1 <= group <= MAX_GROUP:
+        raise PayloadError(f"b must be a batch size in [1, {MAX_GROUP}]")
+    return group
 
 
 def decode_reply(reply: dict[str, Any]) -> tuple[Chunk, int]:

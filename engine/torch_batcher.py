@@ -14,6 +14,10 @@ that drives them (`opened(slot, ring=R)`), so that R micro-batches keep every st
 in one batch is lockstep, each stage idle while the others run, and nothing broke lockstep once it
 formed: runs of 4 streams through 2 stages fell to 45-55 tok/s against 70-80 (docs/benchmarks.md).
 
+A pipeline stage gathers its decode steps on its event loop instead (dataplane/stage_batcher.py) and
+runs them with `run_now`: on the calling thread, with no gathering, or not at all while another
+batch is in flight there (a prompt chunk), so that the loop never waits behind one.
+
 A batch may leave a step unfinished (a long prompt runs one chunk per batch, between other
 sessions' decode steps: continuous batching with chunked prefill). Such a step goes back to the
 front of the queue, and its thread keeps waiting or leads the next batch.
@@ -99,12 +103,35 @@ class StepCombiner:
                 raise s.error
         return [s.result for s in steps]  # type: ignore[misc]
 
+    def run_now(self, steps: Sequence[Step]) -> bool:
+        """Runs `steps` as one batch on the calling thread, without gathering, when no batch is running
+        or queued; otherwise runs nothing and returns False. For a caller that gathers its own steps
+        (the stage's event loop, dataplane/stage_batcher.py) and must not wait behind a prompt chunk."""
+        with self._cond:
+            if self._running or self._queue:
+                return False
+            self._running = True
+        try:
+            while not all(s.done for s in steps):  # a prompt runs chunk by chunk
+                self._run([s for s in steps if not s.done])
+        finally:
+            with self._cond:
+                self._running = False
+                self._cond.notify_all()
+        return True
+
+    def cap(self) -> int:
+        """The most steps one batch takes: 1/R of the open sessions when this stage drives them round
+        R stages (the largest R among them), else no limit."""
+        with self._cond:
+            return self._limit(1 << 30)
+
     def _limit(self, queued: int) -> int:
         """Steps one batch takes of `queued`: all, or 1/R of the open sessions when this stage drives
         them round R stages (the largest R among them)."""
         if not self._ring:
             return queued
-        return max(1, -(-self._expected() // max(self._ring.values())))
+        return min(queued, max(1, -(-self._expected() // max(self._ring.values()))))
 
     def _gather(self) -> None:
         """Leader, holding the lock: wait briefly for the other open sessions' steps. (Waiting only for

@@ -14,15 +14,16 @@ from dataclasses import dataclass
 import torch
 
 from core.types import EmbedInput
-from engine.kv_cache import KVCacheFull
 from engine.linear import WEIGHTS_FORMS, Int4Kernel, LinearFactory, WeightsForm
 from engine.model_file import ModelFile
 from engine.prompt_ids import checked_ids
 from engine.sampling import SamplerState, sample
+from engine.session_errors import SessionError, SessionLimitError
 from engine.tokenizer import GGUFTokenizer
 from engine.torch_batcher import Step, StepCombiner
 from engine.torch_generate import generate_whole
 from engine.torch_model import ShardModel
+from engine.torch_schedule import StepScheduler
 from engine.types import Chunk, GenerationRequest, SamplingParams
 from shard.config import ModelConfig
 from shard.loader import default_dtype, load_shard
@@ -34,17 +35,11 @@ from shard.spec import ShardSpec
 # only delays other sessions' tokens)
 
 
-class SessionError(Exception):
-    """Unknown, duplicate or busy session, or a position that does not follow the session's cache."""
-
-
-class SessionLimitError(SessionError):
-    """Every KV slot is taken."""
-
-
-class KVFullError(SessionError):
-    """The KV pool had no block for the step's new positions (other sessions hold them all); the
-    session keeps its slot and its cached positions, and may yield its blocks and recompute later."""
+def _outcome(step: Step) -> torch.Tensor | Exception:
+    if step.error is not None:
+        return step.error if isinstance(step.error, Exception) else RuntimeError(repr(step.error))
+    assert step.result is not None
+    return step.result
 
 
 @dataclass(slots=True)
@@ -99,9 +94,14 @@ class TorchShardEngine:
         if self.prefill_chunk < 1:
             raise ValueError("prefill_chunk must be >= 1")
         self.shard = ShardModel(
-            shard_weights, LinearFactory(weights, dev, act, self._ggml, int4_kernel), max_sessions=max_sessions,
-            max_context=min(max_context, self.config.context_length), kv_dtype=kv_dtype, kv_tokens=kv_tokens,
-            cuda_graphs=cuda_graphs, window_step=self.prefill_chunk,
+            shard_weights,
+            LinearFactory(weights, dev, act, self._ggml, int4_kernel),
+            max_sessions=max_sessions,
+            max_context=min(max_context, self.config.context_length),
+            kv_dtype=kv_dtype,
+            kv_tokens=kv_tokens,
+            cuda_graphs=cuda_graphs,
+            window_step=self.prefill_chunk,
         )
         del shard_weights
         self.device = self.shard.device
@@ -113,8 +113,11 @@ class TorchShardEngine:
         # A decode batch waits up to batch_wait_s for the steps of every open session. (Waiting for half
         # of them on a pipeline stage, so that two micro-batches alternate between stages, measured
         # the same: 4 streams through 2 stages gave 1.80x one stream against 1.85x in lockstep.)
+        self.batch_wait_s = batch_wait_s
         self._combiner = StepCombiner(
-            self._run_batch, expected=lambda: len(self._sessions), gather_s=batch_wait_s
+            StepScheduler(self.shard, self.prefill_chunk, self.spec.is_last).run_batch,
+            expected=lambda: len(self._sessions),
+            gather_s=batch_wait_s,
         )
         self.preemptions = 0  # sessions that yielded their KV blocks to the others (yield_blocks)
         self._closed = False
@@ -208,16 +211,75 @@ class TorchShardEngine:
         inputs[i]: token ids [T_i] (first stage) or hidden states [T_i, hidden] for session_ids[i],
         starting at positions[i] (<= the session's length; smaller rewinds it). Returns per session
         hidden states [T_i, hidden], or on the last stage float32 logits of its last position [1, vocab].
+        Raises the first step's error; a step that cannot run (checked before batching) runs none.
+        """
+        results = self.run_steps(session_ids, inputs, positions, all_or_none=True)
+        assert results is not None  # only now=True declines
+        for r in results:
+            if isinstance(r, Exception):
+                raise r
+        return results  # type: ignore[return-value]
+
+    def run_steps(
+        self,
+        session_ids: Sequence[str],
+        inputs: Sequence[torch.Tensor],
+        positions: Sequence[int],
+        *,
+        now: bool = False,
+        all_or_none: bool = False,
+    ) -> list[torch.Tensor | Exception] | None:
+        """`forward_stage`, with each step's own result or error: a bad step fails its session only
+        (all_or_none: a step that cannot run raises before any runs).
+
+        now=True runs the steps as one batch on the calling thread with no wait for others, or returns
+        None, having run nothing, while a batch is in flight or queued (a worker thread's prompt chunk).
         """
         if not len(session_ids) == len(inputs) == len(positions):
             raise ValueError("session_ids, inputs and positions must have the same length")
         if len(set(session_ids)) != len(session_ids):
             raise SessionError("a session may appear once per call")
-        steps, sessions = [], []
+        claims = [
+            self._claim(sid, x, pos) for sid, x, pos in zip(session_ids, inputs, positions, strict=True)
+        ]
+        taken = [c for c in claims if not isinstance(c, Exception)]
+        refused = next((c for c in claims if isinstance(c, Exception)), None)
+        if all_or_none and refused is not None:
+            self._settle(taken)
+            raise refused
+        steps = [step for step, _ in taken]
+        ran = True
+        try:
+            if now:
+                ran = self._combiner.run_now(steps)
+            elif steps:
+                try:
+                    self._combiner.submit(steps)
+                except Exception:  # noqa: BLE001 - every step holds its own result or error
+                    pass
+        finally:
+            self._settle(taken)
+        if not ran:
+            return None
+        return [c if isinstance(c, Exception) else _outcome(c[0]) for c in claims]
+
+    def _settle(self, taken: Sequence[tuple[Step, _Session]]) -> None:
+        """Steps back from the combiner (run or not): their sessions out of flight, advanced by a step
+        that ran."""
         with self._lock:
-            for sid, x, pos in zip(session_ids, inputs, positions, strict=True):
+            for step, s in taken:
+                s.busy = False
+                if s.closed:  # closed meanwhile (cancel): its blocks were kept for this step
+                    self._free_slot(s.slot)
+                elif step.done and step.error is None:
+                    s.n_past = step.start_pos + step.x.shape[0]
+
+    def _claim(self, sid: str, x: torch.Tensor, pos: int) -> tuple[Step, _Session] | SessionError:
+        """The session's step, marked in flight; or why it cannot run (checked before batching)."""
+        with self._lock:
+            try:
                 s = self._get(sid)
-                self._check_input(sid, x)  # before batching: a bad step fails its own caller only
+                self._check_input(sid, x)
                 if s.busy:
                     raise SessionError(f"session {sid!r} already has a step in flight")
                 if not 0 <= pos <= s.n_past or pos + x.shape[0] > self.max_context:
@@ -225,22 +287,14 @@ class TorchShardEngine:
                         f"session {sid!r}: positions [{pos}, {pos + x.shape[0]}) do not follow its "
                         f"{s.n_past} cached positions within the context of {self.max_context}"
                     )
-                steps.append(Step(slot=s.slot, x=x, start_pos=pos))
-                sessions.append(s)
-            for s in sessions:
-                s.busy = True
-        outputs = None
-        try:
-            outputs = self._combiner.submit(steps)
-        finally:
-            with self._lock:
-                for s, x, pos in zip(sessions, inputs, positions, strict=True):
-                    s.busy = False
-                    if s.closed:  # closed meanwhile (cancel): its blocks were kept for this step
-                        self._free_slot(s.slot)
-                    elif outputs is not None:
-                        s.n_past = pos + x.shape[0]
-        return outputs
+            except SessionError as e:
+                return e
+            s.busy = True
+            return Step(slot=s.slot, x=x, start_pos=pos), s
+
+    def step_cap(self) -> int:
+        """The most steps one batch takes here (engine/torch_batcher.py, `StepCombiner.cap`)."""
+        return self._combiner.cap()
 
     def prefill_stage(self, session_id: str, x: torch.Tensor, start_pos: int) -> torch.Tensor:
         return self.forward_stage([session_id], [x], [start_pos])[0]
@@ -275,7 +329,9 @@ class TorchShardEngine:
             if isinstance(text, tuple):
                 ids = checked_ids(text, self.tokenizer.vocab_size, "input")[: self.max_context]
             else:
-                ids = self.tokenizer.encode_parts([(text, False)])[: self.max_context] or [self.tokenizer.bos_id]
+                ids = self.tokenizer.encode_parts([(text, False)])[: self.max_context] or [
+                    self.tokenizer.bos_id
+                ]
             sid = f"_embed-{threading.get_ident()}-{i}"
             self.open_session(sid, wait_s=60.0)
             try:
@@ -316,74 +372,17 @@ class TorchShardEngine:
         stage, hidden states [T, hidden] of a float dtype otherwise (a peer's activations are hostile)."""
         c = self.config
         if self.spec.start == 0:
-            ok = (x.dim() == 1 and x.shape[0] >= 1 and not x.is_floating_point() and not x.is_complex()
-                  and int(x.min()) >= 0 and int(x.max()) < c.vocab_size)
+            ok = (
+                x.dim() == 1
+                and x.shape[0] >= 1
+                and not x.is_floating_point()
+                and not x.is_complex()
+                and int(x.min()) >= 0
+                and int(x.max()) < c.vocab_size
+            )
             want = f"token ids [T] below {c.vocab_size}"
         else:
             ok = x.dim() == 2 and x.shape[0] >= 1 and x.shape[1] == c.hidden_size and x.is_floating_point()
             want = f"hidden states [T, {c.hidden_size}]"
         if not ok:
             raise SessionError(f"session {sid!r}: this stage takes {want}, not {x.dtype} {list(x.shape)}")
-
-    def _run_batch(self, batch: list[Step]) -> None:
-        """One scheduler iteration: every queued single-token step of distinct sessions as one decode,
-        then prompt chunks of up to `prefill_chunk` positions, oldest first, `prefill_chunk` in all.
-        A prompt left unfinished stays queued for the next iteration. Each step gets its own result or
-        error: one failing step never fails another session's."""
-        for s in batch:
-            if s.offset == 0:  # a step's blocks, before it joins a batch: a full pool fails this step only
-                try:
-                    end = s.start_pos + s.x.shape[0]  # window layers' blocks: chunk by chunk (ShardModel.prefill)
-                    self.shard.kv.ensure(s.slot, end, s.start_pos, min(end, s.start_pos + self.prefill_chunk))
-                except (KVCacheFull, ValueError) as e:
-                    s.finish(error=KVFullError(str(e)) if isinstance(e, KVCacheFull) else e)
-        live = [s for s in batch if not s.done]
-        singles = [s for s in live if s.x.shape[0] == 1 and s.last == "last"]
-        self._decode(singles)
-        # Chunks are cut at fixed offsets of each prompt, whatever else is queued: ggml rounds an
-        # M-row product by M, so a prompt's numbers (and tokens) must not depend on its neighbours.
-        used = 0
-        for s in live:
-            if s.done:
-                continue
-            n = min(s.x.shape[0] - s.offset, self.prefill_chunk)
-            if used and used + n > self.prefill_chunk:
-                break
-            used += n
-            self._prefill_chunk(s, n)
-
-    def _decode(self, singles: list[Step]) -> None:
-        if not singles:
-            return
-        try:
-            out = self.shard.decode(
-                [s.slot for s in singles], torch.cat([s.x for s in singles]), [s.start_pos for s in singles]
-            )
-        except Exception:  # noqa: BLE001 - find the culprit: each step alone (rewrites the same positions)
-            if len(singles) == 1:
-                raise
-            for s in singles:
-                try:
-                    s.finish(self.shard.decode([s.slot], s.x, [s.start_pos]))
-                except Exception as e:  # noqa: BLE001
-                    s.finish(error=e)
-            return
-        for i, s in enumerate(singles):
-            s.finish(out[i : i + 1])
-
-    def _prefill_chunk(self, s: Step, n: int) -> None:
-        """Runs positions [offset, offset + n) of a step's input; finishes the step after its last chunk."""
-        final = s.offset + n == s.x.shape[0]
-        keep_all = not self.spec.is_last or s.last in ("all", "hidden")  # every position's output
-        last = s.last if final or keep_all else "none"  # no head matmul for a prompt's early chunks
-        try:
-            out = self.shard.prefill(s.slot, s.x[s.offset : s.offset + n], s.start_pos + s.offset, last=last)  # type: ignore[arg-type]
-        except Exception as e:  # noqa: BLE001 - this step's failure, handed to its caller
-            # a later chunk takes its window layers' blocks when it runs: the pool may be spent by then
-            s.finish(error=KVFullError(str(e)) if isinstance(e, KVCacheFull) else e)
-            return
-        s.offset += n
-        if keep_all:
-            s.parts.append(out)
-        if final:
-            s.finish(torch.cat(s.parts) if keep_all and len(s.parts) > 1 else (s.parts[0] if keep_all else out))

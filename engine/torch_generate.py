@@ -15,6 +15,7 @@ from engine.chat_template import chat_prompt_parts
 from engine.constraint import vocabulary
 from engine.prompt_ids import checked_ids, continuation_ids
 from engine.sampling import SamplerState, sample
+from engine.session_errors import KVFullError, SessionLimitError
 from engine.token_output import TokenOutput
 from engine.types import Chunk, GenerationRequest, SamplingParams, check_context
 
@@ -51,8 +52,6 @@ def generate_whole(
     ids = prompt_tokens(engine, request)
     check_context(engine.max_context, len(ids), request.params.max_tokens)  # as LlamaCppEngine
     params = request.params
-    from engine.torch_engine import SessionLimitError  # here: torch_engine imports this module
-
     sid = f"gen-{request.request_id}-{uuid.uuid4().hex[:8]}"
     while True:  # wait for a free KV slot, but not past a cancel
         if cancel.is_set():
@@ -71,8 +70,6 @@ def generate_whole(
 def _loop(
     engine: TorchShardEngine, sid: str, ids: list[int], request: GenerationRequest, cancel: threading.Event
 ) -> Iterator[Chunk]:
-    from engine.torch_engine import KVFullError  # here: torch_engine imports this module
-
     params = request.params
     limit = check_context(engine.max_context, len(ids), params.max_tokens)
     output = TokenOutput(engine.tokenizer, params.stop, len(ids), limit)
@@ -104,8 +101,6 @@ def _wait_for_blocks(engine: TorchShardEngine, sid: str, positions: int, cancel:
     """Preempted: yields the session's blocks, then waits until the pool holds `positions` positions
     for it (sessions that finish return theirs). False when cancelled first; raises when even an
     empty pool could not hold them."""
-    from engine.torch_engine import KVFullError
-
     engine.yield_blocks(sid)
     if not engine.blocks_free(positions) and engine.n_sessions <= 1:
         raise KVFullError(f"KV cache full: {positions} positions do not fit the pool even alone")

@@ -15,7 +15,8 @@ from engine.decode_graphs import bucket_for, buckets_up_to
 from engine.kv_cache import PAD_BLOCK, KVCacheFull, PagedKVCache, blocks_for
 from engine.model_file import load_model_file
 from engine.paged_attention import decode_attention_dense, decode_attention_host, splits_for
-from engine.torch_engine import SessionError, TorchShardEngine
+from engine.session_errors import SessionError
+from engine.torch_engine import TorchShardEngine
 from engine.types import GenerationRequest, SamplingParams
 from scripts.synthetic_gguf import write_synthetic_llama
 

@@ -3,6 +3,7 @@ sessions round a pipeline of R stages batches at most 1/R of them at a time (R m
 every stage busy, where all of them in one batch is lockstep)."""
 
 import threading
+import time
 
 import pytest
 import torch
@@ -127,3 +128,31 @@ def test_concurrent_submitters_on_a_pipeline_are_all_served() -> None:
         combiner.opened(slot, 2)
     assert _from_threads(combiner, 4) == {0: 0, 1: 1, 2: 2, 3: 3}
     assert sorted(s for b in batches for s in b) == [0, 1, 2, 3] and max(len(b) for b in batches) <= 2
+
+
+def test_run_now_runs_on_the_caller_or_declines_while_a_batch_is_in_flight() -> None:
+    """A caller that gathers its own steps (the stage's event loop) never waits behind another batch:
+    run_now runs its steps at once, without gathering, or declines and runs nothing."""
+    entered, release, sizes = threading.Event(), threading.Event(), []
+
+    def run(batch: list[Step]) -> None:
+        sizes.append(len(batch))
+        if any(int(s.x) == 99 for s in batch):  # a long batch (a prompt chunk) on another thread
+            entered.set()
+            release.wait(10)
+        for s in batch:
+            s.finish(s.x)
+
+    combiner = StepCombiner(run, expected=lambda: 4, gather_s=0.5)  # submit waits for 4 steps
+    steps = [_step(1), _step(2)]
+    t0 = time.monotonic()
+    assert combiner.run_now(steps) and [int(s.result) for s in steps] == [1, 2] and sizes == [2]
+    assert time.monotonic() - t0 < 0.4  # no gathering
+    long = threading.Thread(target=combiner.submit, args=([Step(0, torch.tensor([99]), 0)],))
+    long.start()
+    assert entered.wait(10)
+    late = _step(3)
+    assert not combiner.run_now([late]) and not late.done
+    release.set()
+    long.join(10)
+    assert combiner.run_now([late]) and int(late.result) == 3

@@ -9,7 +9,8 @@ import torch
 from engine_chain import greedy_chain
 
 from engine.model_file import load_model_file
-from engine.torch_engine import SessionError, SessionLimitError, TorchShardEngine
+from engine.session_errors import SessionError, SessionLimitError
+from engine.torch_engine import TorchShardEngine
 from engine.types import FinishReason, GenerationRequest, SamplingParams
 from shard.spec import ShardSpec
 
@@ -221,6 +222,27 @@ def test_a_decode_step_is_bitwise_the_same_alone_or_batched(whole) -> None:
     finally:
         for s in sids:
             whole.close_session(s)
+
+
+def test_run_steps_gives_each_step_its_own_outcome(whole) -> None:
+    """run_steps: a step that cannot run fails alone and the others run; forward_stage (all or none)
+    runs none of them."""
+    ids = [whole.tokenizer.encode(p) for p in ("The sky is", "Water is")]
+    for i, p in enumerate(ids):
+        whole.open_session(f"own{i}", GREEDY)
+        whole.prefill_stage(f"own{i}", torch.tensor(p), 0)
+    try:
+        x, pos = [torch.tensor([5]), torch.tensor([6])], [len(ids[0]), len(ids[1]) + 3]  # the 2nd skips ahead
+        with pytest.raises(SessionError):
+            whole.forward_stage(["own0", "own1"], x, pos)
+        assert whole.session_length("own0") == len(ids[0])  # nothing ran
+        good, bad = whole.run_steps(["own0", "own1"], x, pos)
+        assert isinstance(bad, SessionError) and isinstance(good, torch.Tensor)
+        assert whole.session_length("own0") == len(ids[0]) + 1 and whole.session_length("own1") == len(ids[1])
+        assert torch.equal(good, whole.forward_stage(["own0"], x[:1], pos[:1])[0])
+    finally:
+        for i in range(2):
+            whole.close_session(f"own{i}")
 
 
 def test_concurrent_seeded_streams_match_each_alone(whole) -> None:

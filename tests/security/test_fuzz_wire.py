@@ -28,13 +28,13 @@ values = st.recursive(
 # maps shaped like the real messages: the right keys with any values, so decoders get past key checks
 KEYS = ["digest", "prompt", "messages", "params", "max_tokens", "temperature", "stop", "seed", "id", "text",
         "token_ids", "finish_reason", "usage", "chain", "sid", "n_prompt", "max_new", "token", "texts",
-        "start", "end", "vectors", "tokens", "continuation", "request_id"]
+        "start", "end", "vectors", "tokens", "continuation", "request_id", "b"]
 shaped = st.dictionaries(st.sampled_from(KEYS), values, max_size=10)
 maps = st.one_of(shaped, st.dictionaries(st.text(max_size=12), values, max_size=6))
 
 DECODERS = [
     wire.decode_request, wire.decode_chunk, wire.decode_embeddings, wire.decode_embed_request,
-    wire.decode_load_shard, stage_wire.decode_header, stage_wire.decode_reply,
+    wire.decode_load_shard, stage_wire.decode_header, stage_wire.decode_reply, stage_wire.decode_group,
 ]
 
 
