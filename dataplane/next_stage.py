@@ -74,12 +74,12 @@ class NextStage:
         log.info("next stage %s failed: %s %s", self.node[:8], e.code().name, e.details())
         return self._failed(f"failed ({e.code().name})")
 
-    async def ask(self, x: torch.Tensor, pos: int, group: int = 1) -> dict[str, Any]:
+    async def ask(self, x: torch.Tensor, pos: int, group: int | None = None) -> dict[str, Any]:
         """Sends one step's activation, returns the next stage's reply (heartbeats skipped). `group`:
-        the size of the batch that made x (stage_wire.decode_group)."""
+        the size of the decode batch that made x (stage_wire.decode_group), None for a prompt."""
         call = self._call or await self._open()
         for frame in encode_activation(x, pos):
-            await self._write(rpc.pack({"a": frame, "b": group}))
+            await self._write(rpc.pack({"a": frame} if group is None else {"a": frame, "b": group}))
         self._silence.start()  # the wait for this step's answer starts now
         while True:
             deadline_s = self._silence.deadline_s()

@@ -25,6 +25,7 @@ import asyncio
 import logging
 import time
 import uuid
+import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 
@@ -80,7 +81,8 @@ class PipelineService:
         self._per_peer = per_peer
         self._clock = clock
         self._books: dict[str, SessionBook] = {}  # by model digest (one engine each)
-        self._batchers: dict[str, LoopBatcher] = {}  # by model digest
+        # one per engine, gone with it (an unloaded range's engine must be freed; the batcher holds it weakly)
+        self._batchers: weakref.WeakKeyDictionary[TorchShardEngine, LoopBatcher] = weakref.WeakKeyDictionary()
         self.sessions_opened = 0
 
     def handlers(self) -> dict[str, grpc.RpcMethodHandler]:
@@ -115,23 +117,22 @@ class PipelineService:
         self.sessions_opened += 1
 
     def _batcher(self, engine: TorchShardEngine) -> LoopBatcher:
-        digest = engine.model.digest
-        batcher = self._batchers.get(digest)
-        if batcher is None or batcher.engine is not engine:  # a range unloaded and loaded again: a new engine
-            batcher = self._batchers[digest] = LoopBatcher(engine, engine.batch_wait_s)
+        batcher = self._batchers.get(engine)
+        if batcher is None:
+            batcher = self._batchers[engine] = LoopBatcher(engine, engine.batch_wait_s)
         return batcher
 
     async def _run(self, engine: TorchShardEngine, sid: str, x: torch.Tensor, pos: int,
-                   group: int | None = None) -> tuple[torch.Tensor, int]:
-        """One step of a session: its output, and the size of the batch it ran in. `group`: the size
-        of the batch that made x at the previous stage (stage_batcher.py)."""
+                   group: int | None = None) -> tuple[torch.Tensor, int | None]:
+        """One step of a session: its output, and the size of the decode batch it ran in (None for a
+        prompt). `group`: the size of the batch that made x at the previous stage (stage_batcher.py)."""
 
         def timed() -> tuple[torch.Tensor, float]:
             started = time.perf_counter()
             result = engine.forward_stage([sid], [x], [pos])[0]
             return result, time.perf_counter() - started  # compute alone, without the thread hand-off
 
-        size = 1
+        size = None
         try:
             if x.shape[0] == 1:  # decode: batched on this loop with the other sessions' steps
                 out, compute_s, size = await self._batcher(engine).step(sid, x, pos, group)

@@ -90,10 +90,11 @@ def decode_header(obj: dict[str, Any]) -> Header:
     return Header(sid, digest, decode_chain(h.get("chain")), probe.params, prompt_len, max_new, resume)
 
 
-def encode_reply(chunk: Chunk, token: int, group: int) -> dict[str, Any]:
+def encode_reply(chunk: Chunk, token: int, group: int | None) -> dict[str, Any]:
     """The last stage's answer to one step: the chunk, the token stage 0 feeds back in, and the size
-    of the batch the step ran in (`decode_group`)."""
-    return {**encode_chunk(chunk), "tok": token, "b": group}
+    of the decode batch the step ran in (`decode_group`; None for a prompt)."""
+    reply = {**encode_chunk(chunk), "tok": token}
+    return reply if group is None else {**reply, "b": group}
 
 
 def decode_group(obj: dict[str, Any]) -> int | None:

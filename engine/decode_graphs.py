@@ -50,6 +50,10 @@ class DecodeGraphs:
     def captured(self) -> tuple[int, ...]:
         return tuple(sorted(self._graphs))
 
+    def ready(self, n: int) -> bool:
+        """Whether a batch of n rows replays a graph already captured."""
+        return bucket_for(n, self.buckets) in self._graphs
+
     def run(self, h: torch.Tensor, idx: torch.Tensor, pad_slot: int) -> torch.Tensor:
         """h [B, hidden] (any device), idx [2, B] int64 on the host (pinned) -> the step's output [B, ...],
         a copy (the next replay overwrites the graph's own output)."""

@@ -110,7 +110,8 @@ class TorchShardEngine:
         self._slot_freed = threading.Condition(self._lock)
         self._sessions: dict[str, _Session] = {}
         self._free = list(range(max_sessions - 1, -1, -1))
-        # A decode batch waits up to batch_wait_s for the steps of every open session. (Waiting for half
+        # A decode batch on worker threads waits up to batch_wait_s for the steps of every open session
+        # (a pipeline stage's own wait is for its group: dataplane/stage_batcher.py). (Waiting for half
         # of them on a pipeline stage, so that two micro-batches alternate between stages, measured
         # the same: 4 streams through 2 stages gave 1.80x one stream against 1.85x in lockstep.)
         self.batch_wait_s = batch_wait_s
@@ -239,9 +240,13 @@ class TorchShardEngine:
             raise ValueError("session_ids, inputs and positions must have the same length")
         if len(set(session_ids)) != len(session_ids):
             raise SessionError("a session may appear once per call")
-        claims = [
-            self._claim(sid, x, pos) for sid, x, pos in zip(session_ids, inputs, positions, strict=True)
-        ]
+        claims: list[tuple[Step, _Session] | SessionError] = []
+        try:
+            for sid, x, pos in zip(session_ids, inputs, positions, strict=True):
+                claims.append(self._claim(sid, x, pos))
+        except BaseException:  # not a refusal (those are returned): release what was claimed
+            self._settle([c for c in claims if not isinstance(c, Exception)])
+            raise
         taken = [c for c in claims if not isinstance(c, Exception)]
         refused = next((c for c in claims if isinstance(c, Exception)), None)
         if all_or_none and refused is not None:
@@ -295,6 +300,12 @@ class TorchShardEngine:
     def step_cap(self) -> int:
         """The most steps one batch takes here (engine/torch_batcher.py, `StepCombiner.cap`)."""
         return self._combiner.cap()
+
+    def decode_ready(self, n: int) -> bool:
+        """Whether a decode batch of n steps runs without first capturing a CUDA graph (warm-ups,
+        kernel compiles: up to seconds, which an event loop must not spend)."""
+        graphs = self.shard.graphs
+        return graphs is None or graphs.ready(n)
 
     def prefill_stage(self, session_id: str, x: torch.Tensor, start_pos: int) -> torch.Tensor:
         return self.forward_stage([session_id], [x], [start_pos])[0]

@@ -188,3 +188,83 @@ def test_the_group_on_the_wire_is_a_bounded_batch_size() -> None:
     for bad in (0, -1, MAX_GROUP + 1, 2.0, True, "2", [2]):
         with pytest.raises(rpc.PayloadError):
             decode_group({"b": bad})
+
+
+def test_the_driver_runs_groups_of_its_cap_and_yields_the_loop_between_them(engine) -> None:
+    """Stage 0 of a ring of 2 runs 4 queued steps as two batches of 2; past `yield_after_s` of
+    batches the first batch's sessions resume (and send their activations on) before the next runs."""
+    sids = [f"ring{i}" for i in range(4)]
+    for sid in sids:
+        engine.open_session(sid, ring=2)
+        engine.prefill_stage(sid, torch.tensor([1, 2, 3]), 0)
+    try:
+        b = LoopBatcher(engine, gather_s=5.0, yield_after_s=0.0)
+        seen: dict[str, int] = {}
+
+        async def one(i: int) -> None:
+            _, _, size = await b.step(sids[i], _x(i), 3)
+            assert size == 2
+            seen[sids[i]] = b.batches  # batches run when this session got its output back
+
+        async def main() -> None:
+            await asyncio.gather(*(one(i) for i in range(4)))
+
+        asyncio.run(main())
+        assert b.batches == 2 and sorted(seen.values()) == [1, 1, 2, 2]
+    finally:
+        for sid in sids:
+            engine.close_session(sid)
+
+
+def test_the_batcher_does_not_keep_an_unloaded_engine_alive() -> None:
+    """An idle range is unloaded by dropping its engine; the batcher must not hold its memory."""
+    import gc
+    import weakref
+
+    from shard.spec import ShardSpec
+
+    model = load_model_file("smollm2-135m-instruct")
+    e = TorchShardEngine(model, spec=ShardSpec(model.digest, 0, 2, model.n_layers), max_sessions=2, max_context=64)
+    e.open_session("s")
+    b = LoopBatcher(e, gather_s=0.01)
+    asyncio.run(b.step("s", torch.tensor([5]), 0))
+    e.close_session("s")
+    gone = weakref.ref(e)
+    e.close()
+    del e
+    gc.collect()
+    assert gone() is None
+    with pytest.raises(SessionError, match="unloaded"):
+        asyncio.run(b.step("s", torch.tensor([5]), 0))
+
+
+class _CudaLike:
+    """The engine surface the batcher uses, for a decode step whose CUDA graph is not captured yet
+    (no GPU here): the batcher must run it off the loop, where capturing cannot stall heartbeats."""
+
+    n_sessions = 1
+
+    def __init__(self) -> None:
+        self.threads: list[int] = []
+
+    def step_cap(self) -> int:
+        return 1 << 30
+
+    def decode_ready(self, n: int) -> bool:
+        return False
+
+    def run_steps(self, sids, xs, positions, *, now: bool = False):
+        assert not now, "a batch that needs a graph capture ran on the loop"
+        self.threads.append(threading.get_ident())
+        return [x.float() for x in xs]
+
+
+def test_a_batch_that_must_capture_a_graph_runs_off_the_loop() -> None:
+    fake = _CudaLike()
+
+    async def main() -> int:
+        await LoopBatcher(fake, gather_s=0.01).step("s", torch.tensor([5]), 0)  # type: ignore[arg-type]
+        return threading.get_ident()
+
+    loop_thread = asyncio.run(main())
+    assert fake.threads and fake.threads[0] != loop_thread

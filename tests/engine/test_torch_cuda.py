@@ -155,3 +155,61 @@ def test_one_row_gemv_matches_cublas():
         gate, up = ref.split(n // 2, -1)
         torch.testing.assert_close(gate_up_act(lin, x, "silu").float(), torch.nn.functional.silu(gate) * up,
                                    atol=2e-2, rtol=2e-2)
+
+
+def _tokenizer_gguf(tmp_path_factory) -> Path | None:
+    """A GGUF with a tokenizer, as a TorchShardEngine needs: $MESHLLM_TOK_GGUF (the GPU machine has
+    no embedded model), else a synthetic one with SmolLM2's tokenizer, else None."""
+    import os
+
+    if os.environ.get("MESHLLM_TOK_GGUF"):
+        return Path(os.environ["MESHLLM_TOK_GGUF"])
+    try:
+        return write_synthetic_llama(tmp_path_factory.mktemp("tok") / "tok.gguf", "tiny-512", "Q4_K")
+    except Exception:  # noqa: BLE001 - no embedded model to take the tokenizer from
+        return None
+
+
+def test_a_stage_batch_on_cuda_captures_off_the_loop_then_replays_on_it(tmp_path_factory):
+    """dataplane/stage_batcher.py on CUDA: a batch whose graph is not captured yet runs on a worker
+    thread (capturing on the event loop would stall every stream's heartbeats), the same batch again
+    replays on the loop, and both give the same outputs."""
+    import asyncio
+    import importlib.util
+    import sys
+
+    from engine.model_file import load_model_file
+    from engine.torch_engine import TorchShardEngine
+
+    # the module alone: the dataplane package pulls in the node's network stack (grpc, cryptography),
+    # which the GPU machine's image lacks
+    spec = importlib.util.spec_from_file_location("stage_batcher", Path(__file__).parents[2] / "dataplane/stage_batcher.py")
+    assert spec is not None and spec.loader is not None
+    stage_batcher = importlib.util.module_from_spec(spec)
+    sys.modules["stage_batcher"] = stage_batcher  # dataclasses look their module up
+    spec.loader.exec_module(stage_batcher)
+    LoopBatcher = stage_batcher.LoopBatcher  # noqa: N806
+
+    path = _tokenizer_gguf(tmp_path_factory)
+    if path is None:
+        pytest.skip("no GGUF with a tokenizer")
+    engine = TorchShardEngine(load_model_file(str(path)), device="cuda", max_sessions=4, max_context=128)
+    sids = [f"c{i}" for i in range(4)]
+    for i, sid in enumerate(sids):
+        engine.open_session(sid)
+        engine.prefill_stage(sid, torch.arange(5 + i, 12 + 2 * i), 0)
+    pos = [engine.session_length(s) for s in sids]
+    x = [torch.tensor([40 + i]) for i in range(4)]
+    batcher = LoopBatcher(engine, gather_s=5.0)
+
+    async def batch() -> list:
+        return await asyncio.gather(*(batcher.step(s, x[i], pos[i], group=4) for i, s in enumerate(sids)))
+
+    assert not engine.decode_ready(4)
+    first = asyncio.run(batch())  # captures the bucket of 4, off the loop
+    assert engine.decode_ready(4) and engine.shard.graphs is not None and 4 in engine.shard.graphs.captured
+    again = asyncio.run(batch())  # the same positions (a rewind), replayed on the loop
+    assert [size for _, _, size in first] == [4] * 4 and batcher.batches == 2
+    for a, b in zip(first, again, strict=True):
+        assert torch.equal(a[0], b[0])
+    engine.close()
