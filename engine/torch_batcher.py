@@ -122,16 +122,17 @@ class StepCombiner:
 
     def cap(self) -> int:
         """The most steps one batch takes: 1/R of the open sessions when this stage drives them round
-        R stages (the largest R among them), else no limit."""
+        R stages (the smallest R among them), else no limit."""
         with self._cond:
             return self._limit(1 << 30)
 
     def _limit(self, queued: int) -> int:
         """Steps one batch takes of `queued`: all, or 1/R of the open sessions when this stage drives
-        them round R stages (the largest R among them)."""
+        them round R stages. R is the smallest ring among them: a chain is a client's to name, and one
+        session on a 64-hop chain must not cut every other session's batches to one step."""
         if not self._ring:
             return queued
-        return min(queued, max(1, -(-self._expected() // max(self._ring.values()))))
+        return min(queued, max(1, -(-self._expected() // min(self._ring.values()))))
 
     def _gather(self) -> None:
         """Leader, holding the lock: wait briefly for the other open sessions' steps. (Waiting only for

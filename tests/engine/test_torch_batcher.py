@@ -156,3 +156,15 @@ def test_run_now_runs_on_the_caller_or_declines_while_a_batch_is_in_flight() -> 
     release.set()
     long.join(10)
     assert combiner.run_now([late]) and int(late.result) == 3
+
+
+def test_one_session_on_a_long_chain_does_not_cut_the_others_batches() -> None:
+    """Rings are named by clients (the chain): a 64-stage one beside three sessions on 2 stages keeps
+    the cap at half the sessions, not 1."""
+    combiner, batches = _recording(4)
+    for slot in range(3):
+        combiner.opened(slot, 2)
+    combiner.opened(3, 64)
+    assert combiner.cap() == 2
+    combiner.submit([_step(s) for s in range(4)])
+    assert batches == [[0, 1], [2, 3]]
