@@ -49,8 +49,32 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     interpreted_checks.start_early(item)
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+# Ports for nodes come from below the kernel's ephemeral range. A port from bind(0) is ephemeral: until
+# the node binds it, any outgoing connection's source port or another bind(0) (a node's gRPC port) can
+# take it, and a mesh test then fails with "address already in use" (seen once on the dev box).
+_PORT_LOW, _PORT_HIGH = 10000, max(10001, min(_ephemeral_low(), 65536))
+_next_port = iter(range(int.from_bytes(os.urandom(2), "big"), 1 << 62))
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A loopback port free now that the kernel will not hand out on its own; the walk starts at a
+    random place so that concurrent test runs rarely meet."""
+    for _ in range(_PORT_HIGH - _PORT_LOW):
+        port = _PORT_LOW + next(_next_port) % (_PORT_HIGH - _PORT_LOW)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # every one taken: an ephemeral port after all
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
