@@ -112,19 +112,17 @@ class LoopBatcher:
         try:
             while self._pending:
                 await self._gather()
-                want = self._want() if self._pending else 1
+                if not self._pending:  # the steps waited for were cancelled
+                    break
+                want = self._want()
                 batch, self._pending = self._pending[:want], self._pending[want:]
-                if batch:
-                    await self._run(batch)
+                await self._run(batch)
                 if time.monotonic() - since > self._yield_after_s:  # others' turn on the loop
                     await asyncio.sleep(0)
                     since = time.monotonic()
         except BaseException as e:  # the drain itself failed (a cancel at shutdown): no step may hang
-            for p in self._pending:
-                if not p.future.done():
-                    p.future.set_exception(e if isinstance(e, Exception) else Unavailable("the stage stopped batching"))
-            self._pending.clear()
-            if not isinstance(e, Exception):
+            pending, self._pending = self._pending, []
+            if not _fail(pending, e):
                 raise
         finally:
             self._draining = None
@@ -156,10 +154,7 @@ class LoopBatcher:
                 results = await asyncio.to_thread(engine.run_steps, sids, xs, positions)
                 assert results is not None
         except BaseException as e:  # a call-level failure fails this batch's steps, not the batcher
-            for p in batch:
-                if not p.future.done():
-                    p.future.set_exception(e if isinstance(e, Exception) else Unavailable("the stage step stopped"))
-            if not isinstance(e, Exception):
+            if not _fail(batch, e):
                 raise
             return
         compute_s = time.perf_counter() - started
@@ -169,6 +164,18 @@ class LoopBatcher:
             if p.future.done():  # its session was cancelled meanwhile
                 continue
             if isinstance(r, Exception):
-                p.future.set_exception(r if not isinstance(r, StopIteration) else RuntimeError(repr(r)))
+                _fail([p], r)
             else:
                 p.future.set_result((r, compute_s, len(batch)))
+
+
+def _fail(steps: list[_Pending], e: BaseException) -> bool:
+    """Fails the steps not yet answered with `e`; False when `e` is not an error of the steps (a
+    cancel, an exit), which they get as Unavailable and the caller re-raises."""
+    ours = isinstance(e, Exception)
+    # a future refuses StopIteration (it would end the awaiting coroutine)
+    err = (e if not isinstance(e, StopIteration) else RuntimeError(repr(e))) if ours else Unavailable("the stage stopped")
+    for p in steps:
+        if not p.future.done():
+            p.future.set_exception(err)
+    return ours

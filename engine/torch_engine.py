@@ -94,14 +94,9 @@ class TorchShardEngine:
         if self.prefill_chunk < 1:
             raise ValueError("prefill_chunk must be >= 1")
         self.shard = ShardModel(
-            shard_weights,
-            LinearFactory(weights, dev, act, self._ggml, int4_kernel),
-            max_sessions=max_sessions,
-            max_context=min(max_context, self.config.context_length),
-            kv_dtype=kv_dtype,
-            kv_tokens=kv_tokens,
-            cuda_graphs=cuda_graphs,
-            window_step=self.prefill_chunk,
+            shard_weights, LinearFactory(weights, dev, act, self._ggml, int4_kernel), max_sessions=max_sessions,
+            max_context=min(max_context, self.config.context_length), kv_dtype=kv_dtype, kv_tokens=kv_tokens,
+            cuda_graphs=cuda_graphs, window_step=self.prefill_chunk,
         )
         del shard_weights
         self.device = self.shard.device
@@ -117,8 +112,7 @@ class TorchShardEngine:
         self.batch_wait_s = batch_wait_s
         self._combiner = StepCombiner(
             StepScheduler(self.shard, self.prefill_chunk, self.spec.is_last).run_batch,
-            expected=lambda: len(self._sessions),
-            gather_s=batch_wait_s,
+            expected=lambda: len(self._sessions), gather_s=batch_wait_s,
         )
         self.preemptions = 0  # sessions that yielded their KV blocks to the others (yield_blocks)
         self._closed = False
@@ -222,13 +216,8 @@ class TorchShardEngine:
         return results  # type: ignore[return-value]
 
     def run_steps(
-        self,
-        session_ids: Sequence[str],
-        inputs: Sequence[torch.Tensor],
-        positions: Sequence[int],
-        *,
-        now: bool = False,
-        all_or_none: bool = False,
+        self, session_ids: Sequence[str], inputs: Sequence[torch.Tensor], positions: Sequence[int], *,
+        now: bool = False, all_or_none: bool = False,
     ) -> list[torch.Tensor | Exception] | None:
         """`forward_stage`, with each step's own result or error: a bad step fails its session only
         (all_or_none: a step that cannot run raises before any runs).
@@ -340,9 +329,7 @@ class TorchShardEngine:
             if isinstance(text, tuple):
                 ids = checked_ids(text, self.tokenizer.vocab_size, "input")[: self.max_context]
             else:
-                ids = self.tokenizer.encode_parts([(text, False)])[: self.max_context] or [
-                    self.tokenizer.bos_id
-                ]
+                ids = self.tokenizer.encode_parts([(text, False)])[: self.max_context] or [self.tokenizer.bos_id]
             sid = f"_embed-{threading.get_ident()}-{i}"
             self.open_session(sid, wait_s=60.0)
             try:
@@ -383,14 +370,8 @@ class TorchShardEngine:
         stage, hidden states [T, hidden] of a float dtype otherwise (a peer's activations are hostile)."""
         c = self.config
         if self.spec.start == 0:
-            ok = (
-                x.dim() == 1
-                and x.shape[0] >= 1
-                and not x.is_floating_point()
-                and not x.is_complex()
-                and int(x.min()) >= 0
-                and int(x.max()) < c.vocab_size
-            )
+            ok = (x.dim() == 1 and x.shape[0] >= 1 and not x.is_floating_point() and not x.is_complex()
+                  and int(x.min()) >= 0 and int(x.max()) < c.vocab_size)
             want = f"token ids [T] below {c.vocab_size}"
         else:
             ok = x.dim() == 2 and x.shape[0] >= 1 and x.shape[1] == c.hidden_size and x.is_floating_point()

@@ -28,9 +28,7 @@ class StepScheduler:
         for s in batch:
             if s.offset == 0:  # a step's blocks, before it joins a batch: a full pool fails this step only
                 try:
-                    end = (
-                        s.start_pos + s.x.shape[0]
-                    )  # window layers' blocks: chunk by chunk (ShardModel.prefill)
+                    end = s.start_pos + s.x.shape[0]  # window layers' blocks: chunk by chunk (ShardModel.prefill)
                     self._shard.kv.ensure(s.slot, end, s.start_pos, min(end, s.start_pos + self._chunk))
                 except (KVCacheFull, ValueError) as e:
                     s.finish(error=KVFullError(str(e)) if isinstance(e, KVCacheFull) else e)
@@ -83,6 +81,4 @@ class StepScheduler:
         if keep_all:
             s.parts.append(out)
         if final:
-            s.finish(
-                torch.cat(s.parts) if keep_all and len(s.parts) > 1 else (s.parts[0] if keep_all else out)
-            )
+            s.finish(torch.cat(s.parts) if keep_all and len(s.parts) > 1 else (s.parts[0] if keep_all else out))
